@@ -1,0 +1,121 @@
+"""Augmentation of whole uint8 batches on the training device, with parameters drawn per sample.
+
+torchvision.transforms.v2 draws one set of random parameters per call, so applied to a batch every
+image gets the same crop. Here each sample gets its own: flips, 90-degree turns, the extra rotation
+and the random resized crop are folded into one affine matrix per sample and applied by a single
+``grid_sample``; colour jitter is a few per-sample multiplies. Everything runs where the batch is
+(the GPU in a real run), so no DataLoader workers are needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from core.config import TrainConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0, 255] float) images [B,3,H,W] -> float32 normalised with ImageNet statistics."""
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float() / 255.0
+    return _standardize(x)
+
+
+def _standardize(x01: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+    return (x01 - mean) / std
+
+
+def augment_batch(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Augment uint8 images [B,3,S,S] with per-sample parameters; returns normalised float32.
+
+    ``generator`` must live on ``x``'s device, so no random numbers cross between host and device.
+    """
+    b = x.shape[0]
+    x = x.float().div_(255.0)
+    theta = _affine_params(b, cfg, generator, x.device)
+    if theta is not None:
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if cfg.color_jitter > 0:
+        x = _color_jitter(x, cfg.color_jitter, generator)
+    return _standardize(x)
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device).mul_(high - low).add_(low)
+
+
+def _affine_params(b: int, cfg: TrainConfig, g: torch.Generator, device: torch.device) -> torch.Tensor | None:
+    """Per-sample 2x3 matrices mapping output to input coordinates, or None when all is off."""
+    geometric = cfg.hflip or cfg.vflip or cfg.rot90 or cfg.rotation_degrees > 0 or cfg.crop_scale_min < 1
+    if not geometric:
+        return None
+    angle = torch.zeros(b, device=device)
+    if cfg.rot90:
+        angle += torch.randint(0, 4, (b,), generator=g, device=device).float() * (math.pi / 2)
+    if cfg.rotation_degrees > 0:
+        angle += _uniform(b, -cfg.rotation_degrees, cfg.rotation_degrees, g, device) * (math.pi / 180)
+    flip_x = torch.ones(b, device=device)
+    flip_y = torch.ones(b, device=device)
+    if cfg.hflip:
+        flip_x = torch.where(torch.rand(b, generator=g, device=device) < 0.5, -1.0, 1.0)
+    if cfg.vflip:
+        flip_y = torch.where(torch.rand(b, generator=g, device=device) < 0.5, -1.0, 1.0)
+    # Random resized crop as torchvision's: area fraction in [scale_min, 1], aspect ratio in [3/4, 4/3].
+    if cfg.crop_scale_min < 1:
+        area = _uniform(b, cfg.crop_scale_min, 1.0, g, device)
+        log_ratio = _uniform(b, math.log(3 / 4), math.log(4 / 3), g, device)
+        ratio = torch.exp(log_ratio)
+        width = torch.sqrt(area * ratio).clamp(max=1.0)
+        height = torch.sqrt(area / ratio).clamp(max=1.0)
+        shift_x = _uniform(b, -1.0, 1.0, g, device) * (1 - width)
+        shift_y = _uniform(b, -1.0, 1.0, g, device) * (1 - height)
+    else:
+        width = height = torch.ones(b, device=device)
+        shift_x = shift_y = torch.zeros(b, device=device)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # input = diag(width, height) @ rotation @ diag(flip_x, flip_y) @ output + shift
+    theta = torch.stack([
+        torch.stack([width * cos * flip_x, -width * sin * flip_y, shift_x], dim=1),
+        torch.stack([height * sin * flip_x, height * cos * flip_y, shift_y], dim=1),
+    ], dim=1)
+    return theta
+
+
+# RGB <-> YIQ: hue is a rotation of the (I, Q) chroma plane.
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+def _color_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation in [1-s, 1+s], hue shift in [-s/4, s/4] turns, per sample."""
+    b, device = x.shape[0], x.device
+
+    def factor() -> torch.Tensor:
+        return _uniform(b, max(0.0, 1 - strength), 1 + strength, g, device).view(b, 1, 1, 1)
+
+    brightness, contrast, saturation = factor(), factor(), factor()
+    hue = _uniform(b, -strength / 4, strength / 4, g, device) * (2 * math.pi)
+    gray_weights = torch.tensor(_RGB_TO_YIQ[0], device=device).view(1, 3, 1, 1)
+
+    x = x * brightness
+    gray = (x * gray_weights).sum(1, keepdim=True)
+    x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
+    gray = (x * gray_weights).sum(1, keepdim=True)
+    x = (x - gray) * saturation + gray
+
+    to_yiq = torch.tensor(_RGB_TO_YIQ, device=device)
+    cos, sin = torch.cos(hue), torch.sin(hue)
+    zero, one = torch.zeros_like(hue), torch.ones_like(hue)
+    rotation = torch.stack([torch.stack([one, zero, zero], 1),
+                            torch.stack([zero, cos, -sin], 1),
+                            torch.stack([zero, sin, cos], 1)], 1)  # [B,3,3]
+    mix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq  # per-sample RGB -> RGB
+    x = torch.einsum("bij,bjhw->bihw", mix, x)
+    return x.clamp_(0.0, 1.0)
