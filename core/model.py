@@ -64,7 +64,10 @@ def _load_backbone_file(model: nn.Module, path: Path) -> None:
         raise UserError(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise UserError(f"{path}: not a ResNet-18 state_dict ({str(exc).splitlines()[-1].strip()})") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         first = (missing or unexpected)[0]

@@ -331,9 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
-    from core.data import load_for_config
-
     cfg = (TrainConfig.load(args.config) if args.config else TrainConfig()).with_overrides(args.overrides)
+    from core.data import load_for_config  # after the config: a bad key fails before any data work
+
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_for_config(args.data, cfg, splits_file=args.splits)

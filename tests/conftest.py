@@ -1,0 +1,30 @@
+"""Test isolation: every test session gets its own dataset cache and torch hub folder.
+
+Nothing here reads ``../shared``; tests that use the real HAM10000 copy request ``ham10000_path``,
+which skips (with the reason) where the copy is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HAM10000 = REPO.parent / "shared" / "data" / "ham10000-200x150"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["LESION_SWEEP_CACHE"] = str(tmp_path_factory.mktemp("lesion-sweep-cache"))
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture
+def ham10000_path() -> Path:
+    if not (HAM10000 / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"the real HAM10000 copy is absent ({HAM10000})")
+    return HAM10000
