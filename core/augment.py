@@ -91,6 +91,8 @@ def _affine_params(b: int, cfg: TrainConfig, g: torch.Generator, device: torch.d
 
 # RGB <-> YIQ: hue is a rotation of the (I, Q) chroma plane.
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+# Inverted once here: torch.linalg.inv on a GPU checks for singularity and so waits for the device.
+_YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()))
 
 
 def _color_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
@@ -116,6 +118,6 @@ def _color_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch
     rotation = torch.stack([torch.stack([one, zero, zero], 1),
                             torch.stack([zero, cos, -sin], 1),
                             torch.stack([zero, sin, cos], 1)], 1)  # [B,3,3]
-    mix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq  # per-sample RGB -> RGB
+    mix = torch.tensor(_YIQ_TO_RGB, device=device) @ rotation @ to_yiq  # per-sample RGB -> RGB
     x = torch.einsum("bij,bjhw->bihw", mix, x)
     return x.clamp_(0.0, 1.0)
