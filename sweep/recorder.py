@@ -1,0 +1,130 @@
+"""The driver-side record of every trial: ``trials/<id>/trial.json``, TensorBoard HParams and ``trials.csv``.
+
+Not a command; ``python -m sweep.run`` passes :class:`TrialRecorder` to Ray Tune as a callback. It sees
+each trial start and end (completed, stopped early by the scheduler, or failed with its error) in the
+driver, including trials that a scheduler stops, whose own process is killed without notice.
+Everything it writes is also rebuilt from Ray's results at the end (:meth:`TrialRecorder.reconcile`),
+so a driver killed between a trial's end and its record loses nothing after ``--resume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ray import tune
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from sweep import hparams
+from sweep.outputs import (best_of, epoch_history, read_trial, read_trials, trials_dir, write_trial,
+                            write_trials_csv)
+from sweep.trainable import NODE_FILE, STATE_FILE
+
+log = logging.getLogger(__name__)
+
+
+class TrialRecorder(tune.Callback):
+    """Writes each trial's record when it starts and ends, and the trials table after every end."""
+
+    def __init__(self, sweep_dir: Path, param_names: Sequence[str], metric: str, mode: str, max_epochs: int):
+        self.sweep_dir = Path(sweep_dir)
+        self.param_names = tuple(param_names)
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+
+    # --- Tune callback hooks (run in the driver) --------------------------------------------------
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started(trial.trial_id, trial.config)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.finished(trial.trial_id, trial.config, trial.last_result, error=None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = trial.get_pickled_error() or trial.get_error()
+        self.finished(trial.trial_id, trial.config, trial.last_result, error=error_message(error))
+
+    # --- the records -------------------------------------------------------------------------------
+    def started(self, trial_id: str, params: Mapping[str, Any]) -> None:
+        record = read_trial(self.sweep_dir, trial_id) or {
+            "trial_id": trial_id, "params": json_values(params), "started": time.time()}
+        record.update(status="running", error=None)
+        run_dir = trials_dir(self.sweep_dir) / trial_id
+        if not record.get("hparams_written"):
+            hparams.write_session_start(run_dir, trial_id, params, record["started"])
+            record["hparams_written"] = True
+        write_trial(self.sweep_dir, record)
+
+    def finished(self, trial_id: str, params: Mapping[str, Any], last_result: Mapping[str, Any] | None,
+                 error: str | None) -> dict[str, Any]:
+        record = read_trial(self.sweep_dir, trial_id)
+        if record is None:  # failed before it started, or its start was never recorded
+            self.started(trial_id, params)
+            record = read_trial(self.sweep_dir, trial_id)
+        last = dict(last_result or {})
+        run_dir = trials_dir(self.sweep_dir) / trial_id
+        history = epoch_history(run_dir, last.get("epoch"))
+        # core.train's own row of the last epoch Tune received; Tune's copy where the folder is elsewhere.
+        final = dict(history[-1]) if history else {
+            k: float(v) for k, v in last.items()
+            if k not in AUTO_RESULT_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        best = best_of(history, self.metric, self.mode)
+        epochs = int(final.get("epoch", 0))
+        status = "failed" if error else "completed" if epochs >= self.max_epochs else "stopped early"
+        ended = time.time()
+        record.update(status=status, error=error, ended=ended, epochs_run=epochs,
+                      duration_s=float(last.get("time_total_s") or ended - record["started"]),
+                      final=final or None, best=dict(best) if best else None, node=_node_info(run_dir))
+        hparams.write_session_end(run_dir, {
+            f"sweep/{self.metric}_final": final.get(self.metric),
+            f"sweep/{self.metric}_best": best.get(self.metric) if best else None,
+            "sweep/epochs_run": epochs}, failed=error is not None, step=epochs)
+        write_trial(self.sweep_dir, record)
+        write_trials_csv(self.sweep_dir, self.param_names, self.metric, self.mode)
+        # The resume state is only needed while the trial runs (Ray keeps its own copy); best.pt stays.
+        (run_dir / STATE_FILE).unlink(missing_ok=True)
+        log.info("trial %s %s after %d epoch(s)%s", trial_id, status, epochs, f": {error}" if error else "")
+        return record
+
+    def reconcile(self, results: Any) -> None:
+        """Record trials whose end the callbacks missed (a driver killed at the wrong moment)."""
+        for result in results:
+            trial_id = Path(result.path).name
+            record = read_trial(self.sweep_dir, trial_id)
+            if record is not None and record.get("status") not in ("running", None):
+                continue
+            error = error_message(result.error) if result.error else None
+            self.finished(trial_id, result.config or {}, result.metrics, error)
+        for record in read_trials(self.sweep_dir):
+            if record.get("status") == "running":  # started under a driver that died; Ray lost the trial
+                record.update(status="interrupted", error="the sweep's driver stopped while it ran")
+                write_trial(self.sweep_dir, record)
+        write_trials_csv(self.sweep_dir, self.param_names, self.metric, self.mode)
+
+
+def json_values(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampled values as plain JSON (numpy scalars unwrapped), keeping ints ints for TrainConfig."""
+    return {k: v.item() if hasattr(v, "item") and callable(v.item) else v for k, v in params.items()}
+
+
+def error_message(error: Any) -> str:
+    """One line naming the exception a trial raised (Ray wraps it in a RayTaskError)."""
+    if error is None:
+        return "unknown error"
+    if isinstance(error, str):  # the text trace Ray keeps when the exception could not be pickled
+        lines = [line for line in error.splitlines() if line.strip()]
+        return _one_line(lines[-1] if lines else "unknown error")
+    cause = getattr(error, "cause", None) or error
+    return _one_line(f"{type(cause).__name__}: {cause}")
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _node_info(run_dir: Path) -> dict[str, Any] | None:
+    import json
+
+    path = run_dir / NODE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

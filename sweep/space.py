@@ -1,0 +1,294 @@
+"""Search-space files (``search_spaces/*.yaml``): parsed, validated, and turned into an Optuna space.
+
+    python -m sweep.space search_spaces/default.yaml     # validate a file and print what it searches
+
+The schema is documented in ``search_spaces/README.md``. Parsing is side-effect free and strict:
+an unknown config key, an unknown distribution, a bad range or a malformed condition raises
+:class:`~core.errors.UserError` naming the file and the key, before any trial starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from core.config import TrainConfig, field_type, parse_value
+from core.errors import UserError, run_cli
+
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
+# Fixed for a whole sweep: the dataset is decoded (image_size) and split (fractions, seed) once, before
+# any trial starts, and every trial must see the same validation images to be comparable.
+NOT_SEARCHABLE = ("image_size", "val_fraction", "test_fraction", "split_seed")
+_TOP_KEYS = ("description", "base", "params")
+_PARAM_FIELDS = {
+    "loguniform": ("dist", "low", "high", "when"),
+    "uniform": ("dist", "low", "high", "step", "when"),
+    "int": ("dist", "low", "high", "step", "log", "when"),
+    "categorical": ("dist", "choices", "when"),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config key and its distribution; ``when`` maps parent keys to allowed values."""
+
+    name: str
+    dist: str
+    low: float | int | None = None
+    high: float | int | None = None
+    step: float | int | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def active(self, values: Mapping[str, Any]) -> bool:
+        """Whether this parameter is sampled, given the values sampled before it."""
+        return all(parent in values and values[parent] in allowed for parent, allowed in self.when)
+
+    def suggest(self, trial: Any) -> Any:
+        """Draw a value from an ``optuna.trial.Trial`` (define-by-run)."""
+        if self.dist == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.dist == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1),
+                                     log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high),
+                                   step=None if self.step is None else float(self.step),
+                                   log=self.dist == "loguniform")
+
+    def describe(self) -> str:
+        if self.dist == "categorical":
+            text = f"categorical {list(self.choices)}"
+        else:
+            text = f"{self.dist} [{self.low}, {self.high}]" + (f" step {self.step}" if self.step else "") \
+                + (" log" if self.log and self.dist == "int" else "")
+        if self.when:
+            text += " when " + " and ".join(
+                f"{k} in {list(v)}" if len(v) > 1 else f"{k} = {v[0]}" for k, v in self.when)
+        return text
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A parsed space file: fixed ``base`` config values and the searched ``params`` (file order)."""
+
+    source: str
+    description: str
+    base: Mapping[str, Any] = field(default_factory=dict)
+    params: tuple[Param, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Define-by-run for OptunaSearch: the sampled values of the active parameters."""
+        values: dict[str, Any] = {}
+        for param in self.params:
+            if param.active(values):
+                values[param.name] = param.suggest(trial)
+        return values
+
+    def check_against(self, base: TrainConfig) -> None:
+        """Every value a parameter can take must make a valid config on top of ``base``.
+
+        Checks each range's ends and every choice, one parameter at a time, so a value that the
+        config would refuse (a learning rate of 0, warm-up longer than the epochs) fails now,
+        not in a trial hours later.
+        """
+        for param in self.params:
+            for value in _corner_values(param):
+                try:
+                    TrainConfig.from_dict({param.name: value}, base=base)
+                except UserError as exc:
+                    raise UserError(f"{self.source}: parameter '{param.name}' can take {value!r}, "
+                                    f"which the config refuses: {exc}") from None
+
+    def describe(self) -> str:
+        lines = [f"{self.source}: {self.description}".rstrip(": ")]
+        lines += [f"  {p.name}: {p.describe()}" for p in self.params]
+        if self.base:
+            lines.append("  fixed: " + ", ".join(f"{k}={v}" for k, v in self.base.items()))
+        return "\n".join(lines)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a space file; a problem is a :class:`UserError` naming the file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such search-space file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the search-space file ({exc})") from None
+    return parse_space(text, source=str(path))
+
+
+def parse_space(text: str, source: str = "<space>") -> SearchSpace:
+    """Parse the YAML ``text`` of a space file (``source`` names it in errors)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{source}: a search space must be a mapping with 'params' (and optionally 'base')")
+    unknown = [k for k in doc if k not in _TOP_KEYS]
+    if unknown:
+        raise UserError(f"{source}: unknown top-level key '{unknown[0]}' (expected one of {_TOP_KEYS})")
+    description = doc.get("description") or ""
+    if not isinstance(description, str):
+        raise UserError(f"{source}: 'description' must be a string")
+    base = _parse_base(doc.get("base") or {}, source)
+    raw_params = doc.get("params")
+    if not isinstance(raw_params, dict) or not raw_params:
+        raise UserError(f"{source}: 'params' must be a non-empty mapping of config key -> distribution")
+    params: list[Param] = []
+    for name, spec in raw_params.items():
+        params.append(_parse_param(str(name), spec, source, {p.name: p for p in params}))
+        if name in base:
+            raise UserError(f"{source}: key '{name}' is both fixed in 'base' and searched in 'params'")
+    space = SearchSpace(source=source, description=description.strip(), base=base, params=tuple(params))
+    space.check_against(TrainConfig.from_dict(base))
+    return space
+
+
+def _parse_base(raw: Any, source: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: 'base' must be a mapping of config key -> value")
+    values = {str(k): _coerce(str(k), v, source, "base") for k, v in raw.items()}
+    try:
+        TrainConfig.from_dict(values)
+    except UserError as exc:
+        raise UserError(f"{source}: base: {exc}") from None
+    return values
+
+
+def _parse_param(name: str, spec: Any, source: str, earlier: Mapping[str, Param]) -> Param:
+    where = f"{source}: parameter '{name}'"
+    try:
+        kind = field_type(name)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    if name in NOT_SEARCHABLE:
+        raise UserError(f"{where}: '{name}' cannot be searched (the data is decoded and split once per sweep); "
+                        f"fix it under 'base' or with --set")
+    if not isinstance(spec, dict) or "dist" not in spec:
+        raise UserError(f"{where}: expected a mapping with 'dist' (one of {DISTRIBUTIONS})")
+    dist = spec["dist"]
+    if dist not in DISTRIBUTIONS:
+        raise UserError(f"{where}: unknown distribution {dist!r} (expected one of {DISTRIBUTIONS})")
+    extra = [k for k in spec if k not in _PARAM_FIELDS[dist]]
+    if extra:
+        raise UserError(f"{where}: unknown field '{extra[0]}' for a {dist} distribution "
+                        f"(allowed: {', '.join(_PARAM_FIELDS[dist])})")
+    when = _parse_when(spec.get("when"), where, earlier)
+
+    if dist == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}: 'choices' must be a non-empty list")
+        values = tuple(_coerce(name, c, source, "choices") for c in choices)
+        if len(set(map(repr, values))) != len(values):
+            raise UserError(f"{where}: 'choices' lists a value twice")
+        return Param(name, dist, choices=values, when=when)
+
+    if kind not in (int, float):
+        raise UserError(f"{where}: a {dist} distribution needs a numeric key, but '{name}' is a "
+                        f"{kind.__name__} (use categorical)")
+    if dist in ("uniform", "loguniform") and kind is int:
+        raise UserError(f"{where}: '{name}' is an integer key: use dist 'int'")
+    for key in ("low", "high"):
+        if key not in spec:
+            raise UserError(f"{where}: '{key}' is missing")
+    low, high = (_number(spec[k], f"{where}: '{k}'") for k in ("low", "high"))
+    step = None if spec.get("step") is None else _number(spec["step"], f"{where}: 'step'")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise UserError(f"{where}: 'log' must be true or false")
+    if dist == "int":
+        if not all(float(v).is_integer() for v in (low, high) + ((step,) if step is not None else ())):
+            raise UserError(f"{where}: an int distribution needs whole numbers for low, high and step")
+        low, high = int(low), int(high)
+        step = None if step is None else int(step)
+        if step is not None and log:
+            raise UserError(f"{where}: 'step' and 'log' cannot be combined")
+    if not low < high:
+        raise UserError(f"{where}: 'low' ({low}) must be below 'high' ({high})")
+    if (dist == "loguniform" or log) and low <= 0:
+        raise UserError(f"{where}: a log distribution needs low > 0 (got {low})")
+    if step is not None and not 0 < step <= high - low:
+        raise UserError(f"{where}: 'step' ({step}) must be in (0, high - low]")
+    return Param(name, dist, low=low, high=high, step=step, log=log or dist == "loguniform", when=when)
+
+
+def _parse_when(raw: Any, where: str, earlier: Mapping[str, Param]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{where}: 'when' must map a parameter to a value or a list of values")
+    conditions = []
+    for parent, allowed in raw.items():
+        if parent not in earlier:
+            raise UserError(f"{where}: 'when' refers to '{parent}', which is not a parameter searched "
+                            f"above it in the file")
+        parent_param = earlier[parent]
+        if parent_param.dist != "categorical":
+            raise UserError(f"{where}: 'when' can only depend on a categorical parameter ('{parent}' is "
+                            f"{parent_param.dist})")
+        values = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        for value in values:
+            if value not in parent_param.choices:
+                raise UserError(f"{where}: 'when' expects {parent}={value!r}, which is not one of its "
+                                f"choices {list(parent_param.choices)}")
+        conditions.append((str(parent), values))
+    return tuple(conditions)
+
+
+def _coerce(key: str, value: Any, source: str, what: str) -> Any:
+    """YAML reads ``1e-4`` as a string: give numeric keys their numbers, leave the rest to the config."""
+    try:
+        kind = field_type(key)
+    except UserError as exc:
+        raise UserError(f"{source}: {what}: {exc}") from None
+    if isinstance(value, str) and kind in (int, float):
+        return parse_value(key, value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _number(value: Any, where: str) -> float | int:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise UserError(f"{where} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {value!r}")
+    return value
+
+
+def _corner_values(param: Param) -> Sequence[Any]:
+    if param.dist == "categorical":
+        return param.choices
+    return (param.low, param.high)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sweep.space",
+                                     description="Validate search-space files and print what they search.")
+    parser.add_argument("files", nargs="+", help="search_spaces/*.yaml files")
+    args = parser.parse_args(argv)
+    for name in args.files:
+        print(load_space(name).describe())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

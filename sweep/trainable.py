@@ -1,0 +1,103 @@
+"""The Ray Tune trainable: one trial is one ``core.train.train`` run in ``results/<sweep>/trials/<trial_id>/``.
+
+Not a command; ``python -m sweep.run`` wraps :func:`run_trial` with ``tune.with_parameters`` (the decoded
+dataset travels once through Ray's object store to every trial and node) and ``tune.with_resources``.
+
+Each epoch's metrics dict is reported with ``tune.report`` together with a checkpoint holding the run's
+``last.pt``; a trial restored by ``--resume`` (or by a scheduler that paused it) gets that checkpoint
+from ``tune.get_checkpoint()`` and continues from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from core import atomic
+from core.config import TrainConfig
+
+if TYPE_CHECKING:
+    from core.data import Dataset
+
+STATE_FILE = "last.pt"            # core.train's resume state
+EPOCH_FILE = "epoch.json"         # the metrics of the checkpointed epoch, beside STATE_FILE
+NODE_FILE = "node.json"           # where the trial ran (written by the trial itself)
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial shares besides the data: the fixed config and its share of the machine."""
+
+    base: Mapping[str, Any]       # TrainConfig.to_dict() of everything the space does not search
+    trials_dir: str               # results/<sweep>/trials
+    cpus: int                     # CPUs of one trial (torch threads)
+    gpus: float                   # GPUs of one trial (0: train on the CPU)
+
+
+def trial_config(sampled: Mapping[str, Any], setup: TrialSetup) -> TrainConfig:
+    """The trial's complete config: the fixed base with the sampled values on top."""
+    return TrainConfig.from_dict(dict(sampled), base=TrainConfig.from_dict(setup.base))
+
+
+def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> None:
+    """Train one sampled configuration, reporting every epoch to Tune (the function trainable)."""
+    import torch
+    from ray import tune
+
+    from core.train import train
+
+    torch.set_num_threads(max(1, int(setup.cpus)))
+    trial_id = tune.get_context().get_trial_id()
+    out = Path(setup.trials_dir) / trial_id
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = trial_config(config, setup)
+    if cfg.device == "auto":
+        # Ray hides the GPUs a trial did not ask for; a CPU trial must not grab a GPU it was not given.
+        cfg = dataclasses.replace(cfg, device="cuda" if setup.gpus > 0 else "cpu")
+    _write_node_info(out, trial_id, setup)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            last = json.loads((Path(folder) / EPOCH_FILE).read_text(encoding="utf-8"))
+            if last["epoch"] >= cfg.epochs:
+                return  # the driver died after the trial's last report: nothing left to train
+            with atomic.atomic_path(out / STATE_FILE) as tmp:
+                shutil.copyfile(Path(folder) / STATE_FILE, tmp)
+
+    def report(metrics: dict[str, float]) -> None:
+        # core.train has just written last.pt; Ray copies the folder into its own storage.
+        with tempfile.TemporaryDirectory(dir=out, prefix=".checkpoint-") as tmp:
+            _link_or_copy(out / STATE_FILE, Path(tmp) / STATE_FILE)
+            (Path(tmp) / EPOCH_FILE).write_text(json.dumps(metrics), encoding="utf-8")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    train(cfg, data, out, report, resume=checkpoint is not None, tensorboard=True, progress=False)
+
+
+def _write_node_info(out: Path, trial_id: str, setup: TrialSetup) -> None:
+    import ray
+    import torch
+
+    info = {"trial_id": trial_id, "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(), "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "cpus": setup.cpus, "gpus": setup.gpus, "torch_threads": torch.get_num_threads(),
+            "started": time.time()}
+    atomic.write_json(out / NODE_FILE, info)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # last.pt is replaced by rename, never rewritten in place: a hard link is safe
+    except OSError:
+        shutil.copyfile(src, dst)

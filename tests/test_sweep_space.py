@@ -1,0 +1,119 @@
+"""Search-space files: parsing, validation errors that name the key, Optuna sampling with conditions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from core.config import TrainConfig
+from core.errors import UserError
+from sweep.space import load_space, parse_space
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def test_shipped_spaces_parse_and_cover_the_issue() -> None:
+    default = load_space(SPACES / "default.yaml")
+    for key in ("lr", "weight_decay", "label_smoothing", "class_weighting", "effective_beta", "hflip", "vflip",
+                "rot90", "rotation_degrees", "crop_scale_min", "color_jitter"):
+        assert key in default.names, key
+    beta = next(p for p in default.params if p.name == "effective_beta")
+    assert beta.when == (("class_weighting", ("effective",)),)
+    lr = next(p for p in default.params if p.name == "lr")
+    assert lr.dist == "loguniform" and lr.log and 0 < lr.low < lr.high
+
+    quick = load_space(SPACES / "quick.yaml")
+    base = TrainConfig.from_dict(quick.base)
+    assert 32 <= base.image_size <= 48 and base.epochs <= 3 and base.pretrained == "none"
+
+
+def test_conditional_parameter_is_sampled_only_when_its_parent_allows() -> None:
+    space = load_space(SPACES / "default.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3), direction="maximize")
+    seen_beta = {True: 0, False: 0}
+    for _ in range(40):
+        trial = study.ask()
+        values = space.sample(trial)
+        cfg = TrainConfig.from_dict(values)  # every sample is a valid config
+        assert ("effective_beta" in values) == (cfg.class_weighting == "effective")
+        seen_beta["effective_beta" in values] += 1
+        assert 1e-4 <= values["lr"] <= 5e-3
+        study.tell(trial, 0.5)
+    assert seen_beta[True] and seen_beta[False]
+
+
+def test_same_seed_same_samples() -> None:
+    space = load_space(SPACES / "quick.yaml")
+
+    def draws(seed: int) -> list[dict]:
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction="maximize")
+        out = []
+        for _ in range(4):
+            trial = study.ask()
+            out.append(space.sample(trial))
+            study.tell(trial, 0.0)
+        return out
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_numbers_written_as_yaml_strings_are_read_as_numbers() -> None:
+    space = parse_space("params:\n  lr: {dist: loguniform, low: 1e-5, high: 1e-2}\n"
+                        "  weight_decay: {dist: categorical, choices: [1e-4, 0.01]}\n")
+    lr, wd = space.params
+    assert (lr.low, lr.high) == (1e-5, 1e-2)
+    assert wd.choices == (1e-4, 0.01)
+
+
+@pytest.mark.parametrize("text, named", [
+    ("params:\n  learning_rate: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "learning_rate"),
+    ("params:\n  lr: {dist: gaussian, low: 1.0e-4, high: 1.0e-2}\n", "gaussian"),
+    ("params:\n  lr: {dist: loguniform, low: 1.0e-2, high: 1.0e-4}\n", "'lr'"),
+    ("params:\n  lr: {dist: loguniform, low: 0.0, high: 1.0e-2}\n", "'lr'"),
+    ("params:\n  lr: {dist: uniform, low: abc, high: 1.0e-2}\n", "'lr'"),
+    ("params:\n  lr: {dist: uniform, low: 1.0e-4}\n", "'high'"),
+    ("params:\n  lr: {dist: uniform, low: 1.0e-4, high: 0.1, hi: 3}\n", "'hi'"),
+    ("params:\n  label_smoothing: {dist: uniform, low: 0.0, high: 0.5}\n", "label_smoothing"),
+    ("params:\n  batch_size: {dist: uniform, low: 8, high: 64}\n", "batch_size"),
+    ("params:\n  batch_size: {dist: int, low: 8.5, high: 64}\n", "batch_size"),
+    ("params:\n  hflip: {dist: uniform, low: 0, high: 1}\n", "hflip"),
+    ("params:\n  class_weighting: {dist: categorical, choices: [none, balanced]}\n", "class_weighting"),
+    ("params:\n  class_weighting: {dist: categorical, choices: []}\n", "class_weighting"),
+    ("params:\n  image_size: {dist: categorical, choices: [32, 64]}\n", "image_size"),
+    ("params:\n  effective_beta: {dist: uniform, low: 0.9, high: 0.99, when: {class_weighting: effective}}\n",
+     "class_weighting"),
+    ("params:\n  class_weighting: {dist: categorical, choices: [none, effective]}\n"
+     "  effective_beta: {dist: uniform, low: 0.9, high: 0.99, when: {class_weighting: inverse}}\n", "inverse"),
+    ("base:\n  epochs: 2\nparams:\n  warmup_epochs: {dist: uniform, low: 0.0, high: 3.0}\n", "warmup_epochs"),
+    ("base:\n  epoch: 2\nparams:\n  lr: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "epoch"),
+    ("base:\n  lr: 0.1\nparams:\n  lr: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "lr"),
+    ("spaces:\n  lr: 1\n", "spaces"),
+    ("params: {}\n", "params"),
+    ("params: [lr]\n", "params"),
+    ("params:\n  lr: [1, 2\n", "YAML"),
+])
+def test_bad_space_is_rejected_naming_the_key(text: str, named: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_space(text, source="bad.yaml")
+    message = str(info.value)
+    assert message.startswith("bad.yaml: ")
+    assert named in message
+
+
+def test_missing_space_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such search-space file"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_space_command_validates_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sweep.space import main
+
+    assert main([str(SPACES / "quick.yaml")]) == 0
+    assert "lr: loguniform" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  lr: {dist: loguniform, low: 1.0e-2, high: 1.0e-4}\n")
+    with pytest.raises(UserError, match="bad.yaml: parameter 'lr'"):
+        main([str(bad)])
