@@ -1,0 +1,156 @@
+"""Read and check a sweep's ``best.json``: the best trial's configuration, data and split.
+
+The sweep (``sweep/``) writes ``results/<name>/best.json``; ``python -m core.final_train`` reads it
+here with plain ``json`` (core knows nothing of Ray or Optuna). Schema, version 1::
+
+    {"format": "lesion-sweep/best", "version": 1,
+     "config": {TrainConfig.to_dict()},
+     "metric": {"name": str, "value": number, "mode": "max" | "min"},
+     "trial_id": str,
+     "data": {"path": str, "fingerprint": str, "layout": str},
+     "splits_file": "splits.csv",          # relative to best.json's folder (or absolute)
+     "checkpoint": str | null,             # optional; relative paths as for splits_file
+     "code_version": {...},
+     "created": ISO 8601 time}
+
+Every problem is a :class:`~core.errors.UserError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+from core.config import TrainConfig
+from core.errors import UserError
+
+BEST_FORMAT = "lesion-sweep/best"
+BEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BestFile:
+    """A validated ``best.json``; paths are resolved."""
+
+    path: Path
+    config: TrainConfig
+    metric_name: str
+    metric_value: float
+    metric_mode: str
+    trial_id: str
+    data_path: Path
+    data_fingerprint: str
+    data_layout: str
+    splits_file: Path
+    checkpoint: Path | None
+    code_version: dict[str, Any]
+    created: str
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+
+def read_best(path: str | os.PathLike) -> BestFile:
+    """Parse and validate ``best.json``; the data and split files must exist (see :func:`check_data`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file (a sweep writes results/<name>/best.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc})") from None
+    where = str(path)
+    obj = _expect(raw, dict, where, "the file")
+    if obj.get("format") != BEST_FORMAT:
+        raise UserError(f"{path}: field 'format' is {obj.get('format')!r}, expected {BEST_FORMAT!r} "
+                        f"(not a sweep's best.json)")
+    if obj.get("version") != BEST_VERSION:
+        raise UserError(f"{path}: field 'version' is {obj.get('version')!r}; this code reads version {BEST_VERSION}")
+
+    config_dict = _expect(_field(obj, "config", where), dict, where, "config")
+    missing = [key for key in TrainConfig.keys() if key not in config_dict]
+    if missing:
+        # A default filled in here would silently change the configuration the sweep chose.
+        raise UserError(f"{path}: field 'config' lacks key '{missing[0]}' ({len(missing)} missing); "
+                        f"a best.json holds the complete configuration")
+    try:
+        config = TrainConfig.from_dict(config_dict)
+    except UserError as exc:
+        raise UserError(f"{path}: field 'config': {exc}") from None
+
+    metric = _expect(_field(obj, "metric", where), dict, where, "metric")
+    metric_name = _expect(_field(metric, "name", where, "metric."), str, where, "metric.name")
+    metric_value = _expect(_field(metric, "value", where, "metric."), (int, float), where, "metric.value")
+    if not math.isfinite(metric_value):
+        raise UserError(f"{path}: field 'metric.value' is {metric_value!r}, expected a finite number")
+    metric_mode = _expect(_field(metric, "mode", where, "metric."), str, where, "metric.mode")
+    if metric_mode not in ("max", "min"):
+        raise UserError(f"{path}: field 'metric.mode' is {metric_mode!r}, expected 'max' or 'min'")
+
+    trial_id = _field(obj, "trial_id", where)
+    trial_id = str(_expect(trial_id, (str, int), where, "trial_id"))
+
+    data = _expect(_field(obj, "data", where), dict, where, "data")
+    data_path = _expect(_field(data, "path", where, "data."), str, where, "data.path")
+    fingerprint = _expect(_field(data, "fingerprint", where, "data."), str, where, "data.fingerprint")
+    layout = _expect(_field(data, "layout", where, "data."), str, where, "data.layout")
+
+    splits = _expect(_field(obj, "splits_file", where), str, where, "splits_file")
+    checkpoint = obj.get("checkpoint")
+    if checkpoint is not None:
+        _expect(checkpoint, str, where, "checkpoint")
+    code_version = _expect(_field(obj, "code_version", where), dict, where, "code_version")
+    created = _expect(_field(obj, "created", where), str, where, "created")
+    try:
+        datetime.fromisoformat(created)
+    except ValueError:
+        raise UserError(f"{path}: field 'created' is {created!r}, expected an ISO 8601 time") from None
+
+    folder = path.resolve().parent
+    return BestFile(path=path, config=config, metric_name=metric_name, metric_value=float(metric_value),
+                    metric_mode=metric_mode, trial_id=trial_id, data_path=Path(data_path).expanduser(),
+                    data_fingerprint=fingerprint, data_layout=layout, splits_file=folder / splits,
+                    checkpoint=folder / checkpoint if checkpoint else None, code_version=code_version,
+                    created=created)
+
+
+def check_data(best: BestFile) -> None:
+    """The dataset must still be there, unchanged (same fingerprint), and the split file readable."""
+    from core.data import dataset_fingerprint
+
+    if not best.data_path.exists():
+        raise UserError(f"{best.path}: the dataset {best.data_path} (field 'data.path') is gone")
+    if not best.splits_file.is_file():
+        raise UserError(f"{best.path}: the split file {best.splits_file} (field 'splits_file') is missing")
+    now = dataset_fingerprint(best.data_path)
+    if now != best.data_fingerprint:
+        raise UserError(f"{best.path}: the dataset {best.data_path} changed since the sweep (fingerprint "
+                        f"{now[:12]} now, {best.data_fingerprint[:12]} then); rerun the sweep on it")
+
+
+def _field(obj: Mapping[str, Any], key: str, where: str, prefix: str = "") -> Any:
+    if key not in obj:
+        raise UserError(f"{where}: field '{prefix}{key}' is missing")
+    return obj[key]
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str, name: str) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        wanted = " or ".join({dict: "an object", str: "a string", int: "a number", float: "a number"}[k]
+                             for k in kinds if k is not float or int not in kinds)
+        raise UserError(f"{where}: field '{name}' is {type(value).__name__} {_brief(value)}, expected {wanted}")
+    return value
+
+
+def _brief(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, (set, bytes)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
