@@ -1,0 +1,255 @@
+"""The data layer: any supported dataset folder -> decoded images, labels, lesion groups and splits.
+
+    python -m core.data --data PATH --image-size 64      # what is there, per split and class
+    python -m core.data                                   # the built-in synthetic demo dataset
+
+``load_dataset`` is the one entry point. It detects the layout (core/layouts.py: HAM10000, ISIC 2018
+Task 3, ImageFolder), assigns lesion-grouped, class-stratified train/val/test splits (core/splits.py)
+or reuses an earlier ``splits.csv`` exactly, and decodes the images once into a cached uint8 array
+(core/image_cache.py). Without a path it uses the synthetic demo dataset (core/demo_data.py),
+generated once into the cache folder.
+
+ImageFolder datasets with ``train/``, ``val/`` and ``test/`` folders keep those splits as given.
+Where ``val/`` or ``test/`` is missing, that split is drawn from the images of ``train/`` by
+``val_fraction`` / ``test_fraction`` (as shares of ``train/``; no test split when test_fraction is 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from core.atomic import write_text
+from core.demo_data import GENERATOR, generate_demo
+from core.errors import UserError, run_cli
+from core.image_cache import decode_image, load_images
+from core.layouts import DEMO_MARKER, SPLITS, Listing, read_layout
+from core.splits import assign_splits, check_fractions
+
+__all__ = ["Dataset", "load_dataset", "load_for_config", "write_splits", "decode_image", "default_cache_dir",
+           "dataset_fingerprint", "demo_root"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS_COLUMNS = ("image_id", "label", "group", "split")
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Decoded images with their labels, lesion groups and split, ready for training."""
+
+    images: np.ndarray             # uint8 [N, 3, S, S], C-contiguous, RGB, S = image_size
+    labels: np.ndarray             # int64 [N], index into class_names
+    class_names: tuple[str, ...]   # HAM10000/ISIC: dx codes, alphabetical; ImageFolder: folder names sorted
+    image_ids: np.ndarray          # str [N] (HAM: image_id; ImageFolder: relative path without suffix)
+    groups: np.ndarray             # str [N] lesion id (image id when none)
+    split: np.ndarray              # str [N], each "train" | "val" | "test"
+    root: str                      # resolved dataset path
+    layout: str                    # "ham10000" | "isic2018" | "imagefolder" | "demo"
+    fingerprint: str               # hex digest of the file list (sizes, mtimes) and the label table
+
+    def indices(self, split: str) -> np.ndarray:
+        """int64 indices of the images in ``split``."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return np.flatnonzero(self.split == split).astype(np.int64)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def class_counts(self, split: str | None = None) -> np.ndarray:
+        """Images per class (int64 [C]) in ``split``, or in all splits."""
+        labels = self.labels if split is None else self.labels[self.indices(split)]
+        return np.bincount(labels, minlength=len(self.class_names)).astype(np.int64)
+
+    def summary(self) -> str:
+        """A table of images per split and class, with the lesion counts."""
+        width = max(6, *(len(c) for c in self.class_names))
+        lines = [f"{'split':<{width}} " + " ".join(f"{s:>7}" for s in SPLITS) + "    total"]
+        per_split = np.stack([self.class_counts(s) for s in SPLITS])
+        for index, name in enumerate(self.class_names):
+            lines.append(f"{name:<{width}} " + " ".join(f"{n:>7}" for n in per_split[:, index])
+                         + f" {per_split[:, index].sum():>8}")
+        lines.append(f"{'images':<{width}} " + " ".join(f"{n:>7}" for n in per_split.sum(axis=1))
+                     + f" {len(self.labels):>8}")
+        lesions = [len(np.unique(self.groups[self.indices(s)])) for s in SPLITS]
+        lines.append(f"{'lesions':<{width}} " + " ".join(f"{n:>7}" for n in lesions)
+                     + f" {len(np.unique(self.groups)):>8}")
+        return "\n".join(lines)
+
+
+def default_cache_dir() -> Path:
+    """``$LESION_SWEEP_CACHE`` or ``~/.cache/lesion-sweep``."""
+    return Path(os.environ.get("LESION_SWEEP_CACHE") or Path.home() / ".cache" / "lesion-sweep").expanduser()
+
+
+def demo_root(cache_dir: str | Path | None = None) -> Path:
+    """The built-in demo dataset's folder, generated there on first use."""
+    root = Path(cache_dir or default_cache_dir()).expanduser() / GENERATOR
+    if not (root / DEMO_MARKER).is_file():
+        logger.info("generating the synthetic demo dataset in %s (once)", root)
+        generate_demo(root)
+    return root
+
+
+def load_dataset(path: str | Path | None, image_size: int, *, val_fraction: float = 0.15,
+                 test_fraction: float = 0.15, split_seed: int = 0, splits_file: str | Path | None = None,
+                 cache_dir: str | Path | None = None, progress: bool = True) -> Dataset:
+    """Read the dataset at ``path`` (None: the built-in demo), split it and decode it to ``image_size``.
+
+    ``splits_file``: a ``splits.csv`` from an earlier run (see :func:`write_splits`), reused exactly;
+    its image ids must be the dataset's. Bad input raises :class:`UserError` naming the file or row.
+    """
+    if not isinstance(image_size, int) or not 16 <= image_size <= 1024:
+        raise UserError(f"image size must be an integer in [16, 1024], got {image_size!r}")
+    check_fractions(val_fraction, test_fraction)
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if path is None:
+        path = demo_root(cache_dir)
+        logger.info("no --data given: using the built-in synthetic demo dataset at %s", path)
+    listing = read_layout(path)
+    fingerprint = listing.fingerprint()
+    if splits_file is not None:
+        split = read_splits(splits_file, listing)
+    else:
+        split = _assign(listing, val_fraction, test_fraction, split_seed)
+    images = load_images(listing.paths, image_size, fingerprint, cache_dir, progress=progress)
+    data = Dataset(images=np.asarray(images), labels=listing.labels, class_names=listing.class_names,
+                   image_ids=listing.image_ids, groups=listing.groups, split=split, root=str(listing.root),
+                   layout=listing.layout, fingerprint=fingerprint)
+    sizes = " / ".join(f"{s} {len(data.indices(s))}" for s in SPLITS)
+    logger.info("%s dataset at %s: %d images, %d classes; %s images", data.layout, data.root,
+                len(data.labels), len(data.class_names), sizes)
+    return data
+
+
+def load_for_config(path: str | Path | None, cfg: Any, splits_file: str | Path | None = None,
+                    **kw: Any) -> Dataset:
+    """:func:`load_dataset` with the image size and split settings of a TrainConfig."""
+    return load_dataset(path, cfg.image_size, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                        split_seed=cfg.split_seed, splits_file=splits_file, **kw)
+
+
+def dataset_fingerprint(path: str | Path | None, cache_dir: str | Path | None = None) -> str:
+    """The digest :attr:`Dataset.fingerprint` would have, without decoding any image."""
+    return read_layout(demo_root(cache_dir) if path is None else path).fingerprint()
+
+
+def write_splits(ds: Dataset, path: str | Path) -> None:
+    """Write ``splits.csv`` (image_id,label,group,split; label as class name), atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SPLITS_COLUMNS)
+    names = np.array(ds.class_names)[ds.labels]
+    writer.writerows(zip(ds.image_ids, names, ds.groups, ds.split))
+    write_text(path, buffer.getvalue())
+
+
+def read_splits(path: str | Path, listing: Listing) -> np.ndarray:
+    """The split of each of ``listing``'s images as recorded in a ``splits.csv``; it must match exactly."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read splits file ({exc.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: not a splits CSV ({exc})") from None
+    header = [name.strip() for name in rows[0]] if rows else []
+    missing = [name for name in ("image_id", "split") if name not in header]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(header) or 'none'})")
+    col = {name: header.index(name) for name in header}
+    known = {image_id: i for i, image_id in enumerate(listing.image_ids)}
+    split = np.full(len(known), "", dtype="<U5")
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise UserError(f"{path} line {line}: {len(row)} fields, expected {len(header)}")
+        image_id, name = row[col["image_id"]].strip(), row[col["split"]].strip()
+        index = known.get(image_id)
+        if index is None:
+            raise UserError(f"{path} line {line}: image {image_id} is not in the dataset at {listing.root}")
+        if name not in SPLITS:
+            raise UserError(f"{path} line {line}: split '{name}' is not one of {', '.join(SPLITS)}")
+        if split[index]:
+            raise UserError(f"{path} line {line}: image {image_id} is listed twice")
+        if "label" in col:
+            label = listing.class_names[listing.labels[index]]
+            if row[col["label"]].strip() != label:
+                raise UserError(f"{path} line {line}: image {image_id} has label '{row[col['label']].strip()}' "
+                                f"there but '{label}' in the dataset")
+        split[index] = name
+    absent = np.flatnonzero(split == "")
+    if absent.size:
+        raise UserError(f"{path}: dataset image {listing.image_ids[absent[0]]} is not in the splits file "
+                        f"({absent.size} dataset images are not)")
+    return split
+
+
+def _assign(listing: Listing, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    if listing.split is None:
+        split = assign_splits(listing.labels, listing.groups, val_fraction=val_fraction,
+                              test_fraction=test_fraction, seed=seed)
+    else:  # predefined ImageFolder splits: draw only the missing ones from train/
+        split = listing.split.astype("<U5")
+        present = set(split)
+        val = 0.0 if "val" in present else val_fraction
+        test = 0.0 if "test" in present else test_fraction
+        train = split == "train"
+        if val or test:
+            split[train] = assign_splits(listing.labels[train], listing.groups[train], val_fraction=val,
+                                         test_fraction=test, seed=seed)
+    for name, fraction in (("train", 1.0), ("val", val_fraction), ("test", test_fraction)):
+        if fraction > 0 and not np.any(split == name):
+            raise UserError(f"{listing.root}: too few lesions for a {name} split "
+                            f"({len(np.unique(listing.groups))} lesions in all)")
+    return split
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.data", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="dataset folder or CSV (default: the built-in synthetic demo)")
+    parser.add_argument("--image-size", type=int, default=64, help="decode images to this square size")
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--splits-file", help="reuse the split assignment of this splits.csv")
+    parser.add_argument("--write-splits", metavar="CSV", help="write the split assignment here")
+    parser.add_argument("--cache-dir", help="cache folder (default: $LESION_SWEEP_CACHE or ~/.cache/lesion-sweep)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    data = load_dataset(args.data, args.image_size, val_fraction=args.val_fraction,
+                        test_fraction=args.test_fraction, split_seed=args.split_seed,
+                        splits_file=args.splits_file, cache_dir=args.cache_dir)
+    seconds = time.perf_counter() - start
+    shared = _lesions_in_several_splits(data)
+    print(f"{data.layout} dataset at {data.root}")
+    print(f"{len(data.labels)} images at {data.image_size}px loaded in {seconds:.1f} s; "
+          f"fingerprint {data.fingerprint[:16]}")
+    print(data.summary())
+    print(f"lesions in more than one split: {shared}")
+    if args.write_splits:
+        write_splits(data, args.write_splits)
+        print(f"wrote {args.write_splits}")
+    return 0
+
+
+def _lesions_in_several_splits(data: Dataset) -> int:
+    pairs = {(g, s) for g, s in zip(data.groups, data.split)}
+    return len(pairs) - len({g for g, _ in pairs})
+
+
+if __name__ == "__main__":
+    run_cli(main)
