@@ -1,0 +1,108 @@
+"""The training function end to end on small generated data (CPU)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import core.train as train_module
+from core.config import TrainConfig
+from core.data import load_dataset
+from core.demo_data import generate_demo
+from core.errors import UserError
+from core.model import load_model_file
+from core.train import TrainingDiverged, predict_probs, train
+from tests.conftest import REPO
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = generate_demo(tmp_path_factory.mktemp("demo") / "data", n_lesions=160, image_size=SIZE, seed=1)
+    return load_dataset(root, SIZE, progress=False)
+
+
+def _cfg(**kw):
+    base = dict(image_size=SIZE, epochs=6, batch_size=32, lr=2e-3, warmup_epochs=1.0, pretrained="none",
+                crop_scale_min=0.8, color_jitter=0.05, eval_batch_size=128)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_short_run_learns_and_writes_its_outputs(demo, tmp_path):
+    seen = []
+    result = train(_cfg(), demo, tmp_path, on_epoch=seen.append, progress=False)
+    assert [m["epoch"] for m in seen] == [1, 2, 3, 4, 5, 6]
+    chance = 1 / len(demo.class_names)
+    assert result.best_metrics["val_balanced_accuracy"] > 2.5 * chance, result.best_metrics
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    for name in ("config.json", "splits.csv", "metrics.csv", "metrics.json", "best.pt", "last.pt"):
+        assert (tmp_path / name).is_file(), name
+    assert TrainConfig.load(tmp_path / "config.json") == _cfg()
+    rows = pd.read_csv(tmp_path / "metrics.csv")
+    assert len(rows) == 6 and {"train_loss", "val_loss", "val_balanced_accuracy", "val_auc"} <= set(rows.columns)
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["status"] == "complete" and summary["best_epoch"] == result.best_epoch
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    model, meta = load_model_file(tmp_path / "best.pt")
+    assert meta["class_names"] == list(demo.class_names) and meta["epoch"] == result.best_epoch
+    val = demo.indices("val")
+    probs = predict_probs(model, demo.images[val])
+    acc = float((probs.argmax(1) == demo.labels[val]).mean())
+    assert acc == pytest.approx(result.best_metrics["val_accuracy"], abs=1e-6)
+
+
+def test_resume_continues_where_a_crash_stopped(demo, tmp_path):
+    cfg = _cfg(epochs=3)
+    full = train(cfg, demo, tmp_path / "full", progress=False, tensorboard=False)
+
+    def crash(metrics):
+        if metrics["epoch"] == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, demo, tmp_path / "crashed", on_epoch=crash, progress=False, tensorboard=False)
+    resumed_epochs = []
+    resumed = train(cfg, demo, tmp_path / "crashed", on_epoch=resumed_epochs.append, progress=False,
+                    tensorboard=False)
+    assert [m["epoch"] for m in resumed_epochs] == [3]
+    assert resumed.epochs_run == 3
+    for key in ("train_loss", "val_loss", "val_balanced_accuracy"):
+        assert resumed.history[-1][key] == pytest.approx(full.history[-1][key], rel=1e-4, abs=1e-5), key
+
+
+def test_resume_refuses_another_config(demo, tmp_path):
+    train(_cfg(epochs=1), demo, tmp_path, progress=False, tensorboard=False)
+    with pytest.raises(UserError, match="'lr' differs"):
+        train(_cfg(epochs=1, lr=1e-2), demo, tmp_path, progress=False, tensorboard=False)
+
+
+def test_nan_loss_stops_with_a_clear_error(demo, tmp_path, monkeypatch):
+    real = train_module.augment_batch
+    monkeypatch.setattr(train_module, "augment_batch", lambda x, cfg, g: real(x, cfg, g) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="diverged.*lower the learning rate"):
+        train(_cfg(epochs=2), demo, tmp_path, progress=False, tensorboard=False)
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_class_weighting_changes_the_loss(demo, tmp_path):
+    a = train(_cfg(epochs=1), demo, tmp_path / "a", progress=False, tensorboard=False)
+    b = train(_cfg(epochs=1, class_weighting="inverse"), demo, tmp_path / "b", progress=False, tensorboard=False)
+    assert a.history[0]["train_loss"] != pytest.approx(b.history[0]["train_loss"])
+
+
+def test_cli_end_to_end(demo, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "core.train", "--data", demo.root, "--out", str(out),
+           "--set", f"image_size={SIZE}", "--set", "epochs=1", "--set", "pretrained=none", "--set", "batch_size=32"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "val_balanced_accuracy=" in proc.stdout
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 1
+    bad = subprocess.run([sys.executable, "-m", "core.train", "--data", str(tmp_path / "nowhere"), "--out",
+                          str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nowhere" in bad.stderr
