@@ -3,12 +3,14 @@
 torchvision.transforms.v2 draws one set of random parameters per call, so applied to a batch every
 image gets the same crop. Here each sample gets its own: flips, 90-degree turns, the extra rotation
 and the random resized crop are folded into one affine matrix per sample and applied by a single
-``grid_sample``; colour jitter is a few per-sample multiplies. Everything runs where the batch is
-(the GPU in a real run), so no DataLoader workers are needed.
+``grid_sample``; colour jitter and the ImageNet normalisation are folded into one 3x3 colour matrix
+and offset per sample, applied by a single batched matrix product. Everything runs where the batch is
+(the GPU in a real run), so no DataLoader workers are needed, and nothing in it waits for the GPU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,14 +24,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 (or [0, 255] float) images [B,3,H,W] -> float32 normalised with ImageNet statistics."""
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float() / 255.0
-    return _standardize(x)
+    scale, shift = _standardization(x.device)
+    return torch.addcmul(shift, x.float(), scale)  # x / 255 standardised, in one pass
 
 
-def _standardize(x01: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-    return (x01 - mean) / std
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    # Built once per device: torch.tensor(..., device="cuda") is a blocking copy that waits for the GPU
+    # to finish all queued work, which inside a training step would stall it every batch.
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _standardization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` [1,3,1,1] such that ``x * scale + shift`` is ``(x / 255 - mean) / std``."""
+    scale = tuple(1 / (255 * s) for s in IMAGENET_STD)
+    shift = tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    return _constant(scale, device).view(1, 3, 1, 1), _constant(shift, device).view(1, 3, 1, 1)
 
 
 def augment_batch(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -38,14 +48,15 @@ def augment_batch(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator)
     ``generator`` must live on ``x``'s device, so no random numbers cross between host and device.
     """
     b = x.shape[0]
-    x = x.float().div_(255.0)
+    x = x.float()  # [0, 255]: every step below is linear in it until the colour clamp
     theta = _affine_params(b, cfg, generator, x.device)
     if theta is not None:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if cfg.color_jitter > 0:
-        x = _color_jitter(x, cfg.color_jitter, generator)
-    return _standardize(x)
+        return _color_jitter(x, cfg.color_jitter, generator)
+    scale, shift = _standardization(x.device)
+    return torch.addcmul(shift, x, scale)
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -91,33 +102,44 @@ def _affine_params(b: int, cfg: TrainConfig, g: torch.Generator, device: torch.d
 
 # RGB <-> YIQ: hue is a rotation of the (I, Q) chroma plane.
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
-# Inverted once here: torch.linalg.inv on a GPU checks for singularity and so waits for the device.
 _YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()))
 
 
 def _color_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast and saturation in [1-s, 1+s], hue shift in [-s/4, s/4] turns, per sample."""
+    """Brightness, contrast and saturation in [1-s, 1+s], hue shift in [-s/4, s/4] turns, per sample.
+
+    ``x`` is [B,3,H,W] in [0, 255]; returns the jittered images clamped to [0, 1] and standardised.
+    The four are applied, in that order, as one affine colour map per sample: brightness scales,
+    contrast blends towards the image's mean grey, saturation towards each pixel's grey, hue rotates
+    the YIQ chroma plane. Composed into one 3x3 matrix and offset, they cost one pass over the pixels
+    (plus one for the mean) instead of a dozen.
+    """
     b, device = x.shape[0], x.device
 
     def factor() -> torch.Tensor:
-        return _uniform(b, max(0.0, 1 - strength), 1 + strength, g, device).view(b, 1, 1, 1)
+        return _uniform(b, max(0.0, 1 - strength), 1 + strength, g, device)
 
     brightness, contrast, saturation = factor(), factor(), factor()
     hue = _uniform(b, -strength / 4, strength / 4, g, device) * (2 * math.pi)
-    gray_weights = torch.tensor(_RGB_TO_YIQ[0], device=device).view(1, 3, 1, 1)
 
-    x = x * brightness
-    gray = (x * gray_weights).sum(1, keepdim=True)
-    x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
-    gray = (x * gray_weights).sum(1, keepdim=True)
-    x = (x - gray) * saturation + gray
-
-    to_yiq = torch.tensor(_RGB_TO_YIQ, device=device)
+    gray = _constant(_RGB_TO_YIQ[0], device)                                    # [3], sums to 1
+    eye = torch.eye(3, device=device)
+    # saturation: x -> s x + (1 - s) (gray . x) [1, 1, 1]
+    desaturate = torch.ones(3, 1, device=device) * gray.view(1, 3)              # [3,3], rows = gray
+    sat = saturation.view(b, 1, 1) * eye + (1 - saturation).view(b, 1, 1) * desaturate
     cos, sin = torch.cos(hue), torch.sin(hue)
     zero, one = torch.zeros_like(hue), torch.ones_like(hue)
     rotation = torch.stack([torch.stack([one, zero, zero], 1),
                             torch.stack([zero, cos, -sin], 1),
-                            torch.stack([zero, sin, cos], 1)], 1)  # [B,3,3]
-    mix = torch.tensor(_YIQ_TO_RGB, device=device) @ rotation @ to_yiq  # per-sample RGB -> RGB
-    x = torch.einsum("bij,bjhw->bihw", mix, x)
-    return x.clamp_(0.0, 1.0)
+                            torch.stack([zero, sin, cos], 1)], 1)              # [B,3,3]
+    color = _constant(_YIQ_TO_RGB, device) @ rotation @ _constant(_RGB_TO_YIQ, device) @ sat  # [B,3,3]
+    # contrast: x -> c x + (1 - c) m, m the mean grey of the brightened image (in [0, 1] units)
+    mean_gray = brightness * (x.mean((2, 3)) @ gray) / 255                      # [B]
+    offset = color @ ((1 - contrast) * mean_gray).view(b, 1, 1).expand(b, 3, 1)  # [B,3,1]
+    matrix = color * (brightness * contrast / 255).view(b, 1, 1)               # of x in [0, 255]
+    # Standardisation folded in: clamp(y, 0, 1) standardised = clamp(standardised y, lo, hi) per channel.
+    std = _constant(IMAGENET_STD, device).view(1, 3, 1)
+    mean = _constant(IMAGENET_MEAN, device).view(1, 3, 1)
+    out = torch.baddbmm((offset - mean) / std, matrix / std, x.reshape(b, 3, -1))
+    low, high = (-mean / std).view(1, 3, 1, 1), ((1 - mean) / std).view(1, 3, 1, 1)
+    return out.view_as(x).clamp_(low, high)
