@@ -70,13 +70,15 @@ class Listing:
         digest = hashlib.sha256()
         digest.update(json.dumps([self.layout, list(self.class_names)]).encode())
         fixed = self.split if self.split is not None else np.full(len(self.paths), "")
+        prefix = os.path.join(str(self.root), "")
         for path, image_id, label, group, split in zip(self.paths, self.image_ids, self.labels,
                                                       self.groups, fixed):
+            name = str(path)  # plain strings: pathlib costs more than the stat calls here
             try:
-                stat = path.stat()
+                stat = os.stat(name)
             except OSError as exc:
                 raise UserError(f"{path}: cannot read image file ({exc.strerror})") from None
-            rel = _relative(path, self.root)
+            rel = (name[len(prefix):] if name.startswith(prefix) else name).replace(os.sep, "/")
             digest.update(f"{rel}\t{stat.st_size}\t{stat.st_mtime_ns}\t{image_id}\t{int(label)}\t"
                           f"{group}\t{split}\n".encode())
         return digest.hexdigest()
