@@ -73,7 +73,7 @@ def trials_frame(records: Iterable[Mapping[str, Any]], param_names: Sequence[str
         node = rec.get("node") or {}
         row = {"trial_id": rec["trial_id"], "status": rec.get("status"),
                f"{metric}_final": final.get(metric), f"{metric}_best": best.get(metric),
-               "best_epoch": None if best.get("epoch") is None else int(best["epoch"]), "epochs_run": rec.get("epochs_run"),
+               "best_epoch": best.get("epoch"), "epochs_run": rec.get("epochs_run"),
                "duration_s": rec.get("duration_s"), "node_ip": node.get("node_ip"),
                "gpu_ids": " ".join(node.get("gpu_ids") or []) or None, "error": rec.get("error")}
         for name in param_names:
@@ -81,7 +81,7 @@ def trials_frame(records: Iterable[Mapping[str, Any]], param_names: Sequence[str
         rows.append(row)
     columns = ["trial_id", "status", f"{metric}_final", f"{metric}_best", "best_epoch", "epochs_run",
                "duration_s", *param_names, "node_ip", "gpu_ids", "error"]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=columns).astype({"best_epoch": "Int64", "epochs_run": "Int64"})
     if not frame.empty:
         frame = frame.sort_values(f"{metric}_final", ascending=mode == "min", na_position="last", kind="stable")
     return frame.reset_index(drop=True)

@@ -41,8 +41,7 @@ class TrialRecorder(tune.Callback):
         self.finished(trial.trial_id, trial.config, trial.last_result, error=None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = trial.get_pickled_error() or trial.get_error()
-        self.finished(trial.trial_id, trial.config, trial.last_result, error=error_message(error))
+        self.finished(trial.trial_id, trial.config, trial.last_result, error=error_message(_trial_error(trial)))
 
     # --- the records -------------------------------------------------------------------------------
     def started(self, trial_id: str, params: Mapping[str, Any]) -> None:
@@ -116,6 +115,19 @@ def error_message(error: Any) -> str:
         return _one_line(lines[-1] if lines else "unknown error")
     cause = getattr(error, "cause", None) or error
     return _one_line(f"{type(cause).__name__}: {cause}")
+
+
+def _trial_error(trial: Any) -> Any:
+    """The exception of a failed trial, from the files Ray has just written on this node."""
+    from ray import cloudpickle
+
+    pickled, text = trial.pickled_error_file, trial.error_file
+    if pickled and Path(pickled).is_file():
+        with open(pickled, "rb") as f:
+            return cloudpickle.load(f)
+    if text and Path(text).is_file():
+        return Path(text).read_text(encoding="utf-8", errors="replace")
+    return trial.get_pickled_error() or trial.get_error()
 
 
 def _one_line(text: str, limit: int = 500) -> str:

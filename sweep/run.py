@@ -308,11 +308,8 @@ def _connect_ray(settings: SweepSettings, address: str | None) -> bool:
             raise UserError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
         return True
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    available = _local_gpus()
-    gpus = available if settings.gpus is None else settings.gpus
-    if gpus > available:  # before starting anything
-        plan_resources(settings, cpus, available, "this machine")
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=True)
+    resources = plan_resources(settings, cpus, _local_gpus(), "this machine")  # fails before starting anything
+    ray.init(num_cpus=cpus, num_gpus=resources.gpus, include_dashboard=False, log_to_driver=True)
     return True
 
 

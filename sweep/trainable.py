@@ -62,16 +62,16 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
     if cfg.device == "auto":
         # Ray hides the GPUs a trial did not ask for; a CPU trial must not grab a GPU it was not given.
         cfg = dataclasses.replace(cfg, device="cuda" if setup.gpus > 0 else "cpu")
-    _write_node_info(out, trial_id, setup)
-
     checkpoint = tune.get_checkpoint()
+    resumed_from = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            last = json.loads((Path(folder) / EPOCH_FILE).read_text(encoding="utf-8"))
-            if last["epoch"] >= cfg.epochs:
+            resumed_from = int(json.loads((Path(folder) / EPOCH_FILE).read_text(encoding="utf-8"))["epoch"])
+            if resumed_from >= cfg.epochs:
                 return  # the driver died after the trial's last report: nothing left to train
             with atomic.atomic_path(out / STATE_FILE) as tmp:
                 shutil.copyfile(Path(folder) / STATE_FILE, tmp)
+    _write_node_info(out, trial_id, setup, resumed_from)
 
     def report(metrics: dict[str, float]) -> None:
         # core.train has just written last.pt; Ray copies the folder into its own storage.
@@ -83,7 +83,7 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
     train(cfg, data, out, report, resume=checkpoint is not None, tensorboard=True, progress=False)
 
 
-def _write_node_info(out: Path, trial_id: str, setup: TrialSetup) -> None:
+def _write_node_info(out: Path, trial_id: str, setup: TrialSetup, resumed_from: int | None) -> None:
     import ray
     import torch
 
@@ -92,7 +92,7 @@ def _write_node_info(out: Path, trial_id: str, setup: TrialSetup) -> None:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "cpus": setup.cpus, "gpus": setup.gpus, "torch_threads": torch.get_num_threads(),
-            "started": time.time()}
+            "resumed_from_epoch": resumed_from, "started": time.time()}
     atomic.write_json(out / NODE_FILE, info)
 
 
