@@ -68,7 +68,9 @@ def read_best(path: str | os.PathLike) -> BestFile:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: not readable JSON ({exc})") from None
     where = str(path)
-    obj = _expect(raw, dict, where, "the file")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    obj = raw
     if obj.get("format") != BEST_FORMAT:
         raise UserError(f"{path}: field 'format' is {obj.get('format')!r}, expected {BEST_FORMAT!r} "
                         f"(not a sweep's best.json)")

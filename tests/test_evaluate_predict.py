@@ -1,0 +1,191 @@
+"""core.evaluate and core.predict end to end: as commands (subprocesses) and in-process for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.config import TrainConfig
+from core.errors import UserError, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def _command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny demo data and a model file of this project (weights need no training for these checks)."""
+    from core.demo_data import generate_demo
+    from core.model import build_model, save_model_file
+
+    base = tmp_path_factory.mktemp("evaluate")
+    data = generate_demo(base / "data", n_lesions=21, image_size=SIZE, seed=1)
+    torch.manual_seed(0)
+    model = build_model(7, "none")
+    cfg = TrainConfig(image_size=SIZE, pretrained="none")
+    classes = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    save_model_file(base / "model.pt", model, classes, cfg.to_dict(), {"epoch": 3, "metrics": {}})
+    return {"base": base, "data": data, "model": base / "model.pt"}
+
+
+def _image_folder(root: Path, source: Path, classes: dict[str, int]) -> Path:
+    """An ImageFolder dataset: ``count`` images per class folder, taken from the demo images."""
+    jpgs = sorted(source.rglob("*.jpg"))
+    k = 0
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for _ in range(count):
+            Image.open(jpgs[k]).save(root / name / f"{jpgs[k].stem}.png")
+            k += 1
+    return root
+
+
+def _one_line_error(returncode: int, stderr: str) -> str:
+    """Exit status 2 and one ``error:`` line (progress bars may come before it), no traceback."""
+    assert returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.endswith(errors[0] + "\n") and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def _cli(main, argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run a command's main as ``python -m`` does (through run_cli); returns its one error line."""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, argv)
+    return _one_line_error(exit_.value.code, capsys.readouterr().err)
+
+
+def test_evaluate_command_on_a_whole_dataset(setup: dict[str, Path]) -> None:
+    out = setup["base"] / "eval-all"
+    result = _command("core.evaluate", str(setup["model"]), "--data", str(setup["data"]), "--out", str(out),
+                      "--split", "all", "--gallery", "1")
+    assert result.returncode == 0, result.stderr
+    assert f"report: {out / 'report.md'}" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    n_images = len(list(setup["data"].rglob("*.jpg")))
+    assert metrics["n_images"] == n_images and metrics["split"] == "all"
+    assert np.array(metrics["confusion_matrix"]).sum() == n_images
+    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_auc"):
+        assert 0 <= metrics[key] <= 1
+    assert metrics["test_loss"] > 0
+    assert sum(row["support"] for row in metrics["per_class"].values()) == n_images
+    for name in ("confusion_matrix.png", "roc_curves.png", "gradcam_mel.png", "report.md"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "gradcam").rglob("*.png"))) == 7  # one example per class
+
+
+def test_evaluate_maps_a_subset_of_classes_by_name(setup: dict[str, Path], tmp_path: Path) -> None:
+    from core.evaluate import main
+
+    folder = _image_folder(tmp_path / "external", setup["data"], {"mel": 3, "nv": 4})
+    main([str(setup["model"]), "--data", str(folder), "--out", str(tmp_path / "out"), "--split", "all",
+          "--gallery", "0"])
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n_images"] == 7 and metrics["class_names"][4:6] == ["mel", "nv"]
+    support = {name: row["support"] for name, row in metrics["per_class"].items()}
+    assert support == {"akiec": 0, "bcc": 0, "bkl": 0, "df": 0, "mel": 3, "nv": 4, "vasc": 0}
+    confusion = np.array(metrics["confusion_matrix"])
+    assert confusion[4].sum() == 3 and confusion[5].sum() == 4 and confusion.sum() == 7
+    assert not list((tmp_path / "out").glob("gradcam_*.png"))
+
+
+def test_evaluate_test_split_uses_the_models_split_settings(setup: dict[str, Path], tmp_path: Path) -> None:
+    from core.data import load_dataset
+    from core.evaluate import main
+
+    main([str(setup["model"]), "--data", str(setup["data"]), "--out", str(tmp_path), "--gallery", "0"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    expected = load_dataset(setup["data"], SIZE, progress=False).indices("test")
+    assert metrics["split"] == "test" and metrics["n_images"] == len(expected) > 0
+
+
+def test_evaluate_rejects_unknown_classes(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from core.evaluate import main
+
+    folder = _image_folder(tmp_path / "other", setup["data"], {"mel": 2, "psoriasis": 2})
+    err = _cli(main, [str(setup["model"]), "--data", str(folder), "--out", str(tmp_path / "out"), "--split", "all"],
+               capsys)
+    assert "classes the model does not know: psoriasis" in err and str(folder) in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_evaluate_rejects_a_file_that_is_not_a_model(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from core.evaluate import main
+
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    for path, message in ((tmp_path / "other.pt", "not a lesion-sweep model file"),
+                          (tmp_path / "text.pt", "cannot be read as a PyTorch weights file"),
+                          (tmp_path / "absent.pt", "no such weights file")):
+        err = _cli(main, [str(path), "--data", str(setup["data"]), "--out", str(tmp_path / "o")], capsys)
+        assert message in err and str(path) in err
+
+
+def test_predict_command_json_and_gradcam(setup: dict[str, Path], tmp_path: Path) -> None:
+    from core.data import load_dataset
+    from core.model import load_model_file
+    from core.train import predict_probs
+
+    images = sorted(setup["data"].rglob("*.jpg"))[:3]
+    result = _command("core.predict", str(setup["model"]), *map(str, images), "--json",
+                      "--gradcam", str(tmp_path / "cams"))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["image"] for row in rows] == [str(p) for p in images]
+    for row in rows:
+        probs = row["probabilities"]
+        assert list(probs) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+        assert abs(sum(probs.values()) - 1) < 1e-5
+        assert row["prediction"] == max(probs, key=probs.get) and row["confidence"] == max(probs.values())
+    # Same preprocessing as training: the probabilities equal those of the dataset's decoded images.
+    data = load_dataset(setup["data"], SIZE, progress=False)
+    model, _ = load_model_file(setup["model"])
+    index = [list(data.image_ids).index(p.stem) for p in images]
+    expected = predict_probs(model, data.images[index])
+    got = np.array([list(row["probabilities"].values()) for row in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    for path in images:
+        with Image.open(tmp_path / "cams" / f"{path.stem}_gradcam.png") as overlay:
+            assert overlay.size == (224, 224)
+
+
+def test_predict_table_and_bad_images(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from core.predict import main, overlay_names
+
+    image = sorted(setup["data"].rglob("*.jpg"))[0]
+    assert main([str(setup["model"]), str(image)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["image", "prediction", "conf"] and table[2].startswith(str(image))
+    assert len(table) == 3
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(image.read_bytes()[:200])  # a truncated JPEG
+    result = _command("core.predict", str(setup["model"]), str(image), str(broken))  # as a user runs it
+    err = _one_line_error(result.returncode, result.stderr)
+    assert str(broken) in err and "cannot read image" in err and not result.stdout
+    with pytest.raises(UserError, match="missing.png"):
+        main([str(setup["model"]), str(tmp_path / "missing.png")])
+    assert overlay_names(["a/x.jpg", "b/x.png", "y.jpg"]) == ["x_gradcam.png", "x-2_gradcam.png", "y_gradcam.png"]
+
+
+def test_help_of_both_commands(capsys) -> None:
+    from core import evaluate, predict
+
+    for module, options in ((evaluate, ("--data", "--out", "--split", "--gallery")),
+                            (predict, ("IMAGE", "--json", "--gradcam"))):
+        with pytest.raises(SystemExit) as exit_:
+            module.main(["--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert all(option in text for option in options)

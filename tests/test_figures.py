@@ -1,0 +1,93 @@
+"""core.figures and core.report: the PNGs decode, show what they claim, and report.md links them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.figures import (GalleryItem, confusion_matrix_figure, curves_figure, gradcam_gallery_figure,
+                          roc_figure)
+from core.report import ReportInput, render_report, write_report
+
+CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+
+def _png(path: Path) -> np.ndarray:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_confusion_matrix_figure(tmp_path: Path) -> None:
+    confusion = np.arange(49).reshape(7, 7)
+    confusion[2] = 0  # a class without images: its rates are zeros, not NaN
+    confusion_matrix_figure(confusion, CLASSES, tmp_path / "cm.png")
+    pixels = _png(tmp_path / "cm.png")
+    assert pixels.shape[1] > pixels.shape[0] > 400  # two panels side by side
+    assert pixels.std() > 20                          # not blank
+
+
+def test_curves_figure_handles_missing_and_nan_values(tmp_path: Path) -> None:
+    history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e, "train_accuracy": 0.1 * e,
+                "val_accuracy": 0.09 * e, "val_balanced_accuracy": 0.05 * e, "val_macro_f1": 0.04 * e,
+                "val_auc": float("nan") if e == 1 else 0.5 + 0.04 * e} for e in range(1, 6)]
+    del history[0]["val_macro_f1"]
+    curves_figure(history, tmp_path / "curves.png", best_epoch=4)
+    pixels = _png(tmp_path / "curves.png")
+    assert pixels.shape[1] > 2 * pixels.shape[0]  # three panels in a row
+
+
+def test_roc_figure_skips_absent_classes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 60)  # df... : classes 5 and 6 absent
+    probs = rng.dirichlet(np.ones(7), 60)
+    probs[np.arange(60), labels] += 1.0
+    probs /= probs.sum(1, keepdims=True)
+    roc_figure(labels, probs, CLASSES, tmp_path / "roc.png")
+    assert _png(tmp_path / "roc.png").shape[0] > 400
+
+
+def test_gallery_figure_with_and_without_items(tmp_path: Path) -> None:
+    image = np.full((40, 40, 3), 200, dtype=np.uint8)
+    items = [GalleryItem(image, image, f"ISIC_{i:07d}", "mel", "nv" if i % 2 else "mel", 0.5 + i / 20)
+             for i in range(8)]
+    gradcam_gallery_figure("mel", items, tmp_path / "g.png")
+    pixels = _png(tmp_path / "g.png")
+    assert pixels.shape[0] > 800 and pixels.shape[1] > 800  # 8 examples: two blocks of four image/map pairs
+    gradcam_gallery_figure("df", [], tmp_path / "empty.png")
+    _png(tmp_path / "empty.png")
+
+
+def test_no_figure_is_left_open(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    before = len(plt.get_fignums())
+    confusion_matrix_figure(np.eye(2, dtype=int), ("a", "b"), tmp_path / "cm.png")
+    with pytest.raises(Exception):
+        roc_figure(np.array([0, 1]), np.zeros((2, 2)), ("a", "b"), tmp_path / "nope" / "\0bad.png")
+    assert len(plt.get_fignums()) == before
+    assert not list(tmp_path.glob("**/.*.tmp"))  # atomic writes leave no temporary file
+
+
+def test_report_lists_metrics_classes_figures_and_config(tmp_path: Path) -> None:
+    report = ReportInput(
+        title="Final model of sweep demo", facts=[("data", "`/data/ham`")],
+        metrics={"test_accuracy": 0.8125, "test_balanced_accuracy": 0.5, "test_macro_f1": 0.25,
+                 "test_auc": float("nan"), "test_loss": 0.75},
+        per_class={"mel": {"precision": 0.5, "recall": 0.25, "f1": 1 / 3, "support": 4},
+                   "nv": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 12}},
+        figures=[("Confusion matrix", "confusion_matrix.png")], galleries={"mel": "gradcam_mel.png"},
+        config={"lr": 0.001, "optimizer": "adamw"}, notes=["a note"],
+        commands=[("Predict", "python -m core.predict model.pt x.jpg")])
+    text = render_report(report)
+    assert text.startswith("# Final model of sweep demo\n")
+    assert "| accuracy | 0.8125 |" in text and "| macro ROC AUC (one vs rest) | n/a |" in text
+    assert "| mel | 0.5000 | 0.2500 | 0.3333 | 4 |" in text
+    assert "![Confusion matrix](confusion_matrix.png)" in text and "(gradcam_mel.png)" in text
+    assert "| lr | `0.001` |" in text and "| optimizer | `'adamw'` |" in text
+    assert "> a note" in text and "python -m core.predict model.pt x.jpg" in text
+    write_report(tmp_path / "report.md", report)
+    assert (tmp_path / "report.md").read_text() == text

@@ -1,0 +1,246 @@
+"""core.final_train from a tiny sweep's best.json, and the best.json checks (core.best_file).
+
+The best.json is written here, in the documented schema, from a one-epoch core.train run on tiny
+generated data (48 px: large enough for a 2x2 Grad-CAM map), so nothing depends on Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from core.best_file import check_data, read_best
+from core.config import TrainConfig
+from core.errors import UserError, run_cli
+
+SIZE = 48
+FINAL_EPOCHS = 3
+
+
+def _best_document(cfg: TrainConfig, data, value: float) -> dict:
+    return {"format": "lesion-sweep/best", "version": 1, "config": cfg.to_dict(),
+            "metric": {"name": "val_balanced_accuracy", "value": value, "mode": "max"},
+            "trial_id": "trial_0001",
+            "data": {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout},
+            "splits_file": "splits.csv", "checkpoint": "trials/trial_0001/best.pt",
+            "code_version": {"package": "0.1.0", "git_commit": None, "git_dirty": None},
+            "created": "2025-06-01T12:00:00+00:00"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sweep folder holding best.json, splits.csv and the trial, as sweep/ leaves it."""
+    from core.data import load_for_config
+    from core.demo_data import generate_demo
+    from core.train import train
+
+    base = tmp_path_factory.mktemp("final")
+    root = generate_demo(base / "data", n_lesions=30, image_size=SIZE, seed=0)
+    cfg = TrainConfig(epochs=1, image_size=SIZE, pretrained="none", batch_size=8, warmup_epochs=0.0, lr=2e-3,
+                      crop_scale_min=1.0, color_jitter=0.0, device="cpu")
+    data = load_for_config(root, cfg, progress=False)
+    folder = base / "sweep"
+    result = train(cfg, data, folder / "trials" / "trial_0001", progress=False, tensorboard=False)
+    shutil.copy(folder / "trials" / "trial_0001" / "splits.csv", folder / "splits.csv")
+    best = _best_document(cfg, data, result.best_metrics["val_balanced_accuracy"])
+    (folder / "best.json").write_text(json.dumps(best, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def final(sweep: Path):
+    from core.final_train import final_train
+
+    return final_train(sweep / "best.json", epochs=FINAL_EPOCHS, overrides=["lr=3e-3"], gallery_per_class=2,
+                       progress=False)
+
+
+def _is_png(path: Path) -> tuple[int, int]:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        image.load()  # decodes the whole file
+        return image.size
+
+
+def test_final_training_writes_every_output(sweep: Path, final) -> None:
+    out = sweep / "final"
+    assert final.out_dir == out and final.report == out / "report.md"
+    splits = pd.read_csv(sweep / "splits.csv")
+    n_test = int((splits["split"] == "test").sum())
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_auc"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["test_loss"] > 0
+    assert metrics["n_images"] == n_test
+    confusion = np.array(metrics["confusion_matrix"])
+    assert confusion.shape == (7, 7) and confusion.sum() == n_test
+    assert np.isclose(np.trace(confusion) / n_test, metrics["test_accuracy"])
+    per_class = metrics["per_class"]
+    assert sorted(per_class) == sorted(metrics["class_names"])
+    assert sum(row["support"] for row in per_class.values()) == n_test
+    assert all(0 <= row[k] <= 1 for row in per_class.values() for k in ("precision", "recall", "f1"))
+    assert metrics["train_splits"] == ["train"] and metrics["epochs_run"] == FINAL_EPOCHS
+    assert 1 <= metrics["chosen_epoch"] <= FINAL_EPOCHS
+
+    # The sweep's split is reused exactly, and --epochs / --set reach the config written beside the model.
+    assert pd.read_csv(out / "splits.csv").equals(splits)
+    cfg = TrainConfig.load(out / "config.json")
+    assert cfg.epochs == FINAL_EPOCHS and cfg.lr == 3e-3 and cfg.batch_size == 8
+    assert len(pd.read_csv(out / "metrics.csv")) == FINAL_EPOCHS
+    assert list(out.glob("events.out.tfevents.*")), "TensorBoard scalars"
+
+    payload = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert payload["format"] == "lesion-sweep/model" and payload["epoch"] == metrics["chosen_epoch"]
+    assert payload["class_names"] == metrics["class_names"] and payload["config"] == cfg.to_dict()
+    assert payload["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+
+    for name in ("training_curves.png", "confusion_matrix.png", "roc_curves.png"):
+        width, height = _is_png(out / name)
+        assert width > 300 and height > 200, name
+    galleries = sorted(out.glob("gradcam_*.png"))
+    assert len(galleries) == 7  # the tiny split has every class in test
+    for path in galleries:
+        _is_png(path)
+    overlays = sorted((out / "gradcam").rglob("*.png"))
+    assert len(overlays) >= 7
+    assert all(_is_png(path)[0] >= 224 for path in overlays)
+
+    report = (out / "report.md").read_text()
+    assert f"{metrics['test_balanced_accuracy']:.4f}" in report
+    assert "| mel |" in report and "trial_0001" in report
+    for link in ("training_curves.png", "confusion_matrix.png", "roc_curves.png", "gradcam_mel.png"):
+        assert f"]({link})" in report and (out / link).is_file()
+
+
+def test_gradcam_of_the_trained_model_is_image_sized_and_not_constant(sweep: Path, final) -> None:
+    from core.data import load_dataset
+    from core.gradcam import gradcam_maps
+    from core.model import load_model_file
+    from core.train import predict_probs
+
+    model, meta = load_model_file(final.out_dir / "model.pt")
+    data = load_dataset(read_best(sweep / "best.json").data_path, meta["image_size"],
+                        splits_file=sweep / "splits.csv", progress=False)
+    images = data.images[data.indices("test")][:6]
+    pred = predict_probs(model, images).argmax(1)
+    maps = gradcam_maps(model, images, pred.tolist())
+    assert maps.shape == (len(images), SIZE, SIZE)
+    assert np.all((maps >= 0) & (maps <= 1))
+    assert all(m.max() - m.min() > 0.05 for m in maps), [float(m.max() - m.min()) for m in maps]
+
+
+def test_train_on_val_keeps_the_last_epoch(sweep: Path, tmp_path: Path) -> None:
+    from core.final_train import final_train
+
+    result = final_train(sweep / "best.json", epochs=2, out_dir=tmp_path / "trainval", train_on_val=True,
+                         gallery_per_class=0, progress=False)
+    assert result.metrics["train_splits"] == ["train", "val"]
+    assert result.metrics["chosen_by"] == "last epoch"
+    assert result.metrics["chosen_epoch"] == result.metrics["epochs_run"] == 2
+    assert not list((tmp_path / "trainval").glob("gradcam_*.png"))
+    # A second run in the same folder evaluates the finished training again instead of training more.
+    again = final_train(sweep / "best.json", epochs=2, out_dir=tmp_path / "trainval", train_on_val=True,
+                        gallery_per_class=0, progress=False)
+    assert again.metrics["test_accuracy"] == result.metrics["test_accuracy"]
+    # ... and will not resume it as a run on the train split alone.
+    with pytest.raises(UserError, match="train_splits"):
+        final_train(sweep / "best.json", epochs=2, out_dir=tmp_path / "trainval", gallery_per_class=0,
+                    progress=False)
+
+
+def test_help_lists_the_options(capsys: pytest.CaptureFixture) -> None:
+    from core.final_train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--epochs", "--set", "--out", "--train-on-val", "BEST_JSON", "select_metric"):
+        assert option in text
+
+
+# --- bad input: one line naming the problem, exit status 2 ---------------------------------------------
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    from core.final_train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def _edited(sweep: Path, tmp_path: Path, edit) -> Path:
+    document = json.loads((sweep / "best.json").read_text())
+    edit(document)
+    shutil.copy(sweep / "splits.csv", tmp_path / "splits.csv")
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("metric"), "field 'metric' is missing"),
+    (lambda d: d["data"].pop("fingerprint"), "field 'data.fingerprint' is missing"),
+    (lambda d: d.__setitem__("splits_file", 3), "field 'splits_file' is int 3, expected a string"),
+    (lambda d: d["metric"].__setitem__("value", "high"), "field 'metric.value' is str"),
+    (lambda d: d["metric"].__setitem__("mode", "up"), "field 'metric.mode' is 'up'"),
+    (lambda d: d.__setitem__("format", "something-else"), "not a sweep's best.json"),
+    (lambda d: d.__setitem__("version", 7), "field 'version' is 7"),
+    (lambda d: d["config"].__setitem__("learning_rate", 0.1), "unknown config key 'learning_rate'"),
+    (lambda d: d["config"].pop("lr"), "field 'config' lacks key 'lr'"),
+    (lambda d: d["config"].__setitem__("lr", "fast"), "config key 'lr'"),
+    (lambda d: d.__setitem__("created", "yesterday"), "field 'created'"),
+])
+def test_malformed_best_json_is_one_line_naming_the_field(sweep: Path, tmp_path: Path, capsys, edit,
+                                                          message: str) -> None:
+    path = _edited(sweep, tmp_path, edit)
+    err = _cli_error([str(path)], capsys)
+    assert str(path) in err and message in err
+
+
+def test_unreadable_or_missing_best_json(tmp_path: Path, capsys) -> None:
+    assert "no such file" in _cli_error([str(tmp_path / "nope.json")], capsys)
+    (tmp_path / "best.json").write_text("{not json")
+    assert "not readable JSON" in _cli_error([str(tmp_path / "best.json")], capsys)
+    (tmp_path / "best.json").write_text("[1, 2]")
+    assert "expected a JSON object, got list" in _cli_error([str(tmp_path / "best.json")], capsys)
+
+
+def test_dataset_gone_or_changed(sweep: Path, tmp_path: Path, capsys) -> None:
+    from core.data import dataset_fingerprint
+
+    copy = tmp_path / "data-copy"
+    shutil.copytree(read_best(sweep / "best.json").data_path, copy)
+
+    def point_to_copy(d: dict) -> None:
+        d["data"]["path"] = str(copy)
+        d["data"]["fingerprint"] = dataset_fingerprint(copy)
+
+    path = _edited(sweep, tmp_path, point_to_copy)
+    check_data(read_best(path))  # the copy as it is passes
+    image = next(copy.rglob("*.jpg"))
+    image.write_bytes(image.read_bytes() + b"\0")
+    err = _cli_error([str(path)], capsys)
+    assert "changed since the sweep" in err and str(copy) in err
+    shutil.rmtree(copy)
+    err = _cli_error([str(path)], capsys)
+    assert "is gone" in err and str(copy) in err
+
+
+def test_missing_split_file_and_bad_overrides(sweep: Path, tmp_path: Path, capsys) -> None:
+    path = _edited(sweep, tmp_path, lambda d: d.__setitem__("splits_file", "elsewhere/splits.csv"))
+    assert "split file" in _cli_error([str(path)], capsys)
+    assert "unknown config key 'lrr'" in _cli_error([str(sweep / "best.json"), "--set", "lrr=1"], capsys)
+    assert "config key 'epochs'" in _cli_error([str(sweep / "best.json"), "--epochs", "0"], capsys)

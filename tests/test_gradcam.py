@@ -1,0 +1,120 @@
+"""core.gradcam: Captum Grad-CAM maps, overlays, example choice and galleries, on a resnet18 built here.
+
+(The trained model's maps are checked in test_final_train.py, on the final training's model.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.gradcam import choose_examples, gradcam_maps, overlay, save_overlay, write_galleries
+from core.model import build_model
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(3, "none").eval()
+
+
+def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+
+
+def test_maps_have_the_image_size_and_hooks_are_released(model: torch.nn.Module) -> None:
+    images = _images(5, 64)
+    before = _hook_count(model)
+    maps = gradcam_maps(model, images, [0, 1, 2, 0, 1], batch_size=2)  # batches of 2, 2 and 1
+    assert maps.shape == (5, 64, 64) and maps.dtype == np.float32
+    assert np.all(maps >= 0) and np.all(maps <= 1)
+    assert all(np.isclose(m.max(), 1.0) or m.max() == 0 for m in maps)
+    assert _hook_count(model) == before == 0
+    assert all(p.grad is None for p in model.parameters())  # nothing left accumulated on the model
+    assert not model.training
+
+
+def test_maps_match_captum_and_depend_on_the_target(model: torch.nn.Module) -> None:
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    from core.augment import normalize
+
+    images = _images(2, 64, seed=1)
+    ours = gradcam_maps(model, images, [1, 2])
+    raw = LayerGradCam(model, model.layer4).attribute(normalize(torch.as_tensor(images)),
+                                                      target=torch.tensor([1, 2]), relu_attributions=True)
+    assert raw.shape[-2:] == (2, 2)  # 64 px -> a 2x2 map in layer4
+    up = LayerAttribution.interpolate(raw, (64, 64), interpolate_mode="bilinear")[:, 0].detach().numpy()
+    expected = up / np.maximum(up.reshape(2, -1).max(1), 1e-30)[:, None, None]
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    assert all(m.std() > 0 for m in ours)  # bilinear from 2x2: not constant
+    assert not np.allclose(gradcam_maps(model, images[:1], [0]), ours[:1])
+
+
+def test_works_inside_no_grad_and_on_a_tensor(model: torch.nn.Module) -> None:
+    images = torch.as_tensor(_images(2, 48))
+    with torch.no_grad():
+        maps = gradcam_maps(model, images, [0, 0])
+    assert maps.shape == (2, 48, 48)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_maps_on_the_gpu_equal_the_cpu_ones(model: torch.nn.Module) -> None:
+    images = _images(2, 64)
+    on_gpu = gradcam_maps(model, images, [0, 1], device="cuda")
+    model.to("cpu")
+    np.testing.assert_allclose(on_gpu, gradcam_maps(model, images, [0, 1], device="cpu"), atol=1e-3)
+    assert _hook_count(model) == 0
+
+
+def test_overlay_and_saved_overlay(tmp_path: Path) -> None:
+    image = np.zeros((3, 32, 32), dtype=np.uint8)
+    heat = np.zeros((32, 32), dtype=np.float32)
+    heat[:, 16:] = 1.0
+    blended = overlay(image, heat)
+    assert blended.shape == (32, 32, 3) and blended.dtype == np.uint8
+    # jet: 0 is dark blue, 1 dark red; the hot half (the right, columns 16+) is red, not blue.
+    assert blended[:, 20:, 0].mean() > blended[:, 20:, 2].mean()
+    assert blended[:, :12, 2].mean() > blended[:, :12, 0].mean()
+    save_overlay(image, heat, tmp_path / "a" / "x.png")
+    with Image.open(tmp_path / "a" / "x.png") as saved:
+        assert saved.size == (224, 224) and saved.format == "PNG"
+        right = np.asarray(saved)[:, 150:]
+        assert right[..., 0].mean() > right[..., 2].mean()  # enlarged, not flipped
+
+
+def test_choose_examples_mixes_correct_and_misclassified() -> None:
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 2])
+    probs = np.array([[0.9, 0.1, 0], [0.6, 0.4, 0], [0.2, 0.8, 0], [0.1, 0.2, 0.7], [0.7, 0.3, 0],
+                      [0.1, 0.9, 0], [0.2, 0.7, 0.1], [0.5, 0.5, 0]])
+    chosen = choose_examples(labels, probs, per_class=4)
+    assert chosen[0] == [0, 4, 2, 3]   # best two correct, then the two mistakes, most confident first
+    assert chosen[1] == [5, 6]         # no mistakes: all correct ones
+    assert chosen[2] == [7]            # only a mistake
+    assert choose_examples(labels, probs, per_class=3)[0] == [0, 4, 2]  # odd: the extra place is a correct one
+
+
+def test_galleries_per_class(model: torch.nn.Module, tmp_path: Path) -> None:
+    images = _images(6, 64)
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    probs = np.full((6, 3), 0.2)
+    probs[np.arange(6), [0, 1, 1, 2, 1, 0]] = 0.6
+    ids = [f"dir/img{i}" for i in range(6)]
+    galleries = write_galleries(model, images, labels, probs, ids, ("mel", "nv", "bcc"), tmp_path, per_class=2)
+    assert galleries == {"mel": "gradcam_mel.png", "nv": "gradcam_nv.png"}  # bcc has no image
+    for name in galleries.values():
+        with Image.open(tmp_path / name) as figure:
+            figure.load()
+    assert sorted(p.name for p in (tmp_path / "gradcam" / "nv").iterdir()) == \
+        ["dir_img2_pred-nv.png", "dir_img3_pred-bcc.png"]
+    assert len(list((tmp_path / "gradcam" / "mel").iterdir())) == 2
+    assert _hook_count(model) == 0
