@@ -26,7 +26,7 @@ import pandas as pd
 from core import atomic
 
 TRIAL_FILE = "trial.json"
-FINISHED = ("completed", "stopped early", "failed", "interrupted")
+FINISHED = ("completed", "stopped early", "failed")
 
 
 def trials_dir(sweep_dir: Path) -> Path:

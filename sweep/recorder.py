@@ -10,6 +10,7 @@ so a driver killed between a trial's end and its record loses nothing after ``--
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -87,17 +88,22 @@ class TrialRecorder(tune.Callback):
 
     def reconcile(self, results: Any) -> None:
         """Record trials whose end the callbacks missed (a driver killed at the wrong moment)."""
+        known = set()
         for result in results:
             trial_id = Path(result.path).name
+            known.add(trial_id)
             record = read_trial(self.sweep_dir, trial_id)
             if record is not None and record.get("status") not in ("running", None):
                 continue
             error = error_message(result.error) if result.error else None
             self.finished(trial_id, result.config or {}, result.metrics, error)
         for record in read_trials(self.sweep_dir):
-            if record.get("status") == "running":  # started under a driver that died; Ray lost the trial
-                record.update(status="interrupted", error="the sweep's driver stopped while it ran")
-                write_trial(self.sweep_dir, record)
+            if record.get("status") == "running" and record["trial_id"] not in known:
+                # Started just before a driver was killed, after Ray's last saved state: the resumed sweep
+                # never heard of it and drew another trial in its place. Its partial run would be a stray row.
+                shutil.rmtree(trials_dir(self.sweep_dir) / record["trial_id"], ignore_errors=True)
+                log.info("removed trial %s: it started after the interrupted sweep's last saved state, and "
+                         "the resumed sweep ran another trial in its place", record["trial_id"])
         write_trials_csv(self.sweep_dir, self.param_names, self.metric, self.mode)
 
 

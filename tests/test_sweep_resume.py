@@ -1,0 +1,143 @@
+"""A sweep whose driver is killed with SIGKILL continues with --resume: finished trials and Optuna's history are
+kept, the interrupted trial continues from its last checkpoint, and the remaining trials run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sweep.run import REPO_ROOT
+
+SPACE = """
+base: {image_size: 32, epochs: 4, warmup_epochs: 0.5, batch_size: 16, eval_batch_size: 64, pretrained: none}
+params:
+  lr: {dist: loguniform, low: 1.0e-3, high: 1.0e-2}
+"""
+EPOCHS = 4
+TRIALS = 2
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), RAY_DEDUP_LOGS="0", TQDM_DISABLE="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _records(folder: Path) -> list[dict]:
+    out = []
+    for path in folder.glob("trials/*/trial.json"):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            pass
+    return out
+
+
+def _checkpointed_running_trial(folder: Path) -> str | None:
+    """A trial still running that has reported (and checkpointed) an epoch but not its last one."""
+    for record in _records(folder):
+        if record.get("status") != "running":
+            continue
+        ray_dir = folder / "ray" / record["trial_id"]
+        metrics = folder / "trials" / record["trial_id"] / "metrics.csv"
+        epochs_done = len(metrics.read_text().splitlines()) - 1 if metrics.is_file() else 0
+        if list(ray_dir.glob("checkpoint_*")) and 1 <= epochs_done < EPOCHS:
+            return record["trial_id"]
+    return None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver; then whatever it started (its process group: Ray's processes) goes too."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # only our own session's leftovers
+    except ProcessLookupError:
+        pass
+    time.sleep(2)
+
+
+def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
+    from core.demo_data import generate_demo
+
+    data = generate_demo(tmp_path / "data", n_lesions=30, image_size=32)
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    results = tmp_path / "results"
+    folder = results / "killed"
+    command = [sys.executable, "-m", "sweep.run", "--gpus", "0", "--cpus-per-trial", "2", "--trials", str(TRIALS),
+               "--space", str(space), "--data", str(data), "--results", str(results), "--name", "killed",
+               "--scheduler", "none", "--seed", "5"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        interrupted = None
+        while time.time() < deadline and proc.poll() is None:
+            done = [r for r in _records(folder) if r.get("status") == "completed"]
+            interrupted = _checkpointed_running_trial(folder) if done else None
+            if interrupted:
+                time.sleep(0.3)  # let the driver record the checkpoint in its experiment state
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the sweep ended before it could be killed: " + (tmp_path / "first.log").read_text()
+        assert interrupted, "no trial was caught mid-way in time: " + (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        _kill_group(proc)
+        log.close()
+
+    before = {r["trial_id"]: r for r in _records(folder)}
+    finished_before = {t for t, r in before.items() if r["status"] == "completed"}
+    assert finished_before and not (folder / "best.json").exists()
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{folder / 'optuna.db'}")
+    complete_before = {t.number: t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(complete_before) >= len(finished_before)
+
+    resumed = subprocess.run([sys.executable, "-m", "sweep.run", "--resume", "--name", "killed",
+                              "--results", str(results)], cwd=REPO_ROOT, env=_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "python -m core.final_train" in resumed.stdout
+
+    after = {r["trial_id"]: r for r in _records(folder)}
+    assert len(after) == TRIALS and {r["status"] for r in after.values()} == {"completed"}
+    for trial_id in finished_before:  # kept as they were, not run again
+        assert after[trial_id]["ended"] == before[trial_id]["ended"]
+    node = json.loads((folder / "trials" / interrupted / "node.json").read_text())
+    assert node["resumed_from_epoch"] and 1 <= node["resumed_from_epoch"] < EPOCHS
+    epochs = [line.split(",")[0] for line in (folder / "trials" / interrupted / "metrics.csv").read_text().splitlines()]
+    assert epochs[1:] == [f"{e}.0" for e in range(1, EPOCHS + 1)]
+
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{folder / 'optuna.db'}")
+    complete = {t.number: t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(complete) == TRIALS
+    assert all(complete[n] == params for n, params in complete_before.items())  # history kept
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    rows = (folder / "trials.csv").read_text().splitlines()
+    assert len(rows) == TRIALS + 1
+    best = json.loads((folder / "best.json").read_text())
+    assert best["trial_id"] in after
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_this_process():
+    import ray
+
+    assert not ray.is_initialized()
+    yield
