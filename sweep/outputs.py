@@ -111,9 +111,10 @@ def summary_text(*, name: str, sweep_dir: Path, frame: pd.DataFrame, best: Mappi
     if not frame.empty:
         shown = [c for c in ["trial_id", "status", f"{metric}_final", f"{metric}_best", "epochs_run", *param_names]
                  if c in frame]
-        top = frame.head(5)[shown].copy()
+        top = frame.head(5)[shown].astype(object)
+        top = top.where(top.notna(), "-")  # a conditional parameter not sampled, a metric never reported
         top.insert(0, "rank", range(1, len(top) + 1))
-        lines += ["", "top 5:", top.to_string(index=False, float_format=_fmt, na_rep="-")]
+        lines += ["", "top 5:", top.to_string(index=False, formatters={c: _fmt for c in top.columns})]
     if importances:
         lines += ["", "parameter importances (Optuna): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in importances.items())]

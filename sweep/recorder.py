@@ -81,13 +81,16 @@ class TrialRecorder(tune.Callback):
             "sweep/epochs_run": epochs}, failed=error is not None, step=epochs)
         write_trial(self.sweep_dir, record)
         write_trials_csv(self.sweep_dir, self.param_names, self.metric, self.mode)
-        # The resume state is only needed while the trial runs (Ray keeps its own copy); best.pt stays.
+        # Resume state is only needed while a trial runs: drop it, and Ray's copies (about 3x the model
+        # each); best.pt, the trial's best epoch, stays.
         (run_dir / STATE_FILE).unlink(missing_ok=True)
+        for copy in (self.sweep_dir / "ray" / trial_id).glob(f"checkpoint_*/{STATE_FILE}"):
+            copy.unlink(missing_ok=True)
         log.info("trial %s %s after %d epoch(s)%s", trial_id, status, epochs, f": {error}" if error else "")
         return record
 
-    def reconcile(self, results: Any) -> None:
-        """Record trials whose end the callbacks missed (a driver killed at the wrong moment)."""
+    def reconcile(self, results: Any) -> Any:
+        """Record trials whose end the callbacks missed (a driver killed at the wrong moment); the table."""
         known = set()
         for result in results:
             trial_id = Path(result.path).name
@@ -104,7 +107,7 @@ class TrialRecorder(tune.Callback):
                 shutil.rmtree(trials_dir(self.sweep_dir) / record["trial_id"], ignore_errors=True)
                 log.info("removed trial %s: it started after the interrupted sweep's last saved state, and "
                          "the resumed sweep ran another trial in its place", record["trial_id"])
-        write_trials_csv(self.sweep_dir, self.param_names, self.metric, self.mode)
+        return write_trials_csv(self.sweep_dir, self.param_names, self.metric, self.mode)
 
 
 def json_values(params: Mapping[str, Any]) -> dict[str, Any]:

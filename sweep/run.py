@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from core import atomic
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError, run_cli
-from sweep.space import SearchSpace, load_space, parse_space
+from sweep.space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: Tra
 
     folder = settings.sweep_dir
     cluster = ray.cluster_resources()
-    where = "this machine" if not ray.is_initialized() or len(ray.nodes()) <= 1 else "the Ray cluster"
+    where = "this machine" if len(ray.nodes()) <= 1 else "the Ray cluster"
     resources = plan_resources(settings, int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0)), where)
     echo(f"sweep '{settings.name}' in {folder}: {settings.trials} trials, {len(space.params)} searched "
          f"parameters ({', '.join(space.names)}); {resources.describe()}")
@@ -245,11 +245,10 @@ def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: Tra
         tuner = _new_tuner(settings, space, base, resources, trainable, recorder)
     results = tuner.fit()
 
-    recorder.reconcile(results)
+    frame = recorder.reconcile(results)
     study = _study(settings)
     _fail_orphans(study)
-    frame = recorder_table(recorder)
-    best = _write_best(settings, frame, data, base, space)
+    best = _write_best(settings, frame, data, base)
     importances = _importances(study)
     summary = _summary(settings, folder, frame, best, space, importances, time.time() - started)
     atomic.write_text(folder / "summary.txt", summary + "\n")
@@ -338,14 +337,7 @@ def _fail_orphans(study: Any) -> None:
         log.info("optuna trial %d was left running by an interrupted driver: marked failed", trial.number)
 
 
-def recorder_table(recorder: Any) -> Any:
-    from sweep.outputs import write_trials_csv
-
-    return write_trials_csv(recorder.sweep_dir, recorder.param_names, recorder.metric, recorder.mode)
-
-
-def _write_best(settings: SweepSettings, frame: Any, data: Any, base: TrainConfig,
-                space: SearchSpace) -> dict[str, Any] | None:
+def _write_best(settings: SweepSettings, frame: Any, data: Any, base: TrainConfig) -> dict[str, Any] | None:
     from sweep.best_file import build_best, write_best
     from sweep.outputs import read_trial
 

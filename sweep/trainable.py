@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
@@ -55,6 +56,7 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
     from core.train import train
 
     torch.set_num_threads(max(1, int(setup.cpus)))
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a "checkpoint created" line per epoch
     trial_id = tune.get_context().get_trial_id()
     out = Path(setup.trials_dir) / trial_id
     out.mkdir(parents=True, exist_ok=True)

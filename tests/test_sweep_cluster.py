@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.run import REPO_ROOT, SweepSettings, run_sweep
+from sweep.run import REPO_ROOT
 
 SPACE = """
 base: {image_size: 32, epochs: 1, warmup_epochs: 0.5, batch_size: 16, eval_batch_size: 64, pretrained: none}
@@ -29,7 +29,6 @@ def two_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
     try:
         yield cluster
     finally:
@@ -37,24 +36,27 @@ def two_nodes():
         cluster.shutdown()
 
 
-def test_trials_run_on_both_nodes(two_nodes, tmp_path: Path) -> None:
+def test_trials_run_on_both_nodes(two_nodes, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m sweep.run --address HOST:PORT`` joins the cluster; one trial lands on each node."""
     import ray
 
     from core.demo_data import generate_demo
+    from sweep.run import main
 
     data = generate_demo(tmp_path / "data", n_lesions=30, image_size=32)
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    nodes = {node.node_id for node in two_nodes.list_all_nodes()}
     assert len(nodes) == 2
-    messages: list[str] = []
-    settings = SweepSettings(name="cluster", results=str(tmp_path / "results"), space=str(space), data=str(data),
-                             trials=2, gpus=0, cpus_per_trial=1, scheduler="none")
-    report = run_sweep(settings, echo=messages.append)
-    assert "2 trial(s) at once on 2 CPU(s)" in messages[0]
+    code = main(["--address", two_nodes.address, "--gpus", "0", "--cpus-per-trial", "1", "--trials", "2",
+                 "--scheduler", "none", "--space", str(space), "--data", str(data),
+                 "--results", str(tmp_path / "results"), "--name", "cluster"])
+    assert code == 0
+    assert not ray.is_initialized()  # the command disconnects; the cluster stays up
+    out = capsys.readouterr().out
+    assert "2 trial(s) at once on 2 CPU(s)" in out and "python -m core.final_train" in out
 
     folder = tmp_path / "results" / "cluster"
     records = [json.loads(p.read_text()) for p in folder.glob("trials/*/trial.json")]
     assert len(records) == 2 and {r["status"] for r in records} == {"completed"}
     assert {r["node"]["node_id"] for r in records} == nodes  # one trial on each node
-    assert report.best is not None
