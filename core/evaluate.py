@@ -90,11 +90,10 @@ def write_figures(out: Path, ev: Evaluation, model: Any, images_uint8: np.ndarra
     roc_figure(ev.labels, ev.probs, ev.class_names, out / "roc_curves.png",
                title=f"ROC curves, {what} (one class vs the rest)")
     figures = [("Confusion matrix", "confusion_matrix.png"), ("ROC curves", "roc_curves.png")]
-    galleries: dict[str, str] = {}
     if gallery_per_class > 0:
         log.info("Grad-CAM galleries (%d examples per class)", gallery_per_class)
-        galleries = write_galleries(model, images_uint8, ev.labels, ev.probs, image_ids, ev.class_names, out,
-                                    device=device, per_class=gallery_per_class)
+    galleries = write_galleries(model, images_uint8, ev.labels, ev.probs, image_ids, ev.class_names, out,
+                                device=device, per_class=gallery_per_class)
     return figures, galleries
 
 

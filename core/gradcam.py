@@ -11,6 +11,7 @@ Used by ``core.final_train``, ``core.evaluate`` (the galleries) and ``core.predi
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Sequence
 
@@ -22,6 +23,8 @@ from torch import nn
 from core.augment import normalize
 from core.figures import GalleryItem, gradcam_gallery_figure
 from core.model import gradcam_layer
+
+log = logging.getLogger(__name__)
 
 OVERLAY_ALPHA = 0.45
 
@@ -42,6 +45,9 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
             x = normalize(images[start:start + batch_size].to(device))
             target = torch.as_tensor(list(targets[start:start + batch_size]), dtype=torch.long, device=device)
             attribution = cam.attribute(x, target=target, relu_attributions=True)
+            if start == 0 and attribution.shape[-2:] == (1, 1):
+                log.warning("at %d px the last residual block's map is 1x1, so Grad-CAM cannot localise "
+                            "anything (each heat map is flat); use images of 48 px or more", size[0])
             upsampled = LayerAttribution.interpolate(attribution, size, interpolate_mode="bilinear")
             out[start:start + len(x)] = upsampled[:, 0].detach().float().cpu().numpy()
     peak = out.reshape(len(out), -1).max(1) if len(out) else np.zeros(0)
@@ -98,11 +104,16 @@ def write_galleries(model: nn.Module, images_uint8: np.ndarray, labels: np.ndarr
                     device: str | torch.device = "cpu", per_class: int = 8) -> dict[str, str]:
     """For each class present, ``gradcam_<class>.png`` (a grid) and ``gradcam/<class>/<id>.png`` (each overlay).
 
-    Returns {class name: gallery file name} for the classes that have examples.
+    Galleries of an earlier run in ``out_dir`` are removed first, so none is left that this run did not
+    choose. Returns {class name: gallery file name} for the classes that have examples.
     """
+    import shutil
     from pathlib import Path
 
     out = Path(out_dir)
+    shutil.rmtree(out / "gradcam", ignore_errors=True)
+    for old in out.glob("gradcam_*.png"):
+        old.unlink()
     chosen = choose_examples(labels, probs, per_class)
     order = [i for c in sorted(chosen) for i in chosen[c]]
     if not order:

@@ -66,38 +66,37 @@ def _cli(main, argv: list[str], capsys: pytest.CaptureFixture) -> str:
     return _one_line_error(exit_.value.code, capsys.readouterr().err)
 
 
-def test_evaluate_command_on_a_whole_dataset(setup: dict[str, Path]) -> None:
-    out = setup["base"] / "eval-all"
-    result = _command("core.evaluate", str(setup["model"]), "--data", str(setup["data"]), "--out", str(out),
+def test_evaluate_command_maps_a_subset_of_classes_by_name(setup: dict[str, Path], tmp_path: Path) -> None:
+    folder = _image_folder(tmp_path / "external", setup["data"], {"mel": 3, "nv": 4})
+    out = tmp_path / "out"
+    result = _command("core.evaluate", str(setup["model"]), "--data", str(folder), "--out", str(out),
                       "--split", "all", "--gallery", "1")
     assert result.returncode == 0, result.stderr
     assert f"report: {out / 'report.md'}" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    n_images = len(list(setup["data"].rglob("*.jpg")))
-    assert metrics["n_images"] == n_images and metrics["split"] == "all"
-    assert np.array(metrics["confusion_matrix"]).sum() == n_images
-    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_auc"):
-        assert 0 <= metrics[key] <= 1
-    assert metrics["test_loss"] > 0
-    assert sum(row["support"] for row in metrics["per_class"].values()) == n_images
-    for name in ("confusion_matrix.png", "roc_curves.png", "gradcam_mel.png", "report.md"):
-        assert (out / name).is_file(), name
-    assert len(list((out / "gradcam").rglob("*.png"))) == 7  # one example per class
-
-
-def test_evaluate_maps_a_subset_of_classes_by_name(setup: dict[str, Path], tmp_path: Path) -> None:
-    from core.evaluate import main
-
-    folder = _image_folder(tmp_path / "external", setup["data"], {"mel": 3, "nv": 4})
-    main([str(setup["model"]), "--data", str(folder), "--out", str(tmp_path / "out"), "--split", "all",
-          "--gallery", "0"])
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["n_images"] == 7 and metrics["class_names"][4:6] == ["mel", "nv"]
+    assert metrics["n_images"] == 7 and metrics["split"] == "all" and metrics["class_names"][4:6] == ["mel", "nv"]
     support = {name: row["support"] for name, row in metrics["per_class"].items()}
     assert support == {"akiec": 0, "bcc": 0, "bkl": 0, "df": 0, "mel": 3, "nv": 4, "vasc": 0}
     confusion = np.array(metrics["confusion_matrix"])
     assert confusion[4].sum() == 3 and confusion[5].sum() == 4 and confusion.sum() == 7
-    assert not list((tmp_path / "out").glob("gradcam_*.png"))
+    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_auc"):
+        assert 0 <= metrics[key] <= 1
+    assert metrics["test_loss"] > 0
+    for name in ("confusion_matrix.png", "roc_curves.png", "gradcam_mel.png", "gradcam_nv.png", "report.md"):
+        assert (out / name).is_file(), name
+    assert sorted(p.parent.name for p in (out / "gradcam").rglob("*.png")) == ["mel", "nv"]
+
+
+def test_evaluate_a_whole_dataset(setup: dict[str, Path], tmp_path: Path) -> None:
+    from core.evaluate import main
+
+    assert main([str(setup["model"]), "--data", str(setup["data"]), "--out", str(tmp_path), "--split", "all",
+                 "--gallery", "0"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    n_images = len(list(setup["data"].rglob("*.jpg")))
+    assert metrics["n_images"] == n_images and np.array(metrics["confusion_matrix"]).sum() == n_images
+    assert sum(row["support"] for row in metrics["per_class"].values()) == n_images
+    assert not list(tmp_path.glob("gradcam*"))
 
 
 def test_evaluate_test_split_uses_the_models_split_settings(setup: dict[str, Path], tmp_path: Path) -> None:

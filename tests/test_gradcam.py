@@ -118,3 +118,6 @@ def test_galleries_per_class(model: torch.nn.Module, tmp_path: Path) -> None:
         ["dir_img2_pred-nv.png", "dir_img3_pred-bcc.png"]
     assert len(list((tmp_path / "gradcam" / "mel").iterdir())) == 2
     assert _hook_count(model) == 0
+    # A second run replaces the galleries; with no examples wanted, none is left behind.
+    assert write_galleries(model, images, labels, probs, ids, ("mel", "nv", "bcc"), tmp_path, per_class=0) == {}
+    assert not list(tmp_path.glob("gradcam*"))
