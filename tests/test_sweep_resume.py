@@ -46,10 +46,13 @@ def _checkpointed_running_trial(folder: Path) -> str | None:
     for record in _records(folder):
         if record.get("status") != "running":
             continue
-        ray_dir = folder / "ray" / record["trial_id"]
+        checkpoints = list((folder / "ray" / record["trial_id"]).glob("checkpoint_*"))
         metrics = folder / "trials" / record["trial_id"] / "metrics.csv"
         epochs_done = len(metrics.read_text().splitlines()) - 1 if metrics.is_file() else 0
-        if list(ray_dir.glob("checkpoint_*")) and 1 <= epochs_done < EPOCHS:
+        # ... and the driver has saved its experiment state since (what --resume restores from).
+        saved = [p.stat().st_mtime for p in (folder / "ray").glob("experiment_state-*.json")]
+        if checkpoints and 1 <= epochs_done < EPOCHS and saved \
+                and max(saved) > min(p.stat().st_mtime for p in checkpoints):
             return record["trial_id"]
     return None
 
@@ -93,10 +96,9 @@ def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
             done = [r for r in _records(folder) if r.get("status") == "completed"]
             interrupted = _checkpointed_running_trial(folder) if done else None
             if interrupted:
-                time.sleep(0.3)  # let the driver record the checkpoint in its experiment state
                 break
             time.sleep(0.1)
-        assert proc.poll() is None, "the sweep ended before it could be killed: " + (tmp_path / "first.log").read_text()
+        assert proc.poll() is None, "the sweep ended before it was killed: " + (tmp_path / "first.log").read_text()
         assert interrupted, "no trial was caught mid-way in time: " + (tmp_path / "first.log").read_text()[-3000:]
     finally:
         _kill_group(proc)
