@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The quick sweep on the built-in demo dataset, then a short final training of its best trial.
+DEMO := demo-$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
-	$(PY) -m core.train --out results/demo-run --set image_size=48 --set epochs=4 --set pretrained=none
+	$(PY) -m sweep.run --space search_spaces/quick.yaml --trials 4 --name $(DEMO)
+	$(PY) -m core.final_train results/$(DEMO)/best.json --epochs 4
 
 clean-venv:
 	rm -rf $(VENV)
