@@ -1,0 +1,201 @@
+"""What the benchmark scripts share: the data they run on, the machine they ran on, GPU utilisation.
+
+Not a command. The data is the real HAM10000 copy at ``../shared/data/ham10000-200x150`` when it is
+there, else a synthetic dataset from ``core.demo_data.generate_demo`` (generated once into the dataset
+cache folder); every result says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from core import atomic
+from core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+HAM10000 = REPO.parent / "shared" / "data" / "ham10000-200x150"
+
+
+def bench_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """A bench script's parser: its docstring as help, and the flags every script has."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 2)[2])
+    parser.add_argument("--data", help="dataset folder (default: ../shared/data/ham10000-200x150 when present, "
+                                       "else generated demo data)")
+    parser.add_argument("--demo-lesions", type=int, default=730,
+                        help="lesions of the generated data when the HAM10000 copy is absent (default 730)")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    return parser
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that produced a result, as a user would type it."""
+    return " ".join([Path(sys.executable).name, "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_result(result: dict, out: str | None) -> None:
+    if out:
+        atomic.write_json(out, result)
+        print(f"wrote {out}")
+
+
+@dataclass(frozen=True)
+class BenchData:
+    path: Path
+    source: str   # "ham10000-200x150" (the real copy), "generated" (core.demo_data) or "given" (--data)
+
+
+def bench_data(path: str | None, *, demo_lesions: int, demo_image_size: int) -> BenchData:
+    """``path`` when given, else the real HAM10000 copy when present, else generated demo data."""
+    from core.data import default_cache_dir
+    from core.demo_data import generate_demo
+    from core.layouts import DEMO_MARKER
+
+    if path:
+        given = Path(path).expanduser()
+        if not given.exists():
+            raise UserError(f"{given}: no such dataset folder (--data)")
+        return BenchData(given.resolve(), "generated" if (given / DEMO_MARKER).is_file() else "given")
+    if (HAM10000 / "HAM10000_metadata.csv").is_file():
+        return BenchData(HAM10000.resolve(), "ham10000-200x150")
+    root = default_cache_dir() / f"bench-demo-{demo_lesions}-lesions-{demo_image_size}px"
+    if not (root / DEMO_MARKER).is_file():
+        log.info("%s is absent: generating %d synthetic lesions at %d px into %s", HAM10000, demo_lesions,
+                 demo_image_size, root)
+        generate_demo(root, n_lesions=demo_lesions, image_size=demo_image_size)
+    return BenchData(root, "generated")
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    """What the figures depend on: CPU, cores, load, library versions and the GPU."""
+    import torchvision
+
+    info: dict[str, object] = {
+        "cpu": _cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer read afterwards covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GpuUtilization:
+    """Mean utilisation (%) of a CUDA device while the ``with`` block runs, sampled in a thread.
+
+    Reads NVML through ``torch.cuda.utilization`` (needs pynvml), else ``nvidia-smi``; ``mean`` is None
+    off CUDA or when neither is there.
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.2):
+        self.device, self.interval_s = device, interval_s
+        self.samples: list[tuple[float, float]] = []   # (time.time(), percent)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "GpuUtilization":
+        query = _utilization_query(self.device) if self.device.type == "cuda" else None
+        if query is not None:
+            self._thread = threading.Thread(target=self._sample, args=(query,), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _sample(self, query: Callable[[], float]) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.samples.append((time.time(), query()))
+            except Exception:  # a failed read loses one sample, not the benchmark
+                pass
+
+    @property
+    def mean(self) -> float | None:
+        return self.mean_within([(float("-inf"), float("inf"))])
+
+    def mean_within(self, windows: Sequence[tuple[float, float]]) -> float | None:
+        """Mean of the samples taken inside any of ``windows`` ((start, end) ``time.time()`` readings)."""
+        values = [value for when, value in self.samples if any(start <= when <= end for start, end in windows)]
+        return round(sum(values) / len(values), 1) if values else None
+
+
+def _utilization_query(device: torch.device) -> Callable[[], float] | None:
+    try:
+        torch.cuda.utilization(device)
+        return lambda: float(torch.cuda.utilization(device))
+    except Exception:  # no pynvml, or NVML cannot be read
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        log.warning("neither pynvml nor nvidia-smi is available: GPU utilisation is not measured")
+        return None
+    # The UUID names the same GPU whatever CUDA_VISIBLE_DEVICES renumbered.
+    uuid = f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+    command = [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", uuid]
+
+    def query() -> float:
+        return float(subprocess.run(command, capture_output=True, text=True, check=True, timeout=5).stdout)
+
+    try:
+        query()
+    except (subprocess.SubprocessError, ValueError, OSError) as exc:
+        log.warning("nvidia-smi cannot read the GPU's utilisation (%s): it is not measured", exc)
+        return None
+    return query
+
+
+class Stopwatch:
+    """Wall time of a block, with the device synchronised at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._start

@@ -1,0 +1,83 @@
+"""The benchmark scripts run end to end on tiny generated data and write every figure they promise.
+
+Smoke tests, not timings: the figures themselves are measured by running the scripts (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import sweep_overhead, train_throughput
+from core.demo_data import generate_demo
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_demo(tmp_path_factory.mktemp("bench") / "demo", n_lesions=20, image_size=32)
+
+
+def test_train_throughput_measures_three_pipelines(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    code = train_throughput.main(["--data", str(tiny_data), "--device", "cpu", "--image-size", "32",
+                                  "--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "1",
+                                  "--workers", "1", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["data"]["source"] == "generated" and result["data"]["images"] > 16
+    assert result["settings"]["image_size"] == 32 and result["settings"]["batch_size"] == 8
+    assert len(result["rounds"]) == 1
+    for name in ("usual", "project", "compute"):
+        assert all(r[name]["images_per_s"] > 0 for r in result["rounds"]), name
+        assert result[f"{name}_images_per_s"] > 0
+        assert result["gpu_utilization_pct"][name] is None  # on the CPU there is nothing to sample
+    assert result["ratio"] == pytest.approx(result["project_images_per_s"] / result["usual_images_per_s"], rel=1e-2)
+    below = 100 * (1 - result["project_images_per_s"] / result["compute_images_per_s"])
+    assert result["project_below_compute_pct"] == pytest.approx(below, abs=0.1)
+    assert result["machine"]["cpus"] >= 1 and result["command"].startswith("python")
+
+
+def test_sweep_overhead_reads_a_real_sweep(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    code = sweep_overhead.main(["--data", str(tiny_data), "--gpus", "0", "--trials", "2", "--max-epochs", "1",
+                                "--batch-size", "8", "--results", str(tmp_path / "sweeps"), "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["data"]["source"] == "generated"
+    (run,) = result["runs"]
+    assert run["trials"] == 2 and run["statuses"] == {"completed": 2}
+    assert run["slots"] >= 1 and 1 <= run["max_concurrency"] <= run["slots"]
+    assert 0 < run["trials_train_s"] < run["trials_duration_s"] < 2 * run["wall_s"]
+    assert 0 < run["mean_concurrency"] <= run["mean_concurrency_while_trials_ran"] <= run["max_concurrency"]
+    first = run["first_step_after_s"]
+    assert 0 < run["first_trial_start_s"] <= first["at_least"] <= first["at_most"] < run["wall_s"]
+    assert run["trials_per_hour"] == pytest.approx(2 / run["wall_s"] * 3600, rel=1e-2)
+    assert run["gpu_utilization_pct"] is None
+
+
+def test_sweep_figures_arithmetic(tmp_path: Path) -> None:
+    """Two trials overlapping for 5 s in a 20 s sweep with 2 slots: the figures by hand."""
+    sweep = tmp_path / "sweep"
+    for trial_id, start, end, epoch_s in (("a", 100.0, 110.0, [3.0, 3.0]), ("b", 105.0, 115.0, [4.0])):
+        folder = sweep / "trials" / trial_id
+        folder.mkdir(parents=True)
+        (folder / "trial.json").write_text(json.dumps(
+            {"trial_id": trial_id, "started": start, "ended": end, "duration_s": end - start - 1,
+             "status": "completed"}))
+        (folder / "metrics.csv").write_text("epoch,train_epoch_s\n" + "".join(
+            f"{i + 1},{s}\n" for i, s in enumerate(epoch_s)))
+    (sweep / "trials" / "a" / "node.json").write_text(json.dumps({"started": 102.0}))
+    figures, span = sweep_overhead.sweep_figures(sweep, started=95.0, ended=115.0, slots=2)
+    assert span == (100.0, 115.0)
+    assert figures["wall_s"] == 20.0 and figures["trials"] == 2
+    assert figures["trials_train_s"] == 10.0 and figures["trials_duration_s"] == 18.0
+    assert figures["slot_efficiency"] == 0.25                       # 10 s of training / (20 s x 2 slots)
+    assert figures["mean_concurrency"] == 1.0                       # 20 trial-seconds in 20 s
+    assert figures["mean_concurrency_while_trials_ran"] == round(20 / 15, 2)
+    assert figures["max_concurrency"] == 2
+    assert figures["first_trial_start_s"] == 5.0
+    assert figures["first_step_after_s"] == {"at_least": 7.0, "at_most": None}  # no TensorBoard events here
+    assert math.isclose(figures["trials_per_hour"], 360.0)
