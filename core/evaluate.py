@@ -159,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_threads(args.threads)
 
     from core.data import load_dataset
+    from core.gradcam import coarse_map_note
     from core.report import ReportInput, write_report
     from core.train import predict_probs
 
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                ("classes matched by name", ", ".join(sorted({data.class_names[i] for i in
                                                                np.unique(data.labels[idx])})))],
         metrics=ev.metrics, per_class=ev.per_class, figures=figures, galleries=galleries,
-        config=meta.get("config")))
+        config=meta.get("config"), notes=[note for note in [coarse_map_note(cfg.image_size)] if galleries and note]))
     print(headline(ev.metrics))
     print(f"report: {out / 'report.md'}")
     return 0

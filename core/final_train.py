@@ -108,7 +108,7 @@ def final_train(best_path: str | Path, *, epochs: int = 50, overrides: Sequence[
         title=f"Final model of sweep {best.folder.name}",
         facts=_facts(best, data, counts, train_splits, chosen_epoch, len(history), cfg, device, elapsed),
         metrics=ev.metrics, per_class=ev.per_class, figures=figures, galleries=galleries,
-        config=cfg.to_dict(), notes=_notes(train_on_val),
+        config=cfg.to_dict(), notes=_notes(train_on_val, cfg.image_size if galleries else None),
         commands=[("Evaluate this model on another dataset (an external test set)",
                    f"python -m core.evaluate {out / 'model.pt'} --data PATH --split all --out {out / 'external'}"),
                   ("Predict images, with Grad-CAM overlays",
@@ -205,11 +205,16 @@ def _facts(best: Any, data: Any, counts: dict[str, int], train_splits: tuple[str
     ]
 
 
-def _notes(train_on_val: bool) -> list[str]:
+def _notes(train_on_val: bool, gallery_image_size: int | None) -> list[str]:
+    from core.gradcam import coarse_map_note
+
+    notes = []
     if train_on_val:
-        return ["Trained on train+val: the validation curves are measured on training images and say nothing "
-                "of generalisation; the test metrics do."]
-    return []
+        notes.append("Trained on train+val: the validation curves are measured on training images and say nothing "
+                     "of generalisation; the test metrics do.")
+    if gallery_image_size and coarse_map_note(gallery_image_size):
+        notes.append(coarse_map_note(gallery_image_size))
+    return notes
 
 
 def _read_json(path: Path) -> dict[str, Any]:

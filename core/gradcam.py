@@ -26,7 +26,7 @@ from core.model import gradcam_layer
 
 log = logging.getLogger(__name__)
 
-OVERLAY_ALPHA = 0.45
+OVERLAY_ALPHA = 0.6
 
 
 def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targets: Sequence[int],
@@ -55,13 +55,38 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
     return out / scale[:, None, None]
 
 
+def map_side(image_size: int) -> int:
+    """Side of ResNet-18's last-block map for square images of ``image_size`` px (five stride-2 stages)."""
+    side = image_size
+    for _ in range(5):
+        side = -(-side // 2)
+    return side
+
+
+def coarse_map_note(image_size: int) -> str | None:
+    """A warning for report.md where the Grad-CAM map is too coarse to say much (below 4x4)."""
+    side = map_side(image_size)
+    if side >= 4:
+        return None
+    return (f"At {image_size} px the last residual block's map is {side}x{side}, so each Grad-CAM heat map is "
+            f"that grid, smoothly upsampled: it can point at a part of the image at best, and maps this coarse "
+            f"often show the network's position bias more than the lesion. Train at 128 px or more (4x4 and "
+            f"finer) for heat maps worth reading.")
+
+
 def overlay(image_uint8: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """The heat map (jet colours) blended over an image; image [3,H,W] or [H,W,3] uint8 -> [H,W,3] uint8."""
+    """The heat map (jet colours) blended over an image; image [3,H,W] or [H,W,3] uint8 -> [H,W,3] uint8.
+
+    The blend is strongest where the map is hot (``alpha``) and light where it is cold (a third of it),
+    so the lesion stays visible wherever the model did not look.
+    """
     from matplotlib import colormaps
 
     image = _hwc(image_uint8).astype(np.float32)
-    colors = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
-    return np.clip((1 - alpha) * image + alpha * colors, 0, 255).astype(np.uint8)
+    heat = np.clip(heat, 0.0, 1.0)
+    colors = colormaps["jet"](heat)[..., :3] * 255.0
+    weight = (alpha * (1 + 2 * heat) / 3)[..., None]
+    return np.clip((1 - weight) * image + weight * colors, 0, 255).astype(np.uint8)
 
 
 def save_overlay(image_uint8: np.ndarray, heat: np.ndarray, path: str | os.PathLike, min_side: int = 224) -> None:

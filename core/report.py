@@ -43,8 +43,8 @@ def render_report(report: ReportInput) -> str:
     for name, row in report.per_class.items():
         lines.append(f"| {name} | {_number(row['precision'])} | {_number(row['recall'])} | {_number(row['f1'])} "
                      f"| {int(row['support'])} |")
-    lines += ["", "Recall of a class is the diagonal of the row-normalised confusion matrix; a class with "
-              "support 0 is absent from the evaluated images (its precision counts wrong predictions only).", ""]
+    lines += ["", "Recall of a class is the diagonal of the row-normalised confusion matrix; support is the "
+              "number of evaluated images of the class.", ""]
     for note in report.notes:
         lines += [f"> {note}", ""]
     lines += ["## Figures", ""]

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.gradcam import choose_examples, gradcam_maps, overlay, save_overlay, write_galleries
+from core.gradcam import (choose_examples, coarse_map_note, gradcam_maps, map_side, overlay, save_overlay,
+                          write_galleries)
 from core.model import build_model
 
 
@@ -121,3 +122,11 @@ def test_galleries_per_class(model: torch.nn.Module, tmp_path: Path) -> None:
     # A second run replaces the galleries; with no examples wanted, none is left behind.
     assert write_galleries(model, images, labels, probs, ids, ("mel", "nv", "bcc"), tmp_path, per_class=0) == {}
     assert not list(tmp_path.glob("gradcam*"))
+
+
+def test_map_side_matches_the_network_and_coarse_maps_are_flagged(model: torch.nn.Module) -> None:
+    for size in (32, 48, 64, 100, 128, 224):
+        with torch.no_grad():
+            features = torch.nn.Sequential(*list(model.children())[:-2])(torch.zeros(1, 3, size, size))
+        assert features.shape[-1] == map_side(size), size
+    assert "2x2" in coarse_map_note(48) and coarse_map_note(128) is None
