@@ -153,7 +153,8 @@ def gradcam_gallery_figure(class_name: str, items: Sequence[GalleryItem], path: 
     if not items:
         axes[0, 0].text(0.5, 0.5, "no test images of this class", ha="center", va="center")
     n_wrong = sum(item.pred_name != item.true_name for item in items)
-    fig.suptitle(f"Grad-CAM, true class {class_name}: {len(items)} examples, {n_wrong} misclassified (red)\n"
+    mistakes = f"{n_wrong} misclassified (titled in red)" if n_wrong else "none misclassified"
+    fig.suptitle(f"Grad-CAM, true class {class_name}: {len(items)} examples, {mistakes}\n"
                  f"top: image; below: heat map of the predicted class (red = most evidence)", fontsize=10)
     _save(fig, path)
 
