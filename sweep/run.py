@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -197,6 +199,10 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
         raise UserError(f"--scheduler {settings.scheduler!r}: expected 'asha' or 'none'")
     if settings.scheduler == "asha" and not (1 <= settings.grace_period and settings.reduction_factor > 1):
         raise UserError("--grace-period must be at least 1 and --reduction-factor above 1")
+    missing = [m for m in ("ray", "optuna") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"the sweep needs {' and '.join(missing)}, not installed in {sys.prefix}: "
+                        f"pip install -c constraints.txt -e .")
 
     import ray
 

@@ -40,6 +40,7 @@ def test_train_throughput_measures_three_pipelines(tiny_data: Path, tmp_path: Pa
     assert result["machine"]["cpus"] >= 1 and result["command"].startswith("python")
 
 
+@pytest.mark.sweep
 def test_sweep_overhead_reads_a_real_sweep(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"
     code = sweep_overhead.main(["--data", str(tiny_data), "--gpus", "0", "--trials", "2", "--max-epochs", "1",

@@ -104,3 +104,14 @@ def test_slots_follow_gpus_and_cpus() -> None:
     cpu_bound = plan_resources(SweepSettings(name="x", results="r", gpus=4, gpus_per_trial=0.5,
                                              cpus_per_trial=2), 6, 4, "m")
     assert cpu_bound.slots == 3  # 8 GPU slots, but only 3 trials' worth of CPUs
+
+
+def test_missing_ray_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on an image with torch preinstalled but no Ray: the sweep says what to install."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    err = _fails(["--trials", "1", "--results", str(tmp_path), "--data", str(tmp_path / "no-data")], capsys)
+    assert "the sweep needs ray, not installed" in err and "pip install" in err
