@@ -6,16 +6,15 @@
 Runs ``python -m sweep.run`` (a subprocess: the command users run, Ray start-up included) with
 ``--trials`` short trials of ``--space`` (default search_spaces/quick.yaml, no early stopping), once
 per ``--gpus-per-trial`` value, and reads what the sweep leaves behind (trials/<id>/trial.json,
-node.json, metrics.csv and TensorBoard events) to report:
+metrics.csv and metrics.json) to report:
 
 - wall time of the command against the sum of the trials' own training time (``train_epoch_s``, the
   training loop only) and of their durations (as Ray timed them), and the slot efficiency
   sum(training time) / (wall time x slots);
 - achieved concurrency: the time-weighted mean number of trials running, over the whole command and
   over the span from the first trial's start to the last one's end, against the slots;
-- the time from the command's start to the first trial's first training step, bracketed: no earlier
-  than that trial's process starting its run (node.json), no later than its first epoch's TensorBoard
-  record minus the epoch's training time;
+- the time from the command's start to the first trial's first training step (which core.train
+  records in the trial's metrics.json);
 - trials per hour and, on a GPU, its mean utilisation while trials ran.
 
 Runs on ``../shared/data/ham10000-200x150`` when it is there, else on generated data (core.demo_data),
@@ -182,7 +181,7 @@ def sweep_figures(sweep_dir: Path, started: float, ended: float,
     last_end = max(e for _, e in intervals)
     running = sum(e - s for s, e in intervals)
     first = min(records, key=lambda r: r["started"])
-    lower, upper = _first_step_bounds(trials_dir(sweep_dir) / first["trial_id"])
+    first_step = _first_step_at(trials_dir(sweep_dir) / first["trial_id"])
     statuses: dict[str, int] = {}
     for record in records:
         statuses[record.get("status", "?")] = statuses.get(record.get("status", "?"), 0) + 1
@@ -195,32 +194,18 @@ def sweep_figures(sweep_dir: Path, started: float, ended: float,
         "mean_concurrency_while_trials_ran": round(running / (last_end - first_start), 2),
         "max_concurrency": _max_overlap(intervals),
         "first_trial_start_s": round(first_start - started, 2),
-        "first_step_after_s": {"at_least": None if lower is None else round(lower - started, 2),
-                               "at_most": None if upper is None else round(upper - started, 2)},
+        "first_step_after_s": None if first_step is None else round(first_step - started, 2),
         "trials_per_hour": round(len(records) / wall * 3600, 1),
     }
     return figures, (first_start, last_end)
 
 
-def _first_step_bounds(run_dir: Path) -> tuple[float | None, float | None]:
-    """(no earlier than, no later than) the trial's first training step, as Unix times."""
-    node = run_dir / "node.json"
-    lower = float(json.loads(node.read_text(encoding="utf-8"))["started"]) if node.is_file() else None
-    upper = None
-    metrics = run_dir / "metrics.csv"
-    if metrics.is_file():
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        import pandas as pd
-
-        logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it logs every event file it opens
-        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-        events.Reload()
-        if "train_epoch_s" in events.Tags().get("scalars", []):
-            first_epoch = min(events.Scalars("train_epoch_s"), key=lambda e: e.step)
-            # Logged after the epoch's validation and checkpoints: minus the loop's own time, an upper bound.
-            upper = first_epoch.wall_time - float(pd.read_csv(metrics)["train_epoch_s"].iloc[0])
-    return lower, upper
+def _first_step_at(run_dir: Path) -> float | None:
+    """Unix time of the trial's first training step, as core.train recorded it in metrics.json."""
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        return None
+    return json.loads(metrics.read_text(encoding="utf-8")).get("first_step_unix_time")
 
 
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -239,13 +224,12 @@ def _print(result: dict[str, Any]) -> None:
           f"{result['machine'].get('gpu') or result['machine']['cpu']}, {result['machine']['cpus']} CPUs")
     for run in result["runs"]:
         share = f"{run['gpus_per_trial']:g} GPU/trial" if run["gpus_per_trial"] else "CPU"
-        first = run["first_step_after_s"]
         util = run["gpu_utilization_pct"]
         print(f"  {share}: wall {run['wall_s']:.1f} s, trials' training {run['trials_train_s']:.1f} s "
               f"(durations {run['trials_duration_s']:.1f} s), {run['slots']} slots, slot efficiency "
               f"{run['slot_efficiency']:.2f}; concurrency {run['mean_concurrency']:.2f} "
               f"({run['mean_concurrency_while_trials_ran']:.2f} while trials ran, max {run['max_concurrency']}); "
-              f"first step after {first['at_least']}-{first['at_most']} s; {run['trials_per_hour']:.0f} trials/h"
+              f"first step after {run['first_step_after_s']} s; {run['trials_per_hour']:.0f} trials/h"
               + (f"; GPU {util:.0f}% busy" if util is not None else ""))
 
 

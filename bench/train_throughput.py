@@ -12,7 +12,7 @@ the same batch size, image size and optimiser, one after another in one process,
   DataLoader workers (``--workers``); fp32, contiguous tensors. ``--warmup`` steps, then ``--steps`` timed.
 - project: ``core.train.train`` itself, on those images decoded once to uint8 (``core.data``), held in
   memory (on the GPU when it fits), augmented per sample on the device (``core.augment``), bf16 autocast
-  and channels_last on CUDA. One warm-up epoch of ``--steps`` steps, then the ``train_images_per_s``
+  and channels_last on CUDA (``--precision bf16`` on a CPU: bf16 autocast and channels_last). One warm-up epoch of ``--steps`` steps, then the ``train_images_per_s``
   that ``train`` measures itself over the timed epochs (validation and checkpoints are outside it).
 - compute: forward, backward and optimiser step on one fixed, pre-normalised batch already on the
   device, with the project's precision and memory format: the model's own cost, no data path at all.
@@ -58,7 +58,7 @@ BENCH_AUGMENTATION = {"rotation_degrees": 15.0}
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     from core.data import load_dataset
-    from core.train import _use_bf16, resolve_device
+    from core.train import memory_format, resolve_device, use_bf16
 
     cfg = _bench_config(args)
     device = resolve_device(cfg)  # UserError when --device cuda has no GPU
@@ -115,9 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         data={"source": source.source, "path": str(source.path), "layout": data.layout, "images": n,
               "file_size_px": jpeg_size, "image_size": image_size},
         settings={"device": str(device), "image_size": image_size, "batch_size": cfg.batch_size,
-                  "precision_project": "bf16" if _use_bf16(cfg.precision, device) else "fp32",
+                  "precision_project": "bf16" if use_bf16(cfg.precision, device) else "fp32",
                   "precision_usual": "fp32",
-                  "channels_last": cfg.channels_last and device.type == "cuda", "compile": cfg.compile,
+                  "channels_last": memory_format(cfg.channels_last, device, use_bf16(cfg.precision, device))
+                  == torch.channels_last, "compile": cfg.compile,
                   "workers": args.workers, "steps": args.steps, "warmup_steps": args.warmup,
                   "repeats": args.repeats, "optimizer": cfg.optimizer,
                   "augmentation": {k: getattr(cfg, k) for k in ("hflip", "vflip", "rot90", "rotation_degrees",
@@ -136,7 +137,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="of the project and compute pipelines (the usual one is fp32); auto: bf16 on CUDA")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="channels_last memory format on CUDA (project and compute)")
+                        help="channels_last memory format on CUDA, and on the CPU with bf16 (project and compute)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (project and compute)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per pipeline and round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them (usual, compute)")
@@ -168,10 +169,6 @@ def _bench_config(args: argparse.Namespace) -> TrainConfig:
                        image_size=args.image_size or (224 if cuda else 64),
                        batch_size=args.batch_size or (256 if cuda else 64), **BENCH_AUGMENTATION)
     return base.with_overrides(args.overrides)
-
-
-def _memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
-    return torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
 
 
 def _image_files(data) -> list[Path]:
@@ -240,17 +237,17 @@ class _ComputeOnly:
 
     def __init__(self, data, cfg: TrainConfig, device: torch.device):
         from core.model import build_model
-        from core.train import _optimizer, _use_bf16
+        from core.train import make_optimizer, memory_format, use_bf16
 
-        self.device, self.bf16 = device, _use_bf16(cfg.precision, device)
-        memory_format = _memory_format(cfg, device)
+        self.device, self.bf16 = device, use_bf16(cfg.precision, device)
+        layout = memory_format(cfg.channels_last, device, self.bf16)
         batch = torch.as_tensor(np.asarray(data.images[:cfg.batch_size]))
         if len(batch) < cfg.batch_size:  # fewer images than a batch: repeat them
             batch = batch.repeat(math.ceil(cfg.batch_size / len(batch)), 1, 1, 1)[:cfg.batch_size]
-        self.x = normalize(batch.to(device)).contiguous(memory_format=memory_format)
+        self.x = normalize(batch.to(device)).contiguous(memory_format=layout)
         self.y = torch.as_tensor(np.resize(data.labels, len(self.x)), device=device)
-        self.model = build_model(len(data.class_names), "none").to(device, memory_format=memory_format)
-        self.optimizer = _optimizer(self.model, cfg)
+        self.model = build_model(len(data.class_names), "none").to(device, memory_format=layout)
+        self.optimizer = make_optimizer(self.model, cfg)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.criterion = nn.CrossEntropyLoss()
 
@@ -285,22 +282,22 @@ class _Costs:
 
     def __init__(self, data, files: Sequence[Path], transform: Callable, compute: "_ComputeOnly",
                  cfg: TrainConfig, device: torch.device):
-        from core.train import _to_device
+        from core.train import dataset_to_device, memory_format, use_bf16
 
         self.jpegs = _JpegFiles(files, data.labels, transform)
-        self.images, _ = _to_device(data, device)
+        self.images, _ = dataset_to_device(data, device)
         self.compute, self.cfg, self.device = compute, cfg, device
-        self.memory_format = _memory_format(cfg, device)
+        self.memory_format = memory_format(cfg.channels_last, device, use_bf16(cfg.precision, device))
         self.generator = torch.Generator(device=device).manual_seed(0)
 
     def run(self, idx: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
         from core.augment import augment_batch
-        from core.train import _gather
+        from core.train import gather_batch
 
         idx_device = torch.as_tensor(idx, device=self.device)
         parts: dict[str, Callable[[], object]] = {
             "usual_data": lambda: [self.jpegs[i] for i in idx],
-            "project_data": lambda: augment_batch(_gather(self.images, idx_device, self.device), self.cfg,
+            "project_data": lambda: augment_batch(gather_batch(self.images, idx_device, self.device), self.cfg,
                                                   self.generator).contiguous(memory_format=self.memory_format),
             "compute_step": self.compute.step,
         }
@@ -369,12 +366,12 @@ class _UsualPipeline:
     def __init__(self, files: Sequence[Path], labels: np.ndarray, num_classes: int, cfg: TrainConfig,
                  device: torch.device, workers: int):
         from core.model import build_model
-        from core.train import _optimizer
+        from core.train import make_optimizer
 
         self.files, self.labels, self.cfg, self.device, self.workers = files, labels, cfg, device, workers
         self.transform = usual_transform(cfg)
         self.model = build_model(num_classes, "none").to(device)
-        self.optimizer = _optimizer(self.model, cfg)
+        self.optimizer = make_optimizer(self.model, cfg)
         self.criterion = nn.CrossEntropyLoss()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -75,7 +75,8 @@ class TrainConfig:
     # --- execution ----------------------------------------------------------------------------
     device: str = _doc("'auto' (CUDA when available), 'cpu' or 'cuda'.", default="auto")
     precision: str = _doc("'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'.", default="auto")
-    channels_last: bool = _doc("Use channels_last memory format on CUDA.", default=True)
+    channels_last: bool = _doc("Use channels_last memory format on CUDA, and on the CPU with bf16 (where "
+                               "oneDNN's bf16 convolutions want it).", default=True)
     compile: bool = _doc("torch.compile the model (pays off on long GPU runs only).", default=False)
     eval_batch_size: int = _doc("Batch size for validation and test passes.", default=256)
     select_metric: str = _doc("Validation metric that picks the best checkpoint (loss is minimised, the "

@@ -65,8 +65,14 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _use_bf16(precision: str, device: torch.device) -> bool:
+def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def memory_format(channels_last: bool, device: torch.device, bf16: bool) -> torch.memory_format:
+    """channels_last where it is fast: on CUDA, and on the CPU with bf16, where oneDNN's bf16 convolutions
+    want it (fp32 on the CPU gains nothing from it)."""
+    return torch.channels_last if channels_last and (device.type == "cuda" or bf16) else torch.contiguous_format
 
 
 def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
@@ -79,8 +85,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     _check_same_run(out, cfg, resume)
     device = resolve_device(cfg)
-    bf16 = _use_bf16(cfg.precision, device)
-    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    bf16 = use_bf16(cfg.precision, device)
+    layout = memory_format(cfg.channels_last, device, bf16)
     torch.manual_seed(cfg.seed)
 
     atomic.write_text(out / "config.json", cfg.to_json())
@@ -93,7 +99,7 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
                         f"images; both must be non-empty (more data or other val_fraction/test_fraction)")
     num_classes = len(data.class_names)
 
-    images, labels = _to_device(data, device)
+    images, labels = dataset_to_device(data, device)
     train_idx_d = torch.as_tensor(train_idx, device=device)
     counts = np.bincount(data.labels[train_idx], minlength=num_classes)
     weights = class_weights(counts, cfg.class_weighting, cfg.effective_beta)
@@ -101,8 +107,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
         weight=None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device),
         label_smoothing=cfg.label_smoothing)
 
-    model = build_model(num_classes, cfg.pretrained).to(device, memory_format=memory_format)
-    optimizer = _optimizer(model, cfg)
+    model = build_model(num_classes, cfg.pretrained).to(device, memory_format=layout)
+    optimizer = make_optimizer(model, cfg)
     batch_size = min(cfg.batch_size, len(train_idx))
     steps_per_epoch = len(train_idx) // batch_size  # drop the last partial batch: BatchNorm needs > 1 sample
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
@@ -118,6 +124,7 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
         log.info("resuming %s after epoch %d", out, start_epoch)
     step_model = torch.compile(model) if cfg.compile else model
     writer = _tensorboard_writer(out, start_epoch) if tensorboard else None
+    first_step_at: float | None = None  # Unix time; lets a sweep benchmark measure start-up exactly
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         # A generator per epoch, seeded from (seed, epoch): a resumed run draws what the uninterrupted one would.
@@ -128,10 +135,11 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         started = time.perf_counter()
+        first_step_at = first_step_at or time.time()
         bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
-            x = augment_batch(_gather(images, idx, device), cfg, gen).contiguous(memory_format=memory_format)
+            x = augment_batch(gather_batch(images, idx, device), cfg, gen).contiguous(memory_format=layout)
             y = labels[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = step_model(x)
@@ -166,7 +174,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
         atomic.save_torch({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "history": history, "best_epoch": best_epoch},
                           out / "last.pt")
-        _write_metrics(out, history, best_epoch, cfg, data, complete=epoch == cfg.epochs)
+        _write_metrics(out, history, best_epoch, cfg, data, complete=epoch == cfg.epochs,
+                       first_step_at=first_step_at)
         if writer is not None:
             for key, value in metrics.items():
                 if key != "epoch":
@@ -180,7 +189,7 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
         writer.close()
     if not history:
         raise UserError(f"{out}: nothing to train (the run already has {start_epoch} epochs)")
-    _write_metrics(out, history, best_epoch, cfg, data, complete=True)
+    _write_metrics(out, history, best_epoch, cfg, data, complete=True, first_step_at=first_step_at)
     return TrainResult(best_metrics=history[best_epoch - 1], last_metrics=history[-1], best_epoch=best_epoch,
                        epochs_run=len(history), history=history, out_dir=out)
 
@@ -200,7 +209,7 @@ def _check_same_run(out: Path, cfg: TrainConfig, resume: bool) -> None:
                         f"use another --out, or --no-resume to start over")
 
 
-def _to_device(data: "Dataset", device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_to_device(data: "Dataset", device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The uint8 images and labels as tensors: on a GPU when they fit, else in host memory."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # arrays from Ray's object store are read-only; we never write them
@@ -216,13 +225,13 @@ def _to_device(data: "Dataset", device: torch.device) -> tuple[torch.Tensor, tor
     return images, labels
 
 
-def _gather(images: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+def gather_batch(images: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
     if images.device == device:
         return images[idx]
     return images[idx.cpu()].pin_memory().to(device, non_blocking=True)
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm parameters and biases (the usual practice for ResNets).
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -257,9 +266,7 @@ def _predict(model: nn.Module, images: torch.Tensor, idx: np.ndarray, labels: to
     probs, loss_sum = [], torch.zeros((), device=device)
     for start in range(0, len(idx_t), batch_size):
         batch = idx_t[start:start + batch_size]
-        x = normalize(_gather(images, batch, device))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(gather_batch(images, batch, device)).contiguous(memory_format=memory_format(True, device, bf16))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x).float()
         if labels is not None:
@@ -279,7 +286,7 @@ def predict_probs(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, dev
             else images_uint8
     model = model.to(device)
     probs, _ = _predict(model, images.to(device), np.arange(len(images)), None, device, batch_size,
-                        _use_bf16(precision, device))
+                        use_bf16(precision, device))
     return probs
 
 
@@ -291,7 +298,7 @@ def _better(new: dict[str, float], old: dict[str, float], metric: str) -> bool:
 
 
 def _write_metrics(out: Path, history: list[dict[str, float]], best_epoch: int, cfg: TrainConfig,
-                   data: "Dataset", complete: bool) -> None:
+                   data: "Dataset", complete: bool, first_step_at: float | None) -> None:
     import pandas as pd
 
     atomic.write_text(out / "metrics.csv", pd.DataFrame(history).to_csv(index=False))
@@ -299,6 +306,7 @@ def _write_metrics(out: Path, history: list[dict[str, float]], best_epoch: int, 
         "status": "complete" if complete else "running",
         "select_metric": cfg.select_metric, "best_epoch": best_epoch, "epochs_run": len(history),
         "best": history[best_epoch - 1], "last": history[-1],
+        "first_step_unix_time": first_step_at,  # of this process's first training step (after a resume: its own)
         "data": {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,
                  "class_names": list(data.class_names)},
     })

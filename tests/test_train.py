@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from core.data import load_dataset
 from core.demo_data import generate_demo
 from core.errors import UserError
 from core.model import load_model_file
-from core.train import TrainingDiverged, predict_probs, train
+from core.train import TrainingDiverged, memory_format, predict_probs, train
 from tests.conftest import REPO
 
 SIZE = 32
@@ -35,6 +36,7 @@ def _cfg(**kw):
 
 def test_short_run_learns_and_writes_its_outputs(demo, tmp_path):
     seen = []
+    before = time.time()
     result = train(_cfg(), demo, tmp_path, on_epoch=seen.append, progress=False)
     assert [m["epoch"] for m in seen] == [1, 2, 3, 4, 5, 6]
     chance = 1 / len(demo.class_names)
@@ -47,6 +49,7 @@ def test_short_run_learns_and_writes_its_outputs(demo, tmp_path):
     assert len(rows) == 6 and {"train_loss", "val_loss", "val_balanced_accuracy", "val_auc"} <= set(rows.columns)
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["status"] == "complete" and summary["best_epoch"] == result.best_epoch
+    assert before < summary["first_step_unix_time"] < time.time() - sum(m["train_epoch_s"] for m in seen[1:])
     assert list(tmp_path.glob("events.out.tfevents.*"))
     model, meta = load_model_file(tmp_path / "best.pt")
     assert meta["class_names"] == list(demo.class_names) and meta["epoch"] == result.best_epoch
@@ -54,6 +57,22 @@ def test_short_run_learns_and_writes_its_outputs(demo, tmp_path):
     probs = predict_probs(model, demo.images[val])
     acc = float((probs.argmax(1) == demo.labels[val]).mean())
     assert acc == pytest.approx(result.best_metrics["val_accuracy"], abs=1e-6)
+
+
+
+def test_bf16_channels_last_path_learns(demo, tmp_path):
+    """The step that CUDA runs (bf16 autocast, channels_last), here on the CPU: it trains and evaluates."""
+    result = train(_cfg(precision="bf16"), demo, tmp_path, progress=False)
+    assert result.best_metrics["val_balanced_accuracy"] > 2.5 / len(demo.class_names), result.best_metrics
+    assert np.isfinite(result.history[-1]["val_loss"])
+
+
+@pytest.mark.parametrize("device, bf16, channels_last, expected", [
+    ("cuda", False, True, torch.channels_last), ("cuda", True, True, torch.channels_last),
+    ("cpu", True, True, torch.channels_last), ("cpu", False, True, torch.contiguous_format),
+    ("cuda", True, False, torch.contiguous_format)])
+def test_channels_last_where_it_is_fast(device, bf16, channels_last, expected):
+    assert memory_format(channels_last, torch.device(device), bf16) == expected
 
 
 def test_resume_continues_where_a_crash_stopped(demo, tmp_path):
