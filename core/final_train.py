@@ -34,6 +34,9 @@ from core.errors import UserError, run_cli
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"  # what this folder was trained from; guards a resume with other settings
+# On a GPU a 224 px epoch of HAM10000 trains in well under a second, about what writing best.pt and last.pt
+# takes: checkpoints every 30 s (and at the end) instead of every epoch; a resume repeats at most that much.
+CHECKPOINT_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,8 @@ def _train_or_reuse(cfg: Any, data: Any, out: Path, train_splits: tuple[str, ...
     else:
         bar = EpochBar(cfg.epochs, progress)
         try:
-            result = train(cfg, data, out, bar.on_epoch, resume=resume, progress=progress, train_splits=train_splits)
+            result = train(cfg, data, out, bar.on_epoch, resume=resume, progress=progress, train_splits=train_splits,
+                           checkpoint_every_s=CHECKPOINT_EVERY_S)
         finally:
             bar.close()
         history, best_epoch = result.history, result.best_epoch

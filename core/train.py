@@ -14,6 +14,7 @@ index and augmented on the device, so no JPEG is read and no DataLoader worker r
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
@@ -77,8 +78,15 @@ def memory_format(channels_last: bool, device: torch.device, bf16: bool) -> torc
 
 def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
           on_epoch: EpochCallback | None = None, *, resume: bool = True, tensorboard: bool = True,
-          progress: bool = True, train_splits: tuple[str, ...] = ("train",)) -> TrainResult:
-    """Train for ``cfg.epochs`` epochs; ``on_epoch(metrics)`` runs after each epoch's checkpoints."""
+          progress: bool = True, train_splits: tuple[str, ...] = ("train",),
+          checkpoint_every_s: float = 0.0) -> TrainResult:
+    """Train for ``cfg.epochs`` epochs; ``on_epoch(metrics)`` runs after each epoch (and its checkpoint).
+
+    ``best.pt`` and ``last.pt`` are written after the last epoch and after every epoch that ends at least
+    ``checkpoint_every_s`` seconds after the previous write (0: every epoch). On a GPU an epoch can take
+    less time than writing the two files, so long runs pass an interval; a resume then repeats at most
+    that much training.
+    """
     from core.data import write_splits
 
     out = Path(out_dir)
@@ -123,6 +131,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
         history, best_epoch, start_epoch = list(state["history"]), int(state["best_epoch"]), int(state["epoch"])
         log.info("resuming %s after epoch %d", out, start_epoch)
     step_model = torch.compile(model) if cfg.compile else model
+    best_weights = copy.deepcopy(model)  # the best epoch's weights, on the device until best.pt is due
+    best_written, saved_at = best_epoch, time.monotonic()
     writer = _tensorboard_writer(out, start_epoch) if tensorboard else None
     first_step_at: float | None = None  # Unix time; lets a sweep benchmark measure start-up exactly
 
@@ -169,11 +179,16 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike,
         history.append(metrics)
         if best_epoch == 0 or _better(metrics, history[best_epoch - 1], cfg.select_metric):
             best_epoch = epoch
-            save_model_file(out / "best.pt", model, data.class_names, cfg.to_dict(),
-                            {"epoch": epoch, "metrics": metrics})
-        atomic.save_torch({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "history": history, "best_epoch": best_epoch},
-                          out / "last.pt")
+            best_weights.load_state_dict(model.state_dict())
+        if epoch == cfg.epochs or time.monotonic() - saved_at >= checkpoint_every_s:
+            if best_written != best_epoch:
+                save_model_file(out / "best.pt", best_weights, data.class_names, cfg.to_dict(),
+                                {"epoch": best_epoch, "metrics": history[best_epoch - 1]})
+                best_written = best_epoch
+            atomic.save_torch({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "history": history, "best_epoch": best_epoch},
+                              out / "last.pt")
+            saved_at = time.monotonic()
         _write_metrics(out, history, best_epoch, cfg, data, complete=epoch == cfg.epochs,
                        first_step_at=first_step_at)
         if writer is not None:

@@ -107,6 +107,26 @@ def test_resume_continues_where_a_crash_stopped(demo, tmp_path):
         assert resumed.history[-1][key] == pytest.approx(full.history[-1][key], rel=1e-4, abs=1e-5), key
 
 
+def test_checkpoint_interval_writes_at_the_end_and_keeps_the_best_epoch(demo, tmp_path, monkeypatch):
+    """With an interval longer than the run, nothing is written until the last epoch; then best.pt
+    holds the best epoch's weights (kept on the device meanwhile), not the last epoch's."""
+    scores = iter([0.5, 0.9, 0.6, 0.7])  # epoch 2 is the best by val_balanced_accuracy
+    real = train_module.classification_metrics
+    monkeypatch.setattr(train_module, "classification_metrics",
+                        lambda *a, **kw: {**real(*a, **kw), "val_balanced_accuracy": next(scores)})
+    written = []
+    result = train(_cfg(epochs=4, lr=2e-2), demo, tmp_path, on_epoch=lambda m: written.append(
+        ((tmp_path / "last.pt").exists(), (tmp_path / "best.pt").exists())), progress=False,
+        tensorboard=False, checkpoint_every_s=1e9)
+    assert written == [(False, False)] * 3 + [(True, True)]
+    model, meta = load_model_file(tmp_path / "best.pt")
+    assert result.best_epoch == 2 and meta["epoch"] == 2 and meta["metrics"] == result.history[1]
+    val = demo.indices("val")
+    acc = float((predict_probs(model, demo.images[val]).argmax(1) == demo.labels[val]).mean())
+    assert acc == pytest.approx(result.best_metrics["val_accuracy"], abs=1e-6)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 4
+
+
 def test_resume_refuses_another_config(demo, tmp_path):
     train(_cfg(epochs=1), demo, tmp_path, progress=False, tensorboard=False)
     with pytest.raises(UserError, match="'lr' differs"):
