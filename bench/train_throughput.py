@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds.append(figures)
 
     result = _summary(rounds)
+    bf16 = use_bf16(cfg.precision, device)
     if args.sync_debug:
         result["sync_points"] = _sync_points(data, cfg, train_idx, val_idx)
     result.update(
@@ -115,10 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         data={"source": source.source, "path": str(source.path), "layout": data.layout, "images": n,
               "file_size_px": jpeg_size, "image_size": image_size},
         settings={"device": str(device), "image_size": image_size, "batch_size": cfg.batch_size,
-                  "precision_project": "bf16" if use_bf16(cfg.precision, device) else "fp32",
-                  "precision_usual": "fp32",
-                  "channels_last": memory_format(cfg.channels_last, device, use_bf16(cfg.precision, device))
-                  == torch.channels_last, "compile": cfg.compile,
+                  "precision_project": "bf16" if bf16 else "fp32", "precision_usual": "fp32",
+                  "channels_last": memory_format(cfg.channels_last, device, bf16) == torch.channels_last,
+                  "compile": cfg.compile,
                   "workers": args.workers, "steps": args.steps, "warmup_steps": args.warmup,
                   "repeats": args.repeats, "optimizer": cfg.optimizer,
                   "augmentation": {k: getattr(cfg, k) for k in ("hflip", "vflip", "rot90", "rotation_degrees",

@@ -1,6 +1,7 @@
 """Atomic file output: write to a temporary file beside the target, then rename over it.
 
-A reader (or a crash) never sees a half-written file under the final name.
+A reader (or a crash) never sees a half-written file under the final name. Also the one reader of the
+JSON files a user hands a command (config.json, best.json, a sweep's settings), with one-line errors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from core.errors import UserError
 
 
 @contextmanager
@@ -36,6 +39,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def read_json_object(path: str | os.PathLike, missing: str) -> dict[str, Any]:
+    """A JSON object from ``path``; absent (``"<path>: <missing>"``), unreadable or not an object: UserError."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: {missing}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:

@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
+from core.atomic import read_json_object
 from core.config import TrainConfig
 from core.errors import UserError
 
@@ -61,16 +62,8 @@ def read_best(path: str | os.PathLike) -> BestFile:
     path = Path(path)
     if path.is_dir():
         path = path / "best.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file (a sweep writes results/<name>/best.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not readable JSON ({exc})") from None
+    obj = read_json_object(path, "no such file (a sweep writes results/<name>/best.json)")
     where = str(path)
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    obj = raw
     if obj.get("format") != BEST_FORMAT:
         raise UserError(f"{path}: field 'format' is {obj.get('format')!r}, expected {BEST_FORMAT!r} "
                         f"(not a sweep's best.json)")

@@ -15,9 +15,9 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from core.atomic import read_json_object
 from core.errors import UserError
 
 CLASS_WEIGHTINGS = ("none", "inverse", "sqrt_inverse", "effective")
@@ -161,15 +161,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":
         """Read a ``config.json`` written by :meth:`to_json`."""
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: not a readable JSON config ({exc})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"{path}: a config must be a JSON object")
+        values = read_json_object(path, "no such config file")
         try:
             return cls.from_dict(values)
         except UserError as exc:

@@ -73,11 +73,7 @@ def write_best(path: str | Path, best: Mapping[str, Any]) -> None:
 
 def read_best(path: str | Path) -> dict[str, Any]:
     """The contents of a best.json (or of a sweep folder's), validated as the final training reads it."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.json"
-    _core_read_best(path)
-    return json.loads(path.read_text(encoding="utf-8"))
+    return atomic.read_json_object(_core_read_best(path).path, "no such file")
 
 
 def _pyproject_version() -> str | None:

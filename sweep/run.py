@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -157,15 +156,9 @@ def save_settings(settings: SweepSettings, space_text: str, base: TrainConfig) -
 
 
 def load_settings(folder: Path) -> SweepSettings:
-    path = folder / SETTINGS_FILE
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{folder}: no sweep to resume here (no {SETTINGS_FILE})") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable ({exc})") from None
+    doc = atomic.read_json_object(folder / SETTINGS_FILE, "no sweep to resume here")
     if doc.get("format") != SETTINGS_FORMAT:
-        raise UserError(f"{path}: not a sweep settings file")
+        raise UserError(f"{folder / SETTINGS_FILE}: not a sweep settings file")
     values = dict(doc["settings"])
     values["overrides"] = tuple(values.get("overrides") or ())
     return SweepSettings(**values)
