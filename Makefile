@@ -22,7 +22,7 @@ test: $(STAMP)
 DEMO := demo-$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
 	$(PY) -m sweep.run --space search_spaces/quick.yaml --trials 4 --name $(DEMO)
-	$(PY) -m core.final_train results/$(DEMO)/best.json --epochs 4
+	$(PY) -m core.final_train results/$(DEMO)/best.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,7 +6,7 @@
 Runs ``python -m sweep.run`` (a subprocess: the command users run, Ray start-up included) with
 ``--trials`` short trials of ``--space`` (default search_spaces/quick.yaml, no early stopping), once
 per ``--gpus-per-trial`` value, and reads what the sweep leaves behind (trials/<id>/trial.json,
-metrics.csv and metrics.json) to report:
+metrics.csv and run.json) to report:
 
 - wall time of the command against the sum of the trials' own training time (``train_epoch_s``, the
   training loop only) and of their durations (as Ray timed them), and the slot efficiency
@@ -14,7 +14,7 @@ metrics.csv and metrics.json) to report:
 - achieved concurrency: the time-weighted mean number of trials running, over the whole command and
   over the span from the first trial's start to the last one's end, against the slots;
 - the time from the command's start to the first trial's first training step (which core.train
-  records in the trial's metrics.json);
+  records in the trial's run.json);
 - trials per hour and, on a GPU, its mean utilisation while trials ran.
 
 Runs on ``../shared/data/ham10000-200x150`` when it is there, else on generated data (core.demo_data),
@@ -39,6 +39,8 @@ import torch
 
 from bench.common import (REPO, GpuUtilization, bench_data, bench_parser, command_line, machine_info,
                           write_result)
+from core import filenames
+from core.device import usable_cpus
 from core.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)
@@ -152,7 +154,7 @@ def _slots(sweep_dir: Path, gpus: int) -> int:
     from sweep.run import load_settings, plan_resources
 
     settings = load_settings(sweep_dir)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     return plan_resources(settings, cpus, gpus, "this machine").slots
 
 
@@ -173,7 +175,7 @@ def sweep_figures(sweep_dir: Path, started: float, ended: float,
             raise UserError(f"{sweep_dir}: trial {record['trial_id']} has no start or end time in its trial.json")
         intervals.append((float(record["started"]), float(record["ended"])))
         duration_s += float(record.get("duration_s") or 0.0)
-        metrics = trials_dir(sweep_dir) / record["trial_id"] / "metrics.csv"
+        metrics = trials_dir(sweep_dir) / record["trial_id"] / filenames.METRICS_CSV
         if metrics.is_file():
             train_s += float(pd.read_csv(metrics)["train_epoch_s"].sum())
     wall = ended - started
@@ -201,8 +203,8 @@ def sweep_figures(sweep_dir: Path, started: float, ended: float,
 
 
 def _first_step_at(run_dir: Path) -> float | None:
-    """Unix time of the trial's first training step, as core.train recorded it in metrics.json."""
-    metrics = run_dir / "metrics.json"
+    """Unix time of the trial's first training step, as core.train recorded it in run.json."""
+    metrics = run_dir / filenames.RUN_STATE
     if not metrics.is_file():
         return None
     return json.loads(metrics.read_text(encoding="utf-8")).get("first_step_unix_time")

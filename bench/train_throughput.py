@@ -46,7 +46,9 @@ from bench.common import (GpuUtilization, Stopwatch, bench_data, bench_parser, c
                           write_result)
 from core.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from core.config import TrainConfig
+from core.device import usable_cpus
 from core.errors import UserError, run_cli
+from core.train import RunOptions, train
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ BENCH_AUGMENTATION = {"rotation_degrees": 15.0}
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     from core.data import load_dataset
-    from core.train import memory_format, resolve_device, use_bf16
+    from core.device import memory_format, resolve_device, use_bf16
 
     cfg = _bench_config(args)
     device = resolve_device(cfg)  # UserError when --device cuda has no GPU
@@ -142,7 +144,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per pipeline and round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them (usual, compute)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--workers", type=int, default=usable_cpus(),
                         help="DataLoader workers of the usual pipeline (default: the cores)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -181,12 +183,11 @@ def _image_files(data) -> list[Path]:
 
 
 # --- the project's pipeline: core.train.train itself -------------------------------------------------------
+QUIET = RunOptions(resume=False, tensorboard=False, progress=False)
 
 def _project_round(data, cfg: TrainConfig, device: torch.device, train_idx: np.ndarray, val_idx: np.ndarray,
                    steps: int) -> tuple[float, float | None]:
     """One warm-up epoch, then enough timed epochs for ``steps`` steps; images/s as train() measured it."""
-    from core.train import train
-
     split = np.full(len(data.labels), "test", dtype="<U5")
     split[train_idx], split[val_idx] = "train", "val"
     steps_per_epoch = len(train_idx) // cfg.batch_size
@@ -196,7 +197,7 @@ def _project_round(data, cfg: TrainConfig, device: torch.device, train_idx: np.n
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out, GpuUtilization(device) as utilization:
         result = train(run_cfg, dataclasses.replace(data, split=split), out, lambda _: epoch_ends.append(time.time()),
-                       resume=False, tensorboard=False, progress=False)
+                       QUIET)
     timed = result.history[1:]
     seconds = sum(m["train_epoch_s"] for m in timed)
     images = sum(m["train_images_per_s"] * m["train_epoch_s"] for m in timed)
@@ -207,8 +208,6 @@ def _project_round(data, cfg: TrainConfig, device: torch.device, train_idx: np.n
 
 def _sync_points(data, cfg: TrainConfig, train_idx: np.ndarray, val_idx: np.ndarray) -> list[dict[str, object]]:
     """Where one epoch of core.train made the host wait for the GPU: source lines and how often."""
-    from core.train import train
-
     split = np.full(len(data.labels), "test", dtype="<U5")
     split[train_idx], split[val_idx] = "train", "val"
     counts: dict[str, int] = {}
@@ -217,7 +216,7 @@ def _sync_points(data, cfg: TrainConfig, train_idx: np.ndarray, val_idx: np.ndar
         torch.cuda.set_sync_debug_mode("warn")
         try:
             train(dataclasses.replace(cfg, epochs=1, warmup_epochs=0.0), dataclasses.replace(data, split=split),
-                  out, resume=False, tensorboard=False, progress=False)
+                  out, options=QUIET)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     for warning in caught:
@@ -237,7 +236,8 @@ class _ComputeOnly:
 
     def __init__(self, data, cfg: TrainConfig, device: torch.device):
         from core.model import build_model
-        from core.train import make_optimizer, memory_format, use_bf16
+        from core.device import memory_format, use_bf16
+        from core.optim import make_optimizer
 
         self.device, self.bf16 = device, use_bf16(cfg.precision, device)
         layout = memory_format(cfg.channels_last, device, self.bf16)
@@ -282,7 +282,7 @@ class _Costs:
 
     def __init__(self, data, files: Sequence[Path], transform: Callable, compute: "_ComputeOnly",
                  cfg: TrainConfig, device: torch.device):
-        from core.train import dataset_to_device, memory_format, use_bf16
+        from core.device import dataset_to_device, memory_format, use_bf16
 
         self.jpegs = _JpegFiles(files, data.labels, transform)
         self.images, _ = dataset_to_device(data, device)
@@ -292,7 +292,7 @@ class _Costs:
 
     def run(self, idx: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
         from core.augment import augment_batch
-        from core.train import gather_batch
+        from core.device import gather_batch
 
         idx_device = torch.as_tensor(idx, device=self.device)
         parts: dict[str, Callable[[], object]] = {
@@ -366,7 +366,7 @@ class _UsualPipeline:
     def __init__(self, files: Sequence[Path], labels: np.ndarray, num_classes: int, cfg: TrainConfig,
                  device: torch.device, workers: int):
         from core.model import build_model
-        from core.train import make_optimizer
+        from core.optim import make_optimizer
 
         self.files, self.labels, self.cfg, self.device, self.workers = files, labels, cfg, device, workers
         self.transform = usual_transform(cfg)

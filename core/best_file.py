@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
+from core import filenames
 from core.atomic import read_json_object
 from core.config import TrainConfig
 from core.errors import UserError
@@ -61,7 +62,7 @@ def read_best(path: str | os.PathLike) -> BestFile:
     """Parse and validate ``best.json``; the data and split files must exist (see :func:`check_data`)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "best.json"
+        path = path / filenames.BEST_TRIAL
     obj = read_json_object(path, "no such file (a sweep writes results/<name>/best.json)")
     where = str(path)
     if obj.get("format") != BEST_FORMAT:

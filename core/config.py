@@ -19,11 +19,13 @@ from typing import Any, Iterable, Mapping
 
 from core.atomic import read_json_object
 from core.errors import UserError
+from core.splits import check_fractions
 
 CLASS_WEIGHTINGS = ("none", "inverse", "sqrt_inverse", "effective")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+SAMPLINGS = ("uniform", "sqrt", "balanced")
 SELECT_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_auc", "val_loss")
 
 
@@ -48,6 +50,13 @@ class TrainConfig:
     class_weighting: str = _doc("Loss weights per class: 'none', 'inverse' frequency, 'sqrt_inverse', or "
                                 "'effective' number of samples (Cui et al. 2019).", default="none")
     effective_beta: float = _doc("Beta of the 'effective' class weighting, in [0, 1).", default=0.999)
+    sampling: str = _doc("How training batches draw images: 'uniform' (every image once per epoch), 'sqrt' (a "
+                         "class drawn with probability proportional to the square root of its image count) or "
+                         "'balanced' (every class equally often); the last two draw with replacement, as many "
+                         "images per epoch as 'uniform'.", default="uniform")
+    ema_decay: float = _doc("Exponential moving average of the weights (and BatchNorm statistics) per step; the "
+                            "average is the model that is validated and saved. 0 turns it off; e.g. 0.999 (the "
+                            "decay warms up as min(decay, (1 + n) / (10 + n)) after n steps).", default=0.0)
     seed: int = _doc("Seed for initialisation, shuffling and augmentation.", default=0)
 
     # --- data ---------------------------------------------------------------------------------
@@ -95,11 +104,9 @@ class TrainConfig:
             ("label_smoothing", 0 <= self.label_smoothing < 0.5, "must be in [0, 0.5)"),
             ("class_weighting", self.class_weighting in CLASS_WEIGHTINGS, f"must be one of {CLASS_WEIGHTINGS}"),
             ("effective_beta", 0 <= self.effective_beta < 1, "must be in [0, 1)"),
+            ("sampling", self.sampling in SAMPLINGS, f"must be one of {SAMPLINGS}"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
             ("image_size", 16 <= self.image_size <= 1024, "must be in [16, 1024]"),
-            ("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
-            ("test_fraction", 0 <= self.test_fraction < 1, "must be in [0, 1)"),
-            ("val_fraction", self.val_fraction + self.test_fraction < 0.9,
-             "val_fraction + test_fraction must be below 0.9"),
             ("rotation_degrees", 0 <= self.rotation_degrees <= 180, "must be in [0, 180]"),
             ("crop_scale_min", 0.05 <= self.crop_scale_min <= 1, "must be in [0.05, 1]"),
             ("color_jitter", 0 <= self.color_jitter <= 1, "must be in [0, 1]"),
@@ -112,6 +119,11 @@ class TrainConfig:
         for key, ok, why in checks:
             if not ok:
                 raise UserError(f"config key '{key}' = {getattr(self, key)!r}: {why}")
+        try:  # the split's own rule, keeping at least a tenth of the lesions for training
+            check_fractions(self.val_fraction, self.test_fraction, max_total=0.9)
+        except UserError as exc:
+            raise UserError(f"config keys 'val_fraction' = {self.val_fraction!r}, 'test_fraction' = "
+                            f"{self.test_fraction!r}: {exc}") from None
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):

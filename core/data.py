@@ -9,16 +9,13 @@ or reuses an earlier ``splits.csv`` exactly, and decodes the images once into a 
 (core/image_cache.py). Without a path it uses the synthetic demo dataset (core/demo_data.py),
 generated once into the cache folder.
 
-ImageFolder datasets with ``train/``, ``val/`` and ``test/`` folders keep those splits as given.
-Where ``val/`` or ``test/`` is missing, that split is drawn from the images of ``train/`` by
-``val_fraction`` / ``test_fraction`` (as shares of ``train/``; no test split when test_fraction is 0).
+ImageFolder datasets with ``train/``, ``val/`` and ``test/`` folders keep those splits as given
+(core/splits.py completes a missing one from ``train/``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import os
 import time
@@ -28,20 +25,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core.atomic import write_text
 from core.demo_data import GENERATOR, generate_demo
 from core.errors import UserError, run_cli
 from core.image_cache import decode_image, load_images
-from core.layouts import DEMO_MARKER, SPLITS, Listing, read_layout
-from core.splits import assign_splits, check_fractions
+from core.layouts import DEMO_MARKER, read_layout
+from core.splits import SPLITS, check_fractions, read_splits, split_listing, write_splits
 
-__all__ = ["Dataset", "load_dataset", "load_for_config", "write_splits", "decode_image", "default_cache_dir",
+__all__ = ["Dataset", "load_dataset", "load_for_config", "decode_image", "default_cache_dir",
            "dataset_fingerprint", "demo_root"]
 
 logger = logging.getLogger(__name__)
-
-SPLITS_COLUMNS = ("image_id", "label", "group", "split")
-
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
@@ -122,7 +115,7 @@ def load_dataset(path: str | Path | None, image_size: int, *, val_fraction: floa
     if splits_file is not None:
         split = read_splits(splits_file, listing)
     else:
-        split = _assign(listing, val_fraction, test_fraction, split_seed)
+        split = split_listing(listing, val_fraction, test_fraction, split_seed)
     images = load_images(listing.paths, image_size, fingerprint, cache_dir, progress=progress)
     data = Dataset(images=np.asarray(images), labels=listing.labels, class_names=listing.class_names,
                    image_ids=listing.image_ids, groups=listing.groups, split=split, root=str(listing.root),
@@ -143,79 +136,6 @@ def load_for_config(path: str | Path | None, cfg: Any, splits_file: str | Path |
 def dataset_fingerprint(path: str | Path | None, cache_dir: str | Path | None = None) -> str:
     """The digest :attr:`Dataset.fingerprint` would have, without decoding any image."""
     return read_layout(demo_root(cache_dir) if path is None else path).fingerprint()
-
-
-def write_splits(ds: Dataset, path: str | Path) -> None:
-    """Write ``splits.csv`` (image_id,label,group,split; label as class name), atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(SPLITS_COLUMNS)
-    names = np.array(ds.class_names)[ds.labels]
-    writer.writerows(zip(ds.image_ids, names, ds.groups, ds.split))
-    write_text(path, buffer.getvalue())
-
-
-def read_splits(path: str | Path, listing: Listing) -> np.ndarray:
-    """The split of each of ``listing``'s images as recorded in a ``splits.csv``; it must match exactly."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read splits file ({exc.strerror})") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{path}: not a splits CSV ({exc})") from None
-    header = [name.strip() for name in rows[0]] if rows else []
-    missing = [name for name in ("image_id", "split") if name not in header]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(header) or 'none'})")
-    col = {name: header.index(name) for name in header}
-    known = {image_id: i for i, image_id in enumerate(listing.image_ids)}
-    split = np.full(len(known), "", dtype="<U5")
-    for line, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            raise UserError(f"{path} line {line}: {len(row)} fields, expected {len(header)}")
-        image_id, name = row[col["image_id"]].strip(), row[col["split"]].strip()
-        index = known.get(image_id)
-        if index is None:
-            raise UserError(f"{path} line {line}: image {image_id} is not in the dataset at {listing.root}")
-        if name not in SPLITS:
-            raise UserError(f"{path} line {line}: split '{name}' is not one of {', '.join(SPLITS)}")
-        if split[index]:
-            raise UserError(f"{path} line {line}: image {image_id} is listed twice")
-        if "label" in col:
-            label = listing.class_names[listing.labels[index]]
-            if row[col["label"]].strip() != label:
-                raise UserError(f"{path} line {line}: image {image_id} has label '{row[col['label']].strip()}' "
-                                f"there but '{label}' in the dataset")
-        split[index] = name
-    absent = np.flatnonzero(split == "")
-    if absent.size:
-        raise UserError(f"{path}: dataset image {listing.image_ids[absent[0]]} is not in the splits file "
-                        f"({absent.size} dataset images are not)")
-    return split
-
-
-def _assign(listing: Listing, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    if listing.split is None:
-        split = assign_splits(listing.labels, listing.groups, val_fraction=val_fraction,
-                              test_fraction=test_fraction, seed=seed)
-    else:  # predefined ImageFolder splits: draw only the missing ones from train/
-        split = listing.split.astype("<U5")
-        present = set(split)
-        val = 0.0 if "val" in present else val_fraction
-        test = 0.0 if "test" in present else test_fraction
-        train = split == "train"
-        if val or test:
-            split[train] = assign_splits(listing.labels[train], listing.groups[train], val_fraction=val,
-                                         test_fraction=test, seed=seed)
-    for name, fraction in (("train", 1.0), ("val", val_fraction), ("test", test_fraction)):
-        if fraction > 0 and not np.any(split == name):
-            raise UserError(f"{listing.root}: too few lesions for a {name} split "
-                            f"({len(np.unique(listing.groups))} lesions in all)")
-    return split
 
 
 def main(argv: Sequence[str] | None = None) -> int:

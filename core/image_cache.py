@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from core.atomic import atomic_path
+from core.device import usable_cpus
 from core.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ def decode_all(paths: Sequence[Path], image_size: int, *, progress: bool = True,
     out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
     if not paths:
         return out
-    workers = workers or min(32, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                  else os.cpu_count() or 1) + 2)
+    workers = workers or min(32, usable_cpus() + 2)
     from tqdm import tqdm
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")

@@ -38,7 +38,6 @@ from core.errors import UserError
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 ISIC_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 HAM_METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata")
 HAM_COLUMNS = ("lesion_id", "image_id", "dx")

@@ -67,21 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
 
-    from core.data import decode_image
-    from core.evaluate import load_for_inference
-    from core.train import predict_probs
+    from core.image_cache import decode_image
+    from core.inference import load_for_inference
 
-    model, meta, cfg, device = load_for_inference(args.checkpoint, args.device)
-    class_names = list(meta["class_names"])
-    size = int(meta["image_size"])
+    loaded = load_for_inference(args.checkpoint, args.device)
+    class_names = list(loaded.class_names)
+    size = int(loaded.meta["image_size"])
     # Every image is read before any work, so a bad one fails the command at once, by name.
     images = np.stack([decode_image(path, size) for path in args.images])
-    probs = predict_probs(model, images, device, cfg.eval_batch_size, cfg.precision)
+    probs = loaded.predict(images)
     if args.gradcam:
         from core.gradcam import gradcam_maps, save_overlay
 
         out = Path(args.gradcam)
-        maps = gradcam_maps(model, images, [int(p.argmax()) for p in probs], device)
+        maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device)
         for image, heat, name in zip(images, maps, overlay_names(args.images)):
             save_overlay(image, heat, out / name)
         log.info("Grad-CAM overlays of the predicted classes in %s", out)

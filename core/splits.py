@@ -1,4 +1,6 @@
-"""Seeded train/val/test assignment, stratified by class and grouped by lesion.
+"""Every split concern: the train/val/test assignment, splits.csv, and predefined (ImageFolder) splits.
+
+The assignment is seeded, stratified by class and grouped by lesion.
 
 No lesion has images in two splits (an image without a lesion id is its own group), and each class is
 divided on its own, so every split keeps the class mix of the whole. sklearn's StratifiedGroupKFold
@@ -15,11 +17,21 @@ Same labels, groups and seed give the same assignment, whatever the row order.
 
 from __future__ import annotations
 
+import csv
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
+from core.atomic import write_text
 from core.errors import UserError
 
+if TYPE_CHECKING:
+    from core.layouts import Listing
+
 SPLITS = ("train", "val", "test")
+SPLITS_COLUMNS = ("image_id", "label", "group", "split")
 
 
 def assign_splits(labels: np.ndarray, groups: np.ndarray, *, val_fraction: float, test_fraction: float,
@@ -53,8 +65,88 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, *, val_fraction: float
     return np.array(SPLITS)[group_split[group_of]]
 
 
-def check_fractions(val_fraction: float, test_fraction: float, allow_zero_val: bool = False) -> None:
+def check_fractions(val_fraction: float, test_fraction: float, *, allow_zero_val: bool = False,
+                    max_total: float = 1.0) -> None:
+    """The split shares must leave a training split: 0 < val (or 0 <= val), 0 <= test, val + test < max_total."""
     low = 0 <= val_fraction if allow_zero_val else 0 < val_fraction
-    if not (low and val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+    if not (low and val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < max_total):
         raise UserError(f"split fractions val={val_fraction}, test={test_fraction}: need 0 < val < 1, "
-                        f"0 <= test < 1 and val + test < 1")
+                        f"0 <= test < 1 and val + test < {max_total:g}")
+
+
+def split_listing(listing: "Listing", val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """The split of each image of ``listing``: assigned, or completed where the layout fixes some.
+
+    ImageFolder datasets with ``train/``, ``val/`` and ``test/`` folders keep those splits as given; a
+    missing ``val/`` or ``test/`` is drawn from the lesions of ``train/`` (fractions as shares of it).
+    """
+    if listing.split is None:
+        split = assign_splits(listing.labels, listing.groups, val_fraction=val_fraction,
+                              test_fraction=test_fraction, seed=seed)
+    else:
+        split = listing.split.astype("<U5")
+        present = set(split)
+        val = 0.0 if "val" in present else val_fraction
+        test = 0.0 if "test" in present else test_fraction
+        train = split == "train"
+        if val or test:
+            split[train] = assign_splits(listing.labels[train], listing.groups[train], val_fraction=val,
+                                         test_fraction=test, seed=seed)
+    for name, fraction in (("train", 1.0), ("val", val_fraction), ("test", test_fraction)):
+        if fraction > 0 and not np.any(split == name):
+            raise UserError(f"{listing.root}: too few lesions for a {name} split "
+                            f"({len(np.unique(listing.groups))} lesions in all)")
+    return split
+
+
+def write_splits(data: Any, path: str | Path) -> None:
+    """Write ``splits.csv`` (image_id,label,group,split; label as class name) of a Dataset, atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SPLITS_COLUMNS)
+    names = np.array(data.class_names)[data.labels]
+    writer.writerows(zip(data.image_ids, names, data.groups, data.split))
+    write_text(path, buffer.getvalue())
+
+
+def read_splits(path: str | Path, listing: "Listing") -> np.ndarray:
+    """The split of each of ``listing``'s images as recorded in a ``splits.csv``; it must match exactly."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read splits file ({exc.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: not a splits CSV ({exc})") from None
+    header = [name.strip() for name in rows[0]] if rows else []
+    missing = [name for name in ("image_id", "split") if name not in header]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(header) or 'none'})")
+    col = {name: header.index(name) for name in header}
+    known = {image_id: i for i, image_id in enumerate(listing.image_ids)}
+    split = np.full(len(known), "", dtype="<U5")
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise UserError(f"{path} line {line}: {len(row)} fields, expected {len(header)}")
+        image_id, name = row[col["image_id"]].strip(), row[col["split"]].strip()
+        index = known.get(image_id)
+        if index is None:
+            raise UserError(f"{path} line {line}: image {image_id} is not in the dataset at {listing.root}")
+        if name not in SPLITS:
+            raise UserError(f"{path} line {line}: split '{name}' is not one of {', '.join(SPLITS)}")
+        if split[index]:
+            raise UserError(f"{path} line {line}: image {image_id} is listed twice")
+        if "label" in col:
+            label = listing.class_names[listing.labels[index]]
+            if row[col["label"]].strip() != label:
+                raise UserError(f"{path} line {line}: image {image_id} has label '{row[col['label']].strip()}' "
+                                f"there but '{label}' in the dataset")
+        split[index] = name
+    absent = np.flatnonzero(split == "")
+    if absent.size:
+        raise UserError(f"{path}: dataset image {listing.image_ids[absent[0]]} is not in the splits file "
+                        f"({absent.size} dataset images are not)")
+    return split

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from core import atomic
+from core import atomic, filenames
 
 TRIAL_FILE = "trial.json"
 FINISHED = ("completed", "stopped early", "failed")
@@ -50,7 +50,7 @@ def read_trials(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def epoch_history(run_dir: Path, up_to_epoch: float | None) -> list[dict[str, float]]:
     """core.train's per-epoch metrics (metrics.csv) up to the last epoch Tune received."""
-    path = run_dir / "metrics.csv"
+    path = run_dir / filenames.METRICS_CSV
     if not path.is_file() or not up_to_epoch:
         return []
     frame = pd.read_csv(path)

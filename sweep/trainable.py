@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from core import atomic
+from core import atomic, filenames
 from core.config import TrainConfig
 
 if TYPE_CHECKING:
     from core.data import Dataset
 
-STATE_FILE = "last.pt"            # core.train's resume state
+STATE_FILE = filenames.LAST_CHECKPOINT  # core.train's resume state
 EPOCH_FILE = "epoch.json"         # the metrics of the checkpointed epoch, beside STATE_FILE
 NODE_FILE = "node.json"           # where the trial ran (written by the trial itself)
 
@@ -53,7 +53,7 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
     import torch
     from ray import tune
 
-    from core.train import train
+    from core.train import RunOptions, train
 
     torch.set_num_threads(max(1, int(setup.cpus)))
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a "checkpoint created" line per epoch
@@ -82,7 +82,7 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
             (Path(tmp) / EPOCH_FILE).write_text(json.dumps(metrics), encoding="utf-8")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    train(cfg, data, out, report, resume=checkpoint is not None, tensorboard=True, progress=False)
+    train(cfg, data, out, report, RunOptions(resume=checkpoint is not None, progress=False))
 
 
 def _write_node_info(out: Path, trial_id: str, setup: TrialSetup, resumed_from: int | None) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-HAM10000 = REPO.parent / "shared" / "data" / "ham10000-200x150"
+from tests.paths import HAM10000
 
 # core/ needs neither Ray nor Optuna. Where they are not installed at all (as on the GPU machine's image
 # with its preinstalled torch), only the core tests run; an installed but broken Ray still fails loudly.

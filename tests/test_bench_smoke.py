@@ -69,7 +69,7 @@ def test_sweep_figures_arithmetic(tmp_path: Path) -> None:
              "status": "completed"}))
         (folder / "metrics.csv").write_text("epoch,train_epoch_s\n" + "".join(
             f"{i + 1},{s}\n" for i, s in enumerate(epoch_s)))
-    (sweep / "trials" / "a" / "metrics.json").write_text(json.dumps({"first_step_unix_time": 102.5}))
+    (sweep / "trials" / "a" / "run.json").write_text(json.dumps({"first_step_unix_time": 102.5}))
     figures, span = sweep_overhead.sweep_figures(sweep, started=95.0, ended=115.0, slots=2)
     assert span == (100.0, 115.0)
     assert figures["wall_s"] == 20.0 and figures["trials"] == 2

@@ -74,7 +74,7 @@ def test_evaluate_command_maps_a_subset_of_classes_by_name(setup: dict[str, Path
     assert result.returncode == 0, result.stderr
     assert f"report: {out / 'report.md'}" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_images"] == 7 and metrics["split"] == "all" and metrics["class_names"][4:6] == ["mel", "nv"]
+    assert metrics["n_images"] == 7 and metrics["source"]["split"] == "all" and metrics["class_names"][4:6] == ["mel", "nv"]
     support = {name: row["support"] for name, row in metrics["per_class"].items()}
     assert support == {"akiec": 0, "bcc": 0, "bkl": 0, "df": 0, "mel": 3, "nv": 4, "vasc": 0}
     confusion = np.array(metrics["confusion_matrix"])
@@ -106,7 +106,7 @@ def test_evaluate_test_split_uses_the_models_split_settings(setup: dict[str, Pat
     main([str(setup["model"]), "--data", str(setup["data"]), "--out", str(tmp_path), "--gallery", "0"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     expected = load_dataset(setup["data"], SIZE, progress=False).indices("test")
-    assert metrics["split"] == "test" and metrics["n_images"] == len(expected) > 0
+    assert metrics["source"]["split"] == "test" and metrics["n_images"] == len(expected) > 0
 
 
 def test_evaluate_rejects_unknown_classes(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -134,7 +134,7 @@ def test_evaluate_rejects_a_file_that_is_not_a_model(setup: dict[str, Path], tmp
 def test_predict_command_json_and_gradcam(setup: dict[str, Path], tmp_path: Path) -> None:
     from core.data import load_dataset
     from core.model import load_model_file
-    from core.train import predict_probs
+    from core.inference import predict_probs
 
     images = sorted(setup["data"].rglob("*.jpg"))[:3]
     result = _command("core.predict", str(setup["model"]), *map(str, images), "--json",

@@ -6,6 +6,7 @@ generated data (48 px: large enough for a 2x2 Grad-CAM map), so nothing depends 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -39,7 +40,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A sweep folder holding best.json, splits.csv and the trial, as sweep/ leaves it."""
     from core.data import load_for_config
     from core.demo_data import generate_demo
-    from core.train import train
+    from core.train import RunOptions, train
 
     base = tmp_path_factory.mktemp("final")
     root = generate_demo(base / "data", n_lesions=30, image_size=SIZE, seed=0)
@@ -47,7 +48,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       crop_scale_min=1.0, color_jitter=0.0, device="cpu")
     data = load_for_config(root, cfg, progress=False)
     folder = base / "sweep"
-    result = train(cfg, data, folder / "trials" / "trial_0001", progress=False, tensorboard=False)
+    result = train(cfg, data, folder / "trials" / "trial_0001", options=RunOptions(progress=False, tensorboard=False))
     shutil.copy(folder / "trials" / "trial_0001" / "splits.csv", folder / "splits.csv")
     best = _best_document(cfg, data, result.best_metrics["val_balanced_accuracy"])
     (folder / "best.json").write_text(json.dumps(best, indent=2))
@@ -56,10 +57,10 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def final(sweep: Path):
-    from core.final_train import final_train
+    from core.final_train import FinalOptions, final_train
 
-    return final_train(sweep / "best.json", epochs=FINAL_EPOCHS, overrides=["lr=3e-3"], gallery_per_class=1,
-                       progress=False)
+    return final_train(sweep / "best.json", FinalOptions(epochs=FINAL_EPOCHS, overrides=("lr=3e-3",),
+                                                         gallery_per_class=1, progress=False))
 
 
 def _is_png(path: Path) -> tuple[int, int]:
@@ -87,8 +88,10 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
     assert sorted(per_class) == sorted(metrics["class_names"])
     assert sum(row["support"] for row in per_class.values()) == n_test
     assert all(0 <= row[k] <= 1 for row in per_class.values() for k in ("precision", "recall", "f1"))
-    assert metrics["train_splits"] == ["train"] and metrics["epochs_run"] == FINAL_EPOCHS
-    assert 1 <= metrics["chosen_epoch"] <= FINAL_EPOCHS
+    assert metrics["format"] == "lesion-sweep/evaluation" and metrics["source"]["split"] == "test"
+    training = metrics["training"]
+    assert training["train_splits"] == ["train"] and training["epochs_run"] == FINAL_EPOCHS
+    assert 1 <= training["chosen_epoch"] <= FINAL_EPOCHS and training["tuned_epochs"] == 1
 
     # The sweep's split is reused exactly, and --epochs / --set reach the config written beside the model.
     assert pd.read_csv(out / "splits.csv").equals(splits)
@@ -98,7 +101,7 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard scalars"
 
     payload = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
-    assert payload["format"] == "lesion-sweep/model" and payload["epoch"] == metrics["chosen_epoch"]
+    assert payload["format"] == "lesion-sweep/model" and payload["epoch"] == training["chosen_epoch"]
     assert payload["class_names"] == metrics["class_names"] and payload["config"] == cfg.to_dict()
     assert payload["metrics"]["test_accuracy"] == metrics["test_accuracy"]
 
@@ -124,7 +127,7 @@ def test_gradcam_of_the_trained_model_is_image_sized_and_not_constant(sweep: Pat
     from core.data import load_dataset
     from core.gradcam import gradcam_maps
     from core.model import load_model_file
-    from core.train import predict_probs
+    from core.inference import predict_probs
 
     model, meta = load_model_file(final.out_dir / "model.pt")
     data = load_dataset(read_best(sweep / "best.json").data_path, meta["image_size"],
@@ -138,22 +141,21 @@ def test_gradcam_of_the_trained_model_is_image_sized_and_not_constant(sweep: Pat
 
 
 def test_train_on_val_keeps_the_last_epoch(sweep: Path, tmp_path: Path) -> None:
-    from core.final_train import final_train
+    from core.final_train import FinalOptions, final_train
 
-    result = final_train(sweep / "best.json", epochs=1, out_dir=tmp_path / "trainval", train_on_val=True,
-                         gallery_per_class=0, progress=False)
-    assert result.metrics["train_splits"] == ["train", "val"]
-    assert result.metrics["chosen_by"] == "last epoch"
-    assert result.metrics["chosen_epoch"] == result.metrics["epochs_run"] == 1
+    options = FinalOptions(epochs=2, out_dir=tmp_path / "trainval", train_on_val=True, gallery_per_class=0,
+                           progress=False)
+    result = final_train(sweep / "best.json", options)
+    training = result.metrics["training"]
+    assert training["train_splits"] == ["train", "val"] and training["chosen_by"] == "last epoch"
+    assert training["chosen_epoch"] == training["epochs_run"] == 2
     assert not list((tmp_path / "trainval").glob("gradcam_*.png"))
     # A second run in the same folder evaluates the finished training again instead of training more.
-    again = final_train(sweep / "best.json", epochs=1, out_dir=tmp_path / "trainval", train_on_val=True,
-                        gallery_per_class=0, progress=False)
+    again = final_train(sweep / "best.json", options)
     assert again.metrics["test_accuracy"] == result.metrics["test_accuracy"]
     # ... and will not resume it as a run on the train split alone.
     with pytest.raises(UserError, match="train_splits"):
-        final_train(sweep / "best.json", epochs=1, out_dir=tmp_path / "trainval", gallery_per_class=0,
-                    progress=False)
+        final_train(sweep / "best.json", dataclasses.replace(options, train_on_val=False))
 
 
 def test_help_lists_the_options(capsys: pytest.CaptureFixture) -> None:
@@ -244,3 +246,24 @@ def test_missing_split_file_and_bad_overrides(sweep: Path, tmp_path: Path, capsy
     assert "split file" in _cli_error([str(path)], capsys)
     assert "unknown config key 'lrr'" in _cli_error([str(sweep / "best.json"), "--set", "lrr=1"], capsys)
     assert "config key 'epochs'" in _cli_error([str(sweep / "best.json"), "--epochs", "0"], capsys)
+
+
+def test_epochs_default_to_the_tuned_length(sweep: Path, tmp_path: Path, caplog) -> None:
+    from core.final_train import FinalOptions, final_train
+
+    with caplog.at_level("WARNING", logger="core.final_train"):
+        result = final_train(sweep / "best.json", FinalOptions(out_dir=tmp_path / "default", gallery_per_class=0,
+                                                               progress=False))
+    assert result.metrics["training"]["epochs"] == result.metrics["training"]["tuned_epochs"] == 1
+    assert "tuned with" not in caplog.text
+
+
+@pytest.mark.parametrize("epochs, tuned, warned", [(50, 50, False), (50, 34, False), (50, 33, True),
+                                                   (20, 50, True), (10, 6, True), (9, 6, False)])
+def test_epoch_mismatch_is_said_only_beyond_one_and_a_half_times(epochs, tuned, warned, caplog) -> None:
+    from core.final_train import _warn_epoch_mismatch
+
+    with caplog.at_level("WARNING", logger="core.final_train"):
+        _warn_epoch_mismatch(epochs, tuned)
+    assert ("tuned with" in caplog.text) == warned
+    assert len(caplog.records) == int(warned)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from data_fixtures import make_ham
 
-from core.data import load_dataset, write_splits
+from core.data import load_dataset
+from core.splits import write_splits
 from core.errors import UserError
 from core.splits import assign_splits
 

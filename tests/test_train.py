@@ -10,16 +10,22 @@ import pandas as pd
 import pytest
 import torch
 
+import core.loop as loop_module
 import core.train as train_module
 from core.config import TrainConfig
 from core.data import load_dataset
 from core.demo_data import generate_demo
 from core.errors import UserError
 from core.model import load_model_file
-from core.train import TrainingDiverged, memory_format, predict_probs, train
-from tests.conftest import REPO
+from core.device import memory_format
+from core.inference import predict_probs
+from core.train import RunOptions, TrainingDiverged, train
+from tests.paths import REPO
 
 SIZE = 32
+
+
+QUIET = RunOptions(progress=False, tensorboard=False)
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +43,17 @@ def _cfg(**kw):
 def test_short_run_learns_and_writes_its_outputs(demo, tmp_path):
     seen = []
     before = time.time()
-    result = train(_cfg(), demo, tmp_path, on_epoch=seen.append, progress=False)
+    result = train(_cfg(), demo, tmp_path, on_epoch=seen.append, options=RunOptions(progress=False))
     assert [m["epoch"] for m in seen] == [1, 2, 3, 4, 5, 6]
     chance = 1 / len(demo.class_names)
     assert result.best_metrics["val_balanced_accuracy"] > 2.5 * chance, result.best_metrics
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    for name in ("config.json", "splits.csv", "metrics.csv", "metrics.json", "best.pt", "last.pt"):
+    for name in ("config.json", "splits.csv", "metrics.csv", "run.json", "best.pt", "last.pt"):
         assert (tmp_path / name).is_file(), name
     assert TrainConfig.load(tmp_path / "config.json") == _cfg()
     rows = pd.read_csv(tmp_path / "metrics.csv")
     assert len(rows) == 6 and {"train_loss", "val_loss", "val_balanced_accuracy", "val_auc"} <= set(rows.columns)
-    summary = json.loads((tmp_path / "metrics.json").read_text())
+    summary = json.loads((tmp_path / "run.json").read_text())
     assert summary["status"] == "complete" and summary["best_epoch"] == result.best_epoch
     assert before < summary["first_step_unix_time"] < time.time() - sum(m["train_epoch_s"] for m in seen[1:])
     assert list(tmp_path.glob("events.out.tfevents.*"))
@@ -62,7 +68,7 @@ def test_short_run_learns_and_writes_its_outputs(demo, tmp_path):
 
 def test_bf16_channels_last_path_learns(demo, tmp_path):
     """The step that CUDA runs (bf16 autocast, channels_last), here on the CPU: it trains and evaluates."""
-    result = train(_cfg(precision="bf16"), demo, tmp_path, progress=False)
+    result = train(_cfg(precision="bf16"), demo, tmp_path, options=QUIET)
     assert result.best_metrics["val_balanced_accuracy"] > 2.5 / len(demo.class_names), result.best_metrics
     assert np.isfinite(result.history[-1]["val_loss"])
 
@@ -72,7 +78,7 @@ def test_compiled_model_trains_evaluates_and_saves_plain_weights(demo, tmp_path,
     build takes minutes on this CPU and is torch's own business, how train() uses the compiled module is ours."""
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="eager", **kw))
-    result = train(_cfg(compile=True, epochs=2), demo, tmp_path, progress=False, tensorboard=False)
+    result = train(_cfg(compile=True, epochs=2), demo, tmp_path, options=QUIET)
     assert result.epochs_run == 2 and np.isfinite(result.history[-1]["val_loss"])
     model, _ = load_model_file(tmp_path / "best.pt")  # a strict load: keys with '_orig_mod.' would fail it
     probs = predict_probs(model, demo.images[demo.indices("val")])
@@ -88,19 +94,19 @@ def test_channels_last_where_it_is_fast(device, bf16, channels_last, expected):
     assert memory_format(channels_last, torch.device(device), bf16) == expected
 
 
-def test_resume_continues_where_a_crash_stopped(demo, tmp_path):
-    cfg = _cfg(epochs=3)
-    full = train(cfg, demo, tmp_path / "full", progress=False, tensorboard=False)
+@pytest.mark.parametrize("extra", [{}, {"sampling": "balanced", "ema_decay": 0.99}], ids=["plain", "ema+balanced"])
+def test_resume_continues_where_a_crash_stopped(demo, tmp_path, extra):
+    cfg = _cfg(epochs=3, **extra)
+    full = train(cfg, demo, tmp_path / "full", options=QUIET)
 
     def crash(metrics):
         if metrics["epoch"] == 2:
             raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        train(cfg, demo, tmp_path / "crashed", on_epoch=crash, progress=False, tensorboard=False)
+        train(cfg, demo, tmp_path / "crashed", on_epoch=crash, options=QUIET)
     resumed_epochs = []
-    resumed = train(cfg, demo, tmp_path / "crashed", on_epoch=resumed_epochs.append, progress=False,
-                    tensorboard=False)
+    resumed = train(cfg, demo, tmp_path / "crashed", on_epoch=resumed_epochs.append, options=QUIET)
     assert [m["epoch"] for m in resumed_epochs] == [3]
     assert resumed.epochs_run == 3
     for key in ("train_loss", "val_loss", "val_balanced_accuracy"):
@@ -116,8 +122,8 @@ def test_checkpoint_interval_writes_at_the_end_and_keeps_the_best_epoch(demo, tm
                         lambda *a, **kw: {**real(*a, **kw), "val_balanced_accuracy": next(scores)})
     written = []
     result = train(_cfg(epochs=4, lr=2e-2), demo, tmp_path, on_epoch=lambda m: written.append(
-        ((tmp_path / "last.pt").exists(), (tmp_path / "best.pt").exists())), progress=False,
-        tensorboard=False, checkpoint_every_s=1e9)
+        ((tmp_path / "last.pt").exists(), (tmp_path / "best.pt").exists())),
+        options=RunOptions(progress=False, tensorboard=False, checkpoint_every_s=1e9))
     assert written == [(False, False)] * 3 + [(True, True)]
     model, meta = load_model_file(tmp_path / "best.pt")
     assert result.best_epoch == 2 and meta["epoch"] == 2 and meta["metrics"] == result.history[1]
@@ -128,22 +134,22 @@ def test_checkpoint_interval_writes_at_the_end_and_keeps_the_best_epoch(demo, tm
 
 
 def test_resume_refuses_another_config(demo, tmp_path):
-    train(_cfg(epochs=1), demo, tmp_path, progress=False, tensorboard=False)
+    train(_cfg(epochs=1), demo, tmp_path, options=QUIET)
     with pytest.raises(UserError, match="'lr' differs"):
-        train(_cfg(epochs=1, lr=1e-2), demo, tmp_path, progress=False, tensorboard=False)
+        train(_cfg(epochs=1, lr=1e-2), demo, tmp_path, options=QUIET)
 
 
 def test_nan_loss_stops_with_a_clear_error(demo, tmp_path, monkeypatch):
-    real = train_module.augment_batch
-    monkeypatch.setattr(train_module, "augment_batch", lambda x, cfg, g: real(x, cfg, g) * float("nan"))
+    real = loop_module.augment_batch
+    monkeypatch.setattr(loop_module, "augment_batch", lambda x, cfg, g: real(x, cfg, g) * float("nan"))
     with pytest.raises(TrainingDiverged, match="diverged.*lower the learning rate"):
-        train(_cfg(epochs=2), demo, tmp_path, progress=False, tensorboard=False)
+        train(_cfg(epochs=2), demo, tmp_path, options=QUIET)
     assert not (tmp_path / "best.pt").exists()
 
 
 def test_class_weighting_changes_the_loss(demo, tmp_path):
-    a = train(_cfg(epochs=1), demo, tmp_path / "a", progress=False, tensorboard=False)
-    b = train(_cfg(epochs=1, class_weighting="inverse"), demo, tmp_path / "b", progress=False, tensorboard=False)
+    a = train(_cfg(epochs=1), demo, tmp_path / "a", options=QUIET)
+    b = train(_cfg(epochs=1, class_weighting="inverse"), demo, tmp_path / "b", options=QUIET)
     assert a.history[0]["train_loss"] != pytest.approx(b.history[0]["train_loss"])
 
 
@@ -154,7 +160,26 @@ def test_cli_end_to_end(demo, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val_balanced_accuracy=" in proc.stdout
-    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 1
+    assert json.loads((out / "run.json").read_text())["epochs_run"] == 1
     bad = subprocess.run([sys.executable, "-m", "core.train", "--data", str(tmp_path / "nowhere"), "--out",
                           str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "nowhere" in bad.stderr
+
+
+def test_ema_weights_are_validated_and_saved(demo, tmp_path, monkeypatch):
+    """With ema_decay, best.pt holds the EMA (here: the last epoch's, made the best) and val is its score."""
+    scores = iter([0.1, 0.2])
+    real = train_module.classification_metrics
+    monkeypatch.setattr(train_module, "classification_metrics",
+                        lambda *a, **kw: {**real(*a, **kw), "val_balanced_accuracy": next(scores)})
+    result = train(_cfg(epochs=2, ema_decay=0.9), demo, tmp_path, options=QUIET)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    model, meta = load_model_file(tmp_path / "best.pt")
+    assert meta["epoch"] == result.best_epoch == 2
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert not all(torch.equal(saved[k], state["model"][k]) for k in saved if saved[k].is_floating_point())
+    val = demo.indices("val")
+    acc = float((predict_probs(model, demo.images[val]).argmax(1) == demo.labels[val]).mean())
+    assert acc == pytest.approx(result.history[-1]["val_accuracy"], abs=1e-6)

@@ -1,0 +1,28 @@
+"""The names of every file the project writes, in one place (each file has one schema, documented here).
+
+A training run's folder (``python -m core.train``, a sweep trial, ``core.final_train``'s ``final/``):
+
+- ``config.json``  the resolved TrainConfig (core/config.py)
+- ``splits.csv``   image_id,label,group,split of every image (core/splits.py)
+- ``metrics.csv``  one row per epoch: the dict the training loop logs (core/loop.py)
+- ``run.json``     the run's state: status running|complete, best epoch, best and last rows, data
+- ``best.pt``      the model of the best epoch by ``select_metric`` (a model file, core/model.py)
+- ``last.pt``      the resume state (model, optimiser, scheduler, EMA, history)
+
+An evaluation's folder (``core.final_train``, ``core.evaluate``):
+
+- ``metrics.json`` the evaluation document (format ``lesion-sweep/evaluation``, core/evaluation.py)
+- ``model.pt``     the evaluated model (final training only)
+- ``report.md``    the page to read first (core/report.py)
+"""
+
+CONFIG = "config.json"
+SPLITS = "splits.csv"
+METRICS_CSV = "metrics.csv"
+RUN_STATE = "run.json"
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+EVALUATION = "metrics.json"
+MODEL = "model.pt"
+REPORT = "report.md"
+BEST_TRIAL = "best.json"

@@ -1,0 +1,95 @@
+"""The per-epoch work of a training run: one epoch of training steps, and a pass of predictions.
+
+Both take everything they use as arguments and return plain results: ``train_one_epoch`` the epoch's
+``train_*`` figures, ``predict_split`` the softmax probabilities (and loss) of a set of images. core/train.py
+strings them together; nothing here writes a file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.augment import augment_batch, normalize
+from core.config import TrainConfig
+from core.device import Placement, gather_batch
+
+
+@dataclass(frozen=True)
+class Batches:
+    """The training images of one run on its device, and how they are cut into batches."""
+
+    images: torch.Tensor           # uint8 [N, 3, S, S], the whole dataset
+    labels: torch.Tensor           # int64 [N]
+    train_idx: torch.Tensor        # int64 [T]: the training split's indices, on the device
+    batch_size: int
+    steps_per_epoch: int           # T // batch_size: the last partial batch is dropped (BatchNorm needs > 1)
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """What a training step updates: the model (maybe compiled), its optimiser, schedule, loss and EMA."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    criterion: nn.Module
+    ema: Any = None                # torch.optim.swa_utils.AveragedModel or None
+
+
+def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cfg: TrainConfig,
+                    generator: torch.Generator, progress: Any = None) -> dict[str, float]:
+    """One epoch of steps over ``train_idx[order]``; returns train_loss, train_accuracy and its speed."""
+    where = batches.placement
+    opt.model.train()
+    loss_sum = torch.zeros((), device=where.device)
+    correct = torch.zeros((), device=where.device, dtype=torch.long)
+    started = time.perf_counter()
+    size = batches.batch_size
+    for step in range(batches.steps_per_epoch):
+        idx = batches.train_idx[order[step * size:(step + 1) * size]]
+        x = augment_batch(gather_batch(batches.images, idx, where.device), cfg, generator)
+        y = batches.labels[idx]
+        with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16):
+            logits = opt.model(x.contiguous(memory_format=where.memory_format))
+        loss = opt.criterion(logits.float(), y)
+        opt.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.optimizer.step()
+        opt.scheduler.step()
+        if opt.ema is not None:
+            opt.ema.update_parameters(opt.model)
+        # Accumulated on the device: reading them back every step would stall a GPU.
+        loss_sum += loss.detach() * size
+        correct += (logits.argmax(1) == y).sum()
+        if progress is not None:
+            progress.update(1)
+    seen = batches.steps_per_epoch * size
+    elapsed = time.perf_counter() - started
+    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
+            "train_images_per_s": seen / elapsed, "train_epoch_s": elapsed}
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, images: torch.Tensor, idx: np.ndarray, labels: torch.Tensor | None,
+                  where: Placement, batch_size: int) -> tuple[np.ndarray, float]:
+    """Softmax probabilities [N, C] (float64) of ``images[idx]`` and, with labels, the plain cross-entropy."""
+    model.eval()
+    idx_t = torch.as_tensor(idx, device=where.device)
+    probs, loss_sum = [], torch.zeros((), device=where.device)
+    for start in range(0, len(idx_t), batch_size):
+        batch = idx_t[start:start + batch_size]
+        x = normalize(gather_batch(images, batch, where.device)).contiguous(memory_format=where.memory_format)
+        with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16):
+            logits = model(x).float()
+        if labels is not None:
+            loss_sum += nn.functional.cross_entropy(logits, labels[batch], reduction="sum")
+        probs.append(torch.softmax(logits, 1))
+    out = torch.cat(probs).cpu().numpy().astype(np.float64)
+    return out, loss_sum.item() / max(1, len(idx_t))
