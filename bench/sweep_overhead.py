@@ -113,7 +113,7 @@ def _run_sweep(args: argparse.Namespace, data: Path, results_root: Path, gpus: i
     name = f"bench-{share:g}gpu" if gpus else "bench-cpu"
     command = [sys.executable, "-m", "sweep.run", "--data", str(data), "--trials", str(args.trials),
                "--max-epochs", str(args.max_epochs), "--space", str(Path(args.space).resolve()),
-               "--scheduler", "none", "--name", name, "--results", str(results_root), "--gpus", str(gpus),
+               "--scheduler", "none", "--confirm-top", "0", "--name", name, "--results", str(results_root), "--gpus", str(gpus),
                "--set", f"image_size={image_size}"]
     if args.batch_size:
         command += ["--set", f"batch_size={args.batch_size}"]
@@ -151,7 +151,8 @@ def _run_sweep(args: argparse.Namespace, data: Path, results_root: Path, gpus: i
 
 def _slots(sweep_dir: Path, gpus: int) -> int:
     """How many trials the sweep ran at once, as sweep.run planned it (same function, same inputs)."""
-    from sweep.run import load_settings, plan_resources
+    from sweep.resources import plan_resources
+    from sweep.settings import load_settings
 
     settings = load_settings(sweep_dir)
     cpus = usable_cpus()

@@ -10,6 +10,7 @@ here with plain ``json`` (core knows nothing of Ray or Optuna). Schema, version 
      "data": {"path": str, "fingerprint": str, "layout": str},
      "splits_file": "splits.csv",          # relative to best.json's folder (or absolute)
      "checkpoint": str | null,             # optional; relative paths as for splits_file
+     "trial_epochs": {"budget": int, "runs": {trial id: epochs run}} | null,   # optional (older files lack it)
      "code_version": {...},
      "created": ISO 8601 time}
 
@@ -52,6 +53,7 @@ class BestFile:
     checkpoint: Path | None
     code_version: dict[str, Any]
     created: str
+    trial_epochs: int | None = None   # the epochs the sweep's trials ran up to (None: not recorded)
 
     @property
     def folder(self) -> Path:
@@ -103,6 +105,7 @@ def read_best(path: str | os.PathLike) -> BestFile:
     checkpoint = obj.get("checkpoint")
     if checkpoint is not None:
         _expect(checkpoint, str, where, "checkpoint")
+    trial_epochs = _trial_epochs(obj.get("trial_epochs"), where)
     code_version = _expect(_field(obj, "code_version", where), dict, where, "code_version")
     created = _expect(_field(obj, "created", where), str, where, "created")
     try:
@@ -115,7 +118,18 @@ def read_best(path: str | os.PathLike) -> BestFile:
                     metric_mode=metric_mode, trial_id=trial_id, data_path=Path(data_path).expanduser(),
                     data_fingerprint=fingerprint, data_layout=layout, splits_file=folder / splits,
                     checkpoint=folder / checkpoint if checkpoint else None, code_version=code_version,
-                    created=created)
+                    created=created, trial_epochs=trial_epochs)
+
+
+def _trial_epochs(value: Any, where: str) -> int | None:
+    """The optional ``trial_epochs.budget``: the trial length the config was tuned at."""
+    if value is None:
+        return None
+    budget = _expect(_field(_expect(value, dict, where, "trial_epochs"), "budget", where, "trial_epochs."), int,
+                     where, "trial_epochs.budget")
+    if budget < 1:
+        raise UserError(f"{where}: field 'trial_epochs.budget' is {budget}, expected at least 1")
+    return budget
 
 
 def check_data(best: BestFile) -> None:

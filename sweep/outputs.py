@@ -5,7 +5,9 @@ Not a command (``python -m sweep.run`` writes these). Layout::
     results/<sweep>/
       sweep.json        settings of the sweep (read back by --resume); space.yaml: the space it searched
       best.json         the best trial, for python -m core.final_train (sweep/best_file.py)
-      trials.csv        one row per trial: status, metric (final and best), epochs, duration, parameters
+      trials.csv        one row per trial: role (search / confirm), status, metric (final and best), epochs,
+                        duration, parameters, seed, the search trial a confirmation run repeats, Optuna number
+      confirm.json      the confirmation runs planned after the search (sweep/confirm.py)
       summary.txt       the summary printed at the end
       optuna.db         the Optuna study (optuna-dashboard sqlite:///results/<sweep>/optuna.db)
       splits.csv        the train/val/test assignment every trial used
@@ -27,6 +29,10 @@ from core import atomic, filenames
 
 TRIAL_FILE = "trial.json"
 FINISHED = ("completed", "stopped early", "failed")
+# trials.csv: search trials first, those that ran every epoch ahead of those stopped early (their values are
+# of fewer epochs), then by the metric; confirmation runs after them.
+_ROLE_ORDER = {"search": 0, "confirm": 1}
+_STATUS_ORDER = {"completed": 0, "stopped early": 1, "running": 2, "failed": 3}
 
 
 def trials_dir(sweep_dir: Path) -> Path:
@@ -66,25 +72,38 @@ def best_of(history: Sequence[Mapping[str, float]], metric: str, mode: str) -> M
 
 def trials_frame(records: Iterable[Mapping[str, Any]], param_names: Sequence[str], metric: str,
                  mode: str) -> pd.DataFrame:
-    """The trials table, best first (by the final value of ``metric``); failed trials last."""
+    """The trials table, best first (see _ROLE_ORDER / _STATUS_ORDER); failed trials last."""
     rows = []
     for rec in records:
         final, best = rec.get("final") or {}, rec.get("best") or {}
         node = rec.get("node") or {}
-        row = {"trial_id": rec["trial_id"], "status": rec.get("status"),
+        row = {"trial_id": rec["trial_id"], "role": rec.get("role", "search"), "status": rec.get("status"),
                f"{metric}_final": final.get(metric), f"{metric}_best": best.get(metric),
                "best_epoch": best.get("epoch"), "epochs_run": rec.get("epochs_run"),
-               "duration_s": rec.get("duration_s"), "node_ip": node.get("node_ip"),
+               "duration_s": rec.get("duration_s"), "seed": rec.get("seed"), "confirms": rec.get("confirms"),
+               "optuna_trial": rec.get("optuna_trial"), "node_ip": node.get("node_ip"),
                "gpu_ids": " ".join(node.get("gpu_ids") or []) or None, "error": rec.get("error")}
         for name in param_names:
             row[name] = (rec.get("params") or {}).get(name)
         rows.append(row)
-    columns = ["trial_id", "status", f"{metric}_final", f"{metric}_best", "best_epoch", "epochs_run",
-               "duration_s", *param_names, "node_ip", "gpu_ids", "error"]
-    frame = pd.DataFrame(rows, columns=columns).astype({"best_epoch": "Int64", "epochs_run": "Int64"})
-    if not frame.empty:
-        frame = frame.sort_values(f"{metric}_final", ascending=mode == "min", na_position="last", kind="stable")
-    return frame.reset_index(drop=True)
+    columns = ["trial_id", "role", "status", f"{metric}_final", f"{metric}_best", "best_epoch", "epochs_run",
+               "duration_s", *param_names, "seed", "confirms", "optuna_trial", "node_ip", "gpu_ids", "error"]
+    frame = pd.DataFrame(rows, columns=columns).astype(
+        {"best_epoch": "Int64", "epochs_run": "Int64", "seed": "Int64", "optuna_trial": "Int64"})
+    if frame.empty:
+        return frame
+    order = pd.DataFrame({"role": frame["role"].map(_ROLE_ORDER).fillna(9),
+                          "status": frame["status"].map(_STATUS_ORDER).fillna(9),
+                          "value": pd.to_numeric(frame[f"{metric}_final"]) * (-1 if mode == "max" else 1)})
+    ranked = order.sort_values(["role", "status", "value"], na_position="last", kind="stable").index
+    return frame.loc[ranked].reset_index(drop=True)
+
+
+def set_field(sweep_dir: Path, field: str, values: Mapping[str, Any]) -> None:
+    """Set ``field`` in the records of the trials named in ``values`` (trial id -> value)."""
+    for record in read_trials(sweep_dir):
+        if record["trial_id"] in values and record.get(field) != values[record["trial_id"]]:
+            write_trial(sweep_dir, {**record, field: values[record["trial_id"]]})
 
 
 def write_trials_csv(sweep_dir: Path, param_names: Sequence[str], metric: str, mode: str) -> pd.DataFrame:
@@ -94,36 +113,48 @@ def write_trials_csv(sweep_dir: Path, param_names: Sequence[str], metric: str, m
 
 
 def summary_text(*, name: str, sweep_dir: Path, frame: pd.DataFrame, best: Mapping[str, Any] | None,
-                 metric: str, param_names: Sequence[str], importances: Mapping[str, float] | None,
-                 wall_s: float | None, trials_wanted: int) -> str:
-    """The end-of-sweep summary: best parameters and metric, top five, outputs and the next command."""
-    counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
+                 metric: str, param_names: Sequence[str], wall_s: float | None, trials_wanted: int,
+                 confirmation: Sequence[str] = (), study: Sequence[str] = ()) -> str:
+    """The end-of-sweep summary: best parameters and metric, top five, confirmation, the Optuna study,
+    outputs and the next command (``confirmation`` and ``study`` are ready-made lines)."""
+    search = frame[frame["role"] == "search"] if not frame.empty else frame
+    counts = search["status"].value_counts().to_dict() if not search.empty else {}
     state = ", ".join(f"{counts.get(s, 0)} {s}" for s in FINISHED)
-    lines = [f"sweep '{name}': {len(frame)} of {trials_wanted} trials ({state})"
+    confirm_runs = len(frame) - len(search)
+    lines = [f"sweep '{name}': {len(search)} of {trials_wanted} trials ({state})"
+             + (f" and {confirm_runs} confirmation run(s)" if confirm_runs else "")
              + (f" in {_duration(wall_s)}" if wall_s is not None else "")]
-    if best is not None:
-        lines.append(f"best trial {best['trial_id']}: {metric} = {best['metric']['value']:.4f} (final epoch)")
-        for key in param_names:
-            if key in best["params"]:
-                lines.append(f"  {key} = {_fmt(best['params'][key])}")
-    else:
-        lines.append("no trial reported the metric: there is no best trial (see the errors in trials.csv)")
-    if not frame.empty:
+    lines += _best_lines(best, metric, param_names)
+    if not search.empty:
         shown = [c for c in ["trial_id", "status", f"{metric}_final", f"{metric}_best", "epochs_run", *param_names]
-                 if c in frame]
-        top = frame.head(5)[shown].astype(object)
+                 if c in search]
+        top = search.head(5)[shown].astype(object)
         top = top.where(top.notna(), "-")  # a conditional parameter not sampled, a metric never reported
         top.insert(0, "rank", range(1, len(top) + 1))
-        lines += ["", "top 5:", top.to_string(index=False, formatters={c: _fmt for c in top.columns})]
-    if importances:
-        lines += ["", "parameter importances (Optuna): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in importances.items())]
+        lines += ["", "top 5 (trials that ran every epoch first):",
+                  top.to_string(index=False, formatters={c: _fmt for c in top.columns})]
+    for section in (confirmation, study):
+        if section:
+            lines += ["", *section]
     lines += ["", f"outputs in {sweep_dir}/: best.json, trials.csv, summary.txt, optuna.db, splits.csv, trials/",
               f"  tensorboard --logdir {sweep_dir}",
               f"  optuna-dashboard sqlite:///{sweep_dir}/optuna.db"]
     if best is not None:
         lines += ["next:", f"  python -m core.final_train {sweep_dir}/best.json"]
     return "\n".join(lines)
+
+
+def _best_lines(best: Mapping[str, Any] | None, metric: str, param_names: Sequence[str]) -> list[str]:
+    if best is None:
+        return ["no trial reported the metric: there is no best trial (see the errors in trials.csv)"]
+    confirmed = best.get("confirmation")
+    if confirmed:
+        sd = f" +- {confirmed['sd']:.4f}" if confirmed.get("sd") is not None else ""
+        lines = [f"best config: trial {best['trial_id']}: {metric} = {confirmed['mean']:.4f}{sd} "
+                 f"(mean of {len(confirmed['values'])} runs, last epoch)"]
+    else:
+        lines = [f"best trial {best['trial_id']}: {metric} = {best['metric']['value']:.4f} (final epoch)"]
+    return lines + [f"  {key} = {_fmt(best['params'][key])}" for key in param_names if key in best["params"]]
 
 
 def _fmt(value: Any) -> str:

@@ -21,18 +21,24 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from sweep import hparams
 from sweep.outputs import (best_of, epoch_history, read_trial, read_trials, trials_dir, write_trial,
                             write_trials_csv)
+from sweep.confirm import CONFIRMS_KEY
 from sweep.trainable import NODE_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
 
 
 class TrialRecorder(tune.Callback):
-    """Writes each trial's record when it starts and ends, and the trials table after every end."""
+    """Writes each trial's record when it starts and ends, and the trials table after every end.
 
-    def __init__(self, sweep_dir: Path, param_names: Sequence[str], metric: str, mode: str, max_epochs: int):
+    ``role`` is "search" for the search's trials and "confirm" for the confirmation runs (sweep/confirm.py).
+    """
+
+    def __init__(self, sweep_dir: Path, param_names: Sequence[str], metric: str, mode: str, max_epochs: int,
+                 base_seed: int, role: str = "search"):
         self.sweep_dir = Path(sweep_dir)
         self.param_names = tuple(param_names)
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.base_seed, self.role = base_seed, role
 
     # --- Tune callback hooks (run in the driver) --------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -46,12 +52,14 @@ class TrialRecorder(tune.Callback):
 
     # --- the records -------------------------------------------------------------------------------
     def started(self, trial_id: str, params: Mapping[str, Any]) -> None:
+        config = json_values(params)
         record = read_trial(self.sweep_dir, trial_id) or {
-            "trial_id": trial_id, "params": json_values(params), "started": time.time()}
+            "trial_id": trial_id, "role": self.role, "confirms": config.pop(CONFIRMS_KEY, None),
+            "seed": config.get("seed", self.base_seed), "params": config, "started": time.time()}
         record.update(status="running", error=None)
         run_dir = trials_dir(self.sweep_dir) / trial_id
         if not record.get("hparams_written"):
-            hparams.write_session_start(run_dir, trial_id, params, record["started"])
+            hparams.write_session_start(run_dir, trial_id, record["params"], record["started"])
             record["hparams_written"] = True
         write_trial(self.sweep_dir, record)
 
@@ -80,7 +88,7 @@ class TrialRecorder(tune.Callback):
             f"sweep/{self.metric}_best": best.get(self.metric) if best else None,
             "sweep/epochs_run": epochs}, failed=error is not None, step=epochs)
         write_trial(self.sweep_dir, record)
-        write_trials_csv(self.sweep_dir, self.param_names, self.metric, self.mode)
+        self.write_table()
         # Resume state is only needed while a trial runs: drop it, and Ray's copies (about 3x the model
         # each); best.pt, the trial's best epoch, stays.
         (run_dir / STATE_FILE).unlink(missing_ok=True)
@@ -101,12 +109,16 @@ class TrialRecorder(tune.Callback):
             error = error_message(result.error) if result.error else None
             self.finished(trial_id, result.config or {}, result.metrics, error)
         for record in read_trials(self.sweep_dir):
-            if record.get("status") == "running" and record["trial_id"] not in known:
+            if record.get("status") == "running" and record["trial_id"] not in known \
+                    and record.get("role", "search") == self.role:
                 # Started just before a driver was killed, after Ray's last saved state: the resumed sweep
                 # never heard of it and drew another trial in its place. Its partial run would be a stray row.
                 shutil.rmtree(trials_dir(self.sweep_dir) / record["trial_id"], ignore_errors=True)
                 log.info("removed trial %s: it started after the interrupted sweep's last saved state, and "
                          "the resumed sweep ran another trial in its place", record["trial_id"])
+        return self.write_table()
+
+    def write_table(self) -> Any:
         return write_trials_csv(self.sweep_dir, self.param_names, self.metric, self.mode)
 
 

@@ -3,9 +3,12 @@
     python -m sweep.run --gpus 4 --trials 40 --data ../shared/data/ham10000-200x150
     python -m sweep.run --gpus 1 --gpus-per-trial 0.25 --trials 40 --data DATA    # 4 trials per GPU
     python -m sweep.run --gpus 0 --space search_spaces/quick.yaml --trials 4      # CPU only
+    python -m sweep.run --warm-start results/OLD --data DATA ...                  # learn from an earlier sweep
     python -m sweep.run --resume --name NAME                                       # after a crash
     python -m sweep.run --address auto ...                                         # a running Ray cluster
 
+Two stages: the search (Optuna suggests, ASHA stops poor trials early; sweep/searcher.py,
+sweep/schedule.py), then the confirmation of its best configs with new seeds (sweep/confirm.py).
 Outputs go to ``results/<name>/`` (see sweep/outputs.py): best.json for
 ``python -m core.final_train results/<name>/best.json``, trials.csv, the Optuna study (optuna.db),
 TensorBoard runs (``tensorboard --logdir results/<name>``) and a summary printed at the end.
@@ -17,76 +20,23 @@ import argparse
 import dataclasses
 import importlib.util
 import logging
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from core import atomic
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError, run_cli
+from sweep.settings import (DEFAULT_SPACE, SEARCH_OPTIONS, SETTINGS_FILE, SPACE_COPY, SweepSettings, base_config,
+                            latest_sweep, load_settings, read_text)
 from sweep.space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SPACE = "search_spaces/default.yaml"
-SETTINGS_FILE = "sweep.json"
-SETTINGS_FORMAT = "lesion-sweep/sweep"
-SPACE_COPY = "space.yaml"
-# Options that define what a sweep searches; --resume keeps the saved ones.
-SEARCH_OPTIONS = ("space", "data", "metric", "max_epochs", "scheduler", "grace_period", "reduction_factor", "trials",
-                  "seed", "overrides", "gpus", "gpus_per_trial", "cpus_per_trial")
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """Everything a sweep depends on (saved as sweep.json; --resume reads it back)."""
-
-    name: str
-    results: str                      # the results folder (the sweep lives in results/<name>/)
-    space: str = DEFAULT_SPACE
-    data: str | None = None           # None: the built-in demo dataset
-    metric: str = "val_balanced_accuracy"
-    max_epochs: int | None = None     # None: the config's epochs
-    scheduler: str = "asha"
-    grace_period: int = 2
-    reduction_factor: float = 3.0
-    trials: int = 20
-    seed: int = 0
-    overrides: tuple[str, ...] = ()
-    gpus: int | None = None           # None: all visible
-    gpus_per_trial: float | None = None
-    cpus_per_trial: int | None = None
-
-    @property
-    def mode(self) -> str:
-        return "min" if self.metric.endswith("loss") else "max"
-
-    @property
-    def sweep_dir(self) -> Path:
-        return Path(self.results).resolve() / self.name
-
-
-@dataclass(frozen=True)
-class Resources:
-    """How the sweep shares the machine (or cluster) out."""
-
-    cpus: int
-    gpus: int
-    cpus_per_trial: int
-    gpus_per_trial: float
-    slots: int                        # trials that run at once
-
-    def describe(self) -> str:
-        if self.gpus:
-            return (f"{self.slots} trial(s) at once on {self.gpus} GPU(s): {self.gpus_per_trial:g} GPU and "
-                    f"{self.cpus_per_trial} CPU(s) per trial")
-        return f"{self.slots} trial(s) at once on {self.cpus} CPU(s), {self.cpus_per_trial} per trial, no GPU"
+Echo = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -97,187 +47,188 @@ class SweepReport:
     trials: Any                       # the trials table (pandas DataFrame)
 
 
-# --- settings and configuration ------------------------------------------------------------------------
-def base_config(space: SearchSpace, settings: SweepSettings) -> TrainConfig:
-    """The fixed part of every trial's config: defaults, then the space's base, then --set, then --max-epochs."""
-    if settings.metric not in SELECT_METRICS:
-        raise UserError(f"--metric {settings.metric!r}: expected one of {', '.join(SELECT_METRICS)}")
-    cfg = TrainConfig.from_dict(space.base)
-    cfg = cfg.with_overrides(settings.overrides)
-    searched = [o.partition("=")[0].strip() for o in settings.overrides if o.partition("=")[0].strip() in space.names]
-    if searched:
-        raise UserError(f"--set {searched[0]}=...: '{searched[0]}' is searched by {space.source}; "
-                        f"drop it from --set or from the space")
-    fixed = {"select_metric": settings.metric}  # each trial's best.pt is its best epoch by the sweep's metric
-    if settings.max_epochs is not None:
-        if any(o.partition("=")[0].strip() == "epochs" for o in settings.overrides) \
-                and cfg.epochs != settings.max_epochs:
-            raise UserError(f"--max-epochs {settings.max_epochs} and --set epochs={cfg.epochs} disagree; give one")
-        fixed["epochs"] = settings.max_epochs
-    cfg = TrainConfig.from_dict(fixed, base=cfg)
-    space.check_against(cfg)
-    return cfg
+@dataclass(frozen=True)
+class Sweep:
+    """What the stages of one sweep share."""
+
+    settings: SweepSettings
+    space: SearchSpace
+    base: TrainConfig
+    resources: Any                    # sweep.resources.Resources
+    trainable: Any                    # the Ray Tune trainable, data and resources attached
+    echo: Echo
+
+    @property
+    def folder(self) -> Path:
+        return self.settings.sweep_dir
+
+    def recorder(self, role: str) -> Any:
+        from sweep.recorder import TrialRecorder
+
+        return TrialRecorder(self.folder, self.space.names, self.settings.metric, self.settings.mode,
+                             self.base.epochs, self.base.seed, role=role)
 
 
-def plan_resources(settings: SweepSettings, cpus: int, gpus_available: int, where: str) -> Resources:
-    """GPUs and CPUs per trial and how many trials run at once; impossible requests fail here."""
-    gpus = gpus_available if settings.gpus is None else settings.gpus
-    if gpus < 0:
-        raise UserError(f"--gpus {gpus}: must be 0 or more")
-    if gpus > gpus_available:
-        raise UserError(f"--gpus {gpus}: {where} has {gpus_available} GPU(s)"
-                        + (" (use --gpus 0 to train on the CPU)" if gpus_available == 0 else ""))
-    if gpus == 0:
-        if settings.gpus_per_trial:
-            raise UserError(f"--gpus-per-trial {settings.gpus_per_trial:g} needs GPUs, but the sweep uses none "
-                            f"(--gpus 0 or no GPU on {where})")
-        cpt = settings.cpus_per_trial or max(1, cpus // max(1, min(settings.trials, cpus)))
-        if not 1 <= cpt <= cpus:
-            raise UserError(f"--cpus-per-trial {cpt}: must be between 1 and the {cpus} CPU(s) of {where}")
-        return Resources(cpus=cpus, gpus=0, cpus_per_trial=cpt, gpus_per_trial=0.0, slots=cpus // cpt)
-    gpt = 1.0 if settings.gpus_per_trial is None else float(settings.gpus_per_trial)
-    if not 0 < gpt <= gpus or gpt > 1 and not gpt.is_integer():
-        raise UserError(f"--gpus-per-trial {gpt:g}: must be a fraction in (0, 1] or a whole number up to "
-                        f"--gpus {gpus}")
-    gpu_slots = math.floor(gpus / gpt + 1e-9)
-    cpt = settings.cpus_per_trial or max(1, cpus // gpu_slots)
-    if not 1 <= cpt <= cpus:
-        raise UserError(f"--cpus-per-trial {cpt}: must be between 1 and the {cpus} CPU(s) of {where}")
-    return Resources(cpus=cpus, gpus=gpus, cpus_per_trial=cpt, gpus_per_trial=gpt,
-                     slots=max(1, min(gpu_slots, cpus // cpt)))
-
-
-def save_settings(settings: SweepSettings, space_text: str, base: TrainConfig) -> None:
-    folder = settings.sweep_dir
-    atomic.write_text(folder / SPACE_COPY, space_text)
-    atomic.write_json(folder / SETTINGS_FILE, {
-        "format": SETTINGS_FORMAT, "version": 1, "settings": dataclasses.asdict(settings),
-        "base_config": base.to_dict(), "created": datetime.now().isoformat(timespec="seconds")})
-
-
-def load_settings(folder: Path) -> SweepSettings:
-    doc = atomic.read_json_object(folder / SETTINGS_FILE, "no sweep to resume here")
-    if doc.get("format") != SETTINGS_FORMAT:
-        raise UserError(f"{folder / SETTINGS_FILE}: not a sweep settings file")
-    values = dict(doc["settings"])
-    values["overrides"] = tuple(values.get("overrides") or ())
-    return SweepSettings(**values)
-
-
-def latest_sweep(results: Path) -> str:
-    candidates = sorted(results.glob(f"*/{SETTINGS_FILE}"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise UserError(f"--resume: no sweep in {results}/ to resume; give --name")
-    return candidates[-1].parent.name
-
-
-# --- the sweep -------------------------------------------------------------------------------------------
 def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | None = None,
-              echo: Any = print) -> SweepReport:
+              echo: Echo = print) -> SweepReport:
     """Run (or, with ``resume``, continue) a sweep; Ray is started here unless it already runs."""
     started = time.time()
-    folder = settings.sweep_dir
-    if resume:
-        space_text = _read_text(folder / SPACE_COPY)
-        space = parse_space(space_text, source=str(folder / SPACE_COPY))
-    else:
-        if (folder / SETTINGS_FILE).exists():
-            raise UserError(f"{folder} already holds a sweep: --resume continues it, or choose another --name")
-        space_text = _read_text(Path(settings.space))
-        space = parse_space(space_text, source=settings.space)
+    settings.check()
+    space, space_text = _space(settings, resume)
     base = base_config(space, settings)
-    if settings.trials < 1:
-        raise UserError(f"--trials {settings.trials}: must be at least 1")
-    if settings.scheduler not in ("asha", "none"):
-        raise UserError(f"--scheduler {settings.scheduler!r}: expected 'asha' or 'none'")
-    if settings.scheduler == "asha" and not (1 <= settings.grace_period and settings.reduction_factor > 1):
-        raise UserError("--grace-period must be at least 1 and --reduction-factor above 1")
     missing = [m for m in ("ray", "optuna") if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"the sweep needs {' and '.join(missing)}, not installed in {sys.prefix}: "
                         f"pip install -c constraints.txt -e .")
+    warm = None if resume or not settings.warm_start else _warm_start(settings, space, base)
 
     import ray
 
-    started_ray = _connect_ray(settings, address)
+    from sweep.resources import connect_ray
+
+    connected = connect_ray(settings, address, echo)
     try:
-        return _run(settings, space, space_text, base, resume, started, echo, ray)
+        return _run(settings, space, space_text, base, resume, warm, started, echo)
     finally:
-        if started_ray:
+        if connected:
             ray.shutdown()
 
 
+def _space(settings: SweepSettings, resume: bool) -> tuple[SearchSpace, str]:
+    folder = settings.sweep_dir
+    if resume:
+        text = read_text(folder / SPACE_COPY)
+        return parse_space(text, source=str(folder / SPACE_COPY)), text
+    if (folder / SETTINGS_FILE).exists():
+        raise UserError(f"{folder} already holds a sweep: --resume continues it, or choose another --name")
+    text = read_text(Path(settings.space))
+    return parse_space(text, source=settings.space), text
+
+
+def _warm_start(settings: SweepSettings, space: SearchSpace, base: TrainConfig) -> Any:
+    from core.data import dataset_fingerprint
+    from sweep.warm_start import load_warm_start
+
+    return load_warm_start(settings.warm_start, space, base.to_dict(), settings.metric,
+                           dataset_fingerprint(settings.data))
+
+
 def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,
-         started: float, echo: Any, ray: Any) -> SweepReport:
+         warm: Any, started: float, echo: Echo) -> SweepReport:
     from ray import tune
 
     from core.data import load_for_config, write_splits
-    from sweep.recorder import TrialRecorder
+    from sweep import confirm
+    from sweep.resources import plan_on_ray
+    from sweep.settings import save_settings
     from sweep.trainable import TrialSetup, run_trial
 
     folder = settings.sweep_dir
-    cluster = ray.cluster_resources()
-    where = "this machine" if len(ray.nodes()) <= 1 else "the Ray cluster"
-    resources = plan_resources(settings, int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0)), where)
+    resources = plan_on_ray(settings)
     echo(f"sweep '{settings.name}' in {folder}: {settings.trials} trials, {len(space.params)} searched "
          f"parameters ({', '.join(space.names)}); {resources.describe()}")
-
-    splits_file = folder / "splits.csv"
-    data = load_for_config(settings.data, base, splits_file=splits_file if resume else None)
+    data = load_for_config(settings.data, base, splits_file=folder / "splits.csv" if resume else None)
     if settings.data is None:
         echo(f"notice: no --data given: using the built-in synthetic demo dataset ({data.root})")
+    data_record = {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout}
     if not resume:
-        save_settings(settings, space_text, base)
-        write_splits(data, splits_file)
+        save_settings(settings, space_text, base, data_record)
+        write_splits(data, folder / "splits.csv")
 
     setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / "trials"), cpus=resources.cpus_per_trial,
                        gpus=resources.gpus_per_trial)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, setup=setup),
-                                    {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial})
-    recorder = TrialRecorder(folder, space.names, settings.metric, settings.mode, base.epochs)
-    experiment = folder / "ray"
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, setup=setup), resources.per_trial)
+    sweep = Sweep(settings, space, base, resources, trainable, echo)
+
+    runs = confirm.read_plan(folder) if resume else None
+    if runs is None:  # the search has not finished (confirm.json marks its end)
+        frame = _search(sweep, resume, warm)
+        runs = confirm.plan(frame, settings.metric, settings.confirm_top, settings.confirm_seeds, base.seed,
+                            {t: r["params"] for t, r in _records(folder).items()})
+        confirm.write_plan(folder, runs, settings.confirm_top, settings.confirm_seeds)
+    frame = _confirm(sweep, runs, resume) if runs else sweep.recorder("search").write_table()
+    return _finish(sweep, frame, runs, data_record, started)
+
+
+def _search(sweep: Sweep, resume: bool, warm: Any) -> Any:
+    """The search stage: Optuna suggests, ASHA stops; returns the trials table."""
+    from sweep import searcher
+    from sweep.outputs import set_field
+
+    settings, recorder = sweep.settings, sweep.recorder("search")
+    recorder.reconcile(_fit(sweep, "ray", resume, lambda: _search_tuner(sweep, recorder, warm)))
+    study = searcher.load_study(sweep.folder, settings.name)
+    searcher.fail_orphans(study)
+    set_field(sweep.folder, "optuna_trial", searcher.ray_trial_numbers(study))
+    return recorder.write_table()
+
+
+def _search_tuner(sweep: Sweep, recorder: Any, warm: Any) -> Any:
+    from sweep import searcher
+
+    settings, space = sweep.settings, sweep.space
+    sampler = searcher.make_sampler(settings.sampler, settings.seed, sweep.resources.slots,
+                                    conditional=any(p.when for p in space.params))
+    search = searcher.StudySearch(space.sample, metric=settings.metric, mode=settings.mode, sampler=sampler,
+                                  storage_url=searcher.storage_url(sweep.folder), study_name=settings.name,
+                                  max_epochs=sweep.base.epochs)
+    if not search.study.trials:  # a new study (not one a resume could not restore Ray's state of)
+        if warm is not None:
+            search.study.add_trials(list(warm.trials))
+            sweep.echo(warm.describe())
+        for number, point in enumerate(space.start_points, 1):  # not again where a warm start has it
+            search.study.enqueue_trial(dict(point), user_attrs={"start_point": number}, skip_if_exists=True)
+    asha = settings.asha(space, sweep.base.epochs)
+    if asha is not None:
+        sweep.echo(asha.describe())
+    return _tuner(sweep, "ray", search, asha.scheduler() if asha else None, settings.trials, recorder)
+
+
+def _confirm(sweep: Sweep, runs: list[dict[str, Any]], resume: bool) -> Any:
+    """The confirmation stage: the planned runs as Ray trials (all epochs, no early stopping)."""
+    from sweep import confirm
+
+    recorder = sweep.recorder("confirm")
+    configs = len({r[confirm.CONFIRMS_KEY] for r in runs})
+    sweep.echo(f"confirmation: {len(runs)} run(s) of the top {configs} config(s), "
+               f"{sweep.settings.confirm_seeds} new seed(s) each")
+
+    def new_tuner() -> Any:
+        todo = confirm.still_to_run(runs, recorder.write_table())
+        searcher = confirm.PlanSearcher(todo, sweep.settings.metric, sweep.settings.mode)
+        return _tuner(sweep, "ray-confirm", searcher, None, len(todo), recorder) if todo else None
+
+    return recorder.reconcile(_fit(sweep, "ray-confirm", resume, new_tuner))
+
+
+def _fit(sweep: Sweep, name: str, resume: bool, new_tuner: Callable[[], Any]) -> Any:
+    """Run a stage's Ray Tune experiment: restored from ``<sweep>/<name>/`` on --resume where Ray can.
+
+    ``new_tuner()`` returns None when there is nothing to run; the results are then empty."""
+    from ray import tune
+
+    experiment = sweep.folder / name
     if resume and tune.Tuner.can_restore(str(experiment)):
-        echo(f"resuming from {experiment}")
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+        sweep.echo(f"resuming from {experiment}")
+        tuner = tune.Tuner.restore(str(experiment), trainable=sweep.trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
-        tuner = _new_tuner(settings, space, base, resources, trainable, recorder)
-    results = tuner.fit()
-
-    frame = recorder.reconcile(results)
-    study = _study(settings)
-    _fail_orphans(study)
-    best = _write_best(settings, frame, data, base)
-    importances = _importances(study)
-    summary = _summary(settings, folder, frame, best, space, importances, time.time() - started)
-    atomic.write_text(folder / "summary.txt", summary + "\n")
-    echo(summary)
-    return SweepReport(sweep_dir=folder, best=best, summary=summary, trials=frame)
+        tuner = new_tuner()
+    return tuner.fit() if tuner is not None else []
 
 
-def _new_tuner(settings: SweepSettings, space: SearchSpace, base: TrainConfig, resources: Resources,
-               trainable: Any, recorder: Any) -> Any:
-    import optuna
+def _tuner(sweep: Sweep, name: str, search_alg: Any, scheduler: Any, samples: int, recorder: Any) -> Any:
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(space=space.sample, metric=settings.metric, mode=settings.mode,
-                            sampler=optuna.samplers.TPESampler(seed=settings.seed),
-                            storage=optuna.storages.RDBStorage(_storage_url(settings)), study_name=settings.name)
-    scheduler = None
-    if settings.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs,
-                                  grace_period=min(settings.grace_period, base.epochs),
-                                  reduction_factor=settings.reduction_factor)
+    settings = sweep.settings
     return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, search_alg=searcher,
-                                    scheduler=scheduler, num_samples=settings.trials,
-                                    max_concurrent_trials=resources.slots, trial_dirname_creator=_trial_dirname,
+        sweep.trainable,
+        tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=samples,
+                                    max_concurrent_trials=sweep.resources.slots, trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=_trial_dirname, reuse_actors=True),
-        run_config=tune.RunConfig(name="ray", storage_path=str(settings.sweep_dir),
+        run_config=tune.RunConfig(name=name, storage_path=str(sweep.folder),
                                   callbacks=[recorder, JsonLoggerCallback()],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1))
@@ -287,122 +238,60 @@ def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def _connect_ray(settings: SweepSettings, address: str | None) -> bool:
-    """Start Ray for this machine, or join ``address``; returns whether this call started it."""
-    import ray
+def _records(folder: Path) -> dict[str, dict[str, Any]]:
+    from sweep.outputs import read_trials
 
-    # Tune's own TensorBoard logger would duplicate core.train's curves in the logdir (JSON is added back).
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    # Every checkpoint forces an experiment snapshot (num_to_keep=1): wanted, for --resume; not worth a warning.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if ray.is_initialized():
-        return False
-    # Trial processes import core/ and sweep/ from this checkout (the project need not be installed).
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    if address:
-        try:
-            ray.init(address=address, log_to_driver=True)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise UserError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
-        return True
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    resources = plan_resources(settings, cpus, _local_gpus(), "this machine")  # fails before starting anything
-    ray.init(num_cpus=cpus, num_gpus=resources.gpus, include_dashboard=False, log_to_driver=True)
-    return True
+    return {r["trial_id"]: r for r in read_trials(folder)}
 
 
-def _local_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def _storage_url(settings: SweepSettings) -> str:
-    return f"sqlite:///{settings.sweep_dir / 'optuna.db'}"
-
-
-def _study(settings: SweepSettings) -> Any:
-    import optuna
-
-    return optuna.load_study(study_name=settings.name, storage=_storage_url(settings))
-
-
-def _fail_orphans(study: Any) -> None:
-    """Optuna trials left RUNNING by a killed driver: Ray never ran them to the end; mark them failed."""
-    import optuna
-
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        log.info("optuna trial %d was left running by an interrupted driver: marked failed", trial.number)
-
-
-def _write_best(settings: SweepSettings, frame: Any, data: Any, base: TrainConfig) -> dict[str, Any] | None:
-    from sweep.best_file import build_best, write_best
-    from sweep.outputs import read_trial
-
-    final = f"{settings.metric}_final"
-    ranked = frame[frame[final].notna() & (frame["status"] != "failed")]
-    if ranked.empty:
-        return None
-    trial_id = ranked.iloc[0]["trial_id"]
-    record = read_trial(settings.sweep_dir, trial_id)
-    params = record["params"]
-    config = TrainConfig.from_dict(params, base=base)  # as the trial built it (sweep/trainable.py)
-    checkpoint = Path("trials") / trial_id / "best.pt"
-    best = build_best(
-        config=config.to_dict(), metric=settings.metric, value=float(ranked.iloc[0][final]), mode=settings.mode,
-        trial_id=trial_id, data={"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout},
-        splits_file="splits.csv",
-        checkpoint=str(checkpoint) if (settings.sweep_dir / checkpoint).is_file() else None, params=params,
-        sweep={"name": settings.name, "space": str(settings.space), "trials": settings.trials,
-               "scheduler": settings.scheduler, "seed": settings.seed,
-               "best_epoch_value": _maybe_float(ranked.iloc[0][f"{settings.metric}_best"])})
-    write_best(settings.sweep_dir / "best.json", best)
-    return best
-
-
-def _maybe_float(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _importances(study: Any) -> dict[str, float] | None:
-    import optuna
-
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) < 3:
-        return None
-    try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
-    except (RuntimeError, ValueError) as exc:  # e.g. no parameter common to all complete trials
-        log.info("parameter importances not computed: %s", exc)
-        return None
-
-
-def _summary(settings: SweepSettings, folder: Path, frame: Any, best: dict[str, Any] | None, space: SearchSpace,
-             importances: dict[str, float] | None, wall_s: float) -> str:
+def _finish(sweep: Sweep, frame: Any, runs: list[dict[str, Any]], data: dict[str, str],
+            started: float) -> SweepReport:
+    """Rank, write best.json and the summary."""
+    from sweep import confirm, searcher
+    from sweep.best_file import choose_and_write
     from sweep.outputs import summary_text
 
-    shown = folder
+    settings, folder = sweep.settings, sweep.folder
+    configs = confirm.ranked(frame, runs, settings.metric, settings.mode) if runs else []
+    configs = [c for c in configs if c.runs]
+    study = searcher.load_study(folder, settings.name)
+    best = choose_and_write(folder, frame, configs, metric=settings.metric, mode=settings.mode, base=sweep.base,
+                            data=data, sweep={"name": settings.name, "space": str(settings.space),
+                                              "trials": settings.trials, "scheduler": settings.scheduler,
+                                              "sampler": settings.sampler, "seed": settings.seed})
+    summary = summary_text(name=settings.name, sweep_dir=_shown(folder), frame=frame, best=best,
+                           metric=settings.metric, param_names=sweep.space.names, wall_s=time.time() - started,
+                           trials_wanted=settings.trials,
+                           confirmation=confirm.summary_lines(configs, settings.metric, settings.confirm_seeds),
+                           study=_study_lines(study))
+    from core import atomic
+
+    atomic.write_text(folder / "summary.txt", summary + "\n")
+    sweep.echo(summary)
+    return SweepReport(sweep_dir=folder, best=best, summary=summary, trials=frame)
+
+
+def _study_lines(study: Any) -> list[str]:
+    from sweep import searcher
+
+    counts = searcher.state_counts(study)
+    warm = sum(1 for t in study.get_trials(deepcopy=False) if "warm_start_from" in t.user_attrs)
+    lines = ["optuna.db: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+             + (f" ({warm} of them warm-started from an earlier sweep)" if warm else "")
+             + "; COMPLETE: ran every epoch, PRUNED: stopped early by ASHA"]
+    found = searcher.importances(study)
+    if found:
+        values, complete = found
+        lines.append(f"parameter importances (Optuna, from the {complete} COMPLETE trials): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    return lines
+
+
+def _shown(folder: Path) -> Path:
     try:
-        shown = folder.relative_to(Path.cwd())
+        return folder.relative_to(Path.cwd())
     except ValueError:
-        pass
-    return summary_text(name=settings.name, sweep_dir=shown, frame=frame, best=best, metric=settings.metric,
-                        param_names=space.names, importances=importances, wall_s=wall_s,
-                        trials_wanted=settings.trials)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read it ({exc})") from None
+        return folder
 
 
 # --- command line ----------------------------------------------------------------------------------------
@@ -410,7 +299,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sweep.run", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Search training hyperparameters with Ray Tune + Optuna (seeded TPE), with ASHA early "
-                    "stopping, across the GPUs (or CPUs) of this machine or a Ray cluster.",
+                    "stopping, across the GPUs (or CPUs) of this machine or a Ray cluster; then train the best "
+                    "configs again with new seeds and hand on the one with the best mean.",
         epilog="outputs in RESULTS/NAME/: best.json (for python -m core.final_train), trials.csv, optuna.db, "
                "TensorBoard runs, summary.txt\nsearch-space schema: search_spaces/README.md\n\n"
                "config keys (--set key=value):\n" + TrainConfig.describe())
@@ -420,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=int, metavar="N",
                    help="CPUs (torch threads) per trial (default: the CPUs shared evenly among the trials that "
                         "run at once)")
-    p.add_argument("--trials", type=int, help="number of trials (default 20)")
+    p.add_argument("--trials", type=int, help="number of search trials (default 20)")
     p.add_argument("--space", metavar="FILE", help=f"search-space file (default {DEFAULT_SPACE})")
     p.add_argument("--data", metavar="PATH", help="dataset folder (HAM10000, ISIC 2018 or ImageFolder layout; "
                                                   "default: the built-in synthetic demo dataset)")
@@ -430,16 +320,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, metavar="N", help="epochs per trial (default: the config's epochs)")
     p.add_argument("--scheduler", choices=("asha", "none"), help="early stopping of poor trials (default asha)")
     p.add_argument("--grace-period", type=int, metavar="N", help="ASHA: epochs before a trial can be stopped "
-                                                                 "(default 2)")
-    p.add_argument("--reduction-factor", type=float, metavar="F", help="ASHA: keep 1/F of trials at each rung "
-                                                                       "(default 3)")
+                                                                 "(default: the space's asha:, else 2)")
+    p.add_argument("--reduction-factor", type=float, metavar="F",
+                   help="ASHA: keep 1/F of trials at each rung (default: the space's asha:, else 3)")
+    p.add_argument("--sampler", choices=("tpe", "random"), help="Optuna sampler (default tpe; random: a baseline)")
+    p.add_argument("--confirm-top", type=int, metavar="K",
+                   help="after the search, train the K best configs again with new seeds (default 3; 0: off)")
+    p.add_argument("--confirm-seeds", type=int, metavar="S", help="new seeds per confirmed config (default 2)")
+    p.add_argument("--warm-start", metavar="SWEEP_DIR",
+                   help="add the finished trials of an earlier sweep (same data, metric and fixed config; same "
+                        "searched keys) to the study before the first suggestion")
     p.add_argument("--name", help="sweep name (default: <space>-<date>-<time>); with --resume: the sweep to "
                                   "continue (default: the latest)")
     p.add_argument("--results", metavar="DIR", default="results", help="results folder (default results/)")
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or ray://host:port (every node needs "
-                                     "this project and its environment at the same path)")
+                                     "this project and its environment at the same path); without it the "
+                                     "sweep starts its own Ray on this machine")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted sweep with its saved settings (finished trials are kept)")
+                   help="continue an interrupted sweep with its saved settings (finished trials are kept; an "
+                        "interrupted confirmation stage goes on)")
     p.add_argument("--seed", type=int, help="seed of the Optuna sampler (default 0)")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                    help="fix a config key for every trial; repeatable")
@@ -466,8 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             .replace("--overrides", "--set"))
         results = Path(args.results).resolve()
         name = args.name or latest_sweep(results)
-        settings = load_settings(results / name)
-        settings = dataclasses.replace(settings, results=str(results))
+        settings = dataclasses.replace(load_settings(results / name), results=str(results))
     else:
         settings = settings_from_args(args)
     report = run_sweep(settings, resume=args.resume, address=args.address)

@@ -23,7 +23,8 @@ DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 # Fixed for a whole sweep: the dataset is decoded (image_size) and split (fractions, seed) once, before
 # any trial starts, and every trial must see the same validation images to be comparable.
 NOT_SEARCHABLE = ("image_size", "val_fraction", "test_fraction", "split_seed")
-_TOP_KEYS = ("description", "base", "params")
+_TOP_KEYS = ("description", "base", "params", "start_points", "asha")
+DEFAULTS_POINT = "defaults"       # a start point: every searched key at its base value
 _PARAM_FIELDS = {
     "loguniform": ("dist", "low", "high", "when"),
     "uniform": ("dist", "low", "high", "step", "when"),
@@ -60,6 +61,30 @@ class Param:
                                    step=None if self.step is None else float(self.step),
                                    log=self.dist == "loguniform")
 
+    def distribution(self) -> Any:
+        """The Optuna distribution :meth:`suggest` draws from (equal to the one Optuna records)."""
+        from optuna import distributions as d
+
+        if self.dist == "categorical":
+            return d.CategoricalDistribution(list(self.choices))
+        if self.dist == "int":
+            return d.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return d.FloatDistribution(float(self.low), float(self.high), log=self.dist == "loguniform",
+                                   step=None if self.step is None else float(self.step))
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take (a choice, or in range and on the step grid)."""
+        if self.dist == "categorical":
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.dist == "int" and not float(value).is_integer():
+            return False
+        if self.step is None:
+            return True
+        steps = (value - self.low) / self.step
+        return abs(steps - round(steps)) < 1e-6
+
     def describe(self) -> str:
         if self.dist == "categorical":
             text = f"categorical {list(self.choices)}"
@@ -80,6 +105,8 @@ class SearchSpace:
     description: str
     base: Mapping[str, Any] = field(default_factory=dict)
     params: tuple[Param, ...] = ()
+    start_points: tuple[Mapping[str, Any], ...] = ()   # evaluated first, in this order (partial: rest sampled)
+    asha: Mapping[str, Any] = field(default_factory=dict)  # grace_period / reduction_factor for this space
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -92,6 +119,10 @@ class SearchSpace:
             if param.active(values):
                 values[param.name] = param.suggest(trial)
         return values
+
+    def distributions(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The Optuna distribution of each searched key in ``values`` (as a trial that sampled them records)."""
+        return {p.name: p.distribution() for p in self.params if p.name in values}
 
     def check_against(self, base: TrainConfig) -> None:
         """Every value a parameter can take must make a valid config on top of ``base``.
@@ -113,6 +144,8 @@ class SearchSpace:
         lines += [f"  {p.name}: {p.describe()}" for p in self.params]
         if self.base:
             lines.append("  fixed: " + ", ".join(f"{k}={v}" for k, v in self.base.items()))
+        for number, point in enumerate(self.start_points, 1):
+            lines.append(f"  start point {number}: " + ", ".join(f"{k}={v}" for k, v in point.items()))
         return "\n".join(lines)
 
 
@@ -151,7 +184,9 @@ def parse_space(text: str, source: str = "<space>") -> SearchSpace:
         params.append(_parse_param(str(name), spec, source, {p.name: p for p in params}))
         if name in base:
             raise UserError(f"{source}: key '{name}' is both fixed in 'base' and searched in 'params'")
-    space = SearchSpace(source=source, description=description.strip(), base=base, params=tuple(params))
+    start_points = _parse_start_points(doc.get("start_points"), params, base, source)
+    space = SearchSpace(source=source, description=description.strip(), base=base, params=tuple(params),
+                        start_points=start_points, asha=_parse_asha(doc.get("asha"), source))
     space.check_against(TrainConfig.from_dict(base))
     return space
 
@@ -246,6 +281,69 @@ def _parse_when(raw: Any, where: str, earlier: Mapping[str, Param]) -> tuple[tup
                                 f"choices {list(parent_param.choices)}")
         conditions.append((str(parent), values))
     return tuple(conditions)
+
+
+def _parse_start_points(raw: Any, params: Sequence[Param], base: Mapping[str, Any],
+                        source: str) -> tuple[dict[str, Any], ...]:
+    """``start_points:``: configs to evaluate first; each a mapping of searched keys, or ``defaults``."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise UserError(f"{source}: 'start_points' must be a list of mappings (searched key -> value) or "
+                        f"'{DEFAULTS_POINT}'")
+    base_config = TrainConfig.from_dict(base)
+    points = []
+    for number, item in enumerate(raw, 1):
+        where = f"{source}: start point {number}"
+        if item == DEFAULTS_POINT:
+            values: dict[str, Any] = {}
+            for param in params:  # each searched key at its base value, where its conditions allow it
+                if param.active(values):
+                    values[param.name] = getattr(base_config, param.name)
+        elif isinstance(item, dict) and item:
+            values = {str(k): _coerce(str(k), v, source, f"start point {number}") for k, v in item.items()}
+        else:
+            raise UserError(f"{where}: expected a mapping of searched key -> value, or '{DEFAULTS_POINT}'")
+        _check_point(values, params, where)
+        points.append(values)
+    return tuple(points)
+
+
+def _check_point(values: Mapping[str, Any], params: Sequence[Param], where: str) -> None:
+    by_name = {p.name: p for p in params}
+    for key, value in values.items():
+        param = by_name.get(key)
+        if param is None:
+            raise UserError(f"{where}: '{key}' is not a searched parameter (start points give values of 'params')")
+        if not param.contains(value):
+            raise UserError(f"{where}: {key}={value!r} is not a value the space can take ({param.describe()})")
+        for parent, allowed in param.when:
+            if parent not in values:
+                raise UserError(f"{where}: '{key}' is searched only when {parent} is one of {list(allowed)}: "
+                                f"give '{parent}' too")
+            if values[parent] not in allowed:
+                raise UserError(f"{where}: '{key}' is searched only when {parent} is one of {list(allowed)}, "
+                                f"but the point has {parent}={values[parent]!r}")
+
+
+def _parse_asha(raw: Any, source: str) -> dict[str, Any]:
+    """``asha: {grace_period: N, reduction_factor: F}``: the early-stopping rungs this space is meant for."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) - {"grace_period", "reduction_factor"}:
+        raise UserError(f"{source}: 'asha' must be a mapping with 'grace_period' and/or 'reduction_factor'")
+    out: dict[str, Any] = {}
+    if "grace_period" in raw:
+        grace = raw["grace_period"]
+        if isinstance(grace, bool) or not isinstance(grace, int) or grace < 1:
+            raise UserError(f"{source}: asha: 'grace_period' must be a whole number of epochs, at least 1")
+        out["grace_period"] = grace
+    if "reduction_factor" in raw:
+        factor = _number(raw["reduction_factor"], f"{source}: asha: 'reduction_factor'")
+        if not factor > 1:
+            raise UserError(f"{source}: asha: 'reduction_factor' must be above 1")
+        out["reduction_factor"] = float(factor)
+    return out
 
 
 def _coerce(key: str, value: Any, source: str, what: str) -> Any:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from core import atomic, filenames
 from core.config import TrainConfig
+from sweep.confirm import CONFIRMS_KEY
 
 if TYPE_CHECKING:
     from core.data import Dataset
@@ -44,8 +45,9 @@ class TrialSetup:
 
 
 def trial_config(sampled: Mapping[str, Any], setup: TrialSetup) -> TrainConfig:
-    """The trial's complete config: the fixed base with the sampled values on top."""
-    return TrainConfig.from_dict(dict(sampled), base=TrainConfig.from_dict(setup.base))
+    """The trial's complete config: the fixed base with the sampled values (and a confirmation run's seed) on top."""
+    values = {k: v for k, v in sampled.items() if k != CONFIRMS_KEY}  # which search trial a run repeats
+    return TrainConfig.from_dict(values, base=TrainConfig.from_dict(setup.base))
 
 
 def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import run_cli
-from sweep.run import SweepSettings, main, plan_resources
+from sweep.resources import plan_resources
+from sweep.run import main
+from sweep.settings import SweepSettings
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -27,7 +29,8 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for option in ("--gpus", "--gpus-per-trial", "--cpus-per-trial", "--trials", "--space", "--data", "--metric",
                    "--max-epochs", "--scheduler", "--grace-period", "--reduction-factor", "--name", "--results",
-                   "--address", "--resume", "--seed", "--set", "config keys"):
+                   "--address", "--resume", "--seed", "--set", "--sampler", "--confirm-top", "--confirm-seeds",
+                   "--warm-start", "config keys"):
         assert option in out, option
 
 

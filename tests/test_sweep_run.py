@@ -1,4 +1,5 @@
-"""Sweeps on tiny generated data with the real core.train: outputs, failures, concurrency on logical GPUs.
+"""Sweeps on tiny generated data with the real core.train: outputs, failures, concurrency on logical GPUs;
+what Optuna is told, the confirmation stage and warm starts.
 
 One Ray instance (4 logical CPUs, 2 logical GPUs) serves the whole module; trials train on the CPU.
 """
@@ -15,7 +16,8 @@ import optuna
 import pytest
 
 from core.errors import UserError
-from sweep.run import REPO_ROOT, SweepSettings, run_sweep
+from sweep.run import REPO_ROOT, run_sweep
+from sweep.settings import SweepSettings
 
 QUICK = REPO_ROOT / "search_spaces" / "quick.yaml"
 TINY_SPACE = """
@@ -87,7 +89,7 @@ def sweep(ray_session, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
     space.write_text(QUICK.read_text().replace("  pretrained: none\n", "")
                      + f"  pretrained: {{dist: categorical, choices: [none, '{broken}']}}\n")
     settings = _settings(tmp, "quick", space, tiny_data, trials=4, gpus=2, gpus_per_trial=0.5, grace_period=1,
-                         seed=3, overrides=("batch_size=16", "device=cpu"))
+                         seed=3, overrides=("batch_size=16", "device=cpu"), confirm_top=0)
     report = run_sweep(settings, echo=lambda *_: None)
     return tmp / "results" / "quick", report, broken
 
@@ -116,11 +118,10 @@ def test_trials_csv_has_a_row_per_trial_and_failures_with_their_error(sweep) -> 
 def test_best_json_is_accepted_by_the_final_training_loader(sweep, tiny_data: Path) -> None:
     from core.best_file import check_data
     from core.best_file import read_best as core_read_best
-    from sweep.best_file import read_best
 
     folder, report, _ = sweep
     top = _rows(folder)[0]
-    best = read_best(folder / "best.json")
+    best = json.loads((folder / "best.json").read_text())
     assert best == report.best
     assert best["trial_id"] == top["trial_id"]
     assert best["metric"] == {"name": "val_balanced_accuracy", "mode": "max",
@@ -175,3 +176,111 @@ def test_more_gpus_than_there_are_fails_before_starting(ray_session, tiny_data: 
     with pytest.raises(UserError, match="--gpus 4: this machine has 2 GPU"):
         run_sweep(settings, echo=lambda *_: None)
     assert not (tmp_path / "results" / "toomany" / "sweep.json").exists()
+
+
+SEARCH_SPACE = """
+base: {image_size: 32, epochs: 3, warmup_epochs: 0.5, batch_size: 16, eval_batch_size: 64, pretrained: none}
+params:
+  lr: {dist: loguniform, low: 1.0e-3, high: 1.0e-2}
+  class_weighting: {dist: categorical, choices: [none, effective]}
+  effective_beta: {dist: categorical, choices: [0.9, 0.99], when: {class_weighting: effective}}
+start_points: [defaults]
+"""
+
+
+@pytest.fixture(scope="module")
+def searched(ray_session, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """5 trials of 3 epochs by val_loss (continuous: no ties), ASHA from epoch 1 keeping the better half, then the
+    top 2 configs once more each. One trial at a time, so which trials ASHA stops does not depend on timing."""
+    tmp = tmp_path_factory.mktemp("searched")
+    space = tmp / "space.yaml"
+    space.write_text(SEARCH_SPACE)
+    settings = _settings(tmp, "searched", space, tiny_data, trials=5, gpus=0, cpus_per_trial=4, metric="val_loss",
+                         grace_period=1, reduction_factor=2, confirm_top=2, confirm_seeds=1, seed=1,
+                         overrides=("device=cpu",))
+    report = run_sweep(settings, echo=lambda *_: None)
+    return tmp / "results" / "searched", report
+
+
+def _study(folder: Path) -> optuna.Study:
+    return optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'optuna.db'}")
+
+
+def _epoch_values(folder: Path, trial_id: str, metric: str) -> dict[int, float]:
+    rows = list(csv.DictReader(open(folder / "trials" / trial_id / "metrics.csv", newline="")))
+    return {int(float(r["epoch"])): float(r[metric]) for r in rows}
+
+
+def test_optuna_is_told_what_each_trial_did(searched) -> None:
+    folder, _ = searched
+    trials = {t.number: t for t in _study(folder).trials}
+    search = [r for r in _rows(folder) if r["role"] == "search"]
+    assert len(search) == len(trials) == 5
+    states = {"completed": optuna.trial.TrialState.COMPLETE, "stopped early": optuna.trial.TrialState.PRUNED}
+    for row in search:
+        trial = trials[int(row["optuna_trial"])]
+        assert trial.user_attrs["ray_trial_id"] == row["trial_id"]
+        assert trial.state == states[row["status"]], row
+        epochs = _epoch_values(folder, row["trial_id"], "val_loss")
+        assert sorted(epochs) == list(range(1, int(row["epochs_run"]) + 1))
+        assert trial.intermediate_values == pytest.approx(epochs)  # every epoch, step = epoch
+        assert trial.value == pytest.approx(float(row["val_loss_final"]))
+    assert {r["status"] for r in search} == {"completed", "stopped early"}
+    assert [r["status"] for r in search] == sorted((r["status"] for r in search), key=["completed", "stopped early"].index)
+    assert trials[0].params == {"lr": 1e-3, "class_weighting": "none"}  # the start point: the defaults
+    assert trials[0].user_attrs["start_point"] == 1
+
+
+def test_confirmation_reruns_the_top_configs_and_ranks_by_the_mean(searched) -> None:
+    import statistics
+
+    from core.best_file import read_best
+
+    folder, report = searched
+    rows = _rows(folder)
+    top2 = [r["trial_id"] for r in rows if r["role"] == "search" and r["status"] == "completed"][:2]
+    confirm = [r for r in rows if r["role"] == "confirm"]
+    assert sorted(r["confirms"] for r in confirm) == sorted(top2) and {r["seed"] for r in confirm} == {"1"}
+    assert all(r["status"] == "completed" and r["epochs_run"] == "3" for r in confirm)
+    means = {}
+    for trial_id in top2:
+        values = [float(r["val_loss_final"]) for r in rows if trial_id in (r["trial_id"], r["confirms"])]
+        means[trial_id] = (statistics.fmean(values), statistics.stdev(values), values)
+    chosen = min(means, key=lambda t: means[t][0])
+    best = json.loads((folder / "best.json").read_text())
+    assert best["trial_id"] == chosen and best["metric"]["value"] == pytest.approx(means[chosen][0])
+    confirmation = best["confirmation"]
+    assert confirmation["values"] == pytest.approx(means[chosen][2])
+    assert (confirmation["mean"], confirmation["sd"]) == pytest.approx(means[chosen][:2])
+    assert [run["seed"] for run in confirmation["runs"]] == [0, 1]
+    assert all((folder / run["folder"] / "best.pt").is_file() for run in confirmation["runs"])
+    assert best["trial_epochs"]["budget"] == 3 and read_best(folder / "best.json").trial_epochs == 3
+    assert set(best["trial_epochs"]["runs"].values()) == {3}
+    assert "confirmation: the top 2 config(s)" in report.summary
+    assert ("lost its place" in report.summary) == (chosen != top2[0])
+
+
+def test_warm_start_adds_the_earlier_trials_and_refuses_another_space(searched, tiny_data: Path,
+                                                                      tmp_path: Path) -> None:
+    folder, _ = searched
+    other = tmp_path / "other.yaml"
+    other.write_text(SEARCH_SPACE.replace("  lr:", "  weight_decay: {dist: loguniform, low: 1.0e-5, high: 1.0e-2}\n"
+                                          "  lr:"))
+    with pytest.raises(UserError, match="searches 'weight_decay', which it did not"):
+        run_sweep(_settings(tmp_path, "mismatch", other, tiny_data, trials=1, metric="val_loss",
+                            warm_start=str(folder), overrides=("device=cpu",)), echo=lambda *_: None)
+    assert not (tmp_path / "results" / "mismatch").exists()
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SEARCH_SPACE)
+    lines: list[str] = []
+    run_sweep(_settings(tmp_path, "warm", space, tiny_data, trials=1, gpus=0, metric="val_loss", scheduler="none",
+                        confirm_top=0, seed=2, warm_start=str(folder), overrides=("device=cpu",)), echo=lines.append)
+    assert any(line.startswith("warm start: 5 finished trial(s)") for line in lines)
+    before, after = _study(folder).trials, _study(tmp_path / "results" / "warm").trials
+    assert len(after) == 6 and "warm_start_from" not in after[5].user_attrs
+    for old, new in zip(before, after):
+        assert new.user_attrs["warm_start_from"] == f"searched#{old.number}"
+        assert (new.state, new.params, new.value) == (old.state, old.params, old.value)
+        assert new.intermediate_values == old.intermediate_values
+    assert after[5].params != before[0].params  # the start point is not evaluated again after a warm start
