@@ -167,7 +167,7 @@ def _search_tuner(sweep: Sweep, recorder: Any, warm: Any) -> Any:
     from sweep import searcher
 
     settings, space = sweep.settings, sweep.space
-    sampler = searcher.make_sampler(settings.sampler, settings.seed, sweep.resources.slots,
+    sampler = searcher.make_sampler(settings.sampler, settings.seed, sweep.resources.slots, settings.trials,
                                     conditional=any(p.when for p in space.params))
     search = searcher.StudySearch(space.sample, metric=settings.metric, mode=settings.mode, sampler=sampler,
                                   storage_url=searcher.storage_url(sweep.folder), study_name=settings.name,

@@ -27,7 +27,7 @@ SAMPLERS = ("tpe", "random")
 RAY_TRIAL_ID = "ray_trial_id"     # user attribute of each Optuna trial: the Ray trial (folder trials/<id>/)
 
 
-def make_sampler(kind: str, seed: int, slots: int, conditional: bool) -> optuna.samplers.BaseSampler:
+def make_sampler(kind: str, seed: int, slots: int, trials: int, conditional: bool) -> optuna.samplers.BaseSampler:
     """Seeded TPE set up for trials that run at once, or (for comparison) random search."""
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -35,10 +35,15 @@ def make_sampler(kind: str, seed: int, slots: int, conditional: bool) -> optuna.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # group=True is "experimental"
         # multivariate: models the parameters jointly; group: a joint model per set of parameters that
         # occur together (conditional ones); constant_liar: trials still running count as bad results, so
-        # trials started at once do not all get the same suggestion; n_startup_trials: random trials first,
-        # at least one per slot (TPE needs finished trials to learn from).
+        # trials started at once do not all get the same suggestion; n_startup_trials: random trials first
+        # (TPE needs finished trials to learn from), a third of the trials up to Optuna's usual 10, and at
+        # least one per slot (the first trials all start before any has finished).
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=conditional, constant_liar=True,
-                                          n_startup_trials=max(10, slots))
+                                          n_startup_trials=startup_trials(slots, trials))
+
+
+def startup_trials(slots: int, trials: int) -> int:
+    return max(slots, min(10, trials // 3))
 
 
 class StudySearch(OptunaSearch):

@@ -1,0 +1,269 @@
+"""Does the sweep choose configs that hold up on lesions it never saw? Four ways to choose, one budget.
+
+    python -m bench.hpo_efficacy --out efficacy.json      # HAM10000 copy, search_spaces/efficacy.yaml, 3 seeds
+
+For each sweep seed (``--seeds``), each method may spend ``--budget`` trial-epochs (trials of ``--epochs``):
+
+  (a) default           the config's defaults (the space's base, nothing searched), trained once
+  (b) random            Optuna's RandomSampler, no early stopping: budget / epochs trials
+  (c) tpe-asha          TPE + ASHA as ``python -m sweep.run`` runs them, no confirmation: as many trials as
+                        ASHA's expected budget (sweep/schedule.py) allows
+  (d) tpe-asha-confirm  (c) plus the confirmation stage (``--confirm-top``, ``--confirm-seeds``); its
+                        search gets the budget minus the confirmation runs
+
+For the config each method chooses: its val score (balanced accuracy of its best.pt, the best epoch by
+val), its score on the TEST split (which no method sees: best.pt evaluated once, here), and the drop
+val - test. (d) hands on a config backed by several runs; its figures are the means over those runs'
+best.pt. Every trial of a seed trains with ``seed`` = that sweep seed (confirmation runs: + 1 .. + S).
+
+Prints the table (mean +- sd over the seeds, and the per-seed figures), and with ``--out`` writes JSON
+with every figure, the trial-epochs each method really used and each sweep's optuna.db state counts.
+``--results DIR`` keeps the sweeps (default: a temporary folder, removed). Runs on
+``../shared/data/ham10000-200x150`` when it is there, else on generated data, and says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
+from core.errors import UserError, run_cli
+
+log = logging.getLogger(__name__)
+
+METHODS = ("default", "random", "tpe-asha", "tpe-asha-confirm")
+METRIC = "val_balanced_accuracy"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    import torch
+
+    from core.config import TrainConfig
+    from sweep.space import load_space
+
+    torch.set_num_threads(args.threads)
+    source = bench_data(args.data, demo_lesions=args.demo_lesions, demo_image_size=64)
+    space = load_space(args.space)
+    base = TrainConfig.from_dict({"epochs": args.epochs, "select_metric": METRIC, "device": "cpu"},
+                                 base=TrainConfig.from_dict(space.base))
+    plans = budget_plans(args, space)
+    print(f"data: {source.source} ({source.path}); space {args.space}; {args.epochs}-epoch trials; budget "
+          f"{args.budget} trial-epochs per method; plans: {plans}", flush=True)
+    results_root = Path(args.results).resolve() if args.results else Path(tempfile.mkdtemp(prefix="bench-hpo-"))
+    started = time.time()
+    try:
+        runs = _run_all(args, source.path, base, plans, results_root)
+    finally:
+        _stop_ray()
+        if not args.results:
+            shutil.rmtree(results_root, ignore_errors=True)
+    result = {"benchmark": "hpo_efficacy", "command": command_line(__spec__.name, argv),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 1),
+              "machine": machine_info(torch.device("cpu")), "data": {"source": source.source, "path": str(source.path)},
+              "settings": {"space": args.space, "epochs": args.epochs, "budget": args.budget, "seeds": args.seeds,
+                           "confirm_top": args.confirm_top, "confirm_seeds": args.confirm_seeds,
+                           "cpus_per_trial": args.cpus_per_trial, "plans": plans},
+              "summary": summarise(runs), "runs": runs}
+    print(table(result["summary"], runs))
+    write_result(result, args.out)
+    return 0
+
+
+def _parse_args(argv: Sequence[str] | None) -> Any:
+    parser = bench_parser(__spec__.name, __doc__)
+    parser.add_argument("--space", default="search_spaces/efficacy.yaml", help="search space (default "
+                                                                                "search_spaces/efficacy.yaml)")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of a full trial (default 8)")
+    parser.add_argument("--budget", type=int, default=64, help="trial-epochs per method and seed (default 64)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sweep seeds (default 0 1 2)")
+    parser.add_argument("--confirm-top", type=int, default=2, help="(d): configs confirmed (default 2)")
+    parser.add_argument("--confirm-seeds", type=int, default=1, help="(d): new seeds per config (default 1)")
+    parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs per trial (default 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of (a) and of the test pass")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
+    parser.add_argument("--results", help="keep the sweeps in this folder (default: a temporary one, removed)")
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.budget < args.epochs:
+        parser.error("--epochs must be at least 1 and --budget at least --epochs")
+    return args
+
+
+def budget_plans(args: Any, space: Any) -> dict[str, dict[str, int]]:
+    """Trials of each method so that each spends about ``--budget`` trial-epochs."""
+    from sweep.schedule import Asha
+
+    asha = Asha.for_trials(args.epochs, space.asha.get("grace_period"), space.asha.get("reduction_factor"))
+    confirm = args.confirm_top * args.confirm_seeds * args.epochs
+    return {"default": {"trials": 1},
+            "random": {"trials": args.budget // args.epochs},
+            "tpe-asha": {"trials": asha_trials(asha, args.budget)},
+            "tpe-asha-confirm": {"trials": asha_trials(asha, args.budget - confirm), "confirm_epochs": confirm}}
+
+
+def asha_trials(asha: Any, budget: float) -> int:
+    """The most trials whose expected trial-epochs under ``asha`` stay within ``budget`` (at least 1)."""
+    from sweep.schedule import expected_budget
+
+    trials = 1
+    while expected_budget(asha, trials + 1, rounds=100) <= budget:
+        trials += 1
+    return trials
+
+
+def _run_all(args: Any, data_path: Path, base: Any, plans: dict[str, dict[str, int]],
+             results_root: Path) -> list[dict[str, Any]]:
+    from core.data import load_for_config
+
+    data = load_for_config(str(data_path), base, progress=False)
+    runs = []
+    for seed in args.seeds:
+        for method in args.methods:
+            started = time.time()
+            log.info("seed %d: %s", seed, method)
+            if method == "default":
+                chosen = _default_run(base, data, seed, results_root / f"default-seed{seed}")
+            else:
+                chosen = _sweep_run(args, data_path, method, plans[method], seed, results_root)
+            chosen.update(method=method, seed=seed, wall_s=round(time.time() - started, 1),
+                          **_test_scores(chosen["folders"], data))
+            runs.append(chosen)
+            print(f"seed {seed} {method}: val {chosen['val']:.4f} test {chosen['test_balanced_accuracy']:.4f} "
+                  f"({chosen['trial_epochs']} trial-epochs, {chosen['wall_s']:.0f} s)", flush=True)
+    return runs
+
+
+def _default_run(base: Any, data: Any, seed: int, out: Path) -> dict[str, Any]:
+    import dataclasses
+
+    from core.train import train
+
+    result = train(dataclasses.replace(base, seed=seed), data, out, tensorboard=False, progress=False)
+    return {"folders": [str(out)], "trials": 1, "trial_epochs": result.epochs_run,
+            "selection_value": result.last_metrics[METRIC]}
+
+
+def _sweep_run(args: Any, data_path: Path, method: str, plan: dict[str, int], seed: int,
+               results_root: Path) -> dict[str, Any]:
+    import pandas as pd
+
+    from sweep import searcher
+    from sweep.run import run_sweep
+    from sweep.settings import SweepSettings
+
+    confirm = method == "tpe-asha-confirm"
+    settings = SweepSettings(
+        name=f"{method}-seed{seed}", results=str(results_root), space=args.space, data=str(data_path), metric=METRIC,
+        max_epochs=args.epochs, scheduler="none" if method == "random" else "asha",
+        sampler="random" if method == "random" else "tpe", trials=plan["trials"], seed=seed,
+        overrides=(f"seed={seed}",), gpus=0, cpus_per_trial=args.cpus_per_trial,
+        confirm_top=args.confirm_top if confirm else 0, confirm_seeds=args.confirm_seeds)
+    _start_ray(settings)
+    log_path = results_root / f"{settings.name}.log"
+    results_root.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as output, contextlib.redirect_stdout(output), \
+            contextlib.redirect_stderr(output):
+        report = run_sweep(settings, echo=lambda line: print(line, file=output))
+    if report.best is None:
+        raise UserError(f"{settings.name}: no trial reported {METRIC}; see {log_path}")
+    folder, best = report.sweep_dir, report.best
+    runs = best["confirmation"]["runs"] if best.get("confirmation") else [{"folder": f"trials/{best['trial_id']}"}]
+    frame = pd.read_csv(folder / "trials.csv")
+    return {"folders": [str(folder / run["folder"]) for run in runs], "trials": int((frame["role"] == "search").sum()),
+            "trial_epochs": int(frame["epochs_run"].fillna(0).sum()), "selection_value": best["metric"]["value"],
+            "chosen_trial": best["trial_id"], "params": best["params"],
+            "optuna_states": searcher.state_counts(searcher.load_study(folder, settings.name)),
+            "statuses": frame[frame["role"] == "search"]["status"].value_counts().to_dict()}
+
+
+def _test_scores(folders: Sequence[str], data: Any) -> dict[str, Any]:
+    """Each folder's best.pt on the test split; the means are the method's figures."""
+    from core.metrics import classification_metrics
+    from core.model import load_model_file
+    from core.train import predict_probs
+
+    test = data.indices("test")
+    per_run = []
+    for folder in folders:
+        model, meta = load_model_file(Path(folder) / "best.pt")
+        probs = predict_probs(model, np.asarray(data.images[test]), "cpu", 512, meta["config"]["precision"])
+        scores = classification_metrics(data.labels[test], probs, "test_")
+        per_run.append({"folder": folder, "epoch": meta["epoch"], "val": meta["metrics"][METRIC], **scores})
+    mean = {key: statistics.fmean(r[key] for r in per_run)
+            for key in ("val", "test_balanced_accuracy", "test_accuracy", "test_macro_f1", "test_auc")}
+    return {**mean, "drop": mean["val"] - mean["test_balanced_accuracy"], "per_run": per_run}
+
+
+def _start_ray(settings: Any) -> None:
+    """One local Ray for every sweep of the benchmark (each sweep would otherwise start and stop its own)."""
+    import ray
+
+    from sweep.resources import connect_ray
+
+    if not ray.is_initialized():
+        connect_ray(settings, None, print)
+
+
+def _stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and sd over the seeds of each method's figures, and its test gain over the others, paired by seed."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in METHODS:
+        rows = [r for r in runs if r["method"] == method]
+        if not rows:
+            continue
+        out[method] = {key: _mean_sd([r[key] for r in rows]) for key in
+                       ("trials", "trial_epochs", "val", "test_balanced_accuracy", "drop", "test_accuracy", "wall_s")}
+        out[method]["test_gain_over"] = {
+            other: _mean_sd([r["test_balanced_accuracy"] - o["test_balanced_accuracy"]
+                             for r in rows for o in runs if o["method"] == other and o["seed"] == r["seed"]])
+            for other in METHODS if other != method and any(o["method"] == other for o in runs)}
+    return out
+
+
+def _mean_sd(values: Sequence[float]) -> dict[str, float | None]:
+    values = [float(v) for v in values]
+    if not values:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def table(summary: dict[str, dict[str, Any]], runs: Sequence[dict[str, Any]]) -> str:
+    def cell(stat: dict[str, Any], digits: int = 3) -> str:
+        sd = f" +- {stat['sd']:.{digits}f}" if stat.get("sd") is not None else ""
+        return f"{stat['mean']:.{digits}f}{sd}"
+
+    lines = ["| method | trials | trial-epochs | val bal acc (chosen) | TEST bal acc | val - test | TEST acc |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for method, s in summary.items():
+        lines.append(f"| {method} | {cell(s['trials'], 1)} | {cell(s['trial_epochs'], 0)} | {cell(s['val'])} | "
+                     f"{cell(s['test_balanced_accuracy'])} | {cell(s['drop'])} | {cell(s['test_accuracy'])} |")
+    lines += ["", "test balanced accuracy, method minus method (paired by seed, mean +- sd):"]
+    for method, s in summary.items():
+        gains = ", ".join(f"- {other}: {cell(g)}" for other, g in s["test_gain_over"].items() if g["n"])
+        lines.append(f"  {method} {gains}")
+    lines += ["", "per seed: method  val  test  drop  trial-epochs"]
+    for r in runs:
+        lines.append(f"  seed {r['seed']} {r['method']:<17} {r['val']:.4f} {r['test_balanced_accuracy']:.4f} "
+                     f"{r['drop']:+.4f} {r['trial_epochs']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_cli(main)
