@@ -3,9 +3,9 @@
 Not a command; ``python -m sweep.run`` runs it after the search (``--confirm-top K``, default 3, 0 turns
 it off; ``--confirm-seeds S``, default 2). The K best trials that ran every epoch are each trained S
 more times, for the full epochs, with the config key ``seed`` (model initialisation, shuffling,
-augmentation; the split stays the same) set to the trials' seed + 1 .. + S, as ordinary Ray trials sharing the machine. A config
-is then ranked by the mean of its search trial's value and its confirmation runs' values: one lucky
-seed on a small validation split no longer picks the winner.
+augmentation; the split stays the same) set to the trials' seed + 1 .. + S, as ordinary Ray trials
+sharing the machine. A config is then ranked by the mean of its search trial's value and its
+confirmation runs' values: one lucky seed on a small validation split no longer picks the winner.
 
 ``results/<sweep>/confirm.json`` holds the plan, written before the first run; it also marks the search
 as finished, so ``--resume`` goes on with the confirmation stage.

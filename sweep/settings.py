@@ -23,8 +23,8 @@ SETTINGS_FORMAT = "lesion-sweep/sweep"
 SPACE_COPY = "space.yaml"
 # Options that define what a sweep searches; --resume keeps the saved ones.
 SEARCH_OPTIONS = ("space", "data", "metric", "max_epochs", "scheduler", "grace_period", "reduction_factor", "trials",
-                  "sampler", "seed", "overrides", "gpus", "gpus_per_trial", "cpus_per_trial", "confirm_top", "confirm_seeds",
-                  "warm_start")
+                  "sampler", "seed", "overrides", "gpus", "gpus_per_trial", "cpus_per_trial", "confirm_top",
+                  "confirm_seeds", "warm_start")
 
 
 @dataclass(frozen=True)

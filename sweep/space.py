@@ -379,12 +379,22 @@ def _corner_values(param: Param) -> Sequence[Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
+    from sweep.schedule import Asha, expected_budget
+
     parser = argparse.ArgumentParser(prog="python -m sweep.space",
-                                     description="Validate search-space files and print what they search.")
+                                     description="Validate search-space files and print what they search, with "
+                                                 "ASHA's rungs and the budget it is expected to spend.")
     parser.add_argument("files", nargs="+", help="search_spaces/*.yaml files")
+    parser.add_argument("--trials", type=int, default=20, help="trials of the budget estimate (default 20)")
     args = parser.parse_args(argv)
     for name in args.files:
-        print(load_space(name).describe())
+        space = load_space(name)
+        epochs = TrainConfig.from_dict(space.base).epochs
+        asha = Asha.for_trials(epochs, space.asha.get("grace_period"), space.asha.get("reduction_factor"))
+        budget = expected_budget(asha, args.trials)
+        print(space.describe())
+        print(f"  {asha.describe()}\n  expected budget of {args.trials} trials: {budget:.0f} trial-epochs = "
+              f"{budget / epochs:.1f} x one {epochs}-epoch training (without early stopping: {args.trials} x)")
     return 0
 
 

@@ -36,7 +36,8 @@ class WarmStart:
         states = [t.state.name for t in self.trials]
         counts = ", ".join(f"{states.count(s.name)} {s.name}" for s in COPIED)
         skipped = f"; {self.skipped} left out (values outside this space)" if self.skipped else ""
-        return f"warm start: {len(self.trials)} finished trial(s) of {self.source} added to the study ({counts}){skipped}"
+        return (f"warm start: {len(self.trials)} finished trial(s) of {self.source} added to the study "
+                f"({counts}){skipped}")
 
 
 def load_warm_start(source: str, space: SearchSpace, base: Mapping[str, Any], metric: str,

@@ -68,6 +68,33 @@ def test_numbers_written_as_yaml_strings_are_read_as_numbers() -> None:
     assert wd.choices == (1e-4, 0.01)
 
 
+_POINTS = """params:
+  lr: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}
+  class_weighting: {dist: categorical, choices: [none, effective]}
+  effective_beta: {dist: categorical, choices: [0.99, 0.999], when: {class_weighting: effective}}
+"""
+
+
+def test_start_points_defaults_and_partial_points() -> None:
+    space = parse_space(_POINTS + "start_points:\n  - defaults\n"
+                                  "  - {class_weighting: effective, effective_beta: 0.99}\n")
+    assert space.start_points == ({"lr": 1e-3, "class_weighting": "none"},  # beta: not searched with 'none'
+                                  {"class_weighting": "effective", "effective_beta": 0.99})
+
+
+def test_distributions_are_the_ones_optuna_records() -> None:
+    """A warm start copies trials with these distributions; TPE only pools trials whose distributions match."""
+    space = load_space(SPACES / "default.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        space.sample(trial)
+        study.tell(trial, 0.0)
+    for trial in study.trials:
+        assert space.distributions(trial.params) == trial.distributions
+        assert all(p.contains(trial.params[p.name]) for p in space.params if p.name in trial.params)
+
+
 @pytest.mark.parametrize("text, named", [
     ("params:\n  learning_rate: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "learning_rate"),
     ("params:\n  lr: {dist: gaussian, low: 1.0e-4, high: 1.0e-2}\n", "gaussian"),
@@ -94,6 +121,14 @@ def test_numbers_written_as_yaml_strings_are_read_as_numbers() -> None:
     ("params: {}\n", "params"),
     ("params: [lr]\n", "params"),
     ("params:\n  lr: [1, 2\n", "YAML"),
+    (_POINTS + "start_points: [{learning_rate: 0.001}]\n", "start point 1: unknown config key 'learning_rate'"),
+    (_POINTS + "start_points: [{weight_decay: 0.01}]\n", "start point 1: 'weight_decay' is not a searched"),
+    (_POINTS + "start_points: [{lr: 0.5}]\n", "start point 1: lr=0.5"),
+    (_POINTS + "start_points: [{lr: 0.001}, {class_weighting: balanced}]\n", "start point 2: class_weighting"),
+    (_POINTS + "start_points: [{effective_beta: 0.99}]\n", "give 'class_weighting' too"),
+    (_POINTS + "start_points: [{class_weighting: none, effective_beta: 0.99}]\n", "class_weighting='none'"),
+    (_POINTS + "start_points: defaults\n", "'start_points' must be a list"),
+    (_POINTS + "asha: {grace_period: 0}\n", "grace_period"),
 ])
 def test_bad_space_is_rejected_naming_the_key(text: str, named: str) -> None:
     with pytest.raises(UserError) as info:
