@@ -1,5 +1,6 @@
 """A sweep whose driver is killed with SIGKILL continues with --resume: finished trials and Optuna's history are
-kept, the interrupted trial continues from its last checkpoint, and the remaining trials run."""
+kept, the interrupted trial continues from its last checkpoint, and the remaining trials run. Killed again
+during the confirmation stage, the next --resume finishes that stage the same way."""
 
 from __future__ import annotations
 
@@ -41,16 +42,17 @@ def _records(folder: Path) -> list[dict]:
     return out
 
 
-def _checkpointed_running_trial(folder: Path) -> str | None:
-    """A trial still running that has reported (and checkpointed) an epoch but not its last one."""
+def _checkpointed_running_trial(folder: Path, role: str) -> str | None:
+    """A trial of ``role`` still running that has reported (and checkpointed) an epoch but not its last one."""
+    experiment = folder / ("ray" if role == "search" else "ray-confirm")
     for record in _records(folder):
-        if record.get("status") != "running":
+        if record.get("status") != "running" or record.get("role") != role:
             continue
-        checkpoints = list((folder / "ray" / record["trial_id"]).glob("checkpoint_*"))
+        checkpoints = list((experiment / record["trial_id"]).glob("checkpoint_*"))
         metrics = folder / "trials" / record["trial_id"] / "metrics.csv"
         epochs_done = len(metrics.read_text().splitlines()) - 1 if metrics.is_file() else 0
         # ... and the driver has saved its experiment state since (what --resume restores from).
-        saved = [p.stat().st_mtime for p in (folder / "ray").glob("experiment_state-*.json")]
+        saved = [p.stat().st_mtime for p in experiment.glob("experiment_state-*.json")]
         if checkpoints and 1 <= epochs_done < EPOCHS and saved \
                 and max(saved) > min(p.stat().st_mtime for p in checkpoints):
             return record["trial_id"]
@@ -75,6 +77,31 @@ def _kill_group(proc: subprocess.Popen) -> None:
     time.sleep(2)
 
 
+def _run_and_kill(command: list[str], folder: Path, log_path: Path, ready) -> str:
+    """Start ``command`` and SIGKILL it once ``ready()`` names a trial caught mid-way; returns that trial."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            interrupted = None
+            while time.time() < deadline and proc.poll() is None and not interrupted:
+                interrupted = ready()
+                time.sleep(0.1)
+            assert proc.poll() is None, "the sweep ended before it was killed: " + log_path.read_text()[-3000:]
+            assert interrupted, "no trial was caught mid-way in time: " + log_path.read_text()[-3000:]
+        finally:
+            _kill_group(proc)
+    return interrupted
+
+
+def _resumed_where_it_stopped(folder: Path, trial_id: str) -> None:
+    node = json.loads((folder / "trials" / trial_id / "node.json").read_text())
+    assert node["resumed_from_epoch"] and 1 <= node["resumed_from_epoch"] < EPOCHS
+    epochs = [line.split(",")[0] for line in (folder / "trials" / trial_id / "metrics.csv").read_text().splitlines()]
+    assert epochs[1:] == [f"{e}.0" for e in range(1, EPOCHS + 1)]
+
+
 def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
     from core.demo_data import generate_demo
 
@@ -85,25 +112,14 @@ def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
     folder = results / "killed"
     command = [sys.executable, "-m", "sweep.run", "--gpus", "0", "--cpus-per-trial", "2", "--trials", str(TRIALS),
                "--space", str(space), "--data", str(data), "--results", str(results), "--name", "killed",
-               "--scheduler", "none", "--seed", "5"]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        interrupted = None
-        while time.time() < deadline and proc.poll() is None:
-            done = [r for r in _records(folder) if r.get("status") == "completed"]
-            interrupted = _checkpointed_running_trial(folder) if done else None
-            if interrupted:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the sweep ended before it was killed: " + (tmp_path / "first.log").read_text()
-        assert interrupted, "no trial was caught mid-way in time: " + (tmp_path / "first.log").read_text()[-3000:]
-    finally:
-        _kill_group(proc)
-        log.close()
+               "--scheduler", "none", "--seed", "5", "--confirm-top", "1", "--confirm-seeds", "1"]
+    resume = [sys.executable, "-m", "sweep.run", "--resume", "--name", "killed", "--results", str(results)]
 
+    def mid_search() -> str | None:
+        done = [r for r in _records(folder) if r.get("status") == "completed"]
+        return _checkpointed_running_trial(folder, "search") if done else None
+
+    interrupted = _run_and_kill(command, folder, tmp_path / "first.log", mid_search)
     before = {r["trial_id"]: r for r in _records(folder)}
     finished_before = {t for t, r in before.items() if r["status"] == "completed"}
     assert finished_before and not (folder / "best.json").exists()
@@ -111,20 +127,24 @@ def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
     complete_before = {t.number: t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(complete_before) >= len(finished_before)
 
-    resumed = subprocess.run([sys.executable, "-m", "sweep.run", "--resume", "--name", "killed",
-                              "--results", str(results)], cwd=REPO_ROOT, env=_env(), capture_output=True,
-                             text=True, timeout=300)
+    # Resumed, and killed again during the confirmation stage.
+    confirming = _run_and_kill(resume, folder, tmp_path / "second.log",
+                               lambda: _checkpointed_running_trial(folder, "confirm"))
+    search = {r["trial_id"]: r for r in _records(folder) if r["role"] == "search"}
+    assert len(search) == TRIALS and {r["status"] for r in search.values()} == {"completed"}
+    for trial_id in finished_before:  # kept as they were, not run again
+        assert search[trial_id]["ended"] == before[trial_id]["ended"]
+    _resumed_where_it_stopped(folder, interrupted)
+    assert (folder / "confirm.json").is_file() and not (folder / "best.json").exists()
+
+    resumed = subprocess.run(resume, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "python -m core.final_train" in resumed.stdout
-
     after = {r["trial_id"]: r for r in _records(folder)}
-    assert len(after) == TRIALS and {r["status"] for r in after.values()} == {"completed"}
-    for trial_id in finished_before:  # kept as they were, not run again
-        assert after[trial_id]["ended"] == before[trial_id]["ended"]
-    node = json.loads((folder / "trials" / interrupted / "node.json").read_text())
-    assert node["resumed_from_epoch"] and 1 <= node["resumed_from_epoch"] < EPOCHS
-    epochs = [line.split(",")[0] for line in (folder / "trials" / interrupted / "metrics.csv").read_text().splitlines()]
-    assert epochs[1:] == [f"{e}.0" for e in range(1, EPOCHS + 1)]
+    assert {t: r for t, r in after.items() if r["role"] == "search"} == search  # the search is not touched again
+    confirm = [r for r in after.values() if r["role"] == "confirm"]
+    assert [r["trial_id"] for r in confirm] == [confirming] and confirm[0]["status"] == "completed"
+    _resumed_where_it_stopped(folder, confirming)
 
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{folder / 'optuna.db'}")
     complete = {t.number: t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
@@ -132,9 +152,9 @@ def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
     assert all(complete[n] == params for n, params in complete_before.items())  # history kept
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     rows = (folder / "trials.csv").read_text().splitlines()
-    assert len(rows) == TRIALS + 1
+    assert len(rows) == TRIALS + 2
     best = json.loads((folder / "best.json").read_text())
-    assert best["trial_id"] in after
+    assert best["trial_id"] == confirm[0]["confirms"] and len(best["confirmation"]["values"]) == 2
 
 
 @pytest.fixture(autouse=True)
