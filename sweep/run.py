@@ -115,10 +115,26 @@ def _warm_start(settings: SweepSettings, space: SearchSpace, base: TrainConfig) 
 
 def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,
          warm: Any, started: float, echo: Echo) -> SweepReport:
+    """The two stages, each skipped where an interrupted sweep had finished it."""
+    from sweep import confirm
+
+    sweep, data = _prepare(settings, space, space_text, base, resume, echo)
+    runs = confirm.read_plan(sweep.folder) if resume else None
+    if runs is None:  # the search has not finished (confirm.json marks its end)
+        frame = _search(sweep, resume, warm)
+        runs = confirm.plan(frame, settings.metric, settings.confirm_top, settings.confirm_seeds, base.seed,
+                            {t: r["params"] for t, r in _records(sweep.folder).items()})
+        confirm.write_plan(sweep.folder, runs, settings.confirm_top, settings.confirm_seeds)
+    frame = _confirm(sweep, runs, resume) if runs else sweep.recorder("search").write_table()
+    return _finish(sweep, frame, runs, data, started)
+
+
+def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,
+             echo: Echo) -> tuple[Sweep, dict[str, str]]:
+    """Plan the resources, load the data (once, for every trial), save the settings and split; the trainable."""
     from ray import tune
 
     from core.data import load_for_config, write_splits
-    from sweep import confirm
     from sweep.resources import plan_on_ray
     from sweep.settings import save_settings
     from sweep.trainable import TrialSetup, run_trial
@@ -130,24 +146,14 @@ def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: Tra
     data = load_for_config(settings.data, base, splits_file=folder / "splits.csv" if resume else None)
     if settings.data is None:
         echo(f"notice: no --data given: using the built-in synthetic demo dataset ({data.root})")
-    data_record = {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout}
+    record = {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout}
     if not resume:
-        save_settings(settings, space_text, base, data_record)
+        save_settings(settings, space_text, base, record)
         write_splits(data, folder / "splits.csv")
-
     setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / "trials"), cpus=resources.cpus_per_trial,
                        gpus=resources.gpus_per_trial)
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, setup=setup), resources.per_trial)
-    sweep = Sweep(settings, space, base, resources, trainable, echo)
-
-    runs = confirm.read_plan(folder) if resume else None
-    if runs is None:  # the search has not finished (confirm.json marks its end)
-        frame = _search(sweep, resume, warm)
-        runs = confirm.plan(frame, settings.metric, settings.confirm_top, settings.confirm_seeds, base.seed,
-                            {t: r["params"] for t, r in _records(folder).items()})
-        confirm.write_plan(folder, runs, settings.confirm_top, settings.confirm_seeds)
-    frame = _confirm(sweep, runs, resume) if runs else sweep.recorder("search").write_table()
-    return _finish(sweep, frame, runs, data_record, started)
+    return Sweep(settings, space, base, resources, trainable, echo), record
 
 
 def _search(sweep: Sweep, resume: bool, warm: Any) -> Any:
