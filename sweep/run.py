@@ -106,11 +106,9 @@ def _space(settings: SweepSettings, resume: bool) -> tuple[SearchSpace, str]:
 
 
 def _warm_start(settings: SweepSettings, space: SearchSpace, base: TrainConfig) -> Any:
-    from core.data import dataset_fingerprint
     from sweep.warm_start import load_warm_start
 
-    return load_warm_start(settings.warm_start, space, base.to_dict(), settings.metric,
-                           dataset_fingerprint(settings.data))
+    return load_warm_start(settings.warm_start, space, base.to_dict(), settings.metric, settings.data)
 
 
 def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,

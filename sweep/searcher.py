@@ -89,7 +89,7 @@ class StudySearch(OptunaSearch):
 
     def _report(self, trial_id: str, result: Mapping[str, Any]) -> None:
         value, epoch = result.get(self.metric), result.get("epoch")
-        if value is None or epoch is None or not math.isfinite(float(value)):
+        if value is None or epoch is None or not math.isfinite(float(value)) or trial_id not in self._ot_trials:
             return
         steps = self._steps.setdefault(trial_id, set())
         if int(epoch) not in steps:

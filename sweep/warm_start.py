@@ -17,8 +17,9 @@ from typing import Any, Mapping
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from core.config import TrainConfig
 from core.errors import UserError
-from sweep.settings import SPACE_COPY, read_settings_file
+from sweep.settings import SETTINGS_FILE, SPACE_COPY, read_settings_file
 from sweep.space import SearchSpace, parse_space
 
 # Keys that change where and how fast a trial runs, not what it learns: they may differ.
@@ -41,15 +42,17 @@ class WarmStart:
 
 
 def load_warm_start(source: str, space: SearchSpace, base: Mapping[str, Any], metric: str,
-                    fingerprint: str) -> WarmStart:
-    """Check ``source`` against this sweep and read its finished trials (nothing is written)."""
+                    data: str | None) -> WarmStart:
+    """Check ``source`` against this sweep (on dataset ``data``); read its finished trials (nothing is written)."""
     folder = Path(source).expanduser().resolve()
     where = f"--warm-start {source}"
-    doc = read_settings_file(folder, "not a sweep folder (no sweep.json)")
+    if not (folder / SETTINGS_FILE).is_file():
+        raise UserError(f"{where}: not a sweep folder (no {SETTINGS_FILE})")
+    doc = read_settings_file(folder, "no sweep settings")
     old = doc["settings"]
     if old.get("metric") != metric:
         raise UserError(f"{where}: it optimised {old.get('metric')}, this sweep {metric}")
-    _check_fingerprint(folder, doc, fingerprint, where)
+    _check_fingerprint(folder, doc, data, where)
     _check_base(doc.get("base_config") or {}, base, space, where)
     old_space = parse_space((folder / SPACE_COPY).read_text(encoding="utf-8"), source=str(folder / SPACE_COPY))
     _check_names(old_space, space, where)
@@ -66,7 +69,10 @@ def load_warm_start(source: str, space: SearchSpace, base: Mapping[str, Any], me
     return WarmStart(source=folder, trials=tuple(trials), skipped=skipped)
 
 
-def _check_fingerprint(folder: Path, doc: Mapping[str, Any], fingerprint: str, where: str) -> None:
+def _check_fingerprint(folder: Path, doc: Mapping[str, Any], data: str | None, where: str) -> None:
+    from core.data import dataset_fingerprint
+
+    fingerprint = dataset_fingerprint(data)
     old = (doc.get("data") or {}).get("fingerprint")
     if old is None and (folder / "best.json").is_file():  # sweeps from before sweep.json recorded it
         from core.atomic import read_json_object
@@ -80,11 +86,13 @@ def _check_fingerprint(folder: Path, doc: Mapping[str, Any], fingerprint: str, w
 
 
 def _check_base(old: Mapping[str, Any], new: Mapping[str, Any], space: SearchSpace, where: str) -> None:
+    defaults = TrainConfig().to_dict()  # a key added to the config since that sweep: it ran with the default
     for key, value in new.items():
         if key in space.names or key in EXECUTION_KEYS or key == "select_metric":
             continue
-        if key in old and old[key] != value:
-            raise UserError(f"{where}: its trials ran with {key}={old[key]!r}, this sweep's with {key}={value!r}")
+        before = old.get(key, defaults[key])
+        if before != value:
+            raise UserError(f"{where}: its trials ran with {key}={before!r}, this sweep's with {key}={value!r}")
 
 
 def _check_names(old: SearchSpace, new: SearchSpace, where: str) -> None:

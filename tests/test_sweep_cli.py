@@ -54,6 +54,8 @@ def test_more_gpus_than_the_machine_has(tmp_path: Path, capsys: pytest.CaptureFi
     (["--max-epochs", "0"], "config key 'epochs' = 0"),
     (["--space", "nope.yaml"], "nope.yaml"),
     (["--name", "a/b"], "--name"),
+    (["--confirm-top", "-1"], "--confirm-top -1"),
+    (["--warm-start", "/nonexistent/sweep"], "--warm-start /nonexistent/sweep: not a sweep folder"),
 ])
 def test_bad_options(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # --data names no dataset: had the options passed, the sweep would stop there, not run.
