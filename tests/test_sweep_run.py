@@ -190,12 +190,12 @@ start_points: [defaults]
 
 @pytest.fixture(scope="module")
 def searched(ray_session, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    """5 trials of 3 epochs by val_loss (continuous: no ties), ASHA from epoch 1 keeping the better half, then the
+    """6 trials of 3 epochs by val_loss (continuous: no ties), ASHA from epoch 1 keeping the better half, then the
     top 2 configs once more each. One trial at a time, so which trials ASHA stops does not depend on timing."""
     tmp = tmp_path_factory.mktemp("searched")
     space = tmp / "space.yaml"
     space.write_text(SEARCH_SPACE)
-    settings = _settings(tmp, "searched", space, tiny_data, trials=5, gpus=0, cpus_per_trial=4, metric="val_loss",
+    settings = _settings(tmp, "searched", space, tiny_data, trials=6, gpus=0, cpus_per_trial=4, metric="val_loss",
                          grace_period=1, reduction_factor=2, confirm_top=2, confirm_seeds=1, seed=1,
                          overrides=("device=cpu",))
     report = run_sweep(settings, echo=lambda *_: None)
@@ -215,7 +215,7 @@ def test_optuna_is_told_what_each_trial_did(searched) -> None:
     folder, _ = searched
     trials = {t.number: t for t in _study(folder).trials}
     search = [r for r in _rows(folder) if r["role"] == "search"]
-    assert len(search) == len(trials) == 5
+    assert len(search) == len(trials) == 6
     states = {"completed": optuna.trial.TrialState.COMPLETE, "stopped early": optuna.trial.TrialState.PRUNED}
     for row in search:
         trial = trials[int(row["optuna_trial"])]
@@ -277,11 +277,11 @@ def test_warm_start_adds_the_earlier_trials_and_refuses_another_space(searched, 
     lines: list[str] = []
     run_sweep(_settings(tmp_path, "warm", space, tiny_data, trials=1, gpus=0, metric="val_loss", scheduler="none",
                         confirm_top=0, seed=2, warm_start=str(folder), overrides=("device=cpu",)), echo=lines.append)
-    assert any(line.startswith("warm start: 5 finished trial(s)") for line in lines)
+    assert any(line.startswith("warm start: 6 finished trial(s)") for line in lines)
     before, after = _study(folder).trials, _study(tmp_path / "results" / "warm").trials
-    assert len(after) == 6 and "warm_start_from" not in after[5].user_attrs
+    assert len(after) == 7 and "warm_start_from" not in after[6].user_attrs
     for old, new in zip(before, after):
         assert new.user_attrs["warm_start_from"] == f"searched#{old.number}"
         assert (new.state, new.params, new.value) == (old.state, old.params, old.value)
         assert new.intermediate_values == old.intermediate_values
-    assert after[5].params != before[0].params  # the start point is not evaluated again after a warm start
+    assert after[6].params != before[0].params  # the start point is not evaluated again after a warm start
