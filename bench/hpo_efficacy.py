@@ -145,9 +145,10 @@ def _run_all(args: Any, data_path: Path, base: Any, plans: dict[str, dict[str, i
 def _default_run(base: Any, data: Any, seed: int, out: Path) -> dict[str, Any]:
     import dataclasses
 
-    from core.train import train
+    from core.train import RunOptions, train
 
-    result = train(dataclasses.replace(base, seed=seed), data, out, tensorboard=False, progress=False)
+    result = train(dataclasses.replace(base, seed=seed), data, out, options=RunOptions(tensorboard=False,
+                                                                                       progress=False))
     return {"folders": [str(out)], "trials": 1, "trial_epochs": result.epochs_run,
             "selection_value": result.last_metrics[METRIC]}
 
@@ -187,17 +188,17 @@ def _sweep_run(args: Any, data_path: Path, method: str, plan: dict[str, int], se
 
 def _test_scores(folders: Sequence[str], data: Any) -> dict[str, Any]:
     """Each folder's best.pt on the test split; the means are the method's figures."""
+    from core import filenames
+    from core.inference import load_for_inference
     from core.metrics import classification_metrics
-    from core.model import load_model_file
-    from core.train import predict_probs
 
     test = data.indices("test")
     per_run = []
     for folder in folders:
-        model, meta = load_model_file(Path(folder) / "best.pt")
-        probs = predict_probs(model, np.asarray(data.images[test]), "cpu", 512, meta["config"]["precision"])
-        scores = classification_metrics(data.labels[test], probs, "test_")
-        per_run.append({"folder": folder, "epoch": meta["epoch"], "val": meta["metrics"][METRIC], **scores})
+        model = load_for_inference(Path(folder) / filenames.BEST_CHECKPOINT, device="cpu")
+        scores = classification_metrics(data.labels[test], model.predict(np.asarray(data.images[test])), "test_")
+        per_run.append({"folder": folder, "epoch": model.meta["epoch"], "val": model.meta["metrics"][METRIC],
+                        **scores})
     mean = {key: statistics.fmean(r[key] for r in per_run)
             for key in ("val", "test_balanced_accuracy", "test_accuracy", "test_macro_f1", "test_auc")}
     return {**mean, "drop": mean["val"] - mean["test_balanced_accuracy"], "per_run": per_run}

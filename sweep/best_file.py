@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from core import atomic
+from core import atomic, filenames
 from core.best_file import BEST_FORMAT, BEST_VERSION, read_best
 from core.config import TrainConfig
 from sweep.confirm import ConfirmedConfig, best_record
@@ -55,16 +55,16 @@ def choose_and_write(sweep_dir: Path, frame: pd.DataFrame, confirmed: Sequence[C
     row = ranked[ranked["trial_id"] == trial_id].iloc[0]
     params = read_trial(sweep_dir, trial_id)["params"]
     config = TrainConfig.from_dict(params, base=base)  # as the trial built it (sweep/trainable.py)
-    checkpoint = Path("trials") / trial_id / "best.pt"
+    checkpoint = Path("trials") / trial_id / filenames.BEST_CHECKPOINT
     runs = confirmed[0].runs if confirmed else ({"trial_id": trial_id, "epochs_run": int(row["epochs_run"])},)
     best = build_best(
         config=config.to_dict(), metric=metric, value=confirmed[0].mean if confirmed else float(row[final]),
-        mode=mode, trial_id=trial_id, data=data, splits_file="splits.csv",
+        mode=mode, trial_id=trial_id, data=data, splits_file=filenames.SPLITS,
         checkpoint=str(checkpoint) if (sweep_dir / checkpoint).is_file() else None, params=params,
         trial_epochs={"budget": base.epochs, "runs": {r["trial_id"]: r["epochs_run"] for r in runs}},
         confirmation=best_record(confirmed[0], confirmed) if confirmed else None,
         sweep={**sweep, "search_value": float(row[final]), "best_epoch_value": _maybe_float(row[f"{metric}_best"])})
-    write_best(sweep_dir / "best.json", best)
+    write_best(sweep_dir / filenames.BEST_TRIAL, best)
     return best
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from core.device import usable_cpus
 from core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def connect_ray(settings: Any, address: str | None, echo: Callable[[str], None])
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise UserError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
         return True
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     resources = plan_resources(settings, cpus, _local_gpus(), "this machine")  # fails before starting anything
     other = other_cluster()
     if other:

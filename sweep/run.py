@@ -132,7 +132,9 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
     """Plan the resources, load the data (once, for every trial), save the settings and split; the trainable."""
     from ray import tune
 
-    from core.data import load_for_config, write_splits
+    from core import filenames
+    from core.data import load_for_config
+    from core.splits import write_splits
     from sweep.resources import plan_on_ray
     from sweep.settings import save_settings
     from sweep.trainable import TrialSetup, run_trial
@@ -141,13 +143,13 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
     resources = plan_on_ray(settings)
     echo(f"sweep '{settings.name}' in {folder}: {settings.trials} trials, {len(space.params)} searched "
          f"parameters ({', '.join(space.names)}); {resources.describe()}")
-    data = load_for_config(settings.data, base, splits_file=folder / "splits.csv" if resume else None)
+    data = load_for_config(settings.data, base, splits_file=folder / filenames.SPLITS if resume else None)
     if settings.data is None:
         echo(f"notice: no --data given: using the built-in synthetic demo dataset ({data.root})")
     record = {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout}
     if not resume:
         save_settings(settings, space_text, base, record)
-        write_splits(data, folder / "splits.csv")
+        write_splits(data, folder / filenames.SPLITS)
     setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / "trials"), cpus=resources.cpus_per_trial,
                        gpus=resources.gpus_per_trial)
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, setup=setup), resources.per_trial)

@@ -29,8 +29,7 @@ from sweep.confirm import CONFIRMS_KEY
 if TYPE_CHECKING:
     from core.data import Dataset
 
-STATE_FILE = filenames.LAST_CHECKPOINT  # core.train's resume state
-EPOCH_FILE = "epoch.json"         # the metrics of the checkpointed epoch, beside STATE_FILE
+EPOCH_FILE = "epoch.json"         # the metrics of the checkpointed epoch, beside core.train's last.pt
 NODE_FILE = "node.json"           # where the trial ran (written by the trial itself)
 
 
@@ -73,14 +72,14 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
             resumed_from = int(json.loads((Path(folder) / EPOCH_FILE).read_text(encoding="utf-8"))["epoch"])
             if resumed_from >= cfg.epochs:
                 return  # the driver died after the trial's last report: nothing left to train
-            with atomic.atomic_path(out / STATE_FILE) as tmp:
-                shutil.copyfile(Path(folder) / STATE_FILE, tmp)
+            with atomic.atomic_path(out / filenames.LAST_CHECKPOINT) as tmp:
+                shutil.copyfile(Path(folder) / filenames.LAST_CHECKPOINT, tmp)
     _write_node_info(out, trial_id, setup, resumed_from)
 
     def report(metrics: dict[str, float]) -> None:
         # core.train has just written last.pt; Ray copies the folder into its own storage.
         with tempfile.TemporaryDirectory(dir=out, prefix=".checkpoint-") as tmp:
-            _link_or_copy(out / STATE_FILE, Path(tmp) / STATE_FILE)
+            _link_or_copy(out / filenames.LAST_CHECKPOINT, Path(tmp) / filenames.LAST_CHECKPOINT)
             (Path(tmp) / EPOCH_FILE).write_text(json.dumps(metrics), encoding="utf-8")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from core import filenames
 from core.config import TrainConfig
 from core.errors import UserError
 from sweep.settings import SETTINGS_FILE, SPACE_COPY, read_settings_file
@@ -74,10 +75,11 @@ def _check_fingerprint(folder: Path, doc: Mapping[str, Any], data: str | None, w
 
     fingerprint = dataset_fingerprint(data)
     old = (doc.get("data") or {}).get("fingerprint")
-    if old is None and (folder / "best.json").is_file():  # sweeps from before sweep.json recorded it
+    best = folder / filenames.BEST_TRIAL
+    if old is None and best.is_file():  # sweeps from before sweep.json recorded it
         from core.atomic import read_json_object
 
-        old = (read_json_object(folder / "best.json", "no best.json").get("data") or {}).get("fingerprint")
+        old = (read_json_object(best, "no best.json").get("data") or {}).get("fingerprint")
     if old is None:
         raise UserError(f"{where}: cannot tell which dataset it ran on (no data fingerprint in its sweep.json "
                         f"or best.json)")

@@ -17,8 +17,11 @@ SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 def test_shipped_spaces_parse_and_cover_the_issue() -> None:
     default = load_space(SPACES / "default.yaml")
     for key in ("lr", "weight_decay", "label_smoothing", "class_weighting", "effective_beta", "hflip", "vflip",
-                "rot90", "rotation_degrees", "crop_scale_min", "color_jitter"):
+                "rot90", "rotation_degrees", "crop_scale_min", "color_jitter", "ema_decay", "sampling"):
         assert key in default.names, key
+    assert TrainConfig.from_dict(default.base).epochs == 50  # trials as long as the final training
+    wd = next(p for p in default.params if p.name == "weight_decay")
+    assert wd.low <= 1e-5 and wd.high >= 0.3  # up to the strong decay long runs need
     beta = next(p for p in default.params if p.name == "effective_beta")
     assert beta.when == (("class_weighting", ("effective",)),)
     lr = next(p for p in default.params if p.name == "lr")
