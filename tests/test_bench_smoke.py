@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import sweep_overhead, train_throughput
+from bench import hpo_efficacy, sweep_overhead, train_throughput
 from core.demo_data import generate_demo
 
 
@@ -56,6 +56,25 @@ def test_sweep_overhead_reads_a_real_sweep(tiny_data: Path, tmp_path: Path) -> N
     assert 0 < run["first_trial_start_s"] < run["first_step_after_s"] < run["wall_s"]
     assert run["trials_per_hour"] == pytest.approx(2 / run["wall_s"] * 3600, rel=1e-2)
     assert run["gpu_utilization_pct"] is None
+
+
+@pytest.mark.sweep
+def test_hpo_efficacy_scores_the_chosen_configs_on_test(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "efficacy.json"
+    code = hpo_efficacy.main(["--data", str(tiny_data), "--epochs", "1", "--budget", "2", "--seeds", "3",
+                              "--methods", "default", "tpe-asha-confirm", "--confirm-top", "1", "--confirm-seeds", "1",
+                              "--results", str(tmp_path / "sweeps"), "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    default, confirmed = result["runs"]
+    assert (default["method"], confirmed["method"]) == ("default", "tpe-asha-confirm")
+    assert default["trial_epochs"] == 1 and confirmed["trial_epochs"] == 2  # 1 search trial + 1 confirmation run
+    assert len(confirmed["per_run"]) == 2 and confirmed["optuna_states"] == {"COMPLETE": 1}
+    for run in (default, confirmed):
+        assert run["test_balanced_accuracy"] == pytest.approx(
+            sum(r["test_balanced_accuracy"] for r in run["per_run"]) / len(run["per_run"]))
+        assert run["drop"] == pytest.approx(run["val"] - run["test_balanced_accuracy"])
+    assert set(result["summary"]) == {"default", "tpe-asha-confirm"}
 
 
 def test_sweep_figures_arithmetic(tmp_path: Path) -> None:
