@@ -13,7 +13,8 @@ Not a command (``python -m sweep.run`` writes these). Layout::
       splits.csv        the train/val/test assignment every trial used
       trials/<id>/      one core.train run per trial (config.json, metrics.csv, best.pt, TensorBoard
                         events) plus trial.json (parameters, status, error) and node.json (where it ran)
-      ray/              Ray Tune's experiment state and trial checkpoints (what --resume restores)
+      ray/              Ray Tune's experiment state and trial checkpoints of the search (what --resume restores);
+      ray-confirm/      the same for the confirmation stage
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pandas as pd
 from core import atomic, filenames
 
 TRIAL_FILE = "trial.json"
+EXPERIMENTS = {"search": "ray", "confirm": "ray-confirm"}   # Ray Tune's folder of each stage (by trial role)
 FINISHED = ("completed", "stopped early", "failed")
 # trials.csv: search trials first, those that ran every epoch ahead of those stopped early (their values are
 # of fewer epochs), then by the metric; confirmation runs after them.

@@ -20,7 +20,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from core import filenames
 from sweep import hparams
-from sweep.outputs import (best_of, epoch_history, read_trial, read_trials, trials_dir, write_trial,
+from sweep.outputs import (EXPERIMENTS, best_of, epoch_history, read_trial, read_trials, trials_dir, write_trial,
                             write_trials_csv)
 from sweep.confirm import CONFIRMS_KEY
 from sweep.trainable import NODE_FILE
@@ -93,7 +93,8 @@ class TrialRecorder(tune.Callback):
         # Resume state is only needed while a trial runs: drop it, and Ray's copies (about 3x the model
         # each); best.pt, the trial's best epoch, stays.
         (run_dir / filenames.LAST_CHECKPOINT).unlink(missing_ok=True)
-        for copy in (self.sweep_dir / "ray" / trial_id).glob(f"checkpoint_*/{filenames.LAST_CHECKPOINT}"):
+        ray_copies = self.sweep_dir / EXPERIMENTS[self.role] / trial_id
+        for copy in ray_copies.glob(f"checkpoint_*/{filenames.LAST_CHECKPOINT}"):
             copy.unlink(missing_ok=True)
         log.info("trial %s %s after %d epoch(s)%s", trial_id, status, epochs, f": {error}" if error else "")
         return record

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError, run_cli
+from sweep.outputs import EXPERIMENTS
 from sweep.settings import (DEFAULT_SPACE, SEARCH_OPTIONS, SETTINGS_FILE, SPACE_COPY, SweepSettings, base_config,
                             latest_sweep, load_settings, read_text)
 from sweep.space import SearchSpace, parse_space
@@ -162,7 +163,7 @@ def _search(sweep: Sweep, resume: bool, warm: Any) -> Any:
     from sweep.outputs import set_field
 
     settings, recorder = sweep.settings, sweep.recorder("search")
-    recorder.reconcile(_fit(sweep, "ray", resume, lambda: _search_tuner(sweep, recorder, warm)))
+    recorder.reconcile(_fit(sweep, EXPERIMENTS["search"], resume, lambda: _search_tuner(sweep, recorder, warm)))
     study = searcher.load_study(sweep.folder, settings.name)
     searcher.fail_orphans(study)
     set_field(sweep.folder, "optuna_trial", searcher.ray_trial_numbers(study))
@@ -178,7 +179,7 @@ def _search_tuner(sweep: Sweep, recorder: Any, warm: Any) -> Any:
     search = searcher.StudySearch(space.sample, metric=settings.metric, mode=settings.mode, sampler=sampler,
                                   storage_url=searcher.storage_url(sweep.folder), study_name=settings.name,
                                   max_epochs=sweep.base.epochs)
-    if not search.study.trials:  # a new study (not one a resume could not restore Ray's state of)
+    if not search.study.trials:  # new: not when --resume restarts Ray's experiment on a study that has trials
         if warm is not None:
             search.study.add_trials(list(warm.trials))
             sweep.echo(warm.describe())
@@ -187,7 +188,8 @@ def _search_tuner(sweep: Sweep, recorder: Any, warm: Any) -> Any:
     asha = settings.asha(space, sweep.base.epochs)
     if asha is not None:
         sweep.echo(asha.describe())
-    return _tuner(sweep, "ray", search, asha.scheduler() if asha else None, settings.trials, recorder)
+    return _tuner(sweep, EXPERIMENTS["search"], search, asha.scheduler() if asha else None, settings.trials,
+                  recorder)
 
 
 def _confirm(sweep: Sweep, runs: list[dict[str, Any]], resume: bool) -> Any:
@@ -202,9 +204,9 @@ def _confirm(sweep: Sweep, runs: list[dict[str, Any]], resume: bool) -> Any:
     def new_tuner() -> Any:
         todo = confirm.still_to_run(runs, recorder.write_table())
         searcher = confirm.PlanSearcher(todo, sweep.settings.metric, sweep.settings.mode)
-        return _tuner(sweep, "ray-confirm", searcher, None, len(todo), recorder) if todo else None
+        return _tuner(sweep, EXPERIMENTS["confirm"], searcher, None, len(todo), recorder) if todo else None
 
-    return recorder.reconcile(_fit(sweep, "ray-confirm", resume, new_tuner))
+    return recorder.reconcile(_fit(sweep, EXPERIMENTS["confirm"], resume, new_tuner))
 
 
 def _fit(sweep: Sweep, name: str, resume: bool, new_tuner: Callable[[], Any]) -> Any:

@@ -243,6 +243,7 @@ def test_confirmation_reruns_the_top_configs_and_ranks_by_the_mean(searched) -> 
     confirm = [r for r in rows if r["role"] == "confirm"]
     assert sorted(r["confirms"] for r in confirm) == sorted(top2) and {r["seed"] for r in confirm} == {"1"}
     assert all(r["status"] == "completed" and r["epochs_run"] == "3" for r in confirm)
+    assert not list(folder.glob("ray*/*/checkpoint_*/last.pt"))  # Ray's copies of the resume state: dropped
     means = {}
     for trial_id in top2:
         values = [float(r["val_loss_final"]) for r in rows if trial_id in (r["trial_id"], r["confirms"])]
