@@ -7,11 +7,14 @@ Not a command (``python -m sweep.run`` writes these). Layout::
       best.json         the best trial, for python -m core.final_train (sweep/best_file.py)
       trials.csv        one row per trial: status, metric (final and best), epochs, duration, parameters
       summary.txt       the summary printed at the end
+      report.html       the page to look at (sweep/report.py; python -m sweep.report results/<sweep> rewrites
+                        it): facts, Optuna's figures, learning curves, top trials, the final model
       optuna.db         the Optuna study (optuna-dashboard sqlite:///results/<sweep>/optuna.db)
       splits.csv        the train/val/test assignment every trial used
       trials/<id>/      one core.train run per trial (config.json, metrics.csv, best.pt, TensorBoard
                         events) plus trial.json (parameters, status, error) and node.json (where it ran)
       ray/              Ray Tune's experiment state and trial checkpoints (what --resume restores)
+      final/            python -m core.final_train's output (report.md, report.html, model.pt, ...)
 """
 
 from __future__ import annotations

@@ -213,6 +213,7 @@ def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: Tra
 
     from core.data import load_for_config, write_splits
     from sweep.recorder import TrialRecorder
+    from sweep.report import write_sweep_report
     from sweep.trainable import TrialSetup, run_trial
 
     folder = settings.sweep_dir
@@ -251,6 +252,7 @@ def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: Tra
     importances = _importances(study)
     summary = _summary(settings, folder, frame, best, space, importances, time.time() - started)
     atomic.write_text(folder / "summary.txt", summary + "\n")
+    write_sweep_report(folder)  # report.html; never fails the sweep (a warning instead)
     echo(summary)
     return SweepReport(sweep_dir=folder, best=best, summary=summary, trials=frame)
 
@@ -411,8 +413,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m sweep.run", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Search training hyperparameters with Ray Tune + Optuna (seeded TPE), with ASHA early "
                     "stopping, across the GPUs (or CPUs) of this machine or a Ray cluster.",
-        epilog="outputs in RESULTS/NAME/: best.json (for python -m core.final_train), trials.csv, optuna.db, "
-               "TensorBoard runs, summary.txt\nsearch-space schema: search_spaces/README.md\n\n"
+        epilog="outputs in RESULTS/NAME/: report.html (the page to open), best.json (for python -m "
+               "core.final_train), trials.csv, optuna.db, TensorBoard runs, summary.txt\nsearch-space schema: search_spaces/README.md\n\n"
                "config keys (--set key=value):\n" + TrainConfig.describe())
     p.add_argument("--gpus", type=int, help="GPUs to use (default: all visible; 0 trains on the CPU)")
     p.add_argument("--gpus-per-trial", type=float, metavar="F",
