@@ -9,7 +9,8 @@ confirmation runs), writes its page with ``python -m sweep.report``'s code, and 
 for each ``--sweep`` folder given: the time to write the page, its size (plotly.js and each section),
 and its load time in headless Chromium (median of ``--repeats``): the page's own clock when its last
 script ran (``performance.now()``: parsing, plotly.js and drawing every figure) and the browser
-process's wall time, from which an empty page's is subtracted (Chromium's start and exit).
+process's wall time, from which an empty page's is subtracted (Chromium's start and exit); and what
+each figure adds to the drawing time (a page of plotly.js and that figure alone).
 Without Chromium (bench/browser.py finds it) only the sizes and write times are measured.
 """
 
@@ -46,8 +47,32 @@ def measure(folder: Path, repeats: int, browser: str | None) -> dict[str, Any]:
         bad = [p.div_id for p in runs[0].plots if not p.drawn]
         result.update(rendered_ms=statistics.median(r.rendered_ms or float("nan") for r in runs),
                       browser_wall_s=statistics.median(r.wall_s for r in runs), figures=len(runs[0].plots),
-                      figures_not_drawn=bad, page_errors=runs[0].errors)
+                      figures_not_drawn=bad, page_errors=runs[0].errors,
+                      figure_ms=figure_costs(page, repeats, browser))
     return result
+
+
+def figure_costs(page: str, repeats: int, browser: str) -> dict[str, float]:
+    """Milliseconds each figure adds to the page's drawing: a page of plotly.js and that figure alone, in
+    Chromium, against a page of plotly.js alone (medians of ``repeats``)."""
+    from bench.browser import render
+
+    head = page[:page.index("<body>")]
+    stamp = '<script>document.body.setAttribute("data-rendered-ms", String(Math.round(performance.now())));</script>'
+    figures = dict(re.findall(r'(<div style="height:[^"]*">\s*<div id="fig-(\w+)".*?</script>\s*</div>)', page,
+                              flags=re.S))
+    costs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def drawn_ms(body: str) -> float:
+            path = Path(tmp) / "figure.html"
+            path.write_text(f"{head}<body><main>{body}</main>{stamp}</body></html>", encoding="utf-8")
+            return statistics.median(render(path, browser=browser, budget_ms=None).rendered_ms for _ in range(repeats))
+
+        alone = drawn_ms("")
+        costs["plotly.js alone"] = alone
+        for block, key in figures.items():
+            costs[key] = drawn_ms(block) - alone
+    return costs
 
 
 def parts(page: str) -> dict[str, int]:
@@ -130,6 +155,10 @@ def table(doc: dict[str, Any]) -> str:
     lines.append("bytes per section: " + "; ".join(
         f"{Path(r['folder']).name}: " + ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in r["parts"].items())
         for r in doc["pages"]))
+    for r in doc["pages"]:
+        if "figure_ms" in r:
+            lines.append(f"{Path(r['folder']).name}, drawing time, ms: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in r["figure_ms"].items()) + " (each figure alone, beyond plotly.js alone)")
     if baseline is not None:
         lines.append(f"empty page in the same browser: {baseline:.2f} s wall")
     return "\n".join(lines)

@@ -176,7 +176,7 @@ def _read_study(folder: Path, name: str, notes: list[str]) -> Any | None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         storage = optuna.storages.RDBStorage(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true")
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        names = optuna.study.get_all_study_names(storage)
         if name not in names and len(names) == 1:
             name = names[0]
         return optuna.load_study(study_name=name, storage=storage)
@@ -517,7 +517,7 @@ class Figures:
         if trace is None or not len(trace.x):
             return _note("Not computed: no parameter varied across the complete trials.")
         self.importance = dict(sorted(zip(trace.y, trace.x), key=lambda kv: -kv[1]))
-        fig.update_layout(title=None, height=120 + 28 * len(trace.x))
+        fig.update_layout(title=None, height=140 + 40 * len(trace.x))
         return (_explain("Optuna's importance evaluator (PED-ANOVA) on the complete trials: how much of the "
                          "metric's spread each parameter explains. " + said) + _plot(fig, "importances"))
 
@@ -597,12 +597,12 @@ class Figures:
                 traces.append(go.Scatter(
                     x=[float(histories[t]["epoch"].iloc[-1]) for t in ids],
                     y=_rounded(pd.Series([histories[t][metric].iloc[-1] for t in ids])), text=ids, mode="markers",
-                    name=f"{group}: last epoch", marker={"symbol": symbol, "size": 9, "color": _COLOURS[group],
-                                                        "line": {"width": 2, "color": _COLOURS[group]}},
+                    name=f"{group}: last epoch", opacity=0.7,
+                    marker={"symbol": symbol, "size": 8, "color": _COLOURS[group],
+                            "line": {"width": 1.5, "color": _COLOURS[group]}},
                     hovertemplate=f"trial %{{text}} {group} after epoch %{{x}}<extra></extra>"))
         fig = go.Figure(traces)
-        fig.update_layout(height=480, xaxis_title="epoch", yaxis_title=metric, hovermode="closest",
-                          legend={"orientation": "v"}, margin={"t": 30})
+        fig.update_layout(height=480, xaxis_title="epoch", yaxis_title=metric, hovermode="closest")
         max_epochs = _max_epochs(sweep)
         if max_epochs:
             fig.update_xaxes(range=[0.8, max_epochs + 0.2], dtick=max(1, round(max_epochs / 10)))
@@ -630,7 +630,7 @@ def _rounded(values: pd.Series) -> list[float]:
 def _plot(fig: Any, key: str) -> str:
     import plotly.io as pio
 
-    fig.update_layout(template="plotly_white", autosize=True)
+    fig.update_layout(template="plotly_white", autosize=True, margin={"t": 40, "b": 50})  # no title: the h2 says it
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, config=PLOT_CONFIG, div_id=f"fig-{key}",
                        default_height=f"{fig.layout.height or 450}px")
 
