@@ -2,8 +2,8 @@
 
 It holds what the run was (source, data, split sizes, training), the test metrics, the per-class
 table, the figures and the configuration. Both files come from one :class:`ReportInput`:
-report.md links the figure files beside it; report.html embeds them (base64 PNGs) so that the one
-file can be shared, and holds no script. The sweep's page (sweep/report.py) embeds report.html's
+report.md links the figure files beside it; report.html embeds them (base64: the diagrams as PNG,
+the Grad-CAM galleries as JPEG) so that the one file can be shared, and holds no script. The sweep's page (sweep/report.py) embeds report.html's
 ``<article>`` as its final-model section.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import logging
 import math
 import os
@@ -119,6 +120,7 @@ ul.facts { padding-left: 1.2em; } ul.facts li { margin: 2px 0; }
 blockquote { margin: 0.8em 0; padding: 6px 14px; border-left: 4px solid #d4a72c; background: #fff8c5; }
 figure { margin: 0.8em 0 1.4em; } figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figcaption { font-weight: 600; margin-bottom: 4px; } .muted { color: #59636e; }
+.galleries { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 0 24px; }
 """
 # The sweep's page cuts the article out of a final training's report.html between these.
 ARTICLE_BEGIN, ARTICLE_END = "<!-- report-article:begin -->", "<!-- report-article:end -->"
@@ -161,7 +163,10 @@ def render_report_article(report: ReportInput, folder: str | os.PathLike, headin
         parts += [h(3, "Grad-CAM"), "<p>Heat maps of the predicted class on test images, per true class (correct "
                   "predictions and the most confident mistakes, titled in red). Each overlay is also in "
                   "<code>gradcam/&lt;class&gt;/</code>.</p>"]
-        parts += [_figure(name, folder, path, f"Grad-CAM, true class {name}") for name, path in report.galleries.items()]
+        parts.append('<div class="galleries">')
+        parts += [_figure(name, folder, path, f"Grad-CAM, true class {name}", photo=True)
+                  for name, path in report.galleries.items()]
+        parts.append("</div>")
     if report.commands:
         parts.append(h(2, "Commands"))
         for what, command in report.commands:
@@ -181,17 +186,33 @@ def report_article(page: str) -> str | None:
     return page[start:end + len(ARTICLE_END)] if 0 <= start < end else None
 
 
-def _figure(caption: str, folder: Path, path: str, alt: str | None = None) -> str:
+def _figure(caption: str, folder: Path, path: str, alt: str | None = None, photo: bool = False) -> str:
     """A figure file embedded as a data: URI (the page stays one file); a missing file is said so."""
     file = folder / path
     try:
-        data = base64.b64encode(file.read_bytes()).decode("ascii")
+        mime, data = _embedded(file, photo)
     except OSError:
         return f'<figure><figcaption>{html.escape(caption)}</figcaption><p class="muted">missing: ' \
                f"<code>{html.escape(path)}</code></p></figure>"
-    mime = _MIME.get(file.suffix.lower(), "application/octet-stream")
     return (f'<figure><figcaption>{html.escape(caption)}</figcaption><img alt="{html.escape(alt or caption)}" '
-            f'src="data:{mime};base64,{data}"></figure>')
+            f'src="data:{mime};base64,{base64.b64encode(data).decode("ascii")}"></figure>')
+
+
+def _embedded(file: Path, photo: bool) -> tuple[str, bytes]:
+    """(MIME type, bytes) of a figure. Photographs (the Grad-CAM galleries, about 0.6 MB each as PNG) go in as
+    JPEG: about a fifth of the size, which keeps a report with seven galleries small enough to mail."""
+    data = file.read_bytes()
+    if not (photo and file.suffix.lower() == ".png"):
+        return _MIME.get(file.suffix.lower(), "application/octet-stream"), data
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGBA")
+        flat = Image.new("RGB", image.size, "white")
+        flat.paste(image, mask=image.getchannel("A"))
+    out = io.BytesIO()
+    flat.save(out, format="JPEG", quality=88)
+    return "image/jpeg", out.getvalue()
 
 
 def _inline(text: str) -> str:

@@ -399,8 +399,10 @@ def _best_section(sweep: Sweep) -> str:
     rows = [("trial", _trial_link(str(best.get("trial_id")))),
             (f"{metric.get('name')}", f"{_num(metric.get('value'))} (final epoch)")]
     rows += [(f"<code>{html.escape(k)}</code>", html.escape(_fmt(v))) for k, v in (best.get("params") or {}).items()]
+    final = sweep.folder / "final" / REPORT_FILE
     out = ("<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
-           + f"<p>Next: <code>python -m core.final_train {html.escape(str(sweep.folder / 'best.json'))}</code></p>")
+           + ('<p>Retrained and tested: <a href="#final">the final model</a>.</p>' if final.is_file() else
+              f"<p>Next: <code>python -m core.final_train {html.escape(str(sweep.folder / 'best.json'))}</code></p>"))
     known = {"format", "version", "config", "metric", "trial_id", "data", "splits_file", "checkpoint",
              "code_version", "created", "params", "sweep"}
     for key, value in best.items():  # e.g. the confirmation runs' values, mean and sd
@@ -418,10 +420,12 @@ def _trials_section(sweep: Sweep) -> str:
     shown = table.head(TOP_ROWS)
     params = [p for p in sweep.param_names if p in table]
     columns = [("rank", None), ("trial", None), ("TensorBoard", None), ("state", None), ("role", None),
-               (f"{metric} (final)", final), (f"{metric} (best epoch)", best), ("best epoch", "best_epoch"),
-               ("epochs", "epochs_run"), ("minutes", "duration_s"), *[(p, p) for p in params], ("error", "error")]
+               ("final", final), ("best", best), ("best epoch", "best_epoch"), ("epochs", "epochs_run"),
+               ("minutes", "duration_s"), *[(p, p) for p in params], ("error", "error")]
     if (table["role"] == "search").all():
         columns.remove(("role", None))
+    if shown["error"].isna().all():
+        columns.remove(("error", "error"))
     head = "".join(f'<th title="click to sort">{html.escape(c)}</th>' for c, _ in columns)
     rows = []
     for rank, row in enumerate(shown.to_dict("records"), start=1):
@@ -450,8 +454,9 @@ def _trials_section(sweep: Sweep) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     note = (f"<p class=\"muted\">The best {TOP_ROWS} of {len(table)} trials; all of them are in "
             f"<a href=\"trials.csv\">trials.csv</a>.</p>" if len(table) > TOP_ROWS else "")
-    return (f"<p>Best first by <code>{html.escape(final)}</code> (the value best.json ranks by); click a column "
-            f"to sort. The trial links open its folder; the TensorBoard links need <code>tensorboard --logdir "
+    return (f"<p><i>final</i>, <i>best</i>: <code>{html.escape(metric)}</code> at the trial's last epoch and at "
+            "its best one. Best first by <i>final</i> (what best.json ranks by); click a column to sort. The trial "
+            "links open its folder; the TensorBoard links need <code>tensorboard --logdir "
             f"{html.escape(str(sweep.folder))}</code> running.</p>{note}"
             f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>'
             + "\n".join(rows) + "</tbody></table></div>")
@@ -560,13 +565,16 @@ class Figures:
         sweep = self.sweep
         metric, table = sweep.metric, sweep.trials
         histories = {}
-        for trial_id in table["trial_id"].astype(str):
+        for trial_id, epochs_run, state in zip(table["trial_id"].astype(str), table["epochs_run"], table["state"]):
             path = sweep.folder / "trials" / trial_id / "metrics.csv"
             try:
                 frame = pd.read_csv(path, usecols=["epoch", metric])
             except (OSError, ValueError):  # not written yet (a trial in its first epoch), or being replaced
                 continue
             frame = frame.dropna()
+            if state != "running" and _float(epochs_run) is not None:
+                # A trial that the scheduler stopped may have finished an epoch Tune never received.
+                frame = frame[frame["epoch"] <= float(epochs_run)]
             if not frame.empty:
                 histories[trial_id] = frame
         if not histories:
@@ -725,7 +733,8 @@ table.facts th { width: 11em; } table.facts ul { margin: 2px 0; padding-left: 1.
 table.sortable th.asc::after { content: " \\25B2"; } table.sortable th.desc::after { content: " \\25BC"; }
 td.error { max-width: 28em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; color: #82071e; }
 td.state { white-space: nowrap; } td.state-failed { color: #d1242f; } td.state-running { color: #bc4c00; } td.state-stopped-early { color: #59636e; }
-section { margin-bottom: 1.5em; } article.report h2 { font-size: 1.3em; }
+section { margin-bottom: 1.5em; }
+#final article.report h1 { font-size: 1.3em; } #final article.report h2 { font-size: 1.15em; border: none; }
 """
 # Runs first: a script error (plotly failing to draw a figure, say) is shown at the top of the page, and
 # recorded in #page-errors, which the browser test reads (tests/test_sweep_report_browser.py).

@@ -149,12 +149,13 @@ def test_final_training_writes_report_html_and_adds_its_section(tmp_path: Path) 
     final_page = (result.out_dir / "report.html").read_text(encoding="utf-8")
     markdown = result.report.read_text(encoding="utf-8")
     assert "<script" not in final_page and "http" not in final_page.split("</style>")[1]
-    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', final_page)
+    images = re.findall(r'<img alt="[^"]*" src="data:image/(?:png|jpeg);base64,', final_page)
     assert len(images) == markdown.count("![")  # every figure of report.md, inside the one file
+    assert 'src="data:image/jpeg;base64,' in final_page  # the Grad-CAM galleries, as JPEG
     for number in re.findall(r"\| (\d\.\d{4}) \|", markdown):  # the same metrics as report.md
         assert f">{number}<" in final_page
 
     page = (folder / REPORT_FILE).read_text(encoding="utf-8")
     section = page[page.index('<section id="final">'):]
     assert "Final model of sweep sweep" in section and "Test metrics" in section
-    assert section.count('src="data:image/png;base64,') == len(images)
+    assert len(re.findall(r'src="data:image/(?:png|jpeg);base64,', section)) == len(images)
