@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from core import filenames
 from core.atomic import write_text
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,10 @@ def render_report(report: ReportInput) -> str:
 
 
 def write_report(path: str | os.PathLike, report: ReportInput) -> None:
-    """report.md at ``path`` and report.html beside it (same name, .html), with the same content."""
+    """report.md at ``path`` and report.html beside it, with the same content."""
     path = Path(path)
     write_text(path, render_report(report))
-    write_text(path.with_suffix(".html"), render_report_html(report, path.parent))
+    write_text(path.parent / filenames.REPORT_HTML, render_report_html(report, path.parent))
 
 
 def update_sweep_page(sweep_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:

@@ -40,12 +40,12 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from core import atomic
+from core import atomic, filenames
 from core.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
+REPORT_FILE = filenames.REPORT_HTML
 TOP_ROWS = 100                 # rows of the trials table (all of them are in trials.csv)
 TOP_CURVES = 5                 # best trials drawn as their own, named learning curves
 SLICE_PARAMS = 3               # slice plots of the most important parameters

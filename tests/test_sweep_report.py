@@ -133,7 +133,7 @@ def test_final_training_writes_report_html_and_adds_its_section(tmp_path: Path) 
     from core.config import TrainConfig
     from core.data import load_for_config, write_splits
     from core.demo_data import generate_demo
-    from core.final_train import final_train
+    from core.final_train import FinalOptions, final_train
 
     root = generate_demo(tmp_path / "data", n_lesions=30, image_size=32, seed=0)
     folder = make_sweep(tmp_path / "sweep", trials=3, epochs=2, failed=0, running=0, confirm=0, data=str(root))
@@ -145,7 +145,7 @@ def test_final_training_writes_report_html_and_adds_its_section(tmp_path: Path) 
     (folder / "best.json").write_text(json.dumps(best))
     assert "No final model yet" in _text(write_report(folder).read_text(encoding="utf-8"))
 
-    result = final_train(folder / "best.json", epochs=1, gallery_per_class=1, progress=False)
+    result = final_train(folder / "best.json", FinalOptions(epochs=1, gallery_per_class=1, progress=False))
     final_page = (result.out_dir / "report.html").read_text(encoding="utf-8")
     markdown = result.report.read_text(encoding="utf-8")
     assert "<script" not in final_page and "http" not in final_page.split("</style>")[1]
