@@ -122,6 +122,7 @@ def summary_text(*, name: str, sweep_dir: Path, frame: pd.DataFrame, best: Mappi
         lines += ["", "parameter importances (Optuna): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in importances.items())]
     lines += ["", f"outputs in {sweep_dir}/: best.json, trials.csv, summary.txt, optuna.db, splits.csv, trials/",
+              f"  {sweep_dir}/report.html: the sweep's page, to open in a browser",
               f"  tensorboard --logdir {sweep_dir}",
               f"  optuna-dashboard sqlite:///{sweep_dir}/optuna.db"]
     if best is not None:
