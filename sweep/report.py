@@ -366,7 +366,7 @@ def _time_rows(sweep: Sweep, now: float) -> list[tuple[str, str]]:
     trial_s = [(r.get("ended") or now) - r["started"] if r.get("status") == "running" or r.get("duration_s") is None
                else float(r["duration_s"]) for r in records if r.get("started")]
     gpu_s = [t * float((r.get("node") or {}).get("gpus") or 0.0) for t, r in zip(trial_s, records)]
-    created = _timestamp(sweep.doc.get("created")) or min(starts)
+    created = min(_timestamp(sweep.doc.get("created")) or min(starts), min(starts))
     epochs_run = int(pd.to_numeric(sweep.trials["epochs_run"], errors="coerce").fillna(0).sum())
     budget = (sweep.settings.get("trials") or 0) * (_max_epochs(sweep) or 0)
     running = any(r.get("status") == "running" for r in records)
