@@ -106,11 +106,16 @@ def make_sweep(folder: Path, *, trials: int = 12, epochs: int = 6, failed: int =
                           data={"path": data, "fingerprint": "0" * 40, "layout": "ham10000"},
                           splits_file="splits.csv", checkpoint=None, params=top["params"],
                           sweep={"name": settings.name, "trials": trials})
-        if confirm:
+        if confirm:  # as issue 16's sweep/confirm.py records it; the metric's value is then the mean
             values = [top["final"][METRIC]] + [r["final"][METRIC] for r in records[-confirm:]]
             mean = sum(values) / len(values)
-            best["confirmation"] = {"values": values, "mean": mean, "sd": _sd(values, mean),
-                                    "runs": [f"trials/{t}" for t in confirm_ids]}
+            best["metric"]["value"] = mean
+            best["confirmation"] = {
+                "ranked_by": "mean of the search trial's value and its confirmation runs' values",
+                "values": values, "mean": mean, "sd": _sd(values, mean), "search_rank": 1,
+                "runs": [{"trial_id": t, "epochs_run": epochs} for t in [top["trial_id"], *confirm_ids]],
+                "configs": [{"trial_id": top["trial_id"], "search_rank": 1, "mean": mean, "sd": _sd(values, mean),
+                             "values": values}]}
         write_best(folder / "best.json", best)
     return folder
 

@@ -396,19 +396,22 @@ def _best_section(sweep: Sweep) -> str:
         return ('<p class="muted">No best.json yet: it is written when the sweep ends (and only if a trial '
                 "reported the metric).</p>")
     metric = best.get("metric") or {}
+    confirmed = best.get("confirmation") if isinstance(best.get("confirmation"), dict) else None
     rows = [("trial", _trial_link(str(best.get("trial_id")))),
-            (f"{metric.get('name')}", f"{_num(metric.get('value'))} (final epoch)")]
+            (f"{metric.get('name')}", f"{_num(metric.get('value'))} " + (
+                f"(mean of {len(confirmed['values'])} runs' last epochs: the search trial and its confirmation runs)"
+                if confirmed and confirmed.get("values") else "(final epoch)"))]
     rows += [(f"<code>{html.escape(k)}</code>", html.escape(_fmt(v))) for k, v in (best.get("params") or {}).items()]
     final = sweep.folder / "final" / REPORT_FILE
-    out = ("<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
-           + ('<p>Retrained and tested: <a href="#final">the final model</a>.</p>' if final.is_file() else
-              f"<p>Next: <code>python -m core.final_train {html.escape(str(sweep.folder / 'best.json'))}</code></p>"))
+    out = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
     known = {"format", "version", "config", "metric", "trial_id", "data", "splits_file", "checkpoint",
              "code_version", "created", "params", "sweep"}
     for key, value in best.items():  # e.g. the confirmation runs' values, mean and sd
         if key not in known and value not in (None, {}, []):
             out += f"<h3>{html.escape(key.replace('_', ' '))}</h3>{_json_html(value)}"
-    return out
+    return out + ('<p>Retrained and tested: <a href="#final">the final model</a>.</p>' if final.is_file() else
+                  f"<p>Next: <code>python -m core.final_train {html.escape(str(sweep.folder / 'best.json'))}"
+                  "</code></p>")
 
 
 def _trials_section(sweep: Sweep) -> str:
