@@ -159,3 +159,20 @@ def test_final_training_writes_report_html_and_adds_its_section(tmp_path: Path) 
     section = page[page.index('<section id="final">'):]
     assert "Final model of sweep sweep" in section and "Test metrics" in section
     assert len(re.findall(r'src="data:image/(?:png|jpeg);base64,', section)) == len(images)
+
+
+def test_report_size_bench_measures_a_generated_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """bench.report_size end to end, sizes only (no browser: the browser test covers loading)."""
+    from bench import report_size
+
+    monkeypatch.setenv("CHROMIUM", "no-such-browser")
+    out = tmp_path / "size.json"
+    assert report_size.main(["--trials", "6", "--epochs", "3", "--repeats", "1", "--keep", str(tmp_path),
+                             "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    page = doc["pages"][0]
+    assert doc["browser"] is None and page["trials"] >= 6 and "rendered_ms" not in page
+    assert page["bytes"] == (tmp_path / "generated-6" / REPORT_FILE).stat().st_size
+    assert page["parts"]["plotly.js"] > 1e6 and {"facts", "curves", "trials", "final"} <= set(page["parts"])
+    assert "| generated-6 |" in capsys.readouterr().out
