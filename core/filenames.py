@@ -14,6 +14,9 @@ An evaluation's folder (``core.final_train``, ``core.evaluate``):
 - ``metrics.json`` the evaluation document (format ``lesion-sweep/evaluation``, core/evaluation.py)
 - ``model.pt``     the evaluated model (final training only)
 - ``report.md``    the page to read first (core/report.py)
+- ``report.html``  the same page as one file, its figures inside (core/report.py)
+
+A sweep's folder (sweep/outputs.py lists the rest) has its own ``report.html``: the sweep's page (sweep/report.py).
 """
 
 CONFIG = "config.json"
@@ -25,4 +28,5 @@ LAST_CHECKPOINT = "last.pt"
 EVALUATION = "metrics.json"
 MODEL = "model.pt"
 REPORT = "report.md"
+REPORT_HTML = "report.html"
 BEST_TRIAL = "best.json"

@@ -13,8 +13,10 @@ Writes into ``--out`` (default: ``final/`` beside best.json) the training run's 
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
 chosen epoch, in core.model's format), ``metrics.json`` (test metrics, per class figures, confusion
 matrix; core/evaluation.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
-``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), and ``report.md``, the page to read first.
-Running the command again resumes an interrupted training and re-evaluates a finished one.
+``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the page to read first,
+and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html gains it
+as its final-model section). Running the command again resumes an interrupted training and
+re-evaluates a finished one.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     from core.figures import curves_figure
     from core.inference import load_for_inference
     from core.model import save_model_file
+    from core.report import update_sweep_page
 
     started = time.perf_counter()
     best = read_best(best_path)
@@ -120,6 +123,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
         "chosen_epoch_metrics": chosen, "device": str(loaded.device), "wall_s": time.perf_counter() - started})
     write_json(out / filenames.EVALUATION, document)
     _write_final_report(out, document, best, cfg, figures, galleries)
+    update_sweep_page(best.folder, out)  # the sweep's report.html gains this final model's section
     return FinalResult(out_dir=out, metrics=document, report=out / filenames.REPORT)
 
 

@@ -1,17 +1,29 @@
-"""``report.md``: the page a user reads first after ``core.final_train`` or ``core.evaluate``.
+"""``report.md`` and ``report.html``: the page a user reads first after ``core.final_train`` or ``core.evaluate``.
 
 It holds what the run was (source, data, split sizes, training), the test metrics, the per-class
-table, the figures (embedded, so a Markdown viewer shows them) and the configuration.
+table, the figures and the configuration. Both files come from one :class:`ReportInput`:
+report.md links the figure files beside it; report.html embeds them (base64: the diagrams as PNG,
+the Grad-CAM galleries as JPEG) so that the one file can be shared, and holds no script. The sweep's page (sweep/report.py) embeds report.html's
+``<article>`` as its final-model section.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from core import filenames
 from core.atomic import write_text
+
+log = logging.getLogger(__name__)
 
 HEADLINE_METRICS = (("test_balanced_accuracy", "balanced accuracy (mean recall)"), ("test_accuracy", "accuracy"),
                     ("test_macro_f1", "macro F1"), ("test_auc", "macro ROC AUC (one vs rest)"),
@@ -68,7 +80,147 @@ def render_report(report: ReportInput) -> str:
 
 
 def write_report(path: str | os.PathLike, report: ReportInput) -> None:
+    """report.md at ``path`` and report.html beside it, with the same content."""
+    path = Path(path)
     write_text(path, render_report(report))
+    write_text(path.parent / filenames.REPORT_HTML, render_report_html(report, path.parent))
+
+
+def update_sweep_page(sweep_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
+    """Rewrite the sweep's report.html (sweep/report.py) so that it shows the final model in ``final_dir``."""
+    # An optional import on purpose: core needs neither Optuna, Ray nor plotly (the GPU image has none of them),
+    # and a best.json need not sit in a sweep folder. The page is a view: without it, nothing is lost.
+    try:
+        from sweep.report import is_sweep, write_sweep_report
+    except ImportError as exc:
+        log.info("sweep page not updated (sweep/ not importable here: %s)", exc)
+        return
+    sweep_dir = Path(sweep_dir)
+    if not is_sweep(sweep_dir):
+        log.info("sweep page not updated: %s is not a sweep folder", sweep_dir)
+    elif Path(final_dir).resolve() != (sweep_dir / "final").resolve():
+        log.info("sweep page not updated: it shows %s, not %s", sweep_dir / "final", final_dir)
+    else:
+        write_sweep_report(sweep_dir)
+
+
+# --- report.html -----------------------------------------------------------------------------------------
+# Shared with the sweep's page (sweep/report.py), which adds its own rules after these.
+STYLE = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328; margin: 0;
+       background: #f6f8fa; }
+main { max-width: 1200px; margin: 0 auto; padding: 16px 28px 48px; background: #fff; }
+h1 { font-size: 1.6em; margin: 0.6em 0 0.3em; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 0.2em;
+margin-top: 1.6em; } h3 { margin-top: 1.2em; } h4 { margin: 1em 0 0.3em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.93em; }
+th, td { border: 1px solid #d0d7de; padding: 3px 9px; text-align: left; vertical-align: top; }
+th { background: #f0f3f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code, pre { font: 0.9em ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #f0f3f6;
+            border-radius: 4px; } code { padding: 1px 4px; } pre { padding: 8px 12px; overflow-x: auto; }
+ul.facts { padding-left: 1.2em; } ul.facts li { margin: 2px 0; }
+blockquote { margin: 0.8em 0; padding: 6px 14px; border-left: 4px solid #d4a72c; background: #fff8c5; }
+figure { margin: 0.8em 0 1.4em; } figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
+figcaption { font-weight: 600; margin-bottom: 4px; } .muted { color: #59636e; }
+.galleries { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 0 24px; }
+"""
+# The sweep's page cuts the article out of a final training's report.html between these.
+ARTICLE_BEGIN, ARTICLE_END = "<!-- report-article:begin -->", "<!-- report-article:end -->"
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+
+def render_report_html(report: ReportInput, folder: str | os.PathLike) -> str:
+    """A whole HTML page; ``folder`` is where the figure paths of ``report`` are relative to."""
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{html.escape(report.title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n"
+            f"{render_report_article(report, folder)}\n</main>\n</body>\n</html>\n")
+
+
+def render_report_article(report: ReportInput, folder: str | os.PathLike, heading: int = 1) -> str:
+    """The report as one ``<article>``; ``heading`` is the level of its title (the sweep's page uses 2)."""
+    folder = Path(folder)
+
+    def h(level: int, text: str, escape: bool = True) -> str:
+        n = min(6, level + heading - 1)
+        return f"<h{n}>{html.escape(text) if escape else text}</h{n}>"
+
+    parts = [ARTICLE_BEGIN, '<article class="report">', h(1, report.title), '<ul class="facts">']
+    parts += [f"<li><b>{html.escape(label)}:</b> {_inline(value)}</li>" for label, value in report.facts]
+    parts += ["</ul>", h(2, "Test metrics"), "<table><tr><th>metric</th><th>value</th></tr>"]
+    parts += [f'<tr><td>{html.escape(label)}</td><td class="num">{_number(report.metrics.get(key))}</td></tr>'
+              for key, label in HEADLINE_METRICS if key in report.metrics]
+    parts += ["</table>", h(2, "Per class"),
+              "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"]
+    for name, row in report.per_class.items():
+        parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(
+            f'<td class="num">{_number(row[k])}</td>' for k in ("precision", "recall", "f1"))
+            + f'<td class="num">{int(row["support"])}</td></tr>')
+    parts += ["</table>", '<p class="muted">Recall of a class is the diagonal of the row-normalised confusion '
+              "matrix; support is the number of evaluated images of the class.</p>"]
+    parts += [f"<blockquote>{_inline(note)}</blockquote>" for note in report.notes]
+    parts.append(h(2, "Figures"))
+    parts += [_figure(caption, folder, path) for caption, path in report.figures]
+    if report.galleries:
+        parts += [h(3, "Grad-CAM"), "<p>Heat maps of the predicted class on test images, per true class (correct "
+                  "predictions and the most confident mistakes, titled in red). Each overlay is also in "
+                  "<code>gradcam/&lt;class&gt;/</code>.</p>"]
+        parts.append('<div class="galleries">')
+        parts += [_figure(name, folder, path, f"Grad-CAM, true class {name}", photo=True)
+                  for name, path in report.galleries.items()]
+        parts.append("</div>")
+    if report.commands:
+        parts.append(h(2, "Commands"))
+        for what, command in report.commands:
+            parts += [f"<p>{html.escape(what)}:</p>", f"<pre>{html.escape(command)}</pre>"]
+    if report.config:
+        parts += [h(2, "Configuration"), "<table><tr><th>key</th><th>value</th></tr>"]
+        parts += [f"<tr><td>{html.escape(str(key))}</td><td><code>{html.escape(repr(value))}</code></td></tr>"
+                  for key, value in report.config.items()]
+        parts.append("</table>")
+    parts += ["</article>", ARTICLE_END]
+    return "\n".join(parts)
+
+
+def report_article(page: str) -> str | None:
+    """The ``<article>`` of a report.html written by :func:`write_report`; None if it holds none."""
+    start, end = page.find(ARTICLE_BEGIN), page.find(ARTICLE_END)
+    return page[start:end + len(ARTICLE_END)] if 0 <= start < end else None
+
+
+def _figure(caption: str, folder: Path, path: str, alt: str | None = None, photo: bool = False) -> str:
+    """A figure file embedded as a data: URI (the page stays one file); a missing file is said so."""
+    file = folder / path
+    try:
+        mime, data = _embedded(file, photo)
+    except OSError:
+        return f'<figure><figcaption>{html.escape(caption)}</figcaption><p class="muted">missing: ' \
+               f"<code>{html.escape(path)}</code></p></figure>"
+    return (f'<figure><figcaption>{html.escape(caption)}</figcaption><img alt="{html.escape(alt or caption)}" '
+            f'src="data:{mime};base64,{base64.b64encode(data).decode("ascii")}"></figure>')
+
+
+def _embedded(file: Path, photo: bool) -> tuple[str, bytes]:
+    """(MIME type, bytes) of a figure. Photographs (the Grad-CAM galleries, about 0.6 MB each as PNG) go in as
+    JPEG: about a fifth of the size, which keeps a report with seven galleries small enough to mail."""
+    data = file.read_bytes()
+    if not (photo and file.suffix.lower() == ".png"):
+        return _MIME.get(file.suffix.lower(), "application/octet-stream"), data
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGBA")
+        flat = Image.new("RGB", image.size, "white")
+        flat.paste(image, mask=image.getchannel("A"))
+    out = io.BytesIO()
+    flat.save(out, format="JPEG", quality=88)
+    return "image/jpeg", out.getvalue()
+
+
+def _inline(text: str) -> str:
+    """The Markdown the facts and notes use (`code`, **bold**) as HTML; everything else escaped."""
+    out = html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
 
 
 def _number(value: float | None) -> str:

@@ -9,12 +9,15 @@ Not a command (``python -m sweep.run`` writes these). Layout::
                         duration, parameters, seed, the search trial a confirmation run repeats, Optuna number
       confirm.json      the confirmation runs planned after the search (sweep/confirm.py)
       summary.txt       the summary printed at the end
+      report.html       the page to look at (sweep/report.py; python -m sweep.report results/<sweep> rewrites
+                        it): facts, Optuna's figures, learning curves, top trials, the final model
       optuna.db         the Optuna study (optuna-dashboard sqlite:///results/<sweep>/optuna.db)
       splits.csv        the train/val/test assignment every trial used
       trials/<id>/      one core.train run per trial (config.json, metrics.csv, best.pt, TensorBoard
                         events) plus trial.json (parameters, status, error) and node.json (where it ran)
       ray/              Ray Tune's experiment state and trial checkpoints of the search (what --resume restores);
       ray-confirm/      the same for the confirmation stage
+      final/            python -m core.final_train's output (report.md, report.html, model.pt, ...)
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ def summary_text(*, name: str, sweep_dir: Path, frame: pd.DataFrame, best: Mappi
         if section:
             lines += ["", *section]
     lines += ["", f"outputs in {sweep_dir}/: best.json, trials.csv, summary.txt, optuna.db, splits.csv, trials/",
+              f"  {sweep_dir}/report.html: the sweep's page, to open in a browser",
               f"  tensorboard --logdir {sweep_dir}",
               f"  optuna-dashboard sqlite:///{sweep_dir}/optuna.db"]
     if best is not None:

@@ -258,6 +258,7 @@ def _finish(sweep: Sweep, frame: Any, runs: list[dict[str, Any]], data: dict[str
     from sweep import confirm, searcher
     from sweep.best_file import choose_and_write
     from sweep.outputs import summary_text
+    from sweep.report import write_sweep_report
 
     settings, folder = sweep.settings, sweep.folder
     configs = confirm.ranked(frame, runs, settings.metric, settings.mode) if runs else []
@@ -275,6 +276,7 @@ def _finish(sweep: Sweep, frame: Any, runs: list[dict[str, Any]], data: dict[str
     from core import atomic
 
     atomic.write_text(folder / "summary.txt", summary + "\n")
+    write_sweep_report(folder)  # report.html; never fails the sweep (a warning instead)
     sweep.echo(summary)
     return SweepReport(sweep_dir=folder, best=best, summary=summary, trials=frame)
 
@@ -309,8 +311,8 @@ def parser() -> argparse.ArgumentParser:
         description="Search training hyperparameters with Ray Tune + Optuna (seeded TPE), with ASHA early "
                     "stopping, across the GPUs (or CPUs) of this machine or a Ray cluster; then train the best "
                     "configs again with new seeds and hand on the one with the best mean.",
-        epilog="outputs in RESULTS/NAME/: best.json (for python -m core.final_train), trials.csv, optuna.db, "
-               "TensorBoard runs, summary.txt\nsearch-space schema: search_spaces/README.md\n\n"
+        epilog="outputs in RESULTS/NAME/: report.html (the page to open), best.json (for python -m "
+               "core.final_train), trials.csv, optuna.db, TensorBoard runs, summary.txt\nsearch-space schema: search_spaces/README.md\n\n"
                "config keys (--set key=value):\n" + TrainConfig.describe())
     p.add_argument("--gpus", type=int, help="GPUs to use (default: all visible; 0 trains on the CPU)")
     p.add_argument("--gpus-per-trial", type=float, metavar="F",

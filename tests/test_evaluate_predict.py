@@ -82,7 +82,8 @@ def test_evaluate_command_maps_a_subset_of_classes_by_name(setup: dict[str, Path
     for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_auc"):
         assert 0 <= metrics[key] <= 1
     assert metrics["test_loss"] > 0
-    for name in ("confusion_matrix.png", "roc_curves.png", "gradcam_mel.png", "gradcam_nv.png", "report.md"):
+    for name in ("confusion_matrix.png", "roc_curves.png", "gradcam_mel.png", "gradcam_nv.png", "report.md",
+                 "report.html"):
         assert (out / name).is_file(), name
     assert sorted(p.parent.name for p in (out / "gradcam").rglob("*.png")) == ["mel", "nv"]
 

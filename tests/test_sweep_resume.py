@@ -123,6 +123,9 @@ def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
     before = {r["trial_id"]: r for r in _records(folder)}
     finished_before = {t for t, r in before.items() if r["status"] == "completed"}
     assert finished_before and not (folder / "best.json").exists()
+    from sweep.report import write_report
+
+    assert "trial(s) running when this page was made" in write_report(folder).read_text()  # the interrupted sweep
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{folder / 'optuna.db'}")
     complete_before = {t.number: t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(complete_before) >= len(finished_before)
@@ -155,6 +158,8 @@ def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
     assert len(rows) == TRIALS + 2
     best = json.loads((folder / "best.json").read_text())
     assert best["trial_id"] == confirm[0]["confirms"] and len(best["confirmation"]["values"]) == 2
+    page = (folder / "report.html").read_text()  # rewritten by the resumed sweep
+    assert "running when this page was made" not in page and all(f"trials/{t}/" in page for t in after)
 
 
 @pytest.fixture(autouse=True)

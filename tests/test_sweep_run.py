@@ -137,6 +137,15 @@ def test_best_json_is_accepted_by_the_final_training_loader(sweep, tiny_data: Pa
     assert (folder / "summary.txt").read_text().strip() == report.summary.strip()
 
 
+def test_the_sweep_writes_its_page(sweep) -> None:
+    folder, _, _ = sweep
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    rows = _rows(folder)
+    failed = sum(r["status"] == "failed" for r in rows)
+    assert f"{failed} failed; 0 confirmation run(s)" in page
+    assert all(f'href="trials/{r["trial_id"]}/"' in page for r in rows) and 'id="fig-curves"' in page
+
+
 def test_tensorboard_shows_every_trial_in_the_hparams_dashboard(sweep) -> None:
     from tensorboard.plugins.hparams import api_pb2
 
