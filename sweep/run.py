@@ -223,7 +223,8 @@ def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: Tra
          f"parameters ({', '.join(space.names)}); {resources.describe()}")
 
     splits_file = folder / "splits.csv"
-    data = load_for_config(settings.data, base, splits_file=splits_file if resume else None)
+    # no lesion masks: trials only train, and the data goes to every trial through Ray's object store
+    data = load_for_config(settings.data, base, splits_file=splits_file if resume else None, masks=False)
     if settings.data is None:
         echo(f"notice: no --data given: using the built-in synthetic demo dataset ({data.root})")
     if not resume:
