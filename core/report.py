@@ -31,6 +31,7 @@ class ReportInput:
     config: Mapping[str, Any] | None = None
     notes: Sequence[str] = ()
     commands: Sequence[tuple[str, str]] = ()        # (what it does, shell command)
+    gradcam: Mapping[str, Any] | None = None        # the "gradcam" section of metrics.json (core.gradcam)
 
 
 def render_report(report: ReportInput) -> str:
@@ -50,10 +51,11 @@ def render_report(report: ReportInput) -> str:
     lines += ["## Figures", ""]
     for caption, path in report.figures:
         lines += [f"### {caption}", "", f"![{caption}]({path})", ""]
-    if report.galleries:
+    if report.galleries or report.gradcam:
         lines += ["### Grad-CAM", "",
                   "Heat maps of the predicted class on test images, per true class (correct predictions and "
                   "the most confident mistakes, titled in red). Each overlay is also in `gradcam/<class>/`.", ""]
+        lines += _gradcam_lines(report.gradcam) if report.gradcam else []
         for name, path in report.galleries.items():
             lines += [f"#### {name}", "", f"![Grad-CAM, true class {name}]({path})", ""]
     if report.commands:
@@ -65,6 +67,36 @@ def render_report(report: ReportInput) -> str:
         lines += [f"| {key} | `{value!r}` |" for key, value in report.config.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _gradcam_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The maps' method and layer, the position-bias alarm in words, and the scores against lesion masks."""
+    from core import explain_scores
+
+    why = ("chosen with `--gradcam-layer`" if doc.get("layer_chosen_by") == "--gradcam-layer"
+           else "the deepest stage with at least 7x7 cells at this size; `--gradcam-layer` chooses another")
+    grid = f"{doc['map_side']}x{doc['map_side']} at {doc['image_size']} px, {why}"
+    if doc["method"] == "GuidedGradCam":
+        lines = [f"Maps: Captum GuidedGradCam, guided backpropagation (pixel-level) times the Grad-CAM of "
+                 f"**{doc['layer']}** ({grid}); `--gradcam-method gradcam` gives plain Grad-CAM.", ""]
+    else:
+        lines = [f"Maps: Captum LayerGradCam on **{doc['layer']}** ({grid}), bilinearly upsampled.", ""]
+    lesions = doc.get("lesion_masks")
+    masks_corr = lesions["overall"]["masks"]["map_correlation"] if lesions else None
+    alarm = explain_scores.bias_note(doc.get("map_correlation"), masks_corr)
+    if alarm:
+        lines += [f"> {alarm}", ""]
+    elif doc.get("map_correlation") is not None:
+        masks = f", or above the lesion masks' own {masks_corr:.2f}" if masks_corr is not None else ""
+        lines += [f"Position bias: the maps' mean pairwise correlation is {doc['map_correlation']:.2f} over the "
+                  f"{doc['correlation_over']} (the alarm fires above {explain_scores.BIAS_ALARM}{masks}): no sign "
+                  f"of maps that look alike whatever the image.", ""]
+    if lesions:
+        lines += [explain_scores.verdict(lesions), "",
+                  "Scored against the lesion masks (white outlines on the overlays): energy inside = share of "
+                  "the map inside the lesion; pointing = share of images whose map peaks inside the lesion.", ""]
+        lines += explain_scores.table(lesions) + [""]
+    return lines
 
 
 def write_report(path: str | os.PathLike, report: ReportInput) -> None:
