@@ -10,7 +10,7 @@ position-bias alarm). The table gives the uniform and centred-Gaussian baselines
 correlation on the same images. Choose on ``--split val``; report ``--split test`` only for the
 choice made there (never tune to test).
 
-Methods (``<kind>:<layer>``, layers layer2|layer3|layer4; ``auto`` is core.gradcam.choose_layer):
+Methods (``<kind>:<layer>``, layers layer2|layer3|layer4; ``auto`` is core.gradcam.choose_layer's):
   gradcam:L      Captum LayerGradCam on stage L, bilinearly upsampled (the project's default, layer chosen by size)
   stages:L1+L2   mean of the max-normalised upsampled LayerGradCam maps of several stages
   product:L1+L2  their product (where the stages agree)
@@ -105,7 +105,8 @@ def _make_method(spec: str, image_size: int) -> tuple[str, Callable]:
     from core.gradcam import choose_layer
 
     kind, _, arg = spec.partition(":")
-    layers = [choose_layer(image_size) if name == "auto" else name for name in (arg or "auto").split("+")]
+    default = choose_layer(image_size, "guided" if kind == "guided" else "gradcam")
+    layers = [default if name == "auto" else name for name in (arg or "auto").split("+")]
     for name in layers:
         if name not in ("layer2", "layer3", "layer4"):
             raise UserError(f"method {spec}: unknown layer {name!r}")

@@ -73,14 +73,16 @@ def _gradcam_lines(doc: Mapping[str, Any]) -> list[str]:
     """The maps' method and layer, the position-bias alarm in words, and the scores against lesion masks."""
     from core import explain_scores
 
-    why = ("chosen with `--gradcam-layer`" if doc.get("layer_chosen_by") == "--gradcam-layer"
-           else "the deepest stage with at least 7x7 cells at this size; `--gradcam-layer` chooses another")
-    grid = f"{doc['map_side']}x{doc['map_side']} at {doc['image_size']} px, {why}"
+    chosen = doc.get("layer_chosen_by") == "--gradcam-layer"
+    grid = f"its map is {doc['map_side']}x{doc['map_side']} at {doc['image_size']} px"
     if doc["method"] == "GuidedGradCam":
-        lines = [f"Maps: Captum GuidedGradCam, guided backpropagation (pixel-level) times the Grad-CAM of "
-                 f"**{doc['layer']}** ({grid}); `--gradcam-method gradcam` gives plain Grad-CAM.", ""]
+        why = "chosen with `--gradcam-layer`" if chosen else "the last stage, the default of Guided Grad-CAM"
+        lines = [f"Maps: Captum GuidedGradCam, guided backpropagation (pixel by pixel) times the Grad-CAM of "
+                 f"**{doc['layer']}** ({why}; {grid}). `--gradcam-method gradcam` gives plain Grad-CAM.", ""]
     else:
-        lines = [f"Maps: Captum LayerGradCam on **{doc['layer']}** ({grid}), bilinearly upsampled.", ""]
+        why = ("chosen with `--gradcam-layer`" if chosen
+               else "the deepest stage with at least 7x7 cells at this size; `--gradcam-layer` chooses another")
+        lines = [f"Maps: Captum LayerGradCam on **{doc['layer']}** ({why}; {grid}), bilinearly upsampled.", ""]
     lesions = doc.get("lesion_masks")
     masks_corr = lesions["overall"]["masks"]["map_correlation"] if lesions else None
     alarm = explain_scores.bias_note(doc.get("map_correlation"), masks_corr)

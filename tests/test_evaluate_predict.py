@@ -202,7 +202,7 @@ def test_evaluate_scores_gradcam_against_the_demo_masks(setup: dict[str, Path], 
     lesions = doc["lesion_masks"]  # the demo's lesions are drawn, so every test image has a mask
     assert lesions["n_images"] == metrics["n_images"] and "centred_gaussian" in lesions["overall"]
     report = (tmp_path / "report.md").read_text()
-    assert "on **layer3**" in report and "centred Gaussian" in report and "| all |" in report
+    assert "**layer3**" in report and "centred Gaussian" in report and "| all |" in report
     assert "beat" in report
 
 

@@ -1,7 +1,7 @@
 """core.final_train from a tiny sweep's best.json, and the best.json checks (core.best_file).
 
 The best.json is written here, in the documented schema, from a one-epoch core.train run on tiny
-generated data (48 px: a 6x6 Grad-CAM map on layer2), so nothing depends on Ray.
+generated data (48 px), so nothing depends on Ray.
 """
 
 from __future__ import annotations
@@ -117,11 +117,12 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
     assert all(_is_png(path)[0] >= 224 for path in overlays)
 
     gradcam = metrics["gradcam"]  # the demo data has lesion masks: every test image's map is scored
-    assert gradcam["layer"] == "layer2" and gradcam["lesion_masks"]["n_images"] == n_test
+    assert gradcam["method"] == "GuidedGradCam" and gradcam["layer"] == "layer4"
+    assert gradcam["lesion_masks"]["n_images"] == n_test
 
     report = (out / "report.md").read_text()
     assert f"{metrics['test_balanced_accuracy']:.4f}" in report
-    assert "on **layer2**" in report and "centred Gaussian" in report
+    assert "GuidedGradCam" in report and "**layer4**" in report and "centred Gaussian" in report
     assert "| mel |" in report and "trial_0001" in report
     for link in ("training_curves.png", "confusion_matrix.png", "roc_curves.png", "gradcam_mel.png"):
         assert f"]({link})" in report and (out / link).is_file()

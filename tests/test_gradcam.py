@@ -50,7 +50,7 @@ def test_maps_match_captum_and_depend_on_the_target(model: torch.nn.Module) -> N
     from core.augment import normalize
 
     images = _images(2, 64, seed=1)
-    ours = gradcam_maps(model, images, [1, 2], layer="layer4")
+    ours = gradcam_maps(model, images, [1, 2], layer="layer4", method="gradcam")
     raw = LayerGradCam(model, model.layer4).attribute(normalize(torch.as_tensor(images)),
                                                       target=torch.tensor([1, 2]), relu_attributions=True)
     assert raw.shape[-2:] == (2, 2)  # 64 px -> a 2x2 map in layer4
@@ -58,7 +58,7 @@ def test_maps_match_captum_and_depend_on_the_target(model: torch.nn.Module) -> N
     expected = up / np.maximum(up.reshape(2, -1).max(1), 1e-30)[:, None, None]
     np.testing.assert_allclose(ours, expected, atol=1e-5)
     assert all(m.std() > 0 for m in ours)  # bilinear from 2x2: not constant
-    assert not np.allclose(gradcam_maps(model, images[:1], [0], layer="layer4"), ours[:1])
+    assert not np.allclose(gradcam_maps(model, images[:1], [0], layer="layer4", method="gradcam"), ours[:1])
 
 
 def test_works_inside_no_grad_and_on_a_tensor(model: torch.nn.Module) -> None:
@@ -136,18 +136,22 @@ def test_map_side_matches_the_network_and_coarse_maps_are_flagged(model: torch.n
 def test_layer_is_chosen_by_image_size(model: torch.nn.Module) -> None:
     expected = {16: "layer2", 32: "layer2", 64: "layer2", 111: "layer2", 112: "layer3", 128: "layer3",
                 223: "layer3", 224: "layer4", 448: "layer4"}
-    assert {size: choose_layer(size) for size in expected} == expected
+    assert {size: choose_layer(size, "gradcam") for size in expected} == expected
+    assert {choose_layer(size, "guided") for size in expected} == {"layer4"}  # its resolution is per pixel
     for size in (64, 112, 224):
         stages = dict(model.named_children())
         x = torch.zeros(1, 3, size, size)
         with torch.no_grad():
             for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
                 x = stages[name](x)
-                if name == choose_layer(size):
+                if name == choose_layer(size, "gradcam"):
                     assert x.shape[-1] == stage_side(size, name) >= 7
-    # the default map is the chosen stage's: at 64 px layer2, an 8x8 map, finer than layer4's 2x2
+    # plain Grad-CAM's default map is the chosen stage's: at 64 px layer2, an 8x8 map, finer than layer4's 2x2
     images = _images(2, 64, seed=3)
-    np.testing.assert_allclose(gradcam_maps(model, images, [0, 1]), gradcam_maps(model, images, [0, 1], layer="layer2"))
+    np.testing.assert_allclose(gradcam_maps(model, images, [0, 1], method="gradcam"),
+                               gradcam_maps(model, images, [0, 1], layer="layer2", method="gradcam"))
+    np.testing.assert_allclose(gradcam_maps(model, images, [0, 1]),  # the default method: guided, on layer4
+                               gradcam_maps(model, images, [0, 1], layer="layer4", method="guided"))
 
 
 def test_mask_outline_is_drawn_on_overlays(tmp_path: Path) -> None:
@@ -175,9 +179,10 @@ def test_explain_evaluation_scores_masked_images_and_draws_galleries(model: torc
     masks[:, 16:48, 16:48] = 1
     has_mask = np.array([True] * 6 + [False] * 2)
     explained = explain_evaluation(model, images, labels, probs, [f"i{k}" for k in range(8)], ("mel", "nv", "bcc"),
-                                   tmp_path, per_class=1, masks=masks, has_mask=has_mask)
+                                   tmp_path, per_class=1, masks=masks, has_mask=has_mask, method="gradcam")
     doc = explained.document
     assert doc["layer"] == "layer2" and doc["map_side"] == 8 and doc["layer_chosen_by"] == "image size"
+    assert doc["method"] == "LayerGradCam" and explained.notes == ()
     lesions = doc["lesion_masks"]
     assert lesions["n_images"] == 6 and set(lesions["per_class"]) == {"mel", "nv", "bcc"}
     assert lesions["overall"]["uniform"]["energy_inside"] == 0.25
@@ -186,6 +191,7 @@ def test_explain_evaluation_scores_masked_images_and_draws_galleries(model: torc
     none = explain_evaluation(model, images, labels, probs, [f"i{k}" for k in range(8)], ("mel", "nv", "bcc"),
                               tmp_path, per_class=2, layer="layer3")
     assert none.document["lesion_masks"] is None and none.document["layer_chosen_by"] == "--gradcam-layer"
+    assert none.document["method"] == "GuidedGradCam"  # the default
     assert none.document["correlation_over"] == "gallery images"
     off = explain_evaluation(model, images, labels, probs, [f"i{k}" for k in range(8)], ("mel", "nv", "bcc"),
                              tmp_path, per_class=0, masks=masks, has_mask=has_mask)
