@@ -17,7 +17,6 @@ Without Chromium (bench/browser.py finds it) only the sizes and write times are 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys

@@ -1,8 +1,8 @@
 """Augmentation of whole uint8 batches on the training device, with parameters drawn per sample.
 
 torchvision.transforms.v2 draws one set of random parameters per call, so applied to a batch every
-image gets the same crop. Here each sample gets its own: flips, 90-degree turns, the extra rotation
-and the random resized crop are folded into one affine matrix per sample and applied by a single
+image gets the same crop. Here each sample gets its own: flips, 90-degree turns, the extra rotation,
+the random resized crop and the translation are folded into one affine matrix per sample and applied by a single
 ``grid_sample``; colour jitter and the ImageNet normalisation are folded into one 3x3 colour matrix
 and offset per sample, applied by a single batched matrix product. Everything runs where the batch is
 (the GPU in a real run), so no DataLoader workers are needed, and nothing in it waits for the GPU.
@@ -65,7 +65,8 @@ def _uniform(n: int, low: float, high: float, g: torch.Generator, device: torch.
 
 def _affine_params(b: int, cfg: TrainConfig, g: torch.Generator, device: torch.device) -> torch.Tensor | None:
     """Per-sample 2x3 matrices mapping output to input coordinates, or None when all is off."""
-    geometric = cfg.hflip or cfg.vflip or cfg.rot90 or cfg.rotation_degrees > 0 or cfg.crop_scale_min < 1
+    geometric = (cfg.hflip or cfg.vflip or cfg.rot90 or cfg.rotation_degrees > 0 or cfg.crop_scale_min < 1
+                 or cfg.translate > 0)
     if not geometric:
         return None
     angle = torch.zeros(b, device=device)
@@ -91,6 +92,9 @@ def _affine_params(b: int, cfg: TrainConfig, g: torch.Generator, device: torch.d
     else:
         width = height = torch.ones(b, device=device)
         shift_x = shift_y = torch.zeros(b, device=device)
+    if cfg.translate > 0:  # [-1, 1] spans the side: a fraction t of it is 2t; beyond the border, reflection
+        shift_x = shift_x + _uniform(b, -2 * cfg.translate, 2 * cfg.translate, g, device)
+        shift_y = shift_y + _uniform(b, -2 * cfg.translate, 2 * cfg.translate, g, device)
     cos, sin = torch.cos(angle), torch.sin(angle)
     # input = diag(width, height) @ rotation @ diag(flip_x, flip_y) @ output + shift
     theta = torch.stack([

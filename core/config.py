@@ -74,6 +74,8 @@ class TrainConfig:
     rotation_degrees: float = _doc("Extra random rotation in [-d, d] degrees; 0 turns it off.", default=0.0)
     crop_scale_min: float = _doc("Random resized crop: smallest area fraction kept; 1 turns it off.",
                                  default=0.6)
+    translate: float = _doc("Random translation by up to this fraction of the side, in x and y (the image "
+                            "reflected at its borders); 0 turns it off.", default=0.0)
     color_jitter: float = _doc("Colour jitter strength (brightness, contrast, saturation; hue at a "
                                "quarter of it); 0 turns it off.", default=0.1)
 
@@ -109,6 +111,7 @@ class TrainConfig:
             ("image_size", 16 <= self.image_size <= 1024, "must be in [16, 1024]"),
             ("rotation_degrees", 0 <= self.rotation_degrees <= 180, "must be in [0, 180]"),
             ("crop_scale_min", 0.05 <= self.crop_scale_min <= 1, "must be in [0.05, 1]"),
+            ("translate", 0 <= self.translate <= 0.5, "must be in [0, 0.5]"),
             ("color_jitter", 0 <= self.color_jitter <= 1, "must be in [0, 1]"),
             ("pretrained", bool(self.pretrained), "must be 'imagenet', 'none' or a file path"),
             ("device", self.device in DEVICES, f"must be one of {DEVICES}"),

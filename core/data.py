@@ -29,6 +29,7 @@ from core.demo_data import GENERATOR, generate_demo
 from core.errors import UserError, run_cli
 from core.image_cache import decode_image, load_images
 from core.layouts import DEMO_MARKER, read_layout
+from core.masks import find_masks, load_masks
 from core.splits import SPLITS, check_fractions, read_splits, split_listing, write_splits
 
 __all__ = ["Dataset", "load_dataset", "load_for_config", "decode_image", "default_cache_dir",
@@ -49,6 +50,8 @@ class Dataset:
     root: str                      # resolved dataset path
     layout: str                    # "ham10000" | "isic2018" | "imagefolder" | "demo"
     fingerprint: str               # hex digest of the file list (sizes, mtimes) and the label table
+    masks: np.ndarray | None = None      # uint8 [N, S, S] lesion masks (1 = lesion), None when none (core/masks.py)
+    has_mask: np.ndarray | None = None   # bool [N]: image i has a mask (its row of ``masks`` is zeros otherwise)
 
     def indices(self, split: str) -> np.ndarray:
         """int64 indices of the images in ``split``."""
@@ -97,11 +100,12 @@ def demo_root(cache_dir: str | Path | None = None) -> Path:
 
 def load_dataset(path: str | Path | None, image_size: int, *, val_fraction: float = 0.15,
                  test_fraction: float = 0.15, split_seed: int = 0, splits_file: str | Path | None = None,
-                 cache_dir: str | Path | None = None, progress: bool = True) -> Dataset:
+                 cache_dir: str | Path | None = None, progress: bool = True, masks: bool = True) -> Dataset:
     """Read the dataset at ``path`` (None: the built-in demo), split it and decode it to ``image_size``.
 
     ``splits_file``: a ``splits.csv`` from an earlier run (see :func:`write_splits`), reused exactly;
-    its image ids must be the dataset's. Bad input raises :class:`UserError` naming the file or row.
+    its image ids must be the dataset's. ``masks``: also read the lesion masks, where the dataset has
+    them (False for training, which needs none). Bad input raises :class:`UserError` naming the file or row.
     """
     if not isinstance(image_size, int) or not 16 <= image_size <= 1024:
         raise UserError(f"image size must be an integer in [16, 1024], got {image_size!r}")
@@ -117,9 +121,15 @@ def load_dataset(path: str | Path | None, image_size: int, *, val_fraction: floa
     else:
         split = split_listing(listing, val_fraction, test_fraction, split_seed)
     images = load_images(listing.paths, image_size, fingerprint, cache_dir, progress=progress)
+    lesions = None
+    if masks:
+        mask_paths = find_masks(listing.layout, listing.root, listing.paths, listing.image_ids)
+        lesions = load_masks(mask_paths, listing.paths, image_size, fingerprint, cache_dir)
     data = Dataset(images=np.asarray(images), labels=listing.labels, class_names=listing.class_names,
                    image_ids=listing.image_ids, groups=listing.groups, split=split, root=str(listing.root),
-                   layout=listing.layout, fingerprint=fingerprint)
+                   layout=listing.layout, fingerprint=fingerprint,
+                   masks=None if lesions is None else np.asarray(lesions[0]),
+                   has_mask=None if lesions is None else lesions[1])
     sizes = " / ".join(f"{s} {len(data.indices(s))}" for s in SPLITS)
     logger.info("%s dataset at %s: %d images, %d classes; %s images", data.layout, data.root,
                 len(data.labels), len(data.class_names), sizes)
@@ -160,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"fingerprint {data.fingerprint[:16]}")
     print(data.summary())
     print(f"lesions in more than one split: {shared}")
+    masked = 0 if data.has_mask is None else int(data.has_mask.sum())
+    print(f"lesion masks: {masked} of {len(data.labels)} images" + ("" if masked else " (none found)"))
     if args.write_splits:
         write_splits(data, args.write_splits)
         print(f"wrote {args.write_splits}")

@@ -11,7 +11,8 @@ mix follows HAM10000 (nv 67%, mel 11%, bkl 11%, bcc 5%, akiec 3%, vasc 1.4%, df 
 six lesions a class where the lesion count allows.
 
 The output is a HAM10000 layout (``HAM10000_metadata.csv``, ``HAM10000_images_part_1/`` and
-``_part_2/``) plus ``lesion-sweep-demo.json`` describing how it was made, written atomically
+``_part_2/``, and the lesion masks in ``HAM10000_segmentations_lesion_tschandl/<image_id>_segmentation.png``:
+the drawn lesion's own outline, so Grad-CAM can be scored on it) plus ``lesion-sweep-demo.json`` describing how it was made, written atomically
 (built in a temporary folder, then renamed), so it goes through the same loader as the real data.
 Same arguments, same files.
 """
@@ -37,10 +38,11 @@ from core.layouts import DEMO_MARKER, HAM_CLASSES
 
 logger = logging.getLogger(__name__)
 
-GENERATOR = "demo-ham10000-v1"
+GENERATOR = "demo-ham10000-v2"   # v2: lesion masks
 DEFAULT_LESIONS = 730     # about 1,500 images
 DEFAULT_IMAGE_SIZE = 64
 PREVALENCE = {"akiec": 0.03, "bcc": 0.05, "bkl": 0.11, "df": 0.012, "mel": 0.11, "nv": 0.67, "vasc": 0.014}
+MASKS_FOLDER = "HAM10000_segmentations_lesion_tschandl"   # the name of HAM10000's lesion segmentation release
 MIN_LESIONS_PER_CLASS = 6
 IMAGES_PER_LESION = ((1, 0.35), (2, 0.35), (3, 0.2), (4, 0.1))
 SITES = ("back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "scalp")
@@ -133,19 +135,21 @@ def _write_demo(out: Path, counts: dict[str, int], size: int, seed: int, image_f
         n_images = rng.choice([n for n, _ in IMAGES_PER_LESION], p=[p for _, p in IMAGES_PER_LESION])
         age, sex, site = 5 * int(rng.integers(4, 17)), rng.choice(["male", "female"]), rng.choice(SITES)
         for _ in range(n_images):
-            rows.append((f"DEMO_L{lesion:05d}", dx, age, sex, site, _render(look, size, rng, hair)))
+            rows.append((f"DEMO_L{lesion:05d}", dx, age, sex, site, *_render(look, size, rng, hair)))
     parts = [out / "HAM10000_images_part_1", out / "HAM10000_images_part_2"]
-    for part in parts:
-        part.mkdir()
+    masks = out / MASKS_FOLDER
+    for folder in (*parts, masks):
+        folder.mkdir()
     image_ids = [f"DEMO_{i:06d}" for i in range(len(rows))]
     lines = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
-    for i, (image_id, (lesion_id, dx, age, sex, site, pixels)) in enumerate(zip(image_ids, rows)):
+    for i, (image_id, (lesion_id, dx, age, sex, site, pixels, lesion_mask)) in enumerate(zip(image_ids, rows)):
         folder = parts[0] if i < len(rows) // 2 else parts[1]
         image = Image.fromarray(pixels)
         if image_format == "jpg":
             image.save(folder / f"{image_id}.jpg", quality=92)
         else:
             image.save(folder / f"{image_id}.png")
+        Image.fromarray(lesion_mask).save(masks / f"{image_id}_segmentation.png")
         lines.append(f"{lesion_id},{image_id},{dx},synthetic,{age}.0,{sex},{site}")
     (out / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(rows)
@@ -182,8 +186,11 @@ def _sample_lesion(style: _Style, rng: np.random.Generator) -> dict:
     }
 
 
-def _render(look: dict, size: int, rng: np.random.Generator, hair: bool) -> np.ndarray:
-    """One image of a lesion: re-imaged with a small shift, rotation, zoom and lighting change."""
+def _render(look: dict, size: int, rng: np.random.Generator, hair: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One image of a lesion (re-imaged with a small shift, rotation, zoom and lighting change) and its mask.
+
+    The mask (uint8 [S, S], 255 = lesion) is where the drawn lesion covers at least half of a pixel.
+    """
     y, x = _grid(size)
     angle = look["angle"] + rng.normal(0, 0.25)
     zoom = rng.uniform(0.92, 1.08)
@@ -226,7 +233,7 @@ def _render(look: dict, size: int, rng: np.random.Generator, hair: bool) -> np.n
         rim = np.hypot(x, y) - rng.uniform(1.0, 1.3)
         image = image * np.clip(1 - rim * 8, 0.05, 1)[..., None]
     image = image + rng.normal(0, 0.025, image.shape)
-    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), np.where(mask >= 0.5, 255, 0).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=4)

@@ -47,8 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_threads(args.threads)
 
     from core.data import load_dataset
-    from core.evaluation import evaluate_probs, headline, map_labels, metrics_document, write_figures
-    from core.gradcam import coarse_map_note
+    from core.evaluation import evaluate_probs, headline, map_labels, mask_args, metrics_document, write_figures
     from core.inference import load_for_inference
     from core.report import ReportInput, write_report
 
@@ -71,11 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     what = f"{args.split} split of {Path(data.root).name}" if args.split == "test" else f"all of {Path(data.root).name}"
-    figures, galleries = write_figures(out, ev, model, images, data.image_ids[idx], device, args.gallery, what)
+    figures, explained = write_figures(out, ev, model, images, data.image_ids[idx], device, args.gallery, what,
+                                       **mask_args(data, idx), gradcam_layer=args.gradcam_layer,
+                                       gradcam_method=args.gradcam_method)
     source = {"model": str(Path(args.checkpoint).resolve()), "split": args.split,
               "data": {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,
                        "class_names": list(data.class_names)}}
-    write_json(out / filenames.EVALUATION, metrics_document(ev, source))
+    write_json(out / filenames.EVALUATION, metrics_document(ev, source, gradcam=explained.document))
     write_report(out / filenames.REPORT, ReportInput(
         title=f"Evaluation of {Path(args.checkpoint).name} on {Path(data.root).name}",
         facts=[("model", f"`{source['model']}` (epoch {meta.get('epoch', '?')}, {len(model_classes)} classes, "
@@ -84,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                ("evaluated", f"{len(idx)} images ({args.split} split)"),
                ("classes matched by name", ", ".join(sorted({data.class_names[i] for i in
                                                                np.unique(data.labels[idx])})))],
-        metrics=ev.metrics, per_class=ev.per_class, figures=figures, galleries=galleries,
-        config=meta.get("config"), notes=[note for note in [coarse_map_note(cfg.image_size)] if galleries and note]))
+        metrics=ev.metrics, per_class=ev.per_class, figures=figures, galleries=explained.galleries,
+        config=meta.get("config"), gradcam=explained.document, notes=explained.notes))
     print(headline(ev.metrics))
     print(f"report: {out / filenames.REPORT}")
     return 0

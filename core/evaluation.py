@@ -62,26 +62,33 @@ def map_labels(data_classes: Sequence[str], model_classes: Sequence[str], labels
     return lookup[np.asarray(labels, dtype=np.int64)]
 
 
-def metrics_document(ev: Evaluation, source: Mapping[str, Any],
-                     training: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def metrics_document(ev: Evaluation, source: Mapping[str, Any], training: Mapping[str, Any] | None = None,
+                     gradcam: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The metrics.json of an evaluation (one schema for core.evaluate and core.final_train).
 
     ``source``: what was evaluated (model file, split, data); ``training``: core.final_train's account of the
-    training that made the model (absent for core.evaluate). Then the flat test_* metrics, per class figures
-    and the confusion matrix.
+    training that made the model (absent for core.evaluate). Then the flat test_* metrics, per class figures,
+    the confusion matrix, and ``gradcam``: the heat maps' method and scores (core.gradcam.explain_evaluation;
+    null without Grad-CAM).
     """
     return {"format": EVALUATION_FORMAT, "version": 1, "status": "complete", "source": dict(source),
             **({"training": dict(training)} if training is not None else {}),
             **{k: _finite_or_none(v) for k, v in ev.metrics.items()},
             "n_images": int(len(ev.labels)), "class_names": list(ev.class_names),
-            "per_class": ev.per_class, "confusion_matrix": ev.confusion.tolist()}
+            "per_class": ev.per_class, "confusion_matrix": ev.confusion.tolist(),
+            "gradcam": None if gradcam is None else dict(gradcam)}
 
 
 def write_figures(out: Path, ev: Evaluation, model: Any, images_uint8: np.ndarray, image_ids: Sequence[str],
-                  device: Any, gallery_per_class: int, what: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """Confusion matrix, ROC curves and Grad-CAM galleries into ``out``; returns (figures, galleries)."""
+                  device: Any, gallery_per_class: int, what: str, *, masks: np.ndarray | None = None,
+                  has_mask: np.ndarray | None = None, gradcam_layer: str | None = None,
+                  gradcam_method: str | None = None) -> tuple[list[tuple[str, str]], Any]:
+    """Confusion matrix, ROC curves and Grad-CAM (galleries; scores where ``masks`` are given) into ``out``.
+
+    Returns (figures, :class:`core.gradcam.Explained`).
+    """
     from core.figures import confusion_matrix_figure, roc_figure
-    from core.gradcam import write_galleries
+    from core.gradcam import DEFAULT_METHOD, explain_evaluation
 
     confusion_matrix_figure(ev.confusion, ev.class_names, out / "confusion_matrix.png",
                             title=f"Confusion matrix, {what}")
@@ -90,9 +97,17 @@ def write_figures(out: Path, ev: Evaluation, model: Any, images_uint8: np.ndarra
     figures = [("Confusion matrix", "confusion_matrix.png"), ("ROC curves", "roc_curves.png")]
     if gallery_per_class > 0:
         log.info("Grad-CAM galleries (%d examples per class)", gallery_per_class)
-    galleries = write_galleries(model, images_uint8, ev.labels, ev.probs, image_ids, ev.class_names, out,
-                                device=device, per_class=gallery_per_class)
-    return figures, galleries
+    explained = explain_evaluation(model, images_uint8, ev.labels, ev.probs, image_ids, ev.class_names, out,
+                                   device=device, per_class=gallery_per_class, layer=gradcam_layer,
+                                   method=gradcam_method or DEFAULT_METHOD, masks=masks, has_mask=has_mask)
+    return figures, explained
+
+
+def mask_args(data: Any, idx: np.ndarray) -> dict[str, Any]:
+    """The lesion masks of the images ``idx`` of a Dataset, as keyword arguments of :func:`write_figures`."""
+    if data.masks is None:
+        return {}
+    return {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
 
 
 def headline(metrics: Mapping[str, float]) -> str:

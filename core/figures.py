@@ -129,6 +129,7 @@ class GalleryItem:
     true_name: str
     pred_name: str
     confidence: float      # predicted probability of pred_name
+    mask: np.ndarray | None = None   # [H, W] lesion mask, outlined on the overlay when given
 
 
 def gradcam_gallery_figure(class_name: str, items: Sequence[GalleryItem], path: str | os.PathLike,
@@ -146,6 +147,8 @@ def gradcam_gallery_figure(class_name: str, items: Sequence[GalleryItem], path: 
         top, bottom = axes[row, col], axes[row + 1, col]
         top.imshow(item.image, interpolation="bilinear")
         bottom.imshow(item.overlay, interpolation="bilinear")
+        if item.mask is not None and np.any(item.mask):
+            bottom.contour(np.asarray(item.mask, dtype=float), levels=[0.5], colors="white", linewidths=1.0)
         wrong = item.pred_name != item.true_name
         top.set_title(f"{_short(item.image_id)}\ntrue {item.true_name}\npred {item.pred_name} "
                       f"({item.confidence:.2f})", fontsize=8, color="tab:red" if wrong else "black",
@@ -154,8 +157,9 @@ def gradcam_gallery_figure(class_name: str, items: Sequence[GalleryItem], path: 
         axes[0, 0].text(0.5, 0.5, "no test images of this class", ha="center", va="center")
     n_wrong = sum(item.pred_name != item.true_name for item in items)
     mistakes = f"{n_wrong} misclassified (titled in red)" if n_wrong else "none misclassified"
+    outlined = "; white line: the lesion mask" if any(item.mask is not None for item in items) else ""
     fig.suptitle(f"Grad-CAM, true class {class_name}: {len(items)} examples, {mistakes}\n"
-                 f"top: image; below: heat map of the predicted class (red = most evidence)", fontsize=10)
+                 f"top: image; below: heat map of the predicted class (red = most evidence){outlined}", fontsize=10)
     _save(fig, path)
 
 

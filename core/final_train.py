@@ -57,6 +57,8 @@ class FinalOptions:
     resume: bool = True
     gallery_per_class: int = 8
     progress: bool = True
+    gradcam_layer: str | None = None     # None: chosen by image size (core.gradcam.choose_layer)
+    gradcam_method: str | None = None    # None: core.gradcam.DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     from core.best_file import check_data, read_best
     from core.config import TrainConfig
     from core.data import load_for_config
-    from core.evaluation import evaluate_probs, metrics_document, write_figures
+    from core.evaluation import evaluate_probs, mask_args, metrics_document, write_figures
     from core.figures import curves_figure
     from core.inference import load_for_inference
     from core.model import save_model_file
@@ -106,8 +108,9 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
                     {"epoch": chosen_epoch, "metrics": {**chosen, **ev.metrics}})
     curves_figure(history, out / "training_curves.png", best_epoch=chosen_epoch, title="Training curves"
                   + (" (trained on train+val: val is not held out)" if options.train_on_val else ""))
-    figures, galleries = write_figures(out, ev, loaded.model, images, data.image_ids[test_idx], loaded.device,
-                                       options.gallery_per_class, "test split")
+    figures, explained = write_figures(out, ev, loaded.model, images, data.image_ids[test_idx], loaded.device,
+                                       options.gallery_per_class, "test split", **mask_args(data, test_idx),
+                                       gradcam_layer=options.gradcam_layer, gradcam_method=options.gradcam_method)
     figures = [("Loss and metrics per epoch", "training_curves.png"), *figures]
 
     counts = {split: int(len(data.indices(split))) for split in ("train", "val", "test")}
@@ -120,9 +123,10 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
         "tuned_epochs": tuned_epochs, "epochs": cfg.epochs, "train_splits": list(train_splits),
         "split_sizes": counts, "chosen_epoch": chosen_epoch,
         "chosen_by": "last epoch" if options.train_on_val else cfg.select_metric, "epochs_run": len(history),
-        "chosen_epoch_metrics": chosen, "device": str(loaded.device), "wall_s": time.perf_counter() - started})
+        "chosen_epoch_metrics": chosen, "device": str(loaded.device), "wall_s": time.perf_counter() - started},
+        gradcam=explained.document)
     write_json(out / filenames.EVALUATION, document)
-    _write_final_report(out, document, best, cfg, figures, galleries)
+    _write_final_report(out, document, best, cfg, figures, explained)
     update_sweep_page(best.folder, out)  # the sweep's report.html gains this final model's section
     return FinalResult(out_dir=out, metrics=document, report=out / filenames.REPORT)
 
@@ -192,9 +196,8 @@ class EpochBar:
 
 
 def _write_final_report(out: Path, document: dict[str, Any], best: Any, cfg: Any, figures: list,
-                        galleries: dict) -> None:
+                        explained: Any) -> None:
     """report.md from the metrics.json document (so the page and the file never disagree)."""
-    from core.gradcam import coarse_map_note
     from core.report import ReportInput, write_report
 
     run, data = document["training"], document["source"]["data"]
@@ -219,13 +222,13 @@ def _write_final_report(out: Path, document: dict[str, Any], best: Any, cfg: Any
     if train_on_val:
         notes.append("Trained on train+val: the validation curves are measured on training images and say nothing "
                      "of generalisation; the test metrics do.")
-    if galleries and coarse_map_note(cfg.image_size):
-        notes.append(coarse_map_note(cfg.image_size))
+    notes += explained.notes
     model = out / filenames.MODEL
     metrics = {k: v for k, v in document.items() if k.startswith("test_")}
     write_report(out / filenames.REPORT, ReportInput(
         title=f"Final model of sweep {best.folder.name}", facts=facts, metrics=metrics,
-        per_class=document["per_class"], figures=figures, galleries=galleries, config=cfg.to_dict(), notes=notes,
+        per_class=document["per_class"], figures=figures, galleries=explained.galleries, config=cfg.to_dict(),
+        notes=notes, gradcam=document.get("gradcam"),
         commands=[("Evaluate this model on another dataset (an external test set)",
                    f"python -m core.evaluate {model} --data PATH --split all --out {out / 'external'}"),
                   ("Predict images, with Grad-CAM overlays",
@@ -264,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_threads(args.threads)
     result = final_train(args.best, FinalOptions(
         epochs=args.epochs, overrides=tuple(args.overrides), out_dir=args.out, train_on_val=args.train_on_val,
-        resume=not args.no_resume, gallery_per_class=args.gallery))
+        resume=not args.no_resume, gallery_per_class=args.gallery, gradcam_layer=args.gradcam_layer,
+        gradcam_method=args.gradcam_method))
     training = result.metrics["training"]
     print(f"test ({result.metrics['n_images']} images, epoch {training['chosen_epoch']}): {headline(result.metrics)}")
     print(f"report: {result.report}")

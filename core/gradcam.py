@@ -1,10 +1,22 @@
 """Grad-CAM heat maps with Captum: where in an image the model found the evidence for a class.
 
-Captum's ``LayerGradCam`` on the last residual block (``core.model.gradcam_layer``), with ReLU as
-in the paper, upsampled to the image's size by ``LayerAttribution.interpolate`` (bilinear). Captum
-registers its hooks for each ``attribute`` call and removes them when the call ends, so the model
-is left as it was. At small image sizes the block's map is coarse (2x2 at 64 px, 7x7 at 224 px):
-the heat map can only be as sharp as that.
+Two methods (``--gradcam-method``):
+
+- ``guided`` (the default): Captum's ``GuidedGradCam``, guided backpropagation (a pixel-level map)
+  times the Grad-CAM of a residual stage, by default the last one (layer4); absolute values summed
+  over the colours. Chosen on the HAM10000 copy's validation split, against dermatologists' lesion
+  masks (bench/gradcam_study.py; README "Grad-CAM"): it was the one method tried whose maps both put
+  more of their mass inside the lesion than a centred Gaussian and peaked inside it in 80% of images.
+- ``gradcam``: Captum's ``LayerGradCam`` on one stage, with ReLU as in the paper, bilinearly
+  upsampled. Only as fine as the stage's map, so the stage is chosen by the map it gives: the deepest
+  with at least 7x7 full cells (layer4 from 224 px, layer3 from 112 px, layer2 below); the last stage
+  alone gives 2x2 maps at 64 px, which show the network's position bias more than the lesion.
+
+``--gradcam-layer`` overrides the stage of either. Captum registers its hooks for each ``attribute``
+call and removes them when the call ends, so the model is left as it was.
+
+Where lesion masks exist (core/masks.py), :func:`explain_evaluation` scores the map of every
+evaluated image against its mask (core/explain_scores.py) and the overlays draw the mask's outline.
 
 Used by ``core.final_train``, ``core.evaluate`` (the galleries) and ``core.predict --gradcam DIR``.
 """
@@ -13,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,63 +36,126 @@ from torch import nn
 
 from core.augment import normalize
 from core.figures import GalleryItem, gradcam_gallery_figure
-from core.model import gradcam_layer
+from core.model import GRADCAM_LAYERS, STAGE_STRIDES, gradcam_layer
 
 log = logging.getLogger(__name__)
 
 OVERLAY_ALPHA = 0.6
+OUTLINE_COLOR = (255, 255, 255)   # the lesion mask's outline on overlays
+
+
+METHODS = ("gradcam", "guided")
+CAPTUM_NAMES = {"gradcam": "LayerGradCam", "guided": "GuidedGradCam"}
+# Chosen on the HAM10000 copy's validation split (bench/gradcam_study.py, README "Grad-CAM"): of the methods
+# tried, only Guided Grad-CAM on layer4 put more of its map inside the lesion than a centred Gaussian does AND
+# peaked inside the lesion in at least 80% of the images.
+DEFAULT_METHOD = "guided"
+MIN_MAP_SIDE = 7   # plain Grad-CAM: the deepest stage whose map has at least this many cells a side
+
+
+def choose_layer(image_size: int, method: str = DEFAULT_METHOD) -> str:
+    """The residual stage a method looks at by default, at ``image_size`` px.
+
+    Plain Grad-CAM ("gradcam") is only as fine as the stage's map: the deepest stage with at least 7x7
+    full cells, i.e. layer4 (stride 32) from 224 px, layer3 (stride 16) from 112 px, layer2 (stride 8)
+    below. Guided Grad-CAM ("guided") takes its resolution from guided backpropagation, pixel by pixel,
+    and only its class weighting from the stage: the last one, layer4, as in the Grad-CAM paper.
+    """
+    if method == "guided":
+        return GRADCAM_LAYERS[-1]
+    for name in reversed(GRADCAM_LAYERS):
+        if image_size // STAGE_STRIDES[name] >= MIN_MAP_SIDE:
+            return name
+    return GRADCAM_LAYERS[0]
+
+
+def stage_side(image_size: int, layer: str) -> int:
+    """Side of a residual stage's map for square images of ``image_size`` px (each stride-2 step rounds up)."""
+    side = image_size
+    for _ in range(STAGE_STRIDES[layer].bit_length() - 1):
+        side = -(-side // 2)
+    return side
 
 
 def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targets: Sequence[int],
-                 device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
-    """Heat maps [N, H, W] in [0, 1] (each scaled by its maximum) for class ``targets[i]`` of image ``i``."""
+                 device: str | torch.device = "cpu", batch_size: int = 64, layer: str | None = None,
+                 method: str = DEFAULT_METHOD) -> np.ndarray:
+    """Heat maps [N, H, W] in [0, 1] (each scaled by its maximum) for class ``targets[i]`` of image ``i``.
+
+    ``layer``: the residual stage to look at; None chooses by image size (:func:`choose_layer`).
+    ``method``: "gradcam" (LayerGradCam, bilinearly upsampled) or "guided" (GuidedGradCam: guided
+    backpropagation times the nearest-upsampled Grad-CAM, absolute values summed over the colours).
+    """
+    from captum.attr import GuidedGradCam
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     device = torch.device(device)
     images = torch.as_tensor(np.asarray(images_uint8)) if not isinstance(images_uint8, torch.Tensor) else images_uint8
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
     model = model.to(device).eval()
-    cam = LayerGradCam(model, gradcam_layer(model))
+    stage = gradcam_layer(model, layer or choose_layer(int(images.shape[-1]), method))
+    cam = LayerGradCam(model, stage) if method == "gradcam" else GuidedGradCam(model, stage)
     size = tuple(images.shape[-2:])
     out = np.zeros((len(images), *size), dtype=np.float32)
-    with torch.enable_grad():  # callers may sit inside no_grad; Grad-CAM needs the gradients
+    with torch.enable_grad(), warnings.catch_warnings():  # callers may sit inside no_grad; these need gradients
+        # GuidedBackprop says, each call, that it hooks the ReLUs for the call's duration: nothing to act on
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
         for start in range(0, len(images), batch_size):
-            x = normalize(images[start:start + batch_size].to(device))
+            x = normalize(images[start:start + batch_size].to(device)).requires_grad_()
             target = torch.as_tensor(list(targets[start:start + batch_size]), dtype=torch.long, device=device)
-            attribution = cam.attribute(x, target=target, relu_attributions=True)
-            if start == 0 and attribution.shape[-2:] == (1, 1):
-                log.warning("at %d px the last residual block's map is 1x1, so Grad-CAM cannot localise "
-                            "anything (each heat map is flat); use images of 48 px or more", size[0])
-            upsampled = LayerAttribution.interpolate(attribution, size, interpolate_mode="bilinear")
-            out[start:start + len(x)] = upsampled[:, 0].detach().float().cpu().numpy()
+            if method == "guided":
+                heat = cam.attribute(x, target=target).detach().abs().sum(1)
+            else:
+                attribution = cam.attribute(x, target=target, relu_attributions=True)
+                if start == 0 and attribution.shape[-2:] == (1, 1):
+                    log.warning("at %d px the chosen stage's map is 1x1, so Grad-CAM cannot localise "
+                                "anything (each heat map is flat); use images of 48 px or more", size[0])
+                heat = LayerAttribution.interpolate(attribution, size, interpolate_mode="bilinear")[:, 0].detach()
+            out[start:start + len(x)] = heat.float().cpu().numpy()
+            model.zero_grad(set_to_none=True)
     peak = out.reshape(len(out), -1).max(1) if len(out) else np.zeros(0)
     scale = np.where(peak > 0, peak, 1.0).astype(np.float32)
     return out / scale[:, None, None]
 
 
 def map_side(image_size: int) -> int:
-    """Side of ResNet-18's last-block map for square images of ``image_size`` px (five stride-2 stages)."""
-    side = image_size
-    for _ in range(5):
-        side = -(-side // 2)
-    return side
+    """Side of ResNet-18's last-block (layer4) map for square images of ``image_size`` px."""
+    return stage_side(image_size, "layer4")
 
 
-def coarse_map_note(image_size: int) -> str | None:
+def describe_method(image_size: int, layer: str, method: str = DEFAULT_METHOD) -> str:
+    """E.g. "Captum LayerGradCam on layer2 (an 8x8 map at 64 px)"."""
+    side = stage_side(image_size, layer)
+    return f"Captum {CAPTUM_NAMES[method]} on {layer} (a {side}x{side} map at {image_size} px)"
+
+
+def coarse_map_note(image_size: int, layer: str = "layer4") -> str | None:
     """A warning for report.md where the Grad-CAM map is too coarse to say much (below 4x4)."""
-    side = map_side(image_size)
+    side = stage_side(image_size, layer)
     if side >= 4:
         return None
-    return (f"At {image_size} px the last residual block's map is {side}x{side}, so each Grad-CAM heat map is "
-            f"that grid, smoothly upsampled: it can point at a part of the image at best, and maps this coarse "
-            f"often show the network's position bias more than the lesion. Train at 128 px or more (4x4 and "
-            f"finer) for heat maps worth reading.")
+    return (f"At {image_size} px the {layer} map is {side}x{side}, so each Grad-CAM heat map is that grid, "
+            f"smoothly upsampled: it can point at a part of the image at best, and maps this coarse often show "
+            f"the network's position bias more than the lesion. Use an earlier stage (`--gradcam-layer`) or "
+            f"train at a larger size for heat maps worth reading.")
 
 
-def overlay(image_uint8: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+def outline(mask: np.ndarray) -> np.ndarray:
+    """bool [H, W]: the mask's pixels with a 4-neighbour outside it (the image border counts as outside)."""
+    inside = np.pad(np.asarray(mask, dtype=bool), 1)
+    core = inside[1:-1, 1:-1] & inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:]
+    return inside[1:-1, 1:-1] & ~core
+
+
+def overlay(image_uint8: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_ALPHA,
+            mask: np.ndarray | None = None) -> np.ndarray:
     """The heat map (jet colours) blended over an image; image [3,H,W] or [H,W,3] uint8 -> [H,W,3] uint8.
 
     The blend is strongest where the map is hot (``alpha``) and light where it is cold (a third of it),
-    so the lesion stays visible wherever the model did not look.
+    so the lesion stays visible wherever the model did not look. With a lesion ``mask`` [H, W] its
+    outline is drawn in white.
     """
     from matplotlib import colormaps
 
@@ -86,11 +163,18 @@ def overlay(image_uint8: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_AL
     heat = np.clip(heat, 0.0, 1.0)
     colors = colormaps["jet"](heat)[..., :3] * 255.0
     weight = (alpha * (1 + 2 * heat) / 3)[..., None]
-    return np.clip((1 - weight) * image + weight * colors, 0, 255).astype(np.uint8)
+    blended = np.clip((1 - weight) * image + weight * colors, 0, 255).astype(np.uint8)
+    if mask is not None:
+        blended[outline(mask)] = OUTLINE_COLOR
+    return blended
 
 
-def save_overlay(image_uint8: np.ndarray, heat: np.ndarray, path: str | os.PathLike, min_side: int = 224) -> None:
-    """One overlay as a PNG, enlarged to at least ``min_side`` pixels so that small images stay visible."""
+def save_overlay(image_uint8: np.ndarray, heat: np.ndarray, path: str | os.PathLike, min_side: int = 224,
+                 mask: np.ndarray | None = None) -> None:
+    """One overlay as a PNG, enlarged to at least ``min_side`` pixels so that small images stay visible.
+
+    The lesion mask's outline (if given) is drawn after enlarging, so it stays a thin line.
+    """
     from PIL import Image
 
     from core.atomic import atomic_path
@@ -99,6 +183,11 @@ def save_overlay(image_uint8: np.ndarray, heat: np.ndarray, path: str | os.PathL
     factor = max(1, -(-min_side // max(1, min(picture.size))))
     if factor > 1:
         picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.BICUBIC)
+    if mask is not None:
+        pixels = np.array(picture)
+        big = np.kron(np.asarray(mask, dtype=np.uint8), np.ones((factor, factor), dtype=np.uint8))
+        pixels[outline(big)] = OUTLINE_COLOR
+        picture = Image.fromarray(pixels)
     with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
 
@@ -126,11 +215,15 @@ def choose_examples(labels: np.ndarray, probs: np.ndarray, per_class: int) -> di
 
 def write_galleries(model: nn.Module, images_uint8: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                     image_ids: Sequence[str], class_names: Sequence[str], out_dir: str | os.PathLike,
-                    device: str | torch.device = "cpu", per_class: int = 8) -> dict[str, str]:
+                    device: str | torch.device = "cpu", per_class: int = 8, *, layer: str | None = None,
+                    method: str = DEFAULT_METHOD, masks: Mapping[int, np.ndarray] | None = None,
+                    maps: Mapping[int, np.ndarray] | None = None) -> dict[str, str]:
     """For each class present, ``gradcam_<class>.png`` (a grid) and ``gradcam/<class>/<id>.png`` (each overlay).
 
-    Galleries of an earlier run in ``out_dir`` are removed first, so none is left that this run did not
-    choose. Returns {class name: gallery file name} for the classes that have examples.
+    ``masks``: lesion masks by image index, outlined on the overlays; ``maps``: heat maps already made,
+    by image index (the rest are made here, on ``layer``). Galleries of an earlier run in ``out_dir``
+    are removed first, so none is left that this run did not choose. Returns {class name: gallery file
+    name} for the classes that have examples.
     """
     import shutil
     from pathlib import Path
@@ -144,7 +237,12 @@ def write_galleries(model: nn.Module, images_uint8: np.ndarray, labels: np.ndarr
     if not order:
         return {}
     pred = probs.argmax(1)
-    maps = dict(zip(order, gradcam_maps(model, images_uint8[order], [int(pred[i]) for i in order], device)))
+    maps = dict(maps or {})
+    missing = [i for i in order if i not in maps]
+    if missing:
+        maps.update(zip(missing, gradcam_maps(model, images_uint8[missing], [int(pred[i]) for i in missing], device,
+                                              layer=layer, method=method)))
+    masks = masks or {}
     galleries: dict[str, str] = {}
     for c, indices in chosen.items():
         if not indices:
@@ -155,12 +253,71 @@ def write_galleries(model: nn.Module, images_uint8: np.ndarray, labels: np.ndarr
             item_id = str(image_ids[i])
             items.append(GalleryItem(image=_hwc(images_uint8[i]), overlay=overlay(images_uint8[i], maps[i]),
                                      image_id=item_id, true_name=name, pred_name=class_names[int(pred[i])],
-                                     confidence=float(probs[i].max())))
+                                     confidence=float(probs[i].max()), mask=masks.get(i)))
             save_overlay(images_uint8[i], maps[i], out / "gradcam" / _safe(name) /
-                         f"{_safe(item_id)}_pred-{_safe(class_names[int(pred[i])])}.png")
+                         f"{_safe(item_id)}_pred-{_safe(class_names[int(pred[i])])}.png", mask=masks.get(i))
         galleries[name] = f"gradcam_{_safe(name)}.png"
         gradcam_gallery_figure(name, items, out / galleries[name])
     return galleries
+
+
+@dataclass(frozen=True)
+class Explained:
+    """Grad-CAM of an evaluation: the galleries, the ``gradcam`` section of metrics.json, and its verdict."""
+
+    galleries: dict[str, str]          # class name -> gallery file, relative to the output folder
+    document: dict[str, Any] | None    # None when no Grad-CAM was made (no galleries asked for)
+    notes: tuple[str, ...] = ()        # warnings for report.md (maps too coarse to say much)
+
+
+def explain_evaluation(model: nn.Module, images_uint8: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                       image_ids: Sequence[str], class_names: Sequence[str], out_dir: str | os.PathLike,
+                       device: str | torch.device = "cpu", per_class: int = 8, *, layer: str | None = None,
+                       method: str = DEFAULT_METHOD, masks: np.ndarray | None = None,
+                       has_mask: np.ndarray | None = None) -> Explained:
+    """Galleries, and where lesion masks exist, the maps of every evaluated image with one, scored against it.
+
+    Maps are of the predicted class, made by ``method`` on ``layer`` (None: :func:`choose_layer`). The position-bias alarm
+    is the maps' mean pairwise correlation: over the images with a mask when there are any, else over
+    the gallery's. ``per_class`` 0 turns Grad-CAM off (no galleries, no scores).
+    """
+    from core import explain_scores
+
+    if per_class <= 0:
+        write_galleries(model, images_uint8, labels, probs, image_ids, class_names, out_dir, device, 0)
+        return Explained({}, None)
+    size = int(images_uint8.shape[-1])
+    chosen_by = "--gradcam-layer" if layer else "image size"
+    layer = layer or choose_layer(size, method)
+    scored = np.flatnonzero(has_mask) if masks is not None and has_mask is not None else np.zeros(0, np.int64)
+    shown = [i for indices in choose_examples(labels, probs, per_class).values() for i in indices]
+    needed = sorted(set(shown) | set(scored.tolist()))
+    pred = probs.argmax(1)
+    log.info("%s on %s: %d images (%d with a lesion mask)", CAPTUM_NAMES[method], layer, len(needed), len(scored))
+    made = gradcam_maps(model, images_uint8[needed], pred[needed].tolist(), device, layer=layer, method=method)
+    maps = dict(zip(needed, made))
+    mask_of = {int(i): np.asarray(masks[i]) for i in scored}
+    galleries = write_galleries(model, images_uint8, labels, probs, image_ids, class_names, out_dir, device,
+                                per_class, layer=layer, method=method, masks=mask_of, maps=maps)
+    basis = scored if len(scored) else np.array(shown, dtype=np.int64)
+    correlation = explain_scores.mean_pairwise_correlation(np.stack([maps[i] for i in basis])) if len(basis) > 1 \
+        else float("nan")
+    lesions = None
+    if len(scored):
+        lesions = explain_scores.score_maps(np.stack([maps[i] for i in scored]), np.stack([mask_of[i] for i in scored]),
+                                            labels[scored], class_names, describe_method(size, layer, method))
+    masks_correlation = lesions["overall"]["masks"]["map_correlation"] if lesions else None
+    document = {
+        "method": CAPTUM_NAMES[method], "layer": layer, "layer_chosen_by": chosen_by,
+        "map_side": stage_side(size, layer), "image_size": size, "target": "predicted class", "n_maps": len(needed),
+        "map_correlation": None if np.isnan(correlation) else float(correlation),
+        "correlation_over": "images with a lesion mask" if len(scored) else "gallery images",
+        "bias_alarm": explain_scores.bias_alarm(None if np.isnan(correlation) else float(correlation),
+                                                masks_correlation),
+        "lesion_masks": lesions,
+    }
+    coarse = coarse_map_note(size, layer) if method == "gradcam" else None
+    return Explained(galleries, document, (coarse,) if coarse else ())
 
 
 def _hwc(image: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ Layouts, detected from what is on disk, in this order:
   seven lower-case dx codes as HAM10000.
 - ``imagefolder``: class folders, either directly under the root or under ``train/``, ``val/``
   (also ``valid/``, ``validation/``) and ``test/``, which then fix the split. Classes: the union of
-  the class folder names, sorted.
+  the class folder names, sorted. A ``masks/`` folder in the root holds lesion masks (core/masks.py),
+  not a class.
 
 A path to a CSV file selects that CSV (useful where a folder holds several). Rows are sorted by
 image id, so the order of a metadata file does not matter.
@@ -43,6 +44,7 @@ HAM_METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata")
 HAM_COLUMNS = ("lesion_id", "image_id", "dx")
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 DEMO_MARKER = "lesion-sweep-demo.json"
+MASKS_FOLDER = "masks"
 _HAM_PART = re.compile(r"(?:ham10000_)?images_part_?(\d+)", re.IGNORECASE)
 _SKIPPED_FOLDERS = frozenset({"__macosx"})
 LOOKED_FOR = ("HAM10000_metadata.csv with HAM10000_images_part_1/ and _part_2/ (HAM10000); "
@@ -203,7 +205,8 @@ def _read_groupings(csv_path: Path) -> dict[str, str]:
 # --- ImageFolder --------------------------------------------------------------------------------
 
 def _read_imagefolder(root: Path) -> Listing | None:
-    subdirs = _subfolders(root)
+    # masks/ in the root mirrors the image tree with lesion masks (core/masks.py): neither a class nor a split
+    subdirs = [d for d in _subfolders(root) if d.name.lower() != MASKS_FOLDER]
     split_dirs = [(SPLIT_FOLDERS[d.name.lower()], d) for d in subdirs if d.name.lower() in SPLIT_FOLDERS]
     if split_dirs:
         seen: dict[str, Path] = {}
@@ -220,7 +223,7 @@ def _read_imagefolder(root: Path) -> Listing | None:
     found: list[tuple[str, str, Path]] = []  # (split, class, file)
     empty: list[Path] = []
     for split, base in sources:
-        classes = _subfolders(base)
+        classes = subdirs if base == root else _subfolders(base)
         if split and not classes:
             raise UserError(f"{base}: split folder holds no class folders")
         for folder in classes:

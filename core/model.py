@@ -85,9 +85,15 @@ def _torch_load(path: Path) -> Any:
         raise UserError(f"{path}: cannot be read as a PyTorch weights file ({type(exc).__name__})") from None
 
 
-def gradcam_layer(model: nn.Module) -> nn.Module:
-    """The last residual block: where Grad-CAM looks."""
-    return _unwrap(model).layer4
+GRADCAM_LAYERS = ("layer2", "layer3", "layer4")   # ResNet-18's residual stages Grad-CAM may look at
+STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+
+
+def gradcam_layer(model: nn.Module, name: str = "layer4") -> nn.Module:
+    """The residual stage ``name`` (layer2, layer3 or layer4): where Grad-CAM looks."""
+    if name not in STAGE_STRIDES:
+        raise ValueError(f"unknown residual stage {name!r}; expected one of {tuple(STAGE_STRIDES)}")
+    return getattr(_unwrap(model), name)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,10 +1,14 @@
 """Class probabilities of a trained model for image files, optionally with Grad-CAM overlays.
 
     python -m core.predict results/<sweep>/final/model.pt lesion1.jpg lesion2.png [--json] [--gradcam DIR]
+        [--masks MASK_DIR] [--gradcam-layer layer2|layer3|layer4]
 
 Images are decoded at the model's image size and normalised exactly as in training. The table (or
 ``--json``) gives the predicted class, its probability and every class's probability; ``--gradcam
 DIR`` saves ``DIR/<image name>_gradcam.png``, the heat map of the predicted class over the image.
+With ``--masks MASK_DIR`` (holding ``<image name>_segmentation.png`` or ``<image name>.png``, the
+image's size) each map is also scored against the lesion mask, whose outline the overlay draws:
+the share of the map inside the lesion and whether its peak is (core/explain_scores.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from core.errors import run_cli
+from core.cli import add_gradcam_options
+from core.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -64,31 +69,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--gradcam", metavar="DIR", help="save a Grad-CAM overlay of each image into DIR")
+    parser.add_argument("--masks", metavar="MASK_DIR",
+                        help="lesion masks (<image name>_segmentation.png or <image name>.png): score each "
+                             "Grad-CAM map against its image's mask (with --gradcam)")
+    add_gradcam_options(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
 
+    from core.gradcam import DEFAULT_METHOD
     from core.image_cache import decode_image
     from core.inference import load_for_inference
 
+    if args.masks and not args.gradcam:
+        raise UserError("--masks scores Grad-CAM maps: give --gradcam DIR as well")
     loaded = load_for_inference(args.checkpoint, args.device)
     class_names = list(loaded.class_names)
     size = int(loaded.meta["image_size"])
     # Every image is read before any work, so a bad one fails the command at once, by name.
     images = np.stack([decode_image(path, size) for path in args.images])
+    masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
     probs = loaded.predict(images)
+    rows = predictions_json(args.images, probs, class_names)
+    scores = None
     if args.gradcam:
         from core.gradcam import gradcam_maps, save_overlay
 
         out = Path(args.gradcam)
-        maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device)
-        for image, heat, name in zip(images, maps, overlay_names(args.images)):
-            save_overlay(image, heat, out / name)
+        maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device,
+                            layer=args.gradcam_layer, method=args.gradcam_method or DEFAULT_METHOD)
+        for image, heat, name, mask, row in zip(images, maps, overlay_names(args.images), masks, rows):
+            save_overlay(image, heat, out / name, mask=mask)
+            row["gradcam"] = {"overlay": str(out / name), **score_one(heat, mask)}
         log.info("Grad-CAM overlays of the predicted classes in %s", out)
+        if args.masks:
+            scores = masks_summary(maps, masks)
     if args.json:
-        print(json.dumps(predictions_json(args.images, probs, class_names), indent=2))
+        print(json.dumps(rows, indent=2))
     else:
         print(format_table(args.images, probs, class_names))
+        if scores:
+            print(scores)
     return 0
+
+
+def read_masks(paths: Sequence[str], masks_dir: str, size: int) -> list[np.ndarray | None]:
+    """Each image's lesion mask from ``masks_dir`` at ``size`` px, None where it has none."""
+    from core.masks import decode_mask, mask_beside
+
+    if not Path(masks_dir).is_dir():
+        raise UserError(f"{masks_dir}: no such folder of lesion masks")
+    found = [mask_beside(path, masks_dir) for path in paths]
+    if not any(found):
+        log.warning("no lesion mask for any image in %s (looked for <image name>_segmentation.png)", masks_dir)
+    return [None if mask is None else decode_mask(mask, path, size) for path, mask in zip(paths, found)]
+
+
+def score_one(heat: np.ndarray, mask: np.ndarray | None) -> dict[str, float | bool]:
+    """Energy inside the lesion and pointing hit of one map, when its image has a mask."""
+    from core.explain_scores import energy_inside, pointing_hits
+
+    if mask is None:
+        return {}
+    return {"energy_inside": float(energy_inside(heat[None], mask[None])[0]),
+            "pointing_hit": bool(pointing_hits(heat[None], mask[None])[0])}
+
+
+def masks_summary(maps: np.ndarray, masks: Sequence[np.ndarray | None]) -> str:
+    """Lines under the table: the maps scored against the masks, beside a centred Gaussian's scores."""
+    from core.explain_scores import baselines, summarize
+
+    rows = [i for i, mask in enumerate(masks) if mask is not None]
+    if not rows:
+        return "Grad-CAM: no image has a lesion mask, nothing scored"
+    ours = summarize(maps[rows], np.stack([masks[i] for i in rows]))
+    centred = baselines(np.stack([masks[i] for i in rows]))["centred_gaussian"]
+    return (f"Grad-CAM against {len(rows)} lesion masks: energy inside {ours['energy_inside']:.3f} "
+            f"(centred Gaussian {centred['energy_inside']:.3f}), pointing {ours['pointing']:.3f} "
+            f"(centred Gaussian {centred['pointing']:.3f})")
 
 
 if __name__ == "__main__":

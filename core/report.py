@@ -43,6 +43,7 @@ class ReportInput:
     config: Mapping[str, Any] | None = None
     notes: Sequence[str] = ()
     commands: Sequence[tuple[str, str]] = ()        # (what it does, shell command)
+    gradcam: Mapping[str, Any] | None = None        # the "gradcam" section of metrics.json (core.gradcam)
 
 
 def render_report(report: ReportInput) -> str:
@@ -62,10 +63,11 @@ def render_report(report: ReportInput) -> str:
     lines += ["## Figures", ""]
     for caption, path in report.figures:
         lines += [f"### {caption}", "", f"![{caption}]({path})", ""]
-    if report.galleries:
+    if report.galleries or report.gradcam:
         lines += ["### Grad-CAM", "",
                   "Heat maps of the predicted class on test images, per true class (correct predictions and "
                   "the most confident mistakes, titled in red). Each overlay is also in `gradcam/<class>/`.", ""]
+        lines += _gradcam_lines(report.gradcam) if report.gradcam else []
         for name, path in report.galleries.items():
             lines += [f"#### {name}", "", f"![Grad-CAM, true class {name}]({path})", ""]
     if report.commands:
@@ -77,6 +79,38 @@ def render_report(report: ReportInput) -> str:
         lines += [f"| {key} | `{value!r}` |" for key, value in report.config.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _gradcam_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The maps' method and layer, the position-bias alarm in words, and the scores against lesion masks."""
+    from core import explain_scores
+
+    chosen = doc.get("layer_chosen_by") == "--gradcam-layer"
+    grid = f"its map is {doc['map_side']}x{doc['map_side']} at {doc['image_size']} px"
+    if doc["method"] == "GuidedGradCam":
+        why = "chosen with `--gradcam-layer`" if chosen else "the last stage, the default of Guided Grad-CAM"
+        lines = [f"Maps: Captum GuidedGradCam, guided backpropagation (pixel by pixel) times the Grad-CAM of "
+                 f"**{doc['layer']}** ({why}; {grid}). `--gradcam-method gradcam` gives plain Grad-CAM.", ""]
+    else:
+        why = ("chosen with `--gradcam-layer`" if chosen
+               else "the deepest stage with at least 7x7 cells at this size; `--gradcam-layer` chooses another")
+        lines = [f"Maps: Captum LayerGradCam on **{doc['layer']}** ({why}; {grid}), bilinearly upsampled.", ""]
+    lesions = doc.get("lesion_masks")
+    masks_corr = lesions["overall"]["masks"]["map_correlation"] if lesions else None
+    alarm = explain_scores.bias_note(doc.get("map_correlation"), masks_corr)
+    if alarm:
+        lines += [f"> {alarm}", ""]
+    elif doc.get("map_correlation") is not None:
+        masks = f", or above the lesion masks' own {masks_corr:.2f}" if masks_corr is not None else ""
+        lines += [f"Position bias: the maps' mean pairwise correlation is {doc['map_correlation']:.2f} over the "
+                  f"{doc['correlation_over']} (the alarm fires above {explain_scores.BIAS_ALARM}{masks}): no sign "
+                  f"of maps that look alike whatever the image.", ""]
+    if lesions:
+        lines += [explain_scores.verdict(lesions), "",
+                  "Scored against the lesion masks (white outlines on the overlays): energy inside = share of "
+                  "the map inside the lesion; pointing = share of images whose map peaks inside the lesion.", ""]
+        lines += explain_scores.table(lesions) + [""]
+    return lines
 
 
 def write_report(path: str | os.PathLike, report: ReportInput) -> None:
@@ -160,10 +194,11 @@ def render_report_article(report: ReportInput, folder: str | os.PathLike, headin
     parts += [f"<blockquote>{_inline(note)}</blockquote>" for note in report.notes]
     parts.append(h(2, "Figures"))
     parts += [_figure(caption, folder, path) for caption, path in report.figures]
-    if report.galleries:
+    if report.galleries or report.gradcam:
         parts += [h(3, "Grad-CAM"), "<p>Heat maps of the predicted class on test images, per true class (correct "
                   "predictions and the most confident mistakes, titled in red). Each overlay is also in "
                   "<code>gradcam/&lt;class&gt;/</code>.</p>"]
+        parts += [_markdown_html(_gradcam_lines(report.gradcam))] if report.gradcam else []
         parts.append('<div class="galleries">')
         parts += [_figure(name, folder, path, f"Grad-CAM, true class {name}", photo=True)
                   for name, path in report.galleries.items()]
@@ -214,6 +249,17 @@ def _embedded(file: Path, photo: bool) -> tuple[str, bytes]:
     out = io.BytesIO()
     flat.save(out, format="JPEG", quality=88)
     return "image/jpeg", out.getvalue()
+
+
+def _markdown_html(lines: list[str]) -> str:
+    """Markdown lines (paragraphs, quotes, pipe tables) as HTML: the sections report.md and report.html share.
+
+    ``markdown`` comes with TensorBoard; raw HTML in the text is escaped, as everywhere on the page."""
+    import markdown
+
+    text = "\n".join(line.replace("<", "&lt;").replace(">", "&gt;") if not line.startswith(">") else
+                     "> " + line[1:].lstrip().replace("<", "&lt;").replace(">", "&gt;") for line in lines)
+    return markdown.markdown(text, extensions=["tables"])
 
 
 def _inline(text: str) -> str:

@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_for_config(args.data, cfg, splits_file=args.splits)
+    data = load_for_config(args.data, cfg, splits_file=args.splits, masks=False)  # training needs no masks
     result = train(cfg, data, args.out, options=RunOptions(resume=not args.no_resume))
     best = result.best_metrics
     print(f"best epoch {result.best_epoch}/{result.epochs_run}: "

@@ -490,7 +490,7 @@ def _final_section(sweep: Sweep) -> str:
             return (f'<p class="muted">From <a href="final/{REPORT_FILE}">final/{REPORT_FILE}</a> '
                     f"(also <a href=\"final/report.md\">final/report.md</a>).</p>\n{article}")
     if (final / "report.md").is_file():
-        return f'<p>The final model\'s report: <a href="final/report.md">final/report.md</a>.</p>'
+        return '<p>The final model\'s report: <a href="final/report.md">final/report.md</a>.</p>'
     if final.is_dir():
         return (f"<p>A final training is in <code>final/</code> but has not finished; its report appears here when "
                 f"it does (<code>{html.escape(command)}</code> resumes it).</p>")

@@ -144,7 +144,9 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
     resources = plan_on_ray(settings)
     echo(f"sweep '{settings.name}' in {folder}: {settings.trials} trials, {len(space.params)} searched "
          f"parameters ({', '.join(space.names)}); {resources.describe()}")
-    data = load_for_config(settings.data, base, splits_file=folder / filenames.SPLITS if resume else None)
+    # no lesion masks: trials only train, and the data goes to every trial through Ray's object store
+    data = load_for_config(settings.data, base, splits_file=folder / filenames.SPLITS if resume else None,
+                           masks=False)
     if settings.data is None:
         echo(f"notice: no --data given: using the built-in synthetic demo dataset ({data.root})")
     record = {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout}

@@ -140,3 +140,18 @@ def test_color_jitter_keeps_range():
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     x01 = out * std + mean
     assert x01.min() >= -1e-5 and x01.max() <= 1 + 1e-5
+
+
+def test_translation_moves_the_image_by_up_to_its_fraction_of_the_side():
+    x = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    x[:, :, 13:19, 13:19] = 255  # a white square in the middle
+    out = augment_batch(x, TrainConfig(**{**OFF, "translate": 0.25}), _gen(5))
+    white = out[:, 0] * 0.229 + 0.485  # back to [0, 1]: bilinear shifts keep the square's mass
+    coords = torch.arange(32, dtype=torch.float32) + 0.5
+    cy = (white.sum(2) * coords).sum(1) / white.sum((1, 2))
+    cx = (white.sum(1) * coords).sum(1) / white.sum((1, 2))
+    shift = torch.stack([cy - 16, cx - 16], 1)
+    assert shift.abs().max() <= 0.25 * 32 + 1            # at most a quarter of the side
+    assert (shift.abs() > 2).any(1).float().mean() > 0.5  # most images moved
+    assert (white.sum((1, 2)) - 36).abs().max() < 1       # moved, not scaled
+    torch.testing.assert_close(augment_batch(x, TrainConfig(**OFF), _gen(5)), normalize(x))

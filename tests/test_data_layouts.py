@@ -144,7 +144,7 @@ def test_demo_dataset_is_the_default(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="core.data"):
         data = core.data.load_dataset(None, 16, cache_dir=tmp_path, progress=False)
     assert data.layout == "demo" and data.class_names == HAM_CLASSES
-    assert data.root == str(tmp_path / "demo-ham10000-v1")
+    assert data.root == str(tmp_path / "demo-ham10000-v2")
     assert "no --data given: using the built-in synthetic demo dataset at" in caplog.text
     assert set(data.labels) == set(range(7)) and len(np.unique(data.groups)) == 30
     again = core.data.load_dataset(None, 16, cache_dir=tmp_path, progress=False)  # not generated twice

@@ -50,7 +50,7 @@ def test_class_mix_follows_ham10000_with_a_floor():
 
 def test_demo_is_a_ham10000_layout_with_several_images_per_lesion(demo):
     info = json.loads((demo / DEMO_MARKER).read_text())
-    assert info["generator"] == "demo-ham10000-v1" and info["n_lesions"] == 120
+    assert info["generator"] == "demo-ham10000-v2" and info["n_lesions"] == 120
     assert all(any((demo / part).iterdir()) for part in ("HAM10000_images_part_1", "HAM10000_images_part_2"))
     listing = read_layout(demo)
     assert listing.layout == "demo" and listing.class_names == HAM_CLASSES

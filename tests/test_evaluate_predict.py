@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,40 @@ def test_help_of_both_commands(capsys) -> None:
         assert exit_.value.code == 0
         text = capsys.readouterr().out
         assert all(option in text for option in options)
+
+
+def test_evaluate_scores_gradcam_against_the_demo_masks(setup: dict[str, Path], tmp_path: Path) -> None:
+    from core.evaluate import main
+
+    assert main([str(setup["model"]), "--data", str(setup["data"]), "--out", str(tmp_path), "--gallery", "1",
+                 "--gradcam-layer", "layer3"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    doc = metrics["gradcam"]
+    assert doc["layer"] == "layer3" and doc["layer_chosen_by"] == "--gradcam-layer" and doc["map_side"] == 2
+    lesions = doc["lesion_masks"]  # the demo's lesions are drawn, so every test image has a mask
+    assert lesions["n_images"] == metrics["n_images"] and "centred_gaussian" in lesions["overall"]
+    report = (tmp_path / "report.md").read_text()
+    assert "**layer3**" in report and "centred Gaussian" in report and "| all |" in report
+    assert "beat" in report
+
+
+def test_predict_scores_maps_against_given_masks(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from core.demo_data import MASKS_FOLDER
+    from core.predict import main
+
+    images = sorted(setup["data"].rglob("*.jpg"))[:3]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for image in images[:2]:  # the third has none
+        shutil.copy(setup["data"] / MASKS_FOLDER / f"{image.stem}_segmentation.png", masks)
+    assert main([str(setup["model"]), *map(str, images), "--json", "--gradcam", str(tmp_path / "cams"),
+                 "--masks", str(masks)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert all(0 <= row["gradcam"]["energy_inside"] <= 1 for row in rows[:2])
+    assert all(isinstance(row["gradcam"]["pointing_hit"], bool) for row in rows[:2])
+    assert set(rows[2]["gradcam"]) == {"overlay"} and Path(rows[2]["gradcam"]["overlay"]).is_file()
+    assert main([str(setup["model"]), *map(str, images), "--gradcam", str(tmp_path / "cams"), "--masks",
+                 str(masks)]) == 0
+    assert "Grad-CAM against 2 lesion masks: energy inside" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--gradcam"):
+        main([str(setup["model"]), str(images[0]), "--masks", str(masks)])

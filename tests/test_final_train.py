@@ -1,7 +1,7 @@
 """core.final_train from a tiny sweep's best.json, and the best.json checks (core.best_file).
 
 The best.json is written here, in the documented schema, from a one-epoch core.train run on tiny
-generated data (48 px: large enough for a 2x2 Grad-CAM map), so nothing depends on Ray.
+generated data (48 px), so nothing depends on Ray.
 """
 
 from __future__ import annotations
@@ -116,11 +116,19 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
     assert len(overlays) == 7  # one example per class
     assert all(_is_png(path)[0] >= 224 for path in overlays)
 
+    gradcam = metrics["gradcam"]  # the demo data has lesion masks: every test image's map is scored
+    assert gradcam["method"] == "GuidedGradCam" and gradcam["layer"] == "layer4"
+    assert gradcam["lesion_masks"]["n_images"] == n_test
+
     report = (out / "report.md").read_text()
     assert f"{metrics['test_balanced_accuracy']:.4f}" in report
+    assert "GuidedGradCam" in report and "**layer4**" in report and "centred Gaussian" in report
     assert "| mel |" in report and "trial_0001" in report
     for link in ("training_curves.png", "confusion_matrix.png", "roc_curves.png", "gradcam_mel.png"):
         assert f"]({link})" in report and (out / link).is_file()
+    page = (out / "report.html").read_text()  # the same Grad-CAM scores as report.md, as an HTML table
+    assert "GuidedGradCam" in page and "<strong>layer4</strong>" in page and "centred Gaussian" in page
+    assert page.count("<table>") >= 4 and "| mel |" not in page
 
 
 def test_gradcam_of_the_trained_model_is_image_sized_and_not_constant(sweep: Path, final) -> None:

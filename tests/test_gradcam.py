@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.gradcam import (choose_examples, coarse_map_note, gradcam_maps, map_side, overlay, save_overlay,
-                          write_galleries)
+from core.gradcam import (OUTLINE_COLOR, choose_examples, choose_layer, coarse_map_note, explain_evaluation,
+                          gradcam_maps, map_side, outline, overlay, save_overlay, stage_side, write_galleries)
 from core.model import build_model
 
 
@@ -50,7 +50,7 @@ def test_maps_match_captum_and_depend_on_the_target(model: torch.nn.Module) -> N
     from core.augment import normalize
 
     images = _images(2, 64, seed=1)
-    ours = gradcam_maps(model, images, [1, 2])
+    ours = gradcam_maps(model, images, [1, 2], layer="layer4", method="gradcam")
     raw = LayerGradCam(model, model.layer4).attribute(normalize(torch.as_tensor(images)),
                                                       target=torch.tensor([1, 2]), relu_attributions=True)
     assert raw.shape[-2:] == (2, 2)  # 64 px -> a 2x2 map in layer4
@@ -58,7 +58,7 @@ def test_maps_match_captum_and_depend_on_the_target(model: torch.nn.Module) -> N
     expected = up / np.maximum(up.reshape(2, -1).max(1), 1e-30)[:, None, None]
     np.testing.assert_allclose(ours, expected, atol=1e-5)
     assert all(m.std() > 0 for m in ours)  # bilinear from 2x2: not constant
-    assert not np.allclose(gradcam_maps(model, images[:1], [0]), ours[:1])
+    assert not np.allclose(gradcam_maps(model, images[:1], [0], layer="layer4", method="gradcam"), ours[:1])
 
 
 def test_works_inside_no_grad_and_on_a_tensor(model: torch.nn.Module) -> None:
@@ -130,3 +130,85 @@ def test_map_side_matches_the_network_and_coarse_maps_are_flagged(model: torch.n
             features = torch.nn.Sequential(*list(model.children())[:-2])(torch.zeros(1, 3, size, size))
         assert features.shape[-1] == map_side(size), size
     assert "2x2" in coarse_map_note(48) and coarse_map_note(128) is None
+    assert coarse_map_note(64, "layer2") is None and "layer3" in coarse_map_note(48, "layer3")
+
+
+def test_layer_is_chosen_by_image_size(model: torch.nn.Module) -> None:
+    expected = {16: "layer2", 32: "layer2", 64: "layer2", 111: "layer2", 112: "layer3", 128: "layer3",
+                223: "layer3", 224: "layer4", 448: "layer4"}
+    assert {size: choose_layer(size, "gradcam") for size in expected} == expected
+    assert {choose_layer(size, "guided") for size in expected} == {"layer4"}  # its resolution is per pixel
+    for size in (64, 112, 224):
+        stages = dict(model.named_children())
+        x = torch.zeros(1, 3, size, size)
+        with torch.no_grad():
+            for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+                x = stages[name](x)
+                if name == choose_layer(size, "gradcam"):
+                    assert x.shape[-1] == stage_side(size, name) >= 7
+    # plain Grad-CAM's default map is the chosen stage's: at 64 px layer2, an 8x8 map, finer than layer4's 2x2
+    images = _images(2, 64, seed=3)
+    np.testing.assert_allclose(gradcam_maps(model, images, [0, 1], method="gradcam"),
+                               gradcam_maps(model, images, [0, 1], layer="layer2", method="gradcam"))
+    np.testing.assert_allclose(gradcam_maps(model, images, [0, 1]),  # the default method: guided, on layer4
+                               gradcam_maps(model, images, [0, 1], layer="layer4", method="guided"))
+
+
+def test_mask_outline_is_drawn_on_overlays(tmp_path: Path) -> None:
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:12, 5:11] = 1
+    edge = outline(mask)
+    assert edge.sum() == 2 * (8 + 6) - 4 and edge[4, 5] and edge[11, 10] and not edge[6, 7] and not edge[0, 0]
+    image = np.zeros((3, 16, 16), dtype=np.uint8)
+    heat = np.zeros((16, 16), dtype=np.float32)
+    drawn = overlay(image, heat, mask=mask)
+    assert (drawn[edge] == OUTLINE_COLOR).all() and not (drawn[~edge] == OUTLINE_COLOR).all(-1).any()
+    save_overlay(image, heat, tmp_path / "o.png", mask=mask)
+    with Image.open(tmp_path / "o.png") as saved:
+        pixels = np.asarray(saved)
+    white = (pixels == OUTLINE_COLOR).all(-1)
+    assert pixels.shape[:2] == (224, 224) and white[4 * 14, 5 * 14:11 * 14].all()  # a thin line, enlarged
+    assert white.sum() < 2 * (8 + 6) * 14 + 8 and not white[6 * 14 + 7, 7 * 14]
+
+
+def test_explain_evaluation_scores_masked_images_and_draws_galleries(model: torch.nn.Module, tmp_path: Path) -> None:
+    images = _images(8, 64, seed=4)
+    labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), 8)
+    masks = np.zeros((8, 64, 64), dtype=np.uint8)
+    masks[:, 16:48, 16:48] = 1
+    has_mask = np.array([True] * 6 + [False] * 2)
+    explained = explain_evaluation(model, images, labels, probs, [f"i{k}" for k in range(8)], ("mel", "nv", "bcc"),
+                                   tmp_path, per_class=1, masks=masks, has_mask=has_mask, method="gradcam")
+    doc = explained.document
+    assert doc["layer"] == "layer2" and doc["map_side"] == 8 and doc["layer_chosen_by"] == "image size"
+    assert doc["method"] == "LayerGradCam" and explained.notes == ()
+    lesions = doc["lesion_masks"]
+    assert lesions["n_images"] == 6 and set(lesions["per_class"]) == {"mel", "nv", "bcc"}
+    assert lesions["overall"]["uniform"]["energy_inside"] == 0.25
+    assert doc["correlation_over"] == "images with a lesion mask" and isinstance(doc["bias_alarm"], bool)
+    assert set(explained.galleries) == {"mel", "nv", "bcc"} and len(list((tmp_path / "gradcam").rglob("*.png"))) == 3
+    none = explain_evaluation(model, images, labels, probs, [f"i{k}" for k in range(8)], ("mel", "nv", "bcc"),
+                              tmp_path, per_class=2, layer="layer3")
+    assert none.document["lesion_masks"] is None and none.document["layer_chosen_by"] == "--gradcam-layer"
+    assert none.document["method"] == "GuidedGradCam"  # the default
+    assert none.document["correlation_over"] == "gallery images"
+    off = explain_evaluation(model, images, labels, probs, [f"i{k}" for k in range(8)], ("mel", "nv", "bcc"),
+                             tmp_path, per_class=0, masks=masks, has_mask=has_mask)
+    assert off.document is None and off.galleries == {} and not list(tmp_path.glob("gradcam*"))
+
+
+def test_guided_maps_match_captum_and_release_their_hooks(model: torch.nn.Module) -> None:
+    from captum.attr import GuidedGradCam
+
+    from core.augment import normalize
+
+    images = _images(3, 64, seed=5)
+    ours = gradcam_maps(model, images, [0, 1, 2], layer="layer3", method="guided", batch_size=2)
+    assert ours.shape == (3, 64, 64) and _hook_count(model) == 0 and all(p.grad is None for p in model.parameters())
+    x = normalize(torch.as_tensor(images)).requires_grad_()
+    with pytest.warns(UserWarning, match="backward hooks on ReLU"):  # ours keeps this notice quiet
+        raw = GuidedGradCam(model, model.layer3).attribute(x, target=torch.tensor([0, 1, 2]))
+    heat = raw.detach().abs().sum(1).numpy()
+    np.testing.assert_allclose(ours, heat / heat.reshape(3, -1).max(1)[:, None, None], atol=1e-5)
+    assert (ours > 0).mean() > 0.05 and len(np.unique(ours)) > 100  # pixel-level, not a coarse grid
