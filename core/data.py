@@ -49,6 +49,7 @@ class Dataset:
     root: str                      # resolved dataset path
     layout: str                    # "ham10000" | "isic2018" | "imagefolder" | "demo"
     fingerprint: str               # hex digest of the file list (sizes, mtimes) and the label table
+    metadata: Any = None           # pandas DataFrame of the label table's other columns, row i = image i, or None
 
     def indices(self, split: str) -> np.ndarray:
         """int64 indices of the images in ``split``."""
@@ -119,7 +120,7 @@ def load_dataset(path: str | Path | None, image_size: int, *, val_fraction: floa
     images = load_images(listing.paths, image_size, fingerprint, cache_dir, progress=progress)
     data = Dataset(images=np.asarray(images), labels=listing.labels, class_names=listing.class_names,
                    image_ids=listing.image_ids, groups=listing.groups, split=split, root=str(listing.root),
-                   layout=listing.layout, fingerprint=fingerprint)
+                   layout=listing.layout, fingerprint=fingerprint, metadata=listing.metadata)
     sizes = " / ".join(f"{s} {len(data.indices(s))}" for s in SPLITS)
     logger.info("%s dataset at %s: %d images, %d classes; %s images", data.layout, data.root,
                 len(data.labels), len(data.class_names), sizes)
