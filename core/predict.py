@@ -1,8 +1,11 @@
 """Class probabilities of a trained model for image files, optionally with Grad-CAM overlays.
 
-    python -m core.predict results/<sweep>/final/model.pt lesion1.jpg lesion2.png [--json] [--gradcam DIR]
+    python -m core.predict results/<sweep>/final/model.pt lesion1.jpg lesion2.png [--json] [--gradcam DIR] [--tta]
 
-Images are decoded at the model's image size and normalised exactly as in training. The table (or
+Images are decoded at the model's image size and normalised exactly as in training. Probabilities are
+calibrated with the temperature core.final_train fitted on the validation split and stored in model.pt
+(``--no-calibration``: the raw model's); ``--tta`` averages them over the 8 flips and quarter turns of
+each image (with the temperature fitted for that). The table (or
 ``--json``) gives the predicted class, its probability and every class's probability; ``--gradcam
 DIR`` saves ``DIR/<image name>_gradcam.png``, the heat map of the predicted class over the image.
 """
@@ -17,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from core.cli import add_prediction_options
 from core.errors import run_cli
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--gradcam", metavar="DIR", help="save a Grad-CAM overlay of each image into DIR")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_prediction_options(parser)
     args = parser.parse_args(argv)
 
     from core.image_cache import decode_image
@@ -75,7 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = int(loaded.meta["image_size"])
     # Every image is read before any work, so a bad one fails the command at once, by name.
     images = np.stack([decode_image(path, size) for path in args.images])
-    probs = loaded.predict(images)
+    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration)
+    temperature = loaded.temperature(args.tta)
+    log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
+             "not calibrated (--no-calibration)" if args.no_calibration else
+             "not calibrated: the model file holds no temperature" if temperature is None else
+             f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
     if args.gradcam:
         from core.gradcam import gradcam_maps, save_overlay
 
