@@ -37,7 +37,8 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="N",
                         help=f"resamples of the bootstrap over lesions for 95%% intervals "
                              f"(default {DEFAULT_RESAMPLES}; 0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED",
+                        help="seed of the bootstrap's resamples (default 0)")
 
 
 def clinical_options(args: argparse.Namespace):  # -> core.clinical.ClinicalOptions
@@ -47,4 +48,4 @@ def clinical_options(args: argparse.Namespace):  # -> core.clinical.ClinicalOpti
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap {args.bootstrap}: the number of resamples must be >= 0")
     return ClinicalOptions(tta=args.tta, calibrated=not args.no_calibration, positive_class=args.positive_class,
-                           resamples=args.bootstrap, seed=args.seed)
+                           resamples=args.bootstrap, seed=args.bootstrap_seed)

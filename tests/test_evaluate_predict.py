@@ -181,8 +181,9 @@ def test_predict_table_and_bad_images(setup: dict[str, Path], tmp_path: Path, ca
 def test_help_of_both_commands(capsys) -> None:
     from core import evaluate, predict
 
-    for module, options in ((evaluate, ("--data", "--out", "--split", "--gallery")),
-                            (predict, ("IMAGE", "--json", "--gradcam"))):
+    for module, options in ((evaluate, ("--data", "--out", "--split", "--gallery", "--tta", "--no-calibration",
+                                        "--positive-class", "--bootstrap", "--bootstrap-seed")),
+                            (predict, ("IMAGE", "--json", "--gradcam", "--tta", "--no-calibration"))):
         with pytest.raises(SystemExit) as exit_:
             module.main(["--help"])
         assert exit_.value.code == 0

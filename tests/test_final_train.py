@@ -229,7 +229,8 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--epochs", "--set", "--out", "--train-on-val", "BEST_JSON", "select_metric"):
+    for option in ("--epochs", "--set", "--out", "--train-on-val", "BEST_JSON", "select_metric", "--tta",
+                   "--positive-class", "--bootstrap"):
         assert option in text
 
 
