@@ -28,3 +28,35 @@ def apply_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def add_prediction_options(parser: argparse.ArgumentParser) -> None:
+    """--tta and --no-calibration, shared by core.evaluate, core.final_train and core.predict."""
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the softmax over the 8 flips and quarter turns")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="the raw model's probabilities, without the temperature fitted on the validation split")
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """Prediction options, plus --positive-class and the bootstrap of core.evaluate and core.final_train."""
+    from core.bootstrap import DEFAULT_RESAMPLES
+
+    add_prediction_options(parser)
+    parser.add_argument("--positive-class", metavar="CLASS",
+                        help="class of the operating points (sensitivity/specificity; default: mel when a class)")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="N",
+                        help=f"resamples of the bootstrap over lesions for 95%% intervals "
+                             f"(default {DEFAULT_RESAMPLES}; 0: none)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED",
+                        help="seed of the bootstrap's resamples (default 0)")
+
+
+def clinical_options(args: argparse.Namespace):  # -> core.clinical.ClinicalOptions
+    from core.clinical import ClinicalOptions
+    from core.errors import UserError
+
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap {args.bootstrap}: the number of resamples must be >= 0")
+    return ClinicalOptions(tta=args.tta, calibrated=not args.no_calibration, positive_class=args.positive_class,
+                           resamples=args.bootstrap, seed=args.bootstrap_seed)

@@ -52,6 +52,7 @@ class Dataset:
     fingerprint: str               # hex digest of the file list (sizes, mtimes) and the label table
     masks: np.ndarray | None = None      # uint8 [N, S, S] lesion masks (1 = lesion), None when none (core/masks.py)
     has_mask: np.ndarray | None = None   # bool [N]: image i has a mask (its row of ``masks`` is zeros otherwise)
+    metadata: Any = None           # pandas DataFrame of the label table's other columns, row i = image i, or None
 
     def indices(self, split: str) -> np.ndarray:
         """int64 indices of the images in ``split``."""
@@ -127,7 +128,7 @@ def load_dataset(path: str | Path | None, image_size: int, *, val_fraction: floa
         lesions = load_masks(mask_paths, listing.paths, image_size, fingerprint, cache_dir)
     data = Dataset(images=np.asarray(images), labels=listing.labels, class_names=listing.class_names,
                    image_ids=listing.image_ids, groups=listing.groups, split=split, root=str(listing.root),
-                   layout=listing.layout, fingerprint=fingerprint,
+                   layout=listing.layout, fingerprint=fingerprint, metadata=listing.metadata,
                    masks=None if lesions is None else np.asarray(lesions[0]),
                    has_mask=None if lesions is None else lesions[1])
     sizes = " / ".join(f"{s} {len(data.indices(s))}" for s in SPLITS)

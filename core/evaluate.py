@@ -1,12 +1,20 @@
 """Evaluate a saved model on a dataset: metrics.json, figures, Grad-CAM galleries and report.md.
 
-    python -m core.evaluate results/<sweep>/final/model.pt --data PATH --out DIR [--split test|all]
+    python -m core.evaluate results/<sweep>/final/model.pt --data PATH --out DIR [--split test|all] [--tta]
+        [--no-calibration] [--positive-class mel] [--bootstrap 1000]
 
 The dataset may be any supported layout (HAM10000, ISIC 2018 Task 3, ImageFolder), e.g. an external
 test set (then use ``--split all``). Its classes are matched to the model's by name: a subset is
 fine, a class the model does not know is an error. Images are decoded at the model's image size and
 normalised as in training. ``--split test`` evaluates the test split made with the model's split
 settings (pass ``--splits`` with the run's splits.csv to reuse a split exactly).
+
+Probabilities are calibrated with the temperature core.final_train stored in model.pt (``--no-calibration``:
+the raw model); ``--tta`` averages the 8 flips and quarter turns and reports without TTA beside it. The
+report adds 95% bootstrap intervals over lesions, lesion-level results, ECE and Brier score before and after
+calibration, the positive class's operating points at the thresholds stored in model.pt (chosen on the
+training data's validation split, never on the images evaluated here) and results per metadata subgroup
+(core/clinical.py).
 
 The evaluation itself (metrics, metrics.json, figures) is core/evaluation.py, shared with core.final_train.
 """
@@ -22,7 +30,7 @@ import numpy as np
 
 from core import filenames
 from core.atomic import write_json
-from core.cli import add_run_options, apply_threads
+from core.cli import add_evaluation_options, add_run_options, apply_threads, clinical_options
 from core.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)
@@ -32,9 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m core.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0],
-        epilog="Writes metrics.json, confusion_matrix.png, roc_curves.png, gradcam_<class>.png, gradcam/ and "
-               "report.md into --out.\n\nexample:\n  python -m core.evaluate results/demo/final/model.pt "
-               "--data ../isic2018-test --split all --out results/demo/external")
+        epilog="Writes metrics.json, confusion_matrix.png, roc_curves.png, reliability_diagram.png, "
+               "gradcam_<class>.png, gradcam/ and report.md into --out.\n\nexample:\n  python -m core.evaluate "
+               "results/demo/final/model.pt --data ../isic2018-test --split all --out results/demo/external")
     parser.add_argument("checkpoint", help="a model file (model.pt of core.final_train, best.pt of core.train)")
     parser.add_argument("--data", required=True, help="dataset folder (or CSV) in a supported layout")
     parser.add_argument("--out", required=True, help="output folder")
@@ -43,17 +51,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--splits", help="a splits.csv to take the split from (e.g. the training run's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_run_options(parser)
+    add_evaluation_options(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
+    options = clinical_options(args)
 
+    from core.clinical import (evaluate_clinically, headline_intervals, interval_note, predict_set, report_tables,
+                               write_reliability)
     from core.data import load_dataset
     from core.evaluation import evaluate_probs, headline, map_labels, mask_args, metrics_document, write_figures
     from core.inference import load_for_inference
+    from core.operating_points import positive_index
     from core.report import ReportInput, write_report
 
     loaded = load_for_inference(args.checkpoint, args.device)
     model, meta, cfg, device = loaded.model, loaded.meta, loaded.config, loaded.device
     model_classes = loaded.class_names
+    positive_index(model_classes, options.positive_class)  # a class the model lacks fails before any work
     # --split all needs no test split: asking for one would fail on a small external set for no reason.
     test_fraction = cfg.test_fraction if args.split == "test" else 0.0
     data = load_dataset(args.data, cfg.image_size, val_fraction=cfg.val_fraction, test_fraction=test_fraction,
@@ -63,9 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{args.data}: the test split is empty; use --split all for a dataset held out as a whole")
     labels = map_labels(data.class_names, model_classes, data.labels[idx], args.data)
     images = np.asarray(data.images[idx])
-    log.info("evaluating %s on %d images of %s (%s split)", args.checkpoint, len(idx), data.root, args.split)
-    probs = loaded.predict(images)
-    ev = evaluate_probs(labels, probs, model_classes)
+    log.info("evaluating %s on %d images of %s (%s split%s)", args.checkpoint, len(idx), data.root, args.split,
+             ", with TTA" if args.tta else "")
+    predicted = predict_set(loaded, images, data, idx, labels, args.tta)
+    clinical = evaluate_clinically(predicted, model_classes, meta, options)
+    ev = evaluate_probs(labels, clinical.probs, model_classes)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,10 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures, explained = write_figures(out, ev, model, images, data.image_ids[idx], device, args.gallery, what,
                                        **mask_args(data, idx), gradcam_layer=args.gradcam_layer,
                                        gradcam_method=args.gradcam_method)
+    figures.append(write_reliability(out, clinical, what))
     source = {"model": str(Path(args.checkpoint).resolve()), "split": args.split,
               "data": {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,
                        "class_names": list(data.class_names)}}
-    write_json(out / filenames.EVALUATION, metrics_document(ev, source, gradcam=explained.document))
+    document = metrics_document(ev, source, gradcam=explained.document, clinical=clinical.sections)
+    write_json(out / filenames.EVALUATION, document)
     write_report(out / filenames.REPORT, ReportInput(
         title=f"Evaluation of {Path(args.checkpoint).name} on {Path(data.root).name}",
         facts=[("model", f"`{source['model']}` (epoch {meta.get('epoch', '?')}, {len(model_classes)} classes, "
@@ -86,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                ("classes matched by name", ", ".join(sorted({data.class_names[i] for i in
                                                                np.unique(data.labels[idx])})))],
         metrics=ev.metrics, per_class=ev.per_class, figures=figures, galleries=explained.galleries,
-        config=meta.get("config"), gradcam=explained.document, notes=explained.notes))
+        config=meta.get("config"), gradcam=explained.document, notes=explained.notes,
+        intervals=headline_intervals(document), interval_note=interval_note(document),
+        tables=report_tables(document)))
     print(headline(ev.metrics))
     print(f"report: {out / filenames.REPORT}")
     return 0

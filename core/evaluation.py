@@ -63,20 +63,22 @@ def map_labels(data_classes: Sequence[str], model_classes: Sequence[str], labels
 
 
 def metrics_document(ev: Evaluation, source: Mapping[str, Any], training: Mapping[str, Any] | None = None,
-                     gradcam: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     gradcam: Mapping[str, Any] | None = None,
+                     clinical: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The metrics.json of an evaluation (one schema for core.evaluate and core.final_train).
 
     ``source``: what was evaluated (model file, split, data); ``training``: core.final_train's account of the
     training that made the model (absent for core.evaluate). Then the flat test_* metrics, per class figures,
-    the confusion matrix, and ``gradcam``: the heat maps' method and scores (core.gradcam.explain_evaluation;
-    null without Grad-CAM).
+    the confusion matrix, ``gradcam``: the heat maps' method and scores (core.gradcam.explain_evaluation;
+    null without Grad-CAM), then ``clinical``'s sections (core/clinical.py: prediction, bootstrap, intervals,
+    lesion_level, calibration, tta, operating_points, subgroups).
     """
     return {"format": EVALUATION_FORMAT, "version": 1, "status": "complete", "source": dict(source),
             **({"training": dict(training)} if training is not None else {}),
             **{k: _finite_or_none(v) for k, v in ev.metrics.items()},
             "n_images": int(len(ev.labels)), "class_names": list(ev.class_names),
             "per_class": ev.per_class, "confusion_matrix": ev.confusion.tolist(),
-            "gradcam": None if gradcam is None else dict(gradcam)}
+            "gradcam": None if gradcam is None else dict(gradcam), **dict(clinical or {})}
 
 
 def write_figures(out: Path, ev: Evaluation, model: Any, images_uint8: np.ndarray, image_ids: Sequence[str],

@@ -165,3 +165,38 @@ def gradcam_gallery_figure(class_name: str, items: Sequence[GalleryItem], path: 
 
 def _short(text: str, width: int = 22) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def reliability_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | os.PathLike,
+                       title: str = "Reliability diagram") -> None:
+    """Top-label reliability, one column per ``(name, labels, probs)`` (e.g. before and after calibration).
+
+    Bars: accuracy per confidence bin (core/calibration.py's 15 bins), with the gap to the bin's mean
+    confidence in red; on the diagonal a model is calibrated, below it over-confident. Underneath: how
+    many images fall in each bin.
+    """
+    from core.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.8 * len(panels), 6.4), squeeze=False, sharex=True,
+                             gridspec_kw={"height_ratios": [4, 1]}, constrained_layout=True)
+    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
+    width = edges[1] - edges[0]
+    for column, (name, labels, probs) in enumerate(panels):
+        top, bottom = axes[0, column], axes[1, column]
+        count, accuracy, confidence = reliability_bins(labels, probs)
+        used = count > 0
+        top.bar(edges[:-1][used], accuracy[used], width=width, align="edge", color="tab:blue", edgecolor="white",
+                label="accuracy")
+        top.bar(edges[:-1][used], (confidence - accuracy)[used], bottom=accuracy[used], width=width, align="edge",
+                color="none", edgecolor="tab:red", hatch="//", linewidth=0.8, label="gap to mean confidence")
+        top.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=1, label="perfect calibration")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        top.set_title(f"{name}: ECE {expected_calibration_error(labels, probs):.3f}", fontsize=10)
+        top.legend(loc="upper left", fontsize=8)
+        bottom.bar(edges[:-1], count, width=width, align="edge", color="grey", edgecolor="white")
+        bottom.set_xlabel("confidence (top-class probability)")
+        bottom.set_ylabel("images")
+    fig.suptitle(f"{title} ({len(panels[0][1])} images, {ECE_BINS} bins)")
+    _save(fig, path)

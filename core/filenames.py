@@ -12,7 +12,7 @@ A training run's folder (``python -m core.train``, a sweep trial, ``core.final_t
 An evaluation's folder (``core.final_train``, ``core.evaluate``):
 
 - ``metrics.json`` the evaluation document (format ``lesion-sweep/evaluation``, core/evaluation.py)
-- ``model.pt``     the evaluated model (final training only)
+- ``model.pt``     the evaluated model, with its calibration and operating thresholds from val (final training only)
 - ``report.md``    the page to read first (core/report.py)
 - ``report.html``  the same page as one file, its figures inside (core/report.py)
 

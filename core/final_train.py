@@ -1,6 +1,6 @@
 """Retrain a sweep's best configuration, evaluate it on the held-out test split, explain it with Grad-CAM.
 
-    python -m core.final_train results/<sweep>/best.json [--epochs N] [--set key=value ...] [--out DIR]
+    python -m core.final_train results/<sweep>/best.json [--epochs N] [--set key=value ...] [--out DIR] [--tta]
 
 Reads best.json (see core/best_file.py), checks that the dataset is still there and unchanged, and
 trains on the sweep's own split (its splits.csv): the train split, with val for monitoring and for
@@ -9,13 +9,20 @@ last epoch (val then only shows training progress). The test split, which the sw
 evaluated once at the end. The epochs default to those the sweep's trials were tuned at (the winning
 config's own ``epochs``): a config tuned for short runs is not retrained for a long one unasked.
 
+Before the test split is touched, the chosen model is calibrated on the validation split: a temperature
+for single-view and one for TTA prediction, and the thresholds of the positive class's operating points
+(``--positive-class``, default mel), all stored in model.pt for core.evaluate and core.predict. With
+``--train-on-val`` nothing is held out, so nothing is fitted (never on training images). The test report
+adds 95% bootstrap intervals over lesions, lesion-level results, calibration before and after, TTA against
+no TTA (``--tta``), the operating points and results per metadata subgroup (core/clinical.py).
+
 Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py:
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
 chosen epoch, in core.model's format), ``metrics.json`` (test metrics, per class figures, confusion
 matrix; core/evaluation.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
-``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the page to read first,
-and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html gains it
-as its final-model section). Running the command again resumes an interrupted training and
+``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the
+page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
+gains it as its final-model section). Running the command again resumes an interrupted training and
 re-evaluates a finished one.
 """
 
@@ -33,7 +40,7 @@ import numpy as np
 
 from core import filenames
 from core.atomic import write_json
-from core.cli import add_run_options, apply_threads
+from core.cli import add_evaluation_options, add_run_options, apply_threads, clinical_options
 from core.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,7 @@ class FinalOptions:
     progress: bool = True
     gradcam_layer: str | None = None     # None: chosen by image size (core.gradcam.choose_layer)
     gradcam_method: str | None = None    # None: core.gradcam.DEFAULT_METHOD
+    evaluation: Any = None               # core.clinical.ClinicalOptions (TTA, calibration, ...); None: the defaults
 
 
 @dataclass(frozen=True)
@@ -71,14 +79,17 @@ class FinalResult:
 def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -> FinalResult:
     """Retrain, evaluate on the test split and write every output; see the module docstring."""
     from core.best_file import check_data, read_best
+    from core.clinical import ClinicalOptions, evaluate_clinically, predict_set, write_reliability
     from core.config import TrainConfig
     from core.data import load_for_config
     from core.evaluation import evaluate_probs, mask_args, metrics_document, write_figures
     from core.figures import curves_figure
     from core.inference import load_for_inference
     from core.model import save_model_file
+    from core.operating_points import positive_index
     from core.report import update_sweep_page
 
+    evaluation = options.evaluation or ClinicalOptions()
     started = time.perf_counter()
     best = read_best(best_path)
     tuned_epochs = best.config.epochs
@@ -96,22 +107,28 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     if len(test_idx) == 0:
         raise UserError(f"{best.path}: the sweep's split has no test images (test_fraction="
                         f"{best.config.test_fraction}); nothing to evaluate the final model on")
+    positive_index(data.class_names, evaluation.positive_class)  # a class the data lacks fails before training
 
     history, chosen_epoch = _train_or_reuse(cfg, data, out, train_splits, options)
     loaded = load_for_inference(out / filenames.BEST_CHECKPOINT, cfg.device)
+    fitted = _fit_on_val(loaded, data, options.train_on_val, evaluation.positive_class)
     images = np.asarray(data.images[test_idx])
-    log.info("evaluating epoch %d on the %d test images", chosen_epoch, len(test_idx))
-    ev = evaluate_probs(data.labels[test_idx], loaded.predict(images), data.class_names)
+    log.info("evaluating epoch %d on the %d test images%s", chosen_epoch, len(test_idx),
+             " (with and without TTA)" if evaluation.tta else "")
+    predicted = predict_set(loaded, images, data, test_idx, data.labels[test_idx], evaluation.tta)
+    clinical = evaluate_clinically(predicted, data.class_names, fitted, evaluation)
+    ev = evaluate_probs(data.labels[test_idx], clinical.probs, data.class_names)
 
     chosen = history[chosen_epoch - 1]
     save_model_file(out / filenames.MODEL, loaded.model, data.class_names, cfg.to_dict(),
-                    {"epoch": chosen_epoch, "metrics": {**chosen, **ev.metrics}})
+                    {"epoch": chosen_epoch, "metrics": {**chosen, **ev.metrics}, **fitted})
     curves_figure(history, out / "training_curves.png", best_epoch=chosen_epoch, title="Training curves"
                   + (" (trained on train+val: val is not held out)" if options.train_on_val else ""))
     figures, explained = write_figures(out, ev, loaded.model, images, data.image_ids[test_idx], loaded.device,
                                        options.gallery_per_class, "test split", **mask_args(data, test_idx),
                                        gradcam_layer=options.gradcam_layer, gradcam_method=options.gradcam_method)
-    figures = [("Loss and metrics per epoch", "training_curves.png"), *figures]
+    figures = [("Loss and metrics per epoch", "training_curves.png"), *figures,
+               write_reliability(out, clinical, "test split")]
 
     counts = {split: int(len(data.indices(split))) for split in ("train", "val", "test")}
     document = metrics_document(ev, source={
@@ -124,11 +141,27 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
         "split_sizes": counts, "chosen_epoch": chosen_epoch,
         "chosen_by": "last epoch" if options.train_on_val else cfg.select_metric, "epochs_run": len(history),
         "chosen_epoch_metrics": chosen, "device": str(loaded.device), "wall_s": time.perf_counter() - started},
-        gradcam=explained.document)
+        gradcam=explained.document, clinical=clinical.sections)
     write_json(out / filenames.EVALUATION, document)
     _write_final_report(out, document, best, cfg, figures, explained)
     update_sweep_page(best.folder, out)  # the sweep's report.html gains this final model's section
     return FinalResult(out_dir=out, metrics=document, report=out / filenames.REPORT)
+
+
+def _fit_on_val(loaded: Any, data: Any, train_on_val: bool, positive_class: str | None) -> dict[str, Any]:
+    """Calibration temperatures and operating thresholds chosen on the validation split (stored in model.pt)."""
+    from core.clinical import fit_on_val, not_fitted, predict_set
+
+    val_idx = data.indices("val")
+    if train_on_val or len(val_idx) == 0:
+        reason = ("trained on train+val, so no split is held out to fit on (never fitted on training images)"
+                  if train_on_val else "the split has no validation images")
+        log.warning("no calibration and no operating thresholds: %s", reason)
+        return not_fitted(reason)
+    log.info("calibrating on the %d validation images (single view and TTA) and choosing operating thresholds",
+             len(val_idx))
+    val = predict_set(loaded, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True)
+    return fit_on_val(val, data.class_names, positive_class)
 
 
 def _warn_epoch_mismatch(epochs: int, tuned_epochs: int) -> None:
@@ -198,6 +231,7 @@ class EpochBar:
 def _write_final_report(out: Path, document: dict[str, Any], best: Any, cfg: Any, figures: list,
                         explained: Any) -> None:
     """report.md from the metrics.json document (so the page and the file never disagree)."""
+    from core.clinical import headline_intervals, interval_note, report_tables
     from core.report import ReportInput, write_report
 
     run, data = document["training"], document["source"]["data"]
@@ -228,7 +262,8 @@ def _write_final_report(out: Path, document: dict[str, Any], best: Any, cfg: Any
     write_report(out / filenames.REPORT, ReportInput(
         title=f"Final model of sweep {best.folder.name}", facts=facts, metrics=metrics,
         per_class=document["per_class"], figures=figures, galleries=explained.galleries, config=cfg.to_dict(),
-        notes=notes, gradcam=document.get("gradcam"),
+        notes=notes, gradcam=document.get("gradcam"), intervals=headline_intervals(document),
+        interval_note=interval_note(document), tables=report_tables(document),
         commands=[("Evaluate this model on another dataset (an external test set)",
                    f"python -m core.evaluate {model} --data PATH --split all --out {out / 'external'}"),
                   ("Predict images, with Grad-CAM overlays",
@@ -263,12 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="train on train+val and keep the last epoch (val no longer held out)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training")
     add_run_options(parser)
+    add_evaluation_options(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     result = final_train(args.best, FinalOptions(
         epochs=args.epochs, overrides=tuple(args.overrides), out_dir=args.out, train_on_val=args.train_on_val,
         resume=not args.no_resume, gallery_per_class=args.gallery, gradcam_layer=args.gradcam_layer,
-        gradcam_method=args.gradcam_method))
+        gradcam_method=args.gradcam_method, evaluation=clinical_options(args)))
     training = result.metrics["training"]
     print(f"test ({result.metrics['n_images']} images, epoch {training['chosen_epoch']}): {headline(result.metrics)}")
     print(f"report: {result.report}")

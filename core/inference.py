@@ -2,6 +2,8 @@
 
 Every command that applies a model (core.evaluate, core.predict, core.final_train) goes through here,
 so images are normalised, batched and cast exactly as in training (core/loop.py's ``predict_split``).
+``tta=True`` averages the 8 dihedral views (core/tta.py); ``LoadedModel.predict`` applies the temperature
+that core.final_train stored in model.pt for that mode (core/calibration.py) unless ``calibrated=False``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.calibration import apply_temperature
 from core.config import TrainConfig
 from core.device import Placement, as_tensor, resolve_device
 from core.errors import UserError
 from core.loop import predict_split
 from core.model import load_model_file
+from core.tta import N_VIEWS, DihedralMean
+
+SINGLE_MODE, TTA_MODE = "single", "tta"  # keys of the temperatures stored in model.pt
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,19 @@ class LoadedModel:
     def class_names(self) -> tuple[str, ...]:
         return tuple(self.meta["class_names"])
 
-    def predict(self, images_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
-        return predict_probs(self.model, images_uint8, self.device, self.config.eval_batch_size, self.config.precision)
+    def temperature(self, tta: bool = False) -> float | None:
+        """The calibration temperature stored for single-view (or TTA) prediction; None when uncalibrated."""
+        stored = (self.meta.get("calibration") or {}).get("temperature") or {}
+        value = stored.get(TTA_MODE if tta else SINGLE_MODE)
+        return None if value is None else float(value)
+
+    def predict(self, images_uint8: np.ndarray | torch.Tensor, *, tta: bool = False,
+                calibrated: bool = True) -> np.ndarray:
+        """Probabilities [N, C]; calibrated with the stored temperature where the file has one."""
+        probs = predict_probs(self.model, images_uint8, self.device, self.config.eval_batch_size,
+                              self.config.precision, tta=tta)
+        temperature = self.temperature(tta) if calibrated else None
+        return probs if temperature is None else apply_temperature(probs, temperature)
 
 
 def load_for_inference(path: str | os.PathLike, device: str = "auto") -> LoadedModel:
@@ -50,9 +67,11 @@ def load_for_inference(path: str | os.PathLike, device: str = "auto") -> LoadedM
 
 
 def predict_probs(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, device: str | torch.device = "cpu",
-                  batch_size: int = 256, precision: str = "auto") -> np.ndarray:
-    """Class probabilities [N, C] of a model for uint8 images [N, 3, S, S]."""
+                  batch_size: int = 256, precision: str = "auto", tta: bool = False) -> np.ndarray:
+    """Class probabilities [N, C] of a model for uint8 images [N, 3, S, S] (``tta``: mean over 8 views)."""
     where = Placement.of(torch.device(device), precision)
     images = as_tensor(images_uint8).to(where.device)
+    if tta:  # the 8 views of a batch run as one: keep the batch's memory as without TTA
+        model, batch_size = DihedralMean(model), max(1, batch_size // N_VIEWS)
     probs, _ = predict_split(model.to(where.device), images, np.arange(len(images)), None, where, batch_size)
     return probs

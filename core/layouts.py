@@ -65,6 +65,10 @@ class Listing:
     labels: np.ndarray           # int64 [N], index into class_names
     groups: np.ndarray           # str [N] lesion id (image id when none)
     split: np.ndarray | None     # str [N] split fixed by the layout ("" = to assign), None when none is
+    # The label table's other columns (HAM10000: dx_type, age, sex, localization; ISIC: those of its lesion
+    # groupings or metadata CSV), as strings ("" = missing), one row per image in the rows' order; None when
+    # the layout has none. For evaluating per subgroup; never used in training and not in the fingerprint.
+    metadata: pd.DataFrame | None = None
 
     def fingerprint(self) -> str:
         """Digest of the file list (relative paths, sizes, mtimes) plus the label table."""
@@ -124,7 +128,8 @@ def _read_ham(csv_path: Path, root: Path) -> Listing:
     folders = _ham_image_folders(csv_path.parent)
     paths = _find_listed_images(ids, folders, csv_path)
     layout = "demo" if (csv_path.parent / DEMO_MARKER).is_file() else "ham10000"
-    return _listing(root, layout, HAM_CLASSES, paths, ids, labels, groups, None)
+    return _listing(root, layout, HAM_CLASSES, paths, ids, labels, groups, None,
+                    metadata=table.drop(columns=list(HAM_COLUMNS)))
 
 
 def _ham_image_folders(base: Path) -> list[Path]:
@@ -162,13 +167,15 @@ def _read_isic(csv_path: Path, root: Path) -> Listing:
                         f"one-hot ({values})")
     dx = np.array([c.lower() for c in ISIC_COLUMNS])[onehot.argmax(axis=1)]
     labels = np.searchsorted(HAM_CLASSES, dx)
-    groups = ids.copy()
+    groups, metadata = ids.copy(), None
     groupings = _isic_groupings_csv(csv_path, root)
     if groupings is not None:
-        lesion_of = _read_groupings(groupings)
-        groups = np.array([lesion_of.get(image_id) or image_id for image_id in ids])
+        # The lesion groupings (or an ISIC metadata CSV: age_approx, sex, anatom_site_general ...), by image.
+        by_image = _read_groupings(groupings).reindex(ids).fillna("")
+        groups = np.where(by_image["lesion_id"] == "", ids, by_image["lesion_id"].to_numpy(dtype=str))
+        metadata = by_image.drop(columns=["lesion_id"]).reset_index(drop=True)
     paths = _find_listed_images(ids, [_isic_image_folder(csv_path, root)], csv_path)
-    return _listing(root, "isic2018", HAM_CLASSES, paths, ids, labels, groups, None)
+    return _listing(root, "isic2018", HAM_CLASSES, paths, ids, labels, groups, None, metadata=metadata)
 
 
 def _isic_bases(csv_path: Path, root: Path) -> list[Path]:
@@ -197,9 +204,11 @@ def _isic_groupings_csv(csv_path: Path, root: Path) -> Path | None:
     return None
 
 
-def _read_groupings(csv_path: Path) -> dict[str, str]:
+def _read_groupings(csv_path: Path) -> pd.DataFrame:
+    """The groupings table indexed by image id: lesion_id and any other columns (stripped strings)."""
     table = _read_table(csv_path, ("image", "lesion_id"), case_insensitive=True)
-    return dict(zip(table["image"].str.strip(), table["lesion_id"].str.strip()))
+    table = table.apply(lambda column: column.str.strip())
+    return table.drop_duplicates("image").set_index("image")
 
 
 # --- ImageFolder --------------------------------------------------------------------------------
@@ -249,7 +258,8 @@ def _read_imagefolder(root: Path) -> Listing | None:
 # --- shared helpers -----------------------------------------------------------------------------
 
 def _listing(root: Path, layout: str, class_names: Sequence[str], paths: Sequence[Path],
-             ids: np.ndarray, labels: Iterable[int], groups: np.ndarray, split: np.ndarray | None) -> Listing:
+             ids: np.ndarray, labels: Iterable[int], groups: np.ndarray, split: np.ndarray | None,
+             metadata: pd.DataFrame | None = None) -> Listing:
     """Sort rows by image id and check that ids are unique."""
     ids = np.asarray(ids, dtype=str)
     order = np.argsort(ids, kind="stable")
@@ -262,7 +272,9 @@ def _listing(root: Path, layout: str, class_names: Sequence[str], paths: Sequenc
                    paths=tuple(paths[i] for i in order), image_ids=ids,
                    labels=np.asarray(labels, dtype=np.int64)[order],
                    groups=np.asarray(groups, dtype=str)[order],
-                   split=None if split is None else np.asarray(split, dtype=str)[order])
+                   split=None if split is None else np.asarray(split, dtype=str)[order],
+                   metadata=None if metadata is None or metadata.columns.empty
+                   else metadata.iloc[order].reset_index(drop=True))
 
 
 def _read_csv_layout(csv_path: Path, root: Path) -> Listing:

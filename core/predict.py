@@ -1,9 +1,12 @@
 """Class probabilities of a trained model for image files, optionally with Grad-CAM overlays.
 
-    python -m core.predict results/<sweep>/final/model.pt lesion1.jpg lesion2.png [--json] [--gradcam DIR]
+    python -m core.predict results/<sweep>/final/model.pt lesion1.jpg lesion2.png [--json] [--gradcam DIR] [--tta]
         [--masks MASK_DIR] [--gradcam-layer layer2|layer3|layer4]
 
-Images are decoded at the model's image size and normalised exactly as in training. The table (or
+Images are decoded at the model's image size and normalised exactly as in training. Probabilities are
+calibrated with the temperature core.final_train fitted on the validation split and stored in model.pt
+(``--no-calibration``: the raw model's); ``--tta`` averages them over the 8 flips and quarter turns of
+each image (with the temperature fitted for that). The table (or
 ``--json``) gives the predicted class, its probability and every class's probability; ``--gradcam
 DIR`` saves ``DIR/<image name>_gradcam.png``, the heat map of the predicted class over the image.
 With ``--masks MASK_DIR`` (holding ``<image name>_segmentation.png`` or ``<image name>.png``, the
@@ -21,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from core.cli import add_gradcam_options
+from core.cli import add_gradcam_options, add_prediction_options
 from core.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "Grad-CAM map against its image's mask (with --gradcam)")
     add_gradcam_options(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_prediction_options(parser)
     args = parser.parse_args(argv)
 
     from core.gradcam import DEFAULT_METHOD
@@ -88,7 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every image is read before any work, so a bad one fails the command at once, by name.
     images = np.stack([decode_image(path, size) for path in args.images])
     masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
-    probs = loaded.predict(images)
+    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration)
+    temperature = loaded.temperature(args.tta)
+    log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
+             "not calibrated (--no-calibration)" if args.no_calibration else
+             "not calibrated: the model file holds no temperature" if temperature is None else
+             f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
     rows = predictions_json(args.images, probs, class_names)
     scores = None
     if args.gradcam:

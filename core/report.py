@@ -1,10 +1,11 @@
 """``report.md`` and ``report.html``: the page a user reads first after ``core.final_train`` or ``core.evaluate``.
 
-It holds what the run was (source, data, split sizes, training), the test metrics, the per-class
-table, the figures and the configuration. Both files come from one :class:`ReportInput`:
-report.md links the figure files beside it; report.html embeds them (base64: the diagrams as PNG,
-the Grad-CAM galleries as JPEG) so that the one file can be shared, and holds no script. The sweep's page (sweep/report.py) embeds report.html's
-``<article>`` as its final-model section.
+It holds what the run was (source, data, split sizes, training), the test metrics (with their 95%
+intervals, ``0.640 [0.61, 0.67]``), the per-class table, further tables (lesion level, calibration, TTA,
+operating points, subgroups: core/clinical.py), the figures and the configuration. Both files come from
+one :class:`ReportInput`: report.md links the figure files beside it; report.html embeds them (base64: the
+diagrams as PNG, the Grad-CAM galleries as JPEG) so that the one file can be shared, and holds no script.
+The sweep's page (sweep/report.py) embeds report.html's ``<article>`` as its final-model section.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ HEADLINE_METRICS = (("test_balanced_accuracy", "balanced accuracy (mean recall)"
 
 
 @dataclass(frozen=True)
+class Table:
+    """A titled table of pre-formatted cells, with a sentence before it and notes after it."""
+
+    title: str
+    header: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    intro: str = ""
+    notes: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
 class ReportInput:
     """Everything the report shows; figure paths are relative to the report's folder."""
 
@@ -44,22 +56,30 @@ class ReportInput:
     notes: Sequence[str] = ()
     commands: Sequence[tuple[str, str]] = ()        # (what it does, shell command)
     gradcam: Mapping[str, Any] | None = None        # the "gradcam" section of metrics.json (core.gradcam)
+    intervals: Mapping[str, Sequence[float] | None] = field(default_factory=dict)  # test_* or recall/<class>
+    interval_note: str = ""                         # how the intervals were made
+    tables: Sequence[Table] = ()
 
 
 def render_report(report: ReportInput) -> str:
     lines = [f"# {report.title}", ""]
     lines += [f"- **{label}:** {value}" for label, value in report.facts]
     lines += ["", "## Test metrics", "", "| metric | value |", "|---|---:|"]
-    lines += [f"| {label} | {_number(report.metrics.get(key))} |" for key, label in HEADLINE_METRICS
-              if key in report.metrics]
+    lines += [f"| {label} | {with_interval(report.metrics.get(key), report.intervals.get(key))} |"
+              for key, label in HEADLINE_METRICS if key in report.metrics]
+    if report.interval_note:
+        lines += ["", report.interval_note]
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for name, row in report.per_class.items():
-        lines.append(f"| {name} | {_number(row['precision'])} | {_number(row['recall'])} | {_number(row['f1'])} "
+        recall = with_interval(row["recall"], report.intervals.get(f"recall/{name}"))
+        lines.append(f"| {name} | {_number(row['precision'])} | {recall} | {_number(row['f1'])} "
                      f"| {int(row['support'])} |")
     lines += ["", "Recall of a class is the diagonal of the row-normalised confusion matrix; support is the "
               "number of evaluated images of the class.", ""]
     for note in report.notes:
         lines += [f"> {note}", ""]
+    for table in report.tables:
+        lines += render_table(table)
     lines += ["## Figures", ""]
     for caption, path in report.figures:
         lines += [f"### {caption}", "", f"![{caption}]({path})", ""]
@@ -111,6 +131,25 @@ def _gradcam_lines(doc: Mapping[str, Any]) -> list[str]:
                   "the map inside the lesion; pointing = share of images whose map peaks inside the lesion.", ""]
         lines += explain_scores.table(lesions) + [""]
     return lines
+
+
+def render_table(table: Table) -> list[str]:
+    lines = [f"## {table.title}", ""] + ([table.intro, ""] if table.intro else [])
+    if table.rows:
+        align = ["---"] + ["---:"] * (len(table.header) - 1)  # labels left, figures right
+        lines += ["| " + " | ".join(table.header) + " |", "|" + "|".join(align) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+        lines.append("")
+    for note in table.notes:
+        lines += [note, ""]
+    return lines
+
+
+def with_interval(value: float | None, interval: Sequence[float] | None) -> str:
+    """``0.640 [0.61, 0.67]``; the value alone (4 decimals) when there is no interval."""
+    if interval is None or value is None or (isinstance(value, float) and math.isnan(value)):
+        return _number(value)
+    return f"{value:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def write_report(path: str | os.PathLike, report: ReportInput) -> None:
@@ -181,17 +220,23 @@ def render_report_article(report: ReportInput, folder: str | os.PathLike, headin
     parts = [ARTICLE_BEGIN, '<article class="report">', h(1, report.title), '<ul class="facts">']
     parts += [f"<li><b>{html.escape(label)}:</b> {_inline(value)}</li>" for label, value in report.facts]
     parts += ["</ul>", h(2, "Test metrics"), "<table><tr><th>metric</th><th>value</th></tr>"]
-    parts += [f'<tr><td>{html.escape(label)}</td><td class="num">{_number(report.metrics.get(key))}</td></tr>'
+    parts += [f'<tr><td>{html.escape(label)}</td><td class="num">'
+              f'{with_interval(report.metrics.get(key), report.intervals.get(key))}</td></tr>'
               for key, label in HEADLINE_METRICS if key in report.metrics]
-    parts += ["</table>", h(2, "Per class"),
+    parts.append("</table>")
+    parts += [f'<p class="muted">{_inline(report.interval_note)}</p>'] if report.interval_note else []
+    parts += [h(2, "Per class"),
               "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"]
     for name, row in report.per_class.items():
-        parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(
-            f'<td class="num">{_number(row[k])}</td>' for k in ("precision", "recall", "f1"))
-            + f'<td class="num">{int(row["support"])}</td></tr>')
+        recall = with_interval(row["recall"], report.intervals.get(f"recall/{name}"))
+        parts.append(f'<tr><td>{html.escape(name)}</td><td class="num">{_number(row["precision"])}</td>'
+                     f'<td class="num">{recall}</td><td class="num">{_number(row["f1"])}</td>'
+                     f'<td class="num">{int(row["support"])}</td></tr>')
     parts += ["</table>", '<p class="muted">Recall of a class is the diagonal of the row-normalised confusion '
               "matrix; support is the number of evaluated images of the class.</p>"]
     parts += [f"<blockquote>{_inline(note)}</blockquote>" for note in report.notes]
+    for table in report.tables:  # the same tables as report.md (render_table's lines after its heading)
+        parts += [h(2, table.title), _markdown_html(render_table(table)[2:])]
     parts.append(h(2, "Figures"))
     parts += [_figure(caption, folder, path) for caption, path in report.figures]
     if report.galleries or report.gradcam:

@@ -183,8 +183,9 @@ def test_predict_table_and_bad_images(setup: dict[str, Path], tmp_path: Path, ca
 def test_help_of_both_commands(capsys) -> None:
     from core import evaluate, predict
 
-    for module, options in ((evaluate, ("--data", "--out", "--split", "--gallery")),
-                            (predict, ("IMAGE", "--json", "--gradcam"))):
+    for module, options in ((evaluate, ("--data", "--out", "--split", "--gallery", "--tta", "--no-calibration",
+                                        "--positive-class", "--bootstrap", "--bootstrap-seed")),
+                            (predict, ("IMAGE", "--json", "--gradcam", "--tta", "--no-calibration"))):
         with pytest.raises(SystemExit) as exit_:
             module.main(["--help"])
         assert exit_.value.code == 0
@@ -227,3 +228,85 @@ def test_predict_scores_maps_against_given_masks(setup: dict[str, Path], tmp_pat
     assert "Grad-CAM against 2 lesion masks: energy inside" in capsys.readouterr().out
     with pytest.raises(UserError, match="--gradcam"):
         main([str(setup["model"]), str(images[0]), "--masks", str(masks)])
+@pytest.fixture(scope="module")
+def calibrated_model(setup: dict[str, Path]) -> Path:
+    """The setup's model with a temperature per view and mel thresholds stored, as core.final_train stores them."""
+    payload = torch.load(setup["model"], weights_only=True)
+    payload["calibration"] = {"fitted_on": "val", "n_images": 10, "temperature": {"single": 2.0, "tta": 3.0}}
+    points = [{"kind": "sensitivity_at_specificity", "target": 0.8, "threshold": 0.15, "sensitivity": 0.5,
+               "specificity": 0.8}]
+    payload["operating_points"] = {"positive_class": "mel", "chosen_on": "val", "n_positive": 4,
+                                   "modes": {"single/calibrated": {"auc": 0.7, "points": points}}}
+    path = setup["base"] / "calibrated.pt"
+    torch.save(payload, path)
+    return path
+
+
+def test_evaluate_applies_the_stored_temperature_and_thresholds(setup, calibrated_model: Path, tmp_path: Path) -> None:
+    from core.calibration import apply_temperature, negative_log_likelihood
+    from core.data import load_dataset
+    from core.evaluate import main
+    from core.inference import load_for_inference
+
+    data = load_dataset(setup["data"], SIZE, progress=False)
+    raw = load_for_inference(calibrated_model, "cpu").predict(data.images, calibrated=False)
+    for flags, temperature in (([], 2.0), (["--no-calibration"], None)):
+        out = tmp_path / str(temperature)
+        assert main([str(calibrated_model), "--data", str(setup["data"]), "--out", str(out), "--split", "all",
+                     "--gallery", "0", "--bootstrap", "100", *flags]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        probs = raw if temperature is None else apply_temperature(raw, temperature)
+        assert metrics["prediction"]["temperature"] == temperature
+        assert metrics["test_loss"] == pytest.approx(negative_log_likelihood(data.labels, probs))
+        assert metrics["calibration"]["before"]["nll"] == pytest.approx(negative_log_likelihood(data.labels, raw))
+    # Calibrated: the thresholds stored in the model file (chosen on its val split) apply unchanged.
+    point = json.loads((tmp_path / "2.0" / "metrics.json").read_text())["operating_points"]["points"][0]
+    mel = data.labels == 4
+    called = apply_temperature(raw, 2.0)[:, 4] >= 0.15
+    assert point["threshold"] == 0.15 and point["val_sensitivity"] == 0.5
+    assert point["sensitivity"] == pytest.approx(called[mel].mean())
+    assert point["specificity"] == pytest.approx((~called[~mel]).mean())
+    # Uncalibrated probabilities have no stored thresholds: the report says so instead of choosing any here.
+    skipped = json.loads((tmp_path / "None" / "metrics.json").read_text())["operating_points"]
+    assert "points" not in skipped and "single/raw" in skipped["skipped"]
+
+
+def test_evaluate_with_tta_reports_both(setup, calibrated_model: Path, tmp_path: Path) -> None:
+    from core.evaluate import main
+
+    assert main([str(calibrated_model), "--data", str(setup["data"]), "--out", str(tmp_path), "--split", "all",
+                 "--gallery", "0", "--bootstrap", "100", "--tta"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["prediction"]["view"] == "tta" and metrics["prediction"]["temperature"] == 3.0
+    tta = metrics["tta"]
+    assert tta["with"]["test_balanced_accuracy"] == metrics["test_balanced_accuracy"]
+    assert tta["difference"]["test_balanced_accuracy"] == pytest.approx(
+        tta["with"]["test_balanced_accuracy"] - tta["without"]["test_balanced_accuracy"])
+    assert len(tta["difference"]["test_balanced_accuracy_ci"]) == 2
+    assert "## Test-time augmentation" in (tmp_path / "report.md").read_text()
+
+
+def test_predict_with_tta_and_without_calibration(setup, calibrated_model: Path, capsys) -> None:
+    from core.calibration import apply_temperature
+    from core.image_cache import decode_image
+    from core.inference import load_for_inference
+    from core.predict import main
+
+    image = sorted(setup["data"].rglob("*.jpg"))[0]
+    loaded = load_for_inference(calibrated_model, "cpu")
+    pixels = decode_image(image, SIZE)[None]
+    for flags, expected in (([], apply_temperature(loaded.predict(pixels, calibrated=False), 2.0)),
+                            (["--tta"], apply_temperature(loaded.predict(pixels, tta=True, calibrated=False), 3.0)),
+                            (["--tta", "--no-calibration"], loaded.predict(pixels, tta=True, calibrated=False))):
+        assert main([str(calibrated_model), str(image), "--json", *flags]) == 0
+        row = json.loads(capsys.readouterr().out)[0]
+        np.testing.assert_allclose(list(row["probabilities"].values()), expected[0], atol=1e-6)
+
+
+def test_positive_class_that_is_not_a_class_is_one_line(setup, tmp_path: Path, capsys) -> None:
+    from core.evaluate import main
+
+    err = _cli(main, [str(setup["model"]), "--data", str(setup["data"]), "--out", str(tmp_path / "out"),
+                      "--positive-class", "melanoma"], capsys)
+    assert "--positive-class melanoma: not a class of the model" in err and "akiec, bcc" in err
+    assert not (tmp_path / "out").exists()

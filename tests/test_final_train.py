@@ -59,8 +59,11 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def final(sweep: Path):
     from core.final_train import FinalOptions, final_train
 
+    from core.clinical import ClinicalOptions
+
     return final_train(sweep / "best.json", FinalOptions(epochs=FINAL_EPOCHS, overrides=("lr=3e-3",),
-                                                         gallery_per_class=1, progress=False))
+                                                         gallery_per_class=1, progress=False,
+                                                         evaluation=ClinicalOptions(tta=True, resamples=200)))
 
 
 def _is_png(path: Path) -> tuple[int, int]:
@@ -121,14 +124,70 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
     assert gradcam["lesion_masks"]["n_images"] == n_test
 
     report = (out / "report.md").read_text()
-    assert f"{metrics['test_balanced_accuracy']:.4f}" in report
+    low, high = metrics["intervals"]["test_balanced_accuracy"]
+    assert f"| {metrics['test_balanced_accuracy']:.3f} [{low:.2f}, {high:.2f}] |" in report
     assert "GuidedGradCam" in report and "**layer4**" in report and "centred Gaussian" in report
     assert "| mel |" in report and "trial_0001" in report
-    for link in ("training_curves.png", "confusion_matrix.png", "roc_curves.png", "gradcam_mel.png"):
+    for link in ("training_curves.png", "confusion_matrix.png", "roc_curves.png", "gradcam_mel.png",
+                 "reliability_diagram.png"):
         assert f"]({link})" in report and (out / link).is_file()
+    for title in ("## Image level and lesion level", "## Calibration (TTA)", "## Test-time augmentation",
+                  "## Operating points: mel vs the rest", "## Subgroup: sex"):
+        assert title in report, title
     page = (out / "report.html").read_text()  # the same Grad-CAM scores as report.md, as an HTML table
     assert "GuidedGradCam" in page and "<strong>layer4</strong>" in page and "centred Gaussian" in page
     assert page.count("<table>") >= 4 and "| mel |" not in page
+    assert f"{metrics['test_balanced_accuracy']:.3f} [{low:.2f}, {high:.2f}]" in page  # intervals, tables too
+    assert "Calibration (TTA)</h2>" in page and "Operating points: mel vs the rest</h2>" in page
+
+
+def test_calibration_and_thresholds_come_from_val_and_are_stored_in_the_model(sweep: Path, final) -> None:
+    from core.calibration import apply_temperature, fit_temperature
+    from core.data import load_dataset
+    from core.inference import load_for_inference
+    from core.operating_points import choose_thresholds
+
+    loaded = load_for_inference(final.out_dir / "model.pt", "cpu")
+    data = load_dataset(read_best(sweep / "best.json").data_path, SIZE, splits_file=sweep / "splits.csv",
+                        progress=False)
+    val = data.indices("val")
+    mel = data.labels[val] == data.class_names.index("mel")
+    stored = loaded.meta["calibration"]
+    assert stored["fitted_on"] == "val" and stored["n_images"] == len(val)
+    for tta, view in ((False, "single"), (True, "tta")):
+        raw = loaded.predict(data.images[val], tta=tta, calibrated=False)
+        assert stored["temperature"][view] == pytest.approx(fit_temperature(data.labels[val], raw), rel=1e-4)
+        calibrated = apply_temperature(raw, stored["temperature"][view])
+        np.testing.assert_allclose(loaded.predict(data.images[val], tta=tta), calibrated, atol=1e-9)
+        points = loaded.meta["operating_points"]["modes"][f"{view}/calibrated"]["points"]
+        chosen = choose_thresholds(mel, calibrated[:, data.class_names.index("mel")])
+        assert [p["threshold"] for p in points] == pytest.approx([p["threshold"] for p in chosen])
+
+    metrics = json.loads((final.out_dir / "metrics.json").read_text())
+    assert metrics["prediction"] == {"view": "tta", "calibrated": True, "temperature": stored["temperature"]["tta"],
+                                     "positive_class": "mel"}
+    calibration = metrics["calibration"]
+    assert calibration["temperature"] == stored["temperature"]["tta"] and calibration["fitted_on"] == "val"
+    for key in ("ece", "brier", "nll"):
+        assert calibration["before"][key] >= 0 and calibration["after"][key] >= 0
+    assert metrics["test_loss"] == pytest.approx(calibration["after"]["nll"])
+    # The test report applies the val thresholds and says what they gave on val.
+    operating = metrics["operating_points"]
+    assert operating["mode"] == "tta/calibrated" and operating["chosen_on"] == "val"
+    stored_points = loaded.meta["operating_points"]["modes"]["tta/calibrated"]["points"]
+    assert [p["threshold"] for p in operating["points"]] == [p["threshold"] for p in stored_points]
+    assert [p["val_sensitivity"] for p in operating["points"]] == [p["sensitivity"] for p in stored_points]
+    # TTA against no TTA, lesion level, intervals, subgroups.
+    assert metrics["tta"]["with"]["test_accuracy"] == metrics["test_accuracy"]
+    assert metrics["lesion_level"]["n_lesions"] < metrics["n_images"]
+    assert metrics["bootstrap"]["unit"] == "lesion" and metrics["bootstrap"]["resamples"] == 200
+    assert set(metrics["subgroups"]) == {"age", "sex", "localization"}  # dx_type is 'synthetic' only
+
+
+def test_positive_class_that_is_not_a_class_fails_before_training(sweep: Path, tmp_path: Path, capsys) -> None:
+    err = _cli_error([str(sweep / "best.json"), "--positive-class", "melanoma", "--out", str(tmp_path / "o")], capsys)
+    assert "--positive-class melanoma: not a class" in err
+    assert not (tmp_path / "o" / "last.pt").exists()
 
 
 def test_gradcam_of_the_trained_model_is_image_sized_and_not_constant(sweep: Path, final) -> None:
@@ -158,6 +217,13 @@ def test_train_on_val_keeps_the_last_epoch(sweep: Path, tmp_path: Path) -> None:
     assert training["train_splits"] == ["train", "val"] and training["chosen_by"] == "last epoch"
     assert training["chosen_epoch"] == training["epochs_run"] == 2
     assert not list((tmp_path / "trainval").glob("gradcam_*.png"))
+    # Nothing held out: no temperature, no thresholds (never fitted on training images), and the report says so.
+    assert "trained on train+val" in result.metrics["calibration"]["skipped"]
+    assert "after" not in result.metrics["calibration"] and "points" not in result.metrics["operating_points"]
+    assert result.metrics["prediction"]["calibrated"] is False
+    meta = torch.load(tmp_path / "trainval" / "model.pt", weights_only=True)
+    assert "skipped" in meta["calibration"] and "temperature" not in meta["calibration"]
+    assert "Not calibrated: trained on train+val" in (tmp_path / "trainval" / "report.md").read_text()
     # A second run in the same folder evaluates the finished training again instead of training more.
     again = final_train(sweep / "best.json", options)
     assert again.metrics["test_accuracy"] == result.metrics["test_accuracy"]
@@ -173,7 +239,8 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--epochs", "--set", "--out", "--train-on-val", "BEST_JSON", "select_metric"):
+    for option in ("--epochs", "--set", "--out", "--train-on-val", "BEST_JSON", "select_metric", "--tta",
+                   "--positive-class", "--bootstrap"):
         assert option in text
 
 
