@@ -24,6 +24,7 @@ from core import filenames
 from core.atomic import write_json
 from core.cli import add_run_options, apply_threads
 from core.errors import UserError, run_cli
+from core.state_files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_run_options(parser)
     args = parser.parse_args(argv)
+    out = check_output_dir(args.out, "--out")
     apply_threads(args.threads)
 
     from core.data import load_dataset
@@ -68,14 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     probs = loaded.predict(images)
     ev = evaluate_probs(labels, probs, model_classes)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / filenames.EVALUATION).unlink(missing_ok=True)  # an earlier evaluation's; this one's is written last
     what = f"{args.split} split of {Path(data.root).name}" if args.split == "test" else f"all of {Path(data.root).name}"
     figures, galleries = write_figures(out, ev, model, images, data.image_ids[idx], device, args.gallery, what)
     source = {"model": str(Path(args.checkpoint).resolve()), "split": args.split,
               "data": {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,
                        "class_names": list(data.class_names)}}
-    write_json(out / filenames.EVALUATION, metrics_document(ev, source))
     write_report(out / filenames.REPORT, ReportInput(
         title=f"Evaluation of {Path(args.checkpoint).name} on {Path(data.root).name}",
         facts=[("model", f"`{source['model']}` (epoch {meta.get('epoch', '?')}, {len(model_classes)} classes, "
@@ -86,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                np.unique(data.labels[idx])})))],
         metrics=ev.metrics, per_class=ev.per_class, figures=figures, galleries=galleries,
         config=meta.get("config"), notes=[note for note in [coarse_map_note(cfg.image_size)] if galleries and note]))
+    write_json(out / filenames.EVALUATION, metrics_document(ev, source))  # last: the folder is complete
     print(headline(ev.metrics))
     print(f"report: {out / filenames.REPORT}")
     return 0

@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gradcam", metavar="DIR", help="save a Grad-CAM overlay of each image into DIR")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
+    if args.gradcam:
+        from core.state_files import check_output_dir
+
+        check_output_dir(args.gradcam, "--gradcam")
 
     from core.image_cache import decode_image
     from core.inference import load_for_inference
