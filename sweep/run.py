@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core import atomic
+from core.best_file import SPLITS_ADVICE
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError, run_cli
+from core.state_files import check_newest, check_output_dir, check_sqlite, reading
 from sweep.space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ DEFAULT_SPACE = "search_spaces/default.yaml"
 SETTINGS_FILE = "sweep.json"
 SETTINGS_FORMAT = "lesion-sweep/sweep"
 SPACE_COPY = "space.yaml"
+# Ray Tune's experiment state in ray/ (the newest of each, by name), checked before --resume restores it;
+# search_gen_state-*.json is a pickle despite its name.
+RAY_STATE = {"json_files": ("experiment_state-*.json",),
+             "pickles": ("search_gen_state-*.json", "searcher-state-*.pkl", "tuner.pkl")}
 # Options that define what a sweep searches; --resume keeps the saved ones.
 SEARCH_OPTIONS = ("space", "data", "metric", "max_epochs", "scheduler", "grace_period", "reduction_factor", "trials",
                   "seed", "overrides", "gpus", "gpus_per_trial", "cpus_per_trial")
@@ -156,6 +162,11 @@ def save_settings(settings: SweepSettings, space_text: str, base: TrainConfig) -
 
 
 def load_settings(folder: Path) -> SweepSettings:
+    with reading(folder / SETTINGS_FILE, "start a new sweep with another --name", KeyError, TypeError, ValueError):
+        return _load_settings(folder)
+
+
+def _load_settings(folder: Path) -> SweepSettings:
     doc = atomic.read_json_object(folder / SETTINGS_FILE, "no sweep to resume here")
     if doc.get("format") != SETTINGS_FORMAT:
         raise UserError(f"{folder / SETTINGS_FILE}: not a sweep settings file")
@@ -176,7 +187,12 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
               echo: Any = print) -> SweepReport:
     """Run (or, with ``resume``, continue) a sweep; Ray is started here unless it already runs."""
     started = time.time()
-    folder = settings.sweep_dir
+    folder = check_output_dir(settings.sweep_dir, "--results/--name")
+    if resume and (folder / "optuna.db").exists():
+        check_sqlite(folder / "optuna.db", "start a new sweep with another --name", tables=("studies", "trials"))
+    if resume:  # Ray would log a damaged state's traceback and start the sweep over, trials run again
+        check_newest(folder / "ray", "the sweep cannot be continued: start a new one with another --name", **RAY_STATE)
+        atomic.remove_stale_temps(folder, ("*", "trials/*/*"))  # what a killed driver was writing
     if resume:
         space_text = _read_text(folder / SPACE_COPY)
         space = parse_space(space_text, source=str(folder / SPACE_COPY))
@@ -223,7 +239,8 @@ def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: Tra
          f"parameters ({', '.join(space.names)}); {resources.describe()}")
 
     splits_file = folder / "splits.csv"
-    data = load_for_config(settings.data, base, splits_file=splits_file if resume else None)
+    with reading(splits_file, SPLITS_ADVICE):
+        data = load_for_config(settings.data, base, splits_file=splits_file if resume else None)
     if settings.data is None:
         echo(f"notice: no --data given: using the built-in synthetic demo dataset ({data.root})")
     if not resume:
