@@ -90,6 +90,7 @@ def load_images(paths: Sequence[Path], image_size: int, fingerprint: str, cache_
         try:
             cached = np.load(path, mmap_mode="c")
             if not isinstance(cached, np.ndarray):  # an .npz (zip) where an .npy belongs
+                cached.close()
                 raise ValueError(f"not an .npy array but {type(cached).__name__}")
             if cached.shape == shape and cached.dtype == np.uint8:
                 logger.info("using %d cached %dpx images from %s", len(paths), image_size, path)
