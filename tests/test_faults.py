@@ -252,7 +252,7 @@ def tmpfs(where: Path, options: str) -> Iterator[Path]:
     try:
         yield where
     finally:
-        subprocess.run(["umount", str(where)], capture_output=True)
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True)  # even with a file still open
 
 
 @pytest.fixture
