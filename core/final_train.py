@@ -15,8 +15,9 @@ chosen epoch, in core.model's format), ``metrics.json`` (test metrics, per class
 matrix; core/evaluation.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
 ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), and ``report.md``, the page to read first.
 Running the command again resumes an interrupted training and re-evaluates a finished one. ``metrics.json``
-is written last and removed when a run starts, so a folder holding one is complete; a damaged state file
-of the folder (``run.json``, ``best.pt``, ...) is a one-line error saying to train again with --no-resume.
+is written last and removed when a run starts, so a folder holding one is complete. A damaged ``run.json``
+or ``metrics.csv`` is written again from ``last.pt`` (with a warning); a damaged ``best.pt``, ``last.pt``
+or ``source.json`` is a one-line error saying to train again with --no-resume.
 """
 
 from __future__ import annotations
@@ -157,18 +158,12 @@ def _train_or_reuse(cfg: Any, data: Any, out: Path, train_splits: tuple[str, ...
     Returns the history and the chosen epoch (the best by ``select_metric``, or the last on train+val),
     whose weights are in best.pt.
     """
-    from core.config import TrainConfig
     from core.train import RunOptions, train
 
-    done = (read_json_state(out / filenames.RUN_STATE, FINAL_ADVICE) if options.resume else None) or {}
-    config = out / filenames.CONFIG
-    if done.get("status") == "complete" and done.get("epochs_run") == cfg.epochs and config.is_file() \
-            and (out / filenames.BEST_CHECKPOINT).is_file():
-        with reading(config, FINAL_ADVICE):
-            finished = TrainConfig.load(config) == cfg
-        if finished:
-            log.info("%s already holds the finished training of this config: evaluating it again", out)
-            return _finished_history(out, done), int(done["best_epoch"])
+    finished = _finished_training(out, cfg) if options.resume else None
+    if finished is not None:
+        log.info("%s already holds the finished training of this config: evaluating it again", out)
+        return finished
     bar = EpochBar(cfg.epochs, options.progress)
     try:
         result = train(cfg, data, out, bar.on_epoch, RunOptions(
@@ -238,17 +233,40 @@ def _write_final_report(out: Path, document: dict[str, Any], best: Any, cfg: Any
                   ("Curves in TensorBoard", f"tensorboard --logdir {out}")]))
 
 
-def _finished_history(out: Path, done: dict[str, Any]) -> list[dict[str, float]]:
-    """The per-epoch rows of a finished training (metrics.csv), as many as run.json says it ran."""
+def _finished_training(out: Path, cfg: Any) -> tuple[list[dict[str, float]], int] | None:
+    """The history and chosen epoch of a training that finished in ``out`` with ``cfg``, else None.
+
+    A damaged run.json or metrics.csv is None too, with a warning: the training then resumes from last.pt,
+    which holds the whole history, and writes both again.
+    """
     import pandas as pd
 
+    from core.config import TrainConfig
+
+    heal = "resuming from last.pt writes it again"
+    try:
+        done = read_json_state(out / filenames.RUN_STATE, heal) or {}
+    except UserError as exc:
+        log.warning("%s", exc)
+        return None
+    config = out / filenames.CONFIG
+    if not (done.get("status") == "complete" and done.get("epochs_run") == cfg.epochs and config.is_file()
+            and (out / filenames.BEST_CHECKPOINT).is_file()):
+        return None
+    with reading(config, FINAL_ADVICE):
+        if TrainConfig.load(config) != cfg:
+            return None
     path = out / filenames.METRICS_CSV
-    with reading(path, FINAL_ADVICE, OSError, ValueError, KeyError, TypeError):
-        history = pd.read_csv(path).to_dict("records")
-        if len(history) != done["epochs_run"] or not 1 <= int(done["best_epoch"]) <= len(history):
-            raise ValueError(f"{len(history)} rows, but run.json says {done['epochs_run']} epochs, the best "
-                             f"{done['best_epoch']}")
-    return history
+    try:
+        with reading(path, heal, OSError, ValueError, KeyError, TypeError):
+            history = pd.read_csv(path).to_dict("records")
+            if len(history) != done["epochs_run"] or not 1 <= int(done["best_epoch"]) <= len(history):
+                raise ValueError(f"{len(history)} rows, but run.json says {done['epochs_run']} epochs, the best "
+                                 f"{done['best_epoch']}")
+    except UserError as exc:
+        log.warning("%s", exc)
+        return None
+    return history, int(done["best_epoch"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

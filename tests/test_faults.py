@@ -153,14 +153,28 @@ def test_resume_state_of_another_model_is_one_line(world, tmp_path, capsys) -> N
     assert str(run / "last.pt") in err and "--no-resume" in err
 
 
-@pytest.mark.parametrize("name, damage", [("best.pt", cut_short), ("run.json", garbage), ("metrics.csv", cut_short),
-                                          ("source.json", cut_short)])
-def test_damaged_file_of_a_finished_final_training(world, tmp_path, capsys, name, damage) -> None:
+@pytest.mark.parametrize("name, damage", [("best.pt", cut_short), ("last.pt", garbage), ("source.json", cut_short)])
+def test_damaged_file_of_a_final_training(world, tmp_path, capsys, name, damage) -> None:
     sweep = copy_of(world["sweep"], tmp_path)
+    if name == "last.pt":  # an interrupted final training: run.json not complete, so it resumes
+        (sweep / "final" / "run.json").unlink()
     damage(sweep / "final" / name)
     err = cli_error(final_main, [str(sweep / "best.json"), "--gallery", "0"], capsys)
     assert str(sweep / "final" / name) in err and "--no-resume" in err
     assert not (sweep / "final" / "metrics.json").exists()  # withdrawn: the folder no longer looks complete
+
+
+@pytest.mark.parametrize("name, damage", [("run.json", garbage), ("metrics.csv", cut_short)])
+def test_damaged_run_record_of_a_final_training_is_written_again(world, tmp_path, caplog, name, damage) -> None:
+    """run.json and metrics.csv come from last.pt's history: the training resumes (nothing left to train) and
+    writes them again, with a warning naming the file."""
+    sweep = copy_of(world["sweep"], tmp_path)
+    damage(sweep / "final" / name)
+    cli_ok(final_main, [str(sweep / "best.json"), "--gallery", "0"])
+    assert any(str(sweep / "final" / name) in r.message and r.levelname == "WARNING" for r in caplog.records)
+    assert json.loads((sweep / "final" / "run.json").read_text())["status"] == "complete"
+    assert len((sweep / "final" / "metrics.csv").read_text().splitlines()) == CFG.epochs + 1
+    assert json.loads((sweep / "final" / "metrics.json").read_text())["training"]["epochs_run"] == CFG.epochs
 
 
 def test_damaged_best_json_and_splits_csv(world, tmp_path, capsys) -> None:
