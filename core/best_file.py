@@ -31,9 +31,12 @@ from core import filenames
 from core.atomic import read_json_object
 from core.config import TrainConfig
 from core.errors import UserError
+from core.state_files import reading
 
 BEST_FORMAT = "lesion-sweep/best"
 BEST_VERSION = 1
+# What to do about a damaged splits.csv of a sweep: every trial's run folder holds the same split.
+SPLITS_ADVICE = "every trial's folder holds a copy (trials/<id>/splits.csv): copy one back"
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,12 @@ def read_best(path: str | os.PathLike) -> BestFile:
     path = Path(path)
     if path.is_dir():
         path = path / filenames.BEST_TRIAL
-    obj = read_json_object(path, "no such file (a sweep writes results/<name>/best.json)")
+    folder = path.resolve().parent
+    if not path.exists():
+        raise UserError(f"{path}: no such file (a sweep writes results/<name>/best.json)")
+    with reading(path, f"the sweep writes it again: python -m sweep.run --resume --name {folder.name} "
+                       f"--results {folder.parent}"):
+        obj = read_json_object(path, "no such file")
     where = str(path)
     if obj.get("format") != BEST_FORMAT:
         raise UserError(f"{path}: field 'format' is {obj.get('format')!r}, expected {BEST_FORMAT!r} "
@@ -113,7 +121,6 @@ def read_best(path: str | os.PathLike) -> BestFile:
     except ValueError:
         raise UserError(f"{path}: field 'created' is {created!r}, expected an ISO 8601 time") from None
 
-    folder = path.resolve().parent
     return BestFile(path=path, config=config, metric_name=metric_name, metric_value=float(metric_value),
                     metric_mode=metric_mode, trial_id=trial_id, data_path=Path(data_path).expanduser(),
                     data_fingerprint=fingerprint, data_layout=layout, splits_file=folder / splits,

@@ -2,11 +2,13 @@
 
 Every command's ``main`` is run through :func:`run_cli`, so bad input (a corrupt image, a malformed
 CSV, an unknown config key, a wrong path) ends as ``error: <message>`` on stderr with status 2 and
-no traceback. Bugs are not :class:`UserError` and keep their traceback.
+no traceback. Bugs are not :class:`UserError` and keep their traceback. A full disk that no writer
+turned into a UserError itself (core/state_files.py does for every atomic write) is one line too.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from typing import Callable, Sequence
@@ -23,10 +25,21 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         code = main(argv)
     except UserError as exc:
-        message = " ".join(str(exc).split())  # always one line, whatever the message held
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        _fail(f"{exc.filename or 'a write'}: no space left on the device; free some space, then run the command "
+              f"again")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # errnos of a full disk (or quota)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # always one line, whatever it held
+    sys.exit(2)

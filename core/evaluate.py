@@ -32,6 +32,7 @@ from core import filenames
 from core.atomic import write_json
 from core.cli import add_evaluation_options, add_run_options, apply_threads, clinical_options
 from core.errors import UserError, run_cli
+from core.state_files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_run_options(parser)
     add_evaluation_options(parser)
     args = parser.parse_args(argv)
+    out = check_output_dir(args.out, "--out")
     apply_threads(args.threads)
     options = clinical_options(args)
 
@@ -83,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     clinical = evaluate_clinically(predicted, model_classes, meta, options)
     ev = evaluate_probs(labels, clinical.probs, model_classes)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / filenames.EVALUATION).unlink(missing_ok=True)  # an earlier evaluation's; this one's is written last
     what = f"{args.split} split of {Path(data.root).name}" if args.split == "test" else f"all of {Path(data.root).name}"
     figures, explained = write_figures(out, ev, model, images, data.image_ids[idx], device, args.gallery, what,
                                        **mask_args(data, idx), gradcam_layer=args.gradcam_layer,
@@ -94,7 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               "data": {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,
                        "class_names": list(data.class_names)}}
     document = metrics_document(ev, source, gradcam=explained.document, clinical=clinical.sections)
-    write_json(out / filenames.EVALUATION, document)
     write_report(out / filenames.REPORT, ReportInput(
         title=f"Evaluation of {Path(args.checkpoint).name} on {Path(data.root).name}",
         facts=[("model", f"`{source['model']}` (epoch {meta.get('epoch', '?')}, {len(model_classes)} classes, "
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config=meta.get("config"), gradcam=explained.document, notes=explained.notes,
         intervals=headline_intervals(document), interval_note=interval_note(document),
         tables=report_tables(document)))
+    write_json(out / filenames.EVALUATION, document)  # last: the folder is complete
     print(headline(ev.metrics))
     print(f"report: {out / filenames.REPORT}")
     return 0

@@ -23,13 +23,15 @@ matrix; core/evaluation.py), ``training_curves.png``, ``confusion_matrix.png``, 
 ``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the
 page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
 gains it as its final-model section). Running the command again resumes an interrupted training and
-re-evaluates a finished one.
+re-evaluates a finished one. ``metrics.json`` is written last and removed when a run starts, so a folder
+holding one is complete. A damaged ``run.json`` or ``metrics.csv`` is written again from ``last.pt`` (with a
+warning); a damaged ``best.pt``, ``last.pt`` or ``source.json`` is a one-line error saying to train again with
+--no-resume.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -39,9 +41,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from core import filenames
-from core.atomic import write_json
+from core.atomic import remove_stale_temps, write_json
 from core.cli import add_evaluation_options, add_run_options, apply_threads, clinical_options
 from core.errors import UserError, run_cli
+from core.state_files import check_output_dir, read_json_state, reading
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ SOURCE_FILE = "source.json"  # what this folder was trained from; guards a resum
 CHECKPOINT_EVERY_S = 30.0
 # Retraining for more than this factor more (or fewer) epochs than the config was tuned at gets a warning.
 EPOCH_MISMATCH = 1.5
+# What to do when a file of an earlier final training in the folder is damaged.
+FINAL_ADVICE = "train again with --no-resume, or use another --out"
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class FinalResult:
 
 def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -> FinalResult:
     """Retrain, evaluate on the test split and write every output; see the module docstring."""
-    from core.best_file import check_data, read_best
+    from core.best_file import SPLITS_ADVICE, check_data, read_best
     from core.clinical import ClinicalOptions, evaluate_clinically, predict_set, write_reliability
     from core.config import TrainConfig
     from core.data import load_for_config
@@ -98,11 +103,12 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     cfg = cfg.with_overrides(options.overrides)
     _warn_epoch_mismatch(cfg.epochs, tuned_epochs)
     check_data(best)
-    out = Path(options.out_dir) if options.out_dir is not None else best.folder / "final"
+    out = check_output_dir(options.out_dir if options.out_dir is not None else best.folder / "final", "--out")
     train_splits = ("train", "val") if options.train_on_val else ("train",)
     _claim_folder(out, best, train_splits, options.resume)
 
-    data = load_for_config(best.data_path, cfg, splits_file=best.splits_file, progress=options.progress)
+    with reading(best.splits_file, SPLITS_ADVICE):
+        data = load_for_config(best.data_path, cfg, splits_file=best.splits_file, progress=options.progress)
     test_idx = data.indices("test")
     if len(test_idx) == 0:
         raise UserError(f"{best.path}: the sweep's split has no test images (test_fraction="
@@ -110,7 +116,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     positive_index(data.class_names, evaluation.positive_class)  # a class the data lacks fails before training
 
     history, chosen_epoch = _train_or_reuse(cfg, data, out, train_splits, options)
-    loaded = load_for_inference(out / filenames.BEST_CHECKPOINT, cfg.device)
+    loaded = load_for_inference(out / filenames.BEST_CHECKPOINT, cfg.device, advice=FINAL_ADVICE)
     fitted = _fit_on_val(loaded, data, options.train_on_val, evaluation.positive_class)
     images = np.asarray(data.images[test_idx])
     log.info("evaluating epoch %d on the %d test images%s", chosen_epoch, len(test_idx),
@@ -142,8 +148,8 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
         "chosen_by": "last epoch" if options.train_on_val else cfg.select_metric, "epochs_run": len(history),
         "chosen_epoch_metrics": chosen, "device": str(loaded.device), "wall_s": time.perf_counter() - started},
         gradcam=explained.document, clinical=clinical.sections)
-    write_json(out / filenames.EVALUATION, document)
     _write_final_report(out, document, best, cfg, figures, explained)
+    write_json(out / filenames.EVALUATION, document)  # last: the folder is complete once it is there
     update_sweep_page(best.folder, out)  # the sweep's report.html gains this final model's section
     return FinalResult(out_dir=out, metrics=document, report=out / filenames.REPORT)
 
@@ -172,10 +178,13 @@ def _warn_epoch_mismatch(epochs: int, tuned_epochs: int) -> None:
 
 
 def _claim_folder(out: Path, best: Any, train_splits: tuple[str, ...], resume: bool) -> None:
-    """Record where this folder's run comes from; refuse to resume one from other settings."""
+    """Record where this folder's run comes from; refuse to resume one from other settings. Withdraws the
+    folder's evaluation (a run killed from here on leaves none) and a killed run's temporary files."""
     source = {"best_json": str(best.path.resolve()), "trial_id": best.trial_id, "train_splits": list(train_splits)}
-    previous = _read_json(out / SOURCE_FILE)
-    if resume and previous and (out / filenames.LAST_CHECKPOINT).is_file():
+    remove_stale_temps(out, ("*", "gradcam/*"))
+    (out / filenames.EVALUATION).unlink(missing_ok=True)
+    previous = read_json_state(out / SOURCE_FILE, FINAL_ADVICE) if resume else None
+    if previous and (out / filenames.LAST_CHECKPOINT).is_file():
         for key in ("best_json", "train_splits"):
             if previous.get(key) != source[key]:
                 raise UserError(f"{out} holds a final training with another '{key}' ({previous.get(key)}); "
@@ -190,17 +199,12 @@ def _train_or_reuse(cfg: Any, data: Any, out: Path, train_splits: tuple[str, ...
     Returns the history and the chosen epoch (the best by ``select_metric``, or the last on train+val),
     whose weights are in best.pt.
     """
-    from core.config import TrainConfig
     from core.train import RunOptions, train
 
-    done = _read_json(out / filenames.RUN_STATE)
-    if (options.resume and done.get("status") == "complete" and done.get("epochs_run") == cfg.epochs
-            and (out / filenames.CONFIG).is_file() and TrainConfig.load(out / filenames.CONFIG) == cfg
-            and (out / filenames.BEST_CHECKPOINT).is_file()):
-        import pandas as pd
-
+    finished = _finished_training(out, cfg) if options.resume else None
+    if finished is not None:
         log.info("%s already holds the finished training of this config: evaluating it again", out)
-        return pd.read_csv(out / filenames.METRICS_CSV).to_dict("records"), int(done["best_epoch"])
+        return finished
     bar = EpochBar(cfg.epochs, options.progress)
     try:
         result = train(cfg, data, out, bar.on_epoch, RunOptions(
@@ -271,13 +275,40 @@ def _write_final_report(out: Path, document: dict[str, Any], best: Any, cfg: Any
                   ("Curves in TensorBoard", f"tensorboard --logdir {out}")]))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A state file read leniently: missing or unreadable means 'not there' (the run is then redone)."""
+def _finished_training(out: Path, cfg: Any) -> tuple[list[dict[str, float]], int] | None:
+    """The history and chosen epoch of a training that finished in ``out`` with ``cfg``, else None.
+
+    A damaged run.json or metrics.csv is None too, with a warning: the training then resumes from last.pt,
+    which holds the whole history, and writes both again.
+    """
+    import pandas as pd
+
+    from core.config import TrainConfig
+
+    heal = "resuming from last.pt writes it again"
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+        done = read_json_state(out / filenames.RUN_STATE, heal) or {}
+    except UserError as exc:
+        log.warning("%s", exc)
+        return None
+    config = out / filenames.CONFIG
+    if not (done.get("status") == "complete" and done.get("epochs_run") == cfg.epochs and config.is_file()
+            and (out / filenames.BEST_CHECKPOINT).is_file()):
+        return None
+    with reading(config, FINAL_ADVICE):
+        if TrainConfig.load(config) != cfg:
+            return None
+    path = out / filenames.METRICS_CSV
+    try:
+        with reading(path, heal, OSError, ValueError, KeyError, TypeError):
+            history = pd.read_csv(path).to_dict("records")
+            if len(history) != done["epochs_run"] or not 1 <= int(done["best_epoch"]) <= len(history):
+                raise ValueError(f"{len(history)} rows, but run.json says {done['epochs_run']} epochs, the best "
+                                 f"{done['best_epoch']}")
+    except UserError as exc:
+        log.warning("%s", exc)
+        return None
+    return history, int(done["best_epoch"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

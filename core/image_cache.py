@@ -86,20 +86,24 @@ def load_images(paths: Sequence[Path], image_size: int, fingerprint: str, cache_
     path = cache_file(cache_dir, fingerprint, image_size)
     shape = (len(paths), 3, image_size, image_size)
     if path.is_file():
+        # The cache is the one state file that heals itself: a damaged one is decoded and written again.
         try:
             cached = np.load(path, mmap_mode="c")
+            if not isinstance(cached, np.ndarray):  # an .npz (zip) where an .npy belongs
+                cached.close()
+                raise ValueError(f"not an .npy array but {type(cached).__name__}")
             if cached.shape == shape and cached.dtype == np.uint8:
                 logger.info("using %d cached %dpx images from %s", len(paths), image_size, path)
                 return cached
             logger.warning("cache %s holds %s %s, expected %s: decoding again", path, cached.shape,
                            cached.dtype, shape)
-        except (OSError, ValueError) as exc:
-            logger.warning("cache %s is unreadable (%s): decoding again", path, exc)
+        except (OSError, ValueError, EOFError) as exc:  # cut short, garbage, empty
+            logger.warning("cache %s is damaged (%s): decoding again", path, " ".join(str(exc).split()))
     logger.info("decoding %d images to %dpx (once; cached in %s)", len(paths), image_size, path.parent)
     images = decode_all(paths, image_size, progress=progress)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             np.save(handle, images)
-    except OSError as exc:  # a read-only or full cache folder costs speed, not the run
+    except (OSError, UserError) as exc:  # a read-only or full cache folder costs speed, not the run
         logger.warning("could not write the image cache %s (%s); next run decodes again", path, exc)
     return images

@@ -21,7 +21,7 @@ from core.config import TrainConfig
 from core.device import Placement, as_tensor, resolve_device
 from core.errors import UserError
 from core.loop import predict_split
-from core.model import load_model_file
+from core.model import MODEL_ADVICE, load_model_file
 from core.tta import N_VIEWS, DihedralMean
 
 SINGLE_MODE, TTA_MODE = "single", "tta"  # keys of the temperatures stored in model.pt
@@ -55,9 +55,10 @@ class LoadedModel:
         return probs if temperature is None else apply_temperature(probs, temperature)
 
 
-def load_for_inference(path: str | os.PathLike, device: str = "auto") -> LoadedModel:
-    """Read a model file (model.pt, best.pt) onto ``device`` ('auto', 'cpu' or 'cuda')."""
-    model, meta = load_model_file(path)
+def load_for_inference(path: str | os.PathLike, device: str = "auto", advice: str = MODEL_ADVICE) -> LoadedModel:
+    """Read a model file (model.pt, best.pt) onto ``device`` ('auto', 'cpu' or 'cuda'); ``advice``: what to do
+    when it cannot be read."""
+    model, meta = load_model_file(path, advice=advice)
     try:
         cfg = replace(TrainConfig.from_dict(meta.get("config") or {}), device=device)
     except UserError as exc:

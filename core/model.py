@@ -18,9 +18,14 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 from core.atomic import save_torch
 from core.errors import UserError
+from core.state_files import load_torch
 
 log = logging.getLogger(__name__)
 
+# What to do about a model file that cannot be read (a copy cut short, a disk error); callers that know
+# better (core.final_train: train again) pass their own.
+MODEL_ADVICE = ("copy it again if it was copied, or write it again (core.final_train writes model.pt, "
+                "core.train best.pt)")
 MODEL_FORMAT = "lesion-sweep/model"
 MODEL_VERSION = 1
 ARCH = "resnet18"
@@ -57,7 +62,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
 
 def _load_backbone_file(model: nn.Module, path: Path) -> None:
     """Load a state_dict (or one of this project's model files) into everything but the head."""
-    state = _torch_load(path)
+    state = _torch_load(path, "pass a complete state_dict file with --set pretrained=PATH")
     if isinstance(state, Mapping) and state.get("format") == MODEL_FORMAT:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -76,13 +81,10 @@ def _load_backbone_file(model: nn.Module, path: Path) -> None:
     log.info("initial weights from %s", path)
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, advice: str) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: no such weights file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, zip errors, unsafe globals
-        raise UserError(f"{path}: cannot be read as a PyTorch weights file ({type(exc).__name__})") from None
+    return load_torch(path, advice)
 
 
 GRADCAM_LAYERS = ("layer2", "layer3", "layer4")   # ResNet-18's residual stages Grad-CAM may look at
@@ -110,10 +112,14 @@ def save_model_file(path: str | os.PathLike, model: nn.Module, class_names: tupl
     save_torch(payload, path)
 
 
-def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Read a model file written by :func:`save_model_file`; returns ``(model in eval mode, metadata)``."""
+def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    advice: str = MODEL_ADVICE) -> tuple[nn.Module, dict]:
+    """Read a model file written by :func:`save_model_file`; returns ``(model in eval mode, metadata)``.
+
+    A file that cannot be read is a UserError ending with ``advice`` (what the user can do about it).
+    """
     path = Path(path)
-    payload = _torch_load(path)
+    payload = _torch_load(path, advice)
     if not isinstance(payload, Mapping) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a lesion-sweep model file (no format '{MODEL_FORMAT}')")
     if payload.get("version") != MODEL_VERSION or payload.get("arch") != ARCH:

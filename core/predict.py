@@ -79,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_prediction_options(parser)
     args = parser.parse_args(argv)
+    if args.gradcam:
+        from core.state_files import check_output_dir
+
+        check_output_dir(args.gradcam, "--gradcam")
 
     from core.gradcam import DEFAULT_METHOD
     from core.image_cache import decode_image

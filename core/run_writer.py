@@ -4,7 +4,9 @@
 ``config.json`` and ``splits.csv``, restores the resume state, and after each epoch keeps the best epoch's
 weights, writes the checkpoints (``best.pt``, ``last.pt``: at most every ``checkpoint_every_s`` seconds and
 after the last epoch), ``metrics.csv``, ``run.json``, TensorBoard scalars and one log line. File names and
-schemas: core/filenames.py. Every file is written atomically, so a killed run leaves the previous version.
+schemas: core/filenames.py. Every file is written atomically, so a killed run leaves the previous version
+(and the temporary files it was writing, which the next run on the folder deletes). A damaged resume state
+(``last.pt``, ``config.json``) is a one-line error saying how to go on (core/state_files.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from core import atomic, filenames
@@ -24,12 +25,18 @@ from core.config import TrainConfig
 from core.errors import UserError
 from core.model import save_model_file
 from core.splits import write_splits
+from core.state_files import load_torch, reading, writing
 
 if TYPE_CHECKING:
     from core.data import Dataset
     from core.train import RunOptions
 
 log = logging.getLogger(__name__)
+
+# What a run writes atomically (a killed run leaves their temporary files), and what to do about damage.
+RUN_FILES = (filenames.CONFIG, filenames.SPLITS, filenames.METRICS_CSV, filenames.RUN_STATE,
+             filenames.BEST_CHECKPOINT, filenames.LAST_CHECKPOINT)
+RESUME_ADVICE = "start the run over with --no-resume, or use another --out"
 
 
 class RunWriter:
@@ -38,6 +45,7 @@ class RunWriter:
     def __init__(self, out: Path, cfg: TrainConfig, data: "Dataset", options: "RunOptions") -> None:
         self.out, self.cfg, self.data, self.options = Path(out), cfg, data, options
         self.out.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temps(self.out, RUN_FILES)
         self.resume = _claim(self.out, cfg, options.resume)
         atomic.write_text(self.out / filenames.CONFIG, cfg.to_json())
         write_splits(data, self.out / filenames.SPLITS)
@@ -52,20 +60,24 @@ class RunWriter:
         """Load ``last.pt`` into the training state when resuming; returns the epoch to continue after."""
         path = self.out / filenames.LAST_CHECKPOINT
         if self.resume and path.is_file():
-            state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            self.history, self.best_epoch = list(state["history"]), int(state["best_epoch"])
-            self.start_epoch, self.best_written = int(state["epoch"]), self.best_epoch  # best.pt holds it
+            state = load_torch(path, RESUME_ADVICE, map_location=next(model.parameters()).device)
+            # A state of another model (another dataset's classes) or an older layout: no traceback either.
+            with reading(path, RESUME_ADVICE, KeyError, TypeError, ValueError, RuntimeError):
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                if ema is not None:
+                    ema.load_state_dict(state["ema"])
+                self.history, self.best_epoch = list(state["history"]), int(state["best_epoch"])
+                self.start_epoch, self.best_written = int(state["epoch"]), self.best_epoch  # best.pt holds it
             log.info("resuming %s after epoch %d", self.out, self.start_epoch)
         if self.options.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote after its last checkpoint, so curves do not fork.
-            self._tb = SummaryWriter(log_dir=str(self.out), purge_step=self.start_epoch + 1 if self.start_epoch else None)
+            with writing(self._events):
+                self._tb = SummaryWriter(log_dir=str(self.out),
+                                         purge_step=self.start_epoch + 1 if self.start_epoch else None)
         self._saved_at = time.monotonic()
         return self.start_epoch
 
@@ -87,19 +99,25 @@ class RunWriter:
             self._save_checkpoints(epoch, training_state)
         self._write_run_files(complete=last)
         if self._tb is not None:
-            for key, value in metrics.items():
-                if key != "epoch":
-                    self._tb.add_scalar(key, value, epoch)
-            self._tb.flush()
+            with writing(self._events):  # TensorBoard's writer thread hands a full disk's error over here
+                for key, value in metrics.items():
+                    if key != "epoch":
+                        self._tb.add_scalar(key, value, epoch)
+                self._tb.flush()
         log.info("epoch %d/%d %s", epoch, self.cfg.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            with writing(self._events):
+                self._tb.close()
         if not self.history:
             raise UserError(f"{self.out}: nothing to train (the run already has {self.start_epoch} epochs)")
         self._write_run_files(complete=True)
+
+    @property
+    def _events(self) -> Path:
+        return self.out / "events.out.tfevents.*"
 
     def _save_checkpoints(self, epoch: int, training_state: dict[str, Any]) -> None:
         if self.best_written != self.best_epoch:
@@ -142,7 +160,8 @@ def _claim(out: Path, cfg: TrainConfig, resume: bool) -> bool:
             (out / name).unlink(missing_ok=True)
         return False
     config = out / filenames.CONFIG
-    previous = TrainConfig.load(config).to_dict() if config.is_file() else {}
+    with reading(config, RESUME_ADVICE):
+        previous = TrainConfig.load(config).to_dict() if config.is_file() else {}
     differ = [k for k, v in cfg.to_dict().items() if k != "epochs" and previous.get(k, v) != v]
     if differ:
         raise UserError(f"{out} holds a run with another config (key '{differ[0]}' differs); "

@@ -33,6 +33,7 @@ from core.metrics import classification_metrics
 from core.model import build_model
 from core.optim import make_criterion, make_optimizer, make_scheduler
 from core.run_writer import RunWriter
+from core.state_files import check_output_dir
 from core.sampling import epoch_order, image_draw_weights
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    check_output_dir(args.out, "--out")
 
     cfg = (TrainConfig.load(args.config) if args.config else TrainConfig()).with_overrides(args.overrides)
     from core.data import load_for_config  # after the config: a bad key fails before any data work

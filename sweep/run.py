@@ -27,8 +27,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from core import atomic
+from core.best_file import SPLITS_ADVICE
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError, run_cli
+from core.state_files import check_newest, check_output_dir, check_sqlite, reading
 from sweep.outputs import EXPERIMENTS
 from sweep.settings import (DEFAULT_SPACE, SEARCH_OPTIONS, SETTINGS_FILE, SPACE_COPY, SweepSettings, base_config,
                             latest_sweep, load_settings, read_text)
@@ -38,6 +41,10 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Echo = Callable[[str], None]
+# Ray Tune's experiment state in ray/ and ray-confirm/ (the newest of each, by name), checked before --resume
+# restores it; search_gen_state-*.json is a pickle despite its name.
+RAY_STATE = {"json_files": ("experiment_state-*.json",),
+             "pickles": ("search_gen_state-*.json", "searcher-state-*.pkl", "tuner.pkl")}
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,14 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
     """Run (or, with ``resume``, continue) a sweep; Ray is started here unless it already runs."""
     started = time.time()
     settings.check()
+    folder = check_output_dir(settings.sweep_dir, "--results/--name")
+    if resume and (folder / "optuna.db").exists():
+        check_sqlite(folder / "optuna.db", "start a new sweep with another --name", tables=("studies", "trials"))
+    if resume:  # Ray would log a damaged state's traceback and start the sweep over, trials run again
+        for experiment in EXPERIMENTS.values():
+            check_newest(folder / experiment, "the sweep cannot be continued: start a new one with another --name",
+                         **RAY_STATE)
+        atomic.remove_stale_temps(folder, ("*", "trials/*/*"))  # what a killed driver was writing
     space, space_text = _space(settings, resume)
     base = base_config(space, settings)
     missing = [m for m in ("ray", "optuna") if importlib.util.find_spec(m) is None]
@@ -145,8 +160,9 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
     echo(f"sweep '{settings.name}' in {folder}: {settings.trials} trials, {len(space.params)} searched "
          f"parameters ({', '.join(space.names)}); {resources.describe()}")
     # no lesion masks: trials only train, and the data goes to every trial through Ray's object store
-    data = load_for_config(settings.data, base, splits_file=folder / filenames.SPLITS if resume else None,
-                           masks=False)
+    with reading(folder / filenames.SPLITS, SPLITS_ADVICE):
+        data = load_for_config(settings.data, base, splits_file=folder / filenames.SPLITS if resume else None,
+                               masks=False)
     if settings.data is None:
         echo(f"notice: no --data given: using the built-in synthetic demo dataset ({data.root})")
     record = {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout}
@@ -275,8 +291,6 @@ def _finish(sweep: Sweep, frame: Any, runs: list[dict[str, Any]], data: dict[str
                            trials_wanted=settings.trials,
                            confirmation=confirm.summary_lines(configs, settings.metric, settings.confirm_seeds),
                            study=_study_lines(study))
-    from core import atomic
-
     atomic.write_text(folder / "summary.txt", summary + "\n")
     write_sweep_report(folder)  # report.html; never fails the sweep (a warning instead)
     sweep.echo(summary)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from core import atomic
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError
+from core.state_files import reading
 from sweep.schedule import Asha
 from sweep.space import SearchSpace
 
@@ -121,10 +122,12 @@ def read_settings_file(folder: Path, missing: str) -> dict[str, Any]:
 
 
 def load_settings(folder: Path) -> SweepSettings:
-    values = dict(read_settings_file(folder, "no sweep to resume here")["settings"])
-    values["overrides"] = tuple(values.get("overrides") or ())
-    known = {f.name for f in dataclasses.fields(SweepSettings)}
-    return SweepSettings(**{k: v for k, v in values.items() if k in known})
+    """The settings saved in ``folder``; a damaged sweep.json is a one-line error (core/state_files.py)."""
+    with reading(folder / SETTINGS_FILE, "start a new sweep with another --name", KeyError, TypeError, ValueError):
+        values = dict(read_settings_file(folder, "no sweep to resume here")["settings"])
+        values["overrides"] = tuple(values.get("overrides") or ())
+        known = {f.name for f in dataclasses.fields(SweepSettings)}
+        return SweepSettings(**{k: v for k, v in values.items() if k in known})
 
 
 def latest_sweep(results: Path) -> str:

@@ -61,6 +61,8 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
     trial_id = tune.get_context().get_trial_id()
     out = Path(setup.trials_dir) / trial_id
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".checkpoint-*"):  # a killed trial's, holding a link to an old last.pt
+        shutil.rmtree(stale, ignore_errors=True)
     cfg = trial_config(config, setup)
     if cfg.device == "auto":
         # Ray hides the GPUs a trial did not ask for; a CPU trial must not grab a GPU it was not given.

@@ -127,7 +127,7 @@ def test_evaluate_rejects_a_file_that_is_not_a_model(setup: dict[str, Path], tmp
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     (tmp_path / "text.pt").write_text("hello")
     for path, message in ((tmp_path / "other.pt", "not a lesion-sweep model file"),
-                          (tmp_path / "text.pt", "cannot be read as a PyTorch weights file"),
+                          (tmp_path / "text.pt", "damaged, not a readable PyTorch file"),
                           (tmp_path / "absent.pt", "no such weights file")):
         err = _cli(main, [str(path), "--data", str(setup["data"]), "--out", str(tmp_path / "o")], capsys)
         assert message in err and str(path) in err
