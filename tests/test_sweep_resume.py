@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,15 +49,26 @@ def _checkpointed_running_trial(folder: Path, role: str) -> str | None:
     for record in _records(folder):
         if record.get("status") != "running" or record.get("role") != role:
             continue
-        checkpoints = list((experiment / record["trial_id"]).glob("checkpoint_*"))
         metrics = folder / "trials" / record["trial_id"] / "metrics.csv"
         epochs_done = len(metrics.read_text().splitlines()) - 1 if metrics.is_file() else 0
-        # ... and the driver has saved its experiment state since (what --resume restores from).
-        saved = [p.stat().st_mtime for p in experiment.glob("experiment_state-*.json")]
-        if checkpoints and 1 <= epochs_done < EPOCHS and saved \
-                and max(saved) > min(p.stat().st_mtime for p in checkpoints):
+        # ... and the driver's saved experiment state (what --resume restores from) already holds one of its
+        # checkpoints: a checkpoint folder on disk is not enough, the driver may not have registered it yet.
+        if 1 <= epochs_done < EPOCHS and _saved_checkpoints(experiment, record["trial_id"]):
             return record["trial_id"]
     return None
+
+
+def _saved_checkpoints(experiment: Path, trial_id: str) -> list[str]:
+    """Checkpoint names of ``trial_id`` in the newest experiment state Ray saved in ``experiment``."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError, KeyError):  # being written right now
+        return []
+    for trial, run_metadata in trials:
+        if json.loads(trial).get("trial_id") == trial_id:
+            return re.findall(r"checkpoint_\d+", run_metadata)
+    return []
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
