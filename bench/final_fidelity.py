@@ -21,7 +21,8 @@ run's val swing: the mean |change| of val balanced accuracy between consecutive 
 Prints the table (mean +- sd over the seeds, paired differences, per-seed rows) and the targets
 (final test >= the winning trial's test, per method; (b) and (c) above (a)) as met or MISSED; with
 ``--out`` writes JSON with every figure. ``--results DIR`` keeps the sweeps and final runs (default: a
-temporary folder, removed). Runs on ``../shared/data/ham10000-200x150`` when it is there, else on
+temporary folder, removed); ``--resume`` continues an interrupted benchmark there: a sweep or final training
+that finished is read and scored again, an interrupted one continued, a missing one run. Runs on ``../shared/data/ham10000-200x150`` when it is there, else on
 generated data, and says which.
 """
 
@@ -112,7 +113,11 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
                                                               "(default 0: none; not what is measured)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
     parser.add_argument("--results", help="keep the sweeps in this folder (default: a temporary one, removed)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the sweeps and final trainings already in --results (needs --results)")
     args = parser.parse_args(argv)
+    if args.resume and not args.results:
+        parser.error("--resume needs --results (the folder of the interrupted benchmark)")
     if not 1 <= args.short_epochs <= args.long_epochs or args.budget < args.long_epochs:
         parser.error("need 1 <= --short-epochs <= --long-epochs <= --budget")
     if args.ema_horizon_epochs <= 0:
@@ -163,18 +168,20 @@ def _method_run(args: Any, data_path: Path, data: Any, method: str, plan: dict[s
 
     from core import filenames
     from core.final_train import FinalOptions, final_train
-    from sweep.settings import SweepSettings
+    from sweep.settings import SETTINGS_FILE, SweepSettings
 
     overrides = (f"seed={seed}",) + ((f"ema_decay={ema_decay}",) if method == "long-ema" else ())
+    name = f"{method}-seed{seed}"
     chosen = sweep_run(SweepSettings(
-        name=f"{method}-seed{seed}", results=str(results_root), space=args.space, data=str(data_path), metric=METRIC,
+        name=name, results=str(results_root), space=args.space, data=str(data_path), metric=METRIC,
         max_epochs=plan["trial_epochs"], scheduler="asha", sampler="tpe", trials=plan["trials"], seed=seed,
-        overrides=overrides, gpus=0, cpus_per_trial=args.cpus_per_trial, confirm_top=0))
+        overrides=overrides, gpus=0, cpus_per_trial=args.cpus_per_trial, confirm_top=0),
+        resume=args.resume and (results_root / name / SETTINGS_FILE).is_file())
     (folder,) = chosen.pop("folders")
     trial = score_model(Path(folder) / filenames.BEST_CHECKPOINT, data)
     with _captured_warnings("core.final_train") as warnings:
         final = final_train(chosen["best_json"], FinalOptions(
-            epochs=args.long_epochs if method == "short" else None, progress=False,
+            epochs=args.long_epochs if method == "short" else None, progress=False, resume=args.resume,
             gallery_per_class=args.gallery))
     history = pd.read_csv(final.out_dir / filenames.METRICS_CSV)
     scored = score_model(final.out_dir / filenames.MODEL, data)

@@ -21,8 +21,8 @@ METRIC = "val_balanced_accuracy"
 TEST_KEYS = ("test_balanced_accuracy", "test_accuracy", "test_macro_f1", "test_auc")
 
 
-def sweep_run(settings: Any) -> dict[str, Any]:
-    """Run the sweep of ``settings`` (a SweepSettings) and describe what it chose.
+def sweep_run(settings: Any, resume: bool = False) -> dict[str, Any]:
+    """Run the sweep of ``settings`` (a SweepSettings; ``resume``: continue it) and describe what it chose.
 
     Returns the chosen config's run folders (the winning trial's, or its confirmation runs'), the search
     trials, the trial-epochs really spent (search and confirmation), the selection value, the chosen trial,
@@ -38,9 +38,9 @@ def sweep_run(settings: Any) -> dict[str, Any]:
     results_root = Path(settings.results)
     results_root.mkdir(parents=True, exist_ok=True)
     log_path = results_root / f"{settings.name}.log"
-    with open(log_path, "w", encoding="utf-8") as output, contextlib.redirect_stdout(output), \
+    with open(log_path, "a" if resume else "w", encoding="utf-8") as output, contextlib.redirect_stdout(output), \
             contextlib.redirect_stderr(output):
-        report = run_sweep(settings, echo=lambda line: print(line, file=output))
+        report = run_sweep(settings, resume=resume, echo=lambda line: print(line, file=output))
     if report.best is None:
         raise UserError(f"{settings.name}: no trial reported {settings.metric}; see {log_path}")
     folder, best = report.sweep_dir, report.best

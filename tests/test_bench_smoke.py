@@ -128,6 +128,14 @@ def test_final_fidelity_scores_trial_and_final_model_on_test(tiny_data: Path, tm
         assert run["gap"] == pytest.approx(run["final"]["test_balanced_accuracy"] - run["trial"]["test_balanced_accuracy"])
     assert set(result["summary"]) == {"short", "long", "long-ema"}
     assert len(result["targets"]) == 5
+    # --resume on the same folder reads the finished sweep and final training again: the same figures.
+    again = tmp_path / "again.json"
+    assert final_fidelity.main(["--data", str(tiny_data), "--short-epochs", "1", "--long-epochs", "2", "--budget", "2",
+                                "--seeds", "5", "--methods", "long", "--resume", "--results", str(tmp_path / "runs"),
+                                "--out", str(again)]) == 0
+    (resumed,) = json.loads(again.read_text())["runs"]
+    for key in ("trial", "final", "final_epochs", "chosen_trial", "trial_epochs"):
+        assert resumed[key] == long[key], key
 
 
 def test_val_swing_is_the_mean_absolute_epoch_to_epoch_change() -> None:
