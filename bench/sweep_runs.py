@@ -86,10 +86,15 @@ def asha_trials(asha: Any, budget: float) -> int:
 
 def start_ray(settings: Any) -> None:
     """One local Ray for every sweep of the benchmark (each sweep would otherwise start and stop its own)."""
+    import os
+
     import ray
 
     from sweep.resources import connect_ray
 
+    # Each Tune run installs a SIGINT handler that outlives it (chained, one per sweep): Ctrl+C during a
+    # later final training would only be logged, once per earlier sweep. The benchmark wants Ctrl+C to stop it.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if not ray.is_initialized():
         connect_ray(settings, None, print)
 
