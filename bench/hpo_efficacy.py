@@ -24,24 +24,20 @@ with every figure, the trial-epochs each method really used and each sweep's opt
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
-from core.errors import UserError, run_cli
+from bench.sweep_runs import METRIC, asha_trials, cell, checkpoint_scores, mean_sd, stop_ray, sweep_run
+from core.errors import run_cli
 
 log = logging.getLogger(__name__)
 
 METHODS = ("default", "random", "tpe-asha", "tpe-asha-confirm")
-METRIC = "val_balanced_accuracy"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs = _run_all(args, source.path, base, plans, results_root)
     finally:
-        _stop_ray()
+        stop_ray()
         if not args.results:
             shutil.rmtree(results_root, ignore_errors=True)
     result = {"benchmark": "hpo_efficacy", "command": command_line(__spec__.name, argv),
@@ -110,16 +106,6 @@ def budget_plans(args: Any, space: Any) -> dict[str, dict[str, int]]:
             "tpe-asha-confirm": {"trials": asha_trials(asha, args.budget - confirm), "confirm_epochs": confirm}}
 
 
-def asha_trials(asha: Any, budget: float) -> int:
-    """The most trials whose expected trial-epochs under ``asha`` stay within ``budget`` (at least 1)."""
-    from sweep.schedule import expected_budget
-
-    trials = 1
-    while expected_budget(asha, trials + 1, rounds=100) <= budget:
-        trials += 1
-    return trials
-
-
 def _run_all(args: Any, data_path: Path, base: Any, plans: dict[str, dict[str, int]],
              results_root: Path) -> list[dict[str, Any]]:
     from core.data import load_for_config
@@ -135,7 +121,7 @@ def _run_all(args: Any, data_path: Path, base: Any, plans: dict[str, dict[str, i
             else:
                 chosen = _sweep_run(args, data_path, method, plans[method], seed, results_root)
             chosen.update(method=method, seed=seed, wall_s=round(time.time() - started, 1),
-                          **_test_scores(chosen["folders"], data))
+                          **checkpoint_scores(chosen["folders"], data))
             runs.append(chosen)
             print(f"seed {seed} {method}: val {chosen['val']:.4f} test {chosen['test_balanced_accuracy']:.4f} "
                   f"({chosen['trial_epochs']} trial-epochs, {chosen['wall_s']:.0f} s)", flush=True)
@@ -155,70 +141,15 @@ def _default_run(base: Any, data: Any, seed: int, out: Path) -> dict[str, Any]:
 
 def _sweep_run(args: Any, data_path: Path, method: str, plan: dict[str, int], seed: int,
                results_root: Path) -> dict[str, Any]:
-    import pandas as pd
-
-    from sweep import searcher
-    from sweep.run import run_sweep
     from sweep.settings import SweepSettings
 
     confirm = method == "tpe-asha-confirm"
-    settings = SweepSettings(
+    return sweep_run(SweepSettings(
         name=f"{method}-seed{seed}", results=str(results_root), space=args.space, data=str(data_path), metric=METRIC,
         max_epochs=args.epochs, scheduler="none" if method == "random" else "asha",
         sampler="random" if method == "random" else "tpe", trials=plan["trials"], seed=seed,
         overrides=(f"seed={seed}",), gpus=0, cpus_per_trial=args.cpus_per_trial,
-        confirm_top=args.confirm_top if confirm else 0, confirm_seeds=args.confirm_seeds)
-    _start_ray(settings)
-    log_path = results_root / f"{settings.name}.log"
-    results_root.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", encoding="utf-8") as output, contextlib.redirect_stdout(output), \
-            contextlib.redirect_stderr(output):
-        report = run_sweep(settings, echo=lambda line: print(line, file=output))
-    if report.best is None:
-        raise UserError(f"{settings.name}: no trial reported {METRIC}; see {log_path}")
-    folder, best = report.sweep_dir, report.best
-    runs = best["confirmation"]["runs"] if best.get("confirmation") else [{"folder": f"trials/{best['trial_id']}"}]
-    frame = pd.read_csv(folder / "trials.csv")
-    return {"folders": [str(folder / run["folder"]) for run in runs], "trials": int((frame["role"] == "search").sum()),
-            "trial_epochs": int(frame["epochs_run"].fillna(0).sum()), "selection_value": best["metric"]["value"],
-            "chosen_trial": best["trial_id"], "params": best["params"],
-            "optuna_states": searcher.state_counts(searcher.load_study(folder, settings.name)),
-            "statuses": frame[frame["role"] == "search"]["status"].value_counts().to_dict()}
-
-
-def _test_scores(folders: Sequence[str], data: Any) -> dict[str, Any]:
-    """Each folder's best.pt on the test split; the means are the method's figures."""
-    from core import filenames
-    from core.inference import load_for_inference
-    from core.metrics import classification_metrics
-
-    test = data.indices("test")
-    per_run = []
-    for folder in folders:
-        model = load_for_inference(Path(folder) / filenames.BEST_CHECKPOINT, device="cpu")
-        scores = classification_metrics(data.labels[test], model.predict(np.asarray(data.images[test])), "test_")
-        per_run.append({"folder": folder, "epoch": model.meta["epoch"], "val": model.meta["metrics"][METRIC],
-                        **scores})
-    mean = {key: statistics.fmean(r[key] for r in per_run)
-            for key in ("val", "test_balanced_accuracy", "test_accuracy", "test_macro_f1", "test_auc")}
-    return {**mean, "drop": mean["val"] - mean["test_balanced_accuracy"], "per_run": per_run}
-
-
-def _start_ray(settings: Any) -> None:
-    """One local Ray for every sweep of the benchmark (each sweep would otherwise start and stop its own)."""
-    import ray
-
-    from sweep.resources import connect_ray
-
-    if not ray.is_initialized():
-        connect_ray(settings, None, print)
-
-
-def _stop_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+        confirm_top=args.confirm_top if confirm else 0, confirm_seeds=args.confirm_seeds))
 
 
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -228,28 +159,16 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         rows = [r for r in runs if r["method"] == method]
         if not rows:
             continue
-        out[method] = {key: _mean_sd([r[key] for r in rows]) for key in
+        out[method] = {key: mean_sd([r[key] for r in rows]) for key in
                        ("trials", "trial_epochs", "val", "test_balanced_accuracy", "drop", "test_accuracy", "wall_s")}
         out[method]["test_gain_over"] = {
-            other: _mean_sd([r["test_balanced_accuracy"] - o["test_balanced_accuracy"]
+            other: mean_sd([r["test_balanced_accuracy"] - o["test_balanced_accuracy"]
                              for r in rows for o in runs if o["method"] == other and o["seed"] == r["seed"]])
             for other in METHODS if other != method and any(o["method"] == other for o in runs)}
     return out
 
 
-def _mean_sd(values: Sequence[float]) -> dict[str, float | None]:
-    values = [float(v) for v in values]
-    if not values:
-        return {"mean": None, "sd": None, "n": 0}
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
-
-
 def table(summary: dict[str, dict[str, Any]], runs: Sequence[dict[str, Any]]) -> str:
-    def cell(stat: dict[str, Any], digits: int = 3) -> str:
-        sd = f" +- {stat['sd']:.{digits}f}" if stat.get("sd") is not None else ""
-        return f"{stat['mean']:.{digits}f}{sd}"
-
     lines = ["| method | trials | trial-epochs | val bal acc (chosen) | TEST bal acc | val - test | TEST acc |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, s in summary.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import hpo_efficacy, sweep_overhead, train_throughput
+from bench import final_fidelity, hpo_efficacy, sweep_overhead, train_throughput
 from core.demo_data import generate_demo
 
 
@@ -100,3 +100,44 @@ def test_sweep_figures_arithmetic(tmp_path: Path) -> None:
     assert figures["first_trial_start_s"] == 5.0
     assert figures["first_step_after_s"] == 7.5
     assert math.isclose(figures["trials_per_hour"], 360.0)
+
+
+@pytest.mark.sweep
+def test_final_fidelity_scores_trial_and_final_model_on_test(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fidelity.json"
+    code = final_fidelity.main(["--data", str(tiny_data), "--short-epochs", "1", "--long-epochs", "2", "--budget", "2",
+                                "--seeds", "5", "--ema-horizon-epochs", "4", "--results", str(tmp_path / "runs"),
+                                "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    short, long, ema = result["runs"]
+    assert [r["method"] for r in result["runs"]] == ["short", "long", "long-ema"]
+    assert short["trials"] == 2 and long["trials"] == 1 and ema["trials"] == 1
+    # Every final training lasts the long length; only (a)'s, tuned with 1-epoch trials, is warned about.
+    assert [r["final_epochs"] for r in result["runs"]] == [2, 2, 2]
+    assert "tuned with 1-epoch trials and is retrained for 2 epochs" in short["mismatch_warning"]
+    assert long["mismatch_warning"] is None and ema["mismatch_warning"] is None
+    decay = result["settings"]["ema_decay"]
+    assert 0 < decay < 1
+    for run in result["runs"]:
+        config = json.loads((Path(run["final_dir"]) / "config.json").read_text())
+        assert config["ema_decay"] == (decay if run["method"] == "long-ema" else 0.0)
+        assert config["seed"] == 5
+        # The final model's test score here is the one final_train itself wrote in metrics.json.
+        assert run["final"]["test_balanced_accuracy"] == pytest.approx(run["final_metrics_json_test_balanced_accuracy"])
+        assert run["gap"] == pytest.approx(run["final"]["test_balanced_accuracy"] - run["trial"]["test_balanced_accuracy"])
+    assert set(result["summary"]) == {"short", "long", "long-ema"}
+    assert len(result["targets"]) == 5
+    # --resume on the same folder reads the finished sweep and final training again: the same figures.
+    again = tmp_path / "again.json"
+    assert final_fidelity.main(["--data", str(tiny_data), "--short-epochs", "1", "--long-epochs", "2", "--budget", "2",
+                                "--seeds", "5", "--methods", "long", "--resume", "--results", str(tmp_path / "runs"),
+                                "--out", str(again)]) == 0
+    (resumed,) = json.loads(again.read_text())["runs"]
+    for key in ("trial", "final", "final_epochs", "chosen_trial", "trial_epochs"):
+        assert resumed[key] == long[key], key
+
+
+def test_val_swing_is_the_mean_absolute_epoch_to_epoch_change() -> None:
+    assert final_fidelity.val_swing([0.5, 0.6, 0.4, 0.4]) == pytest.approx((0.1 + 0.2 + 0.0) / 3)
+    assert math.isnan(final_fidelity.val_swing([0.5]))

@@ -342,3 +342,19 @@ def test_epoch_mismatch_is_said_only_beyond_one_and_a_half_times(epochs, tuned, 
         _warn_epoch_mismatch(epochs, tuned)
     assert ("tuned with" in caplog.text) == warned
     assert len(caplog.records) == int(warned)
+
+
+def test_ema_weights_are_the_ones_in_model_pt(sweep: Path, tmp_path: Path) -> None:
+    """With ema_decay the final model.pt (and best.pt) is the EMA of the weights, not the raw last step's."""
+    from core.final_train import FinalOptions, final_train
+    from core.model import load_model_file
+
+    result = final_train(sweep / "best.json", FinalOptions(overrides=("ema_decay=0.9",), out_dir=tmp_path / "ema",
+                                                           gallery_per_class=0, progress=False))
+    assert result.metrics["training"]["chosen_epoch"] == 1  # the only epoch: the EMA in last.pt is the chosen one
+    state = torch.load(result.out_dir / "last.pt", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    for name in ("model.pt", "best.pt"):
+        saved = load_model_file(result.out_dir / name)[0].state_dict()
+        assert all(torch.equal(saved[k], ema[k]) for k in saved), name
+        assert not all(torch.equal(saved[k], state["model"][k]) for k in saved if saved[k].is_floating_point()), name
