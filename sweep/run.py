@@ -83,13 +83,8 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
     started = time.time()
     settings.check()
     folder = check_output_dir(settings.sweep_dir, "--results/--name")
-    if resume and (folder / "optuna.db").exists():
-        check_sqlite(folder / "optuna.db", "start a new sweep with another --name", tables=("studies", "trials"))
-    if resume:  # Ray would log a damaged state's traceback and start the sweep over, trials run again
-        for experiment in EXPERIMENTS.values():
-            check_newest(folder / experiment, "the sweep cannot be continued: start a new one with another --name",
-                         **RAY_STATE)
-        atomic.remove_stale_temps(folder, ("*", "trials/*/*"))  # what a killed driver was writing
+    if resume:
+        _check_state(folder)
     space, space_text = _space(settings, resume)
     base = base_config(space, settings)
     missing = [m for m in ("ray", "optuna") if importlib.util.find_spec(m) is None]
@@ -108,6 +103,17 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
     finally:
         if connected:
             ray.shutdown()
+
+
+def _check_state(folder: Path) -> None:
+    """Before --resume: damaged optuna.db or Ray state is a one-line error (Ray would log a traceback and start
+    the sweep over, trials run again); a killed driver's temp files go."""
+    if (folder / "optuna.db").exists():
+        check_sqlite(folder / "optuna.db", "start a new sweep with another --name", tables=("studies", "trials"))
+    for experiment in EXPERIMENTS.values():
+        check_newest(folder / experiment, "the sweep cannot be continued: start a new one with another --name",
+                     **RAY_STATE)
+    atomic.remove_stale_temps(folder, ("*", "trials/*/*"))
 
 
 def _space(settings: SweepSettings, resume: bool) -> tuple[SearchSpace, str]:
