@@ -3,9 +3,10 @@
     python -m bench.final_fidelity --out fidelity.json     # HAM10000 copy, search_spaces/efficacy.yaml, 3 seeds
 
 For each sweep seed (``--seeds``), each method spends ``--budget`` trial-epochs on a TPE + ASHA sweep
-(``python -m sweep.run`` as it runs, no confirmation; ASHA's rungs derived from the space by
-sweep/schedule.py; as many trials as ASHA's expected budget allows), then retrains the winner with
-``core.final_train`` as a user would:
+(``python -m sweep.run --budget`` as it runs, no confirmation; ASHA's rungs derived from the space by
+sweep/schedule.py; no new trial starts once the sweep's trials have run the budget, so the running ones
+can add up to a trial length each; at most twice the trials ASHA's estimate expects), then retrains the
+winner with ``core.final_train`` as a user would:
 
   (a) short      trials of ``--short-epochs`` (S), retrained for ``--long-epochs`` (L) epochs
                  (``--epochs L``: today's habit; final_train warns that the config was tuned for S)
@@ -47,7 +48,7 @@ METHODS = ("short", "long", "long-ema")
 # 56 trial-epochs), and per epoch of a final training (one process, 2 threads); for the printed estimate only.
 SWEEP_S_PER_TRIAL_EPOCH = 6.8
 FINAL_S_PER_EPOCH = 5.0
-# TPE-guided sweeps spend more than ASHA's i.i.d. estimate (sweep/schedule.py: 60-78 for 64).
+# A sweep stops starting trials at its budget but lets the running ones finish: it spends somewhat more.
 TPE_OVERSPEND = 1.15
 
 
@@ -101,9 +102,10 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--space", default="search_spaces/efficacy.yaml",
                         help="search space (default search_spaces/efficacy.yaml)")
     parser.add_argument("--short-epochs", type=int, default=4, help="(a): epochs of a trial (default 4)")
-    parser.add_argument("--long-epochs", type=int, default=12,
-                        help="(a)'s retrain and (b), (c)'s trials and retrain (default 12)")
-    parser.add_argument("--budget", type=int, default=40, help="trial-epochs per method and seed (default 40)")
+    parser.add_argument("--long-epochs", type=int, default=20,
+                        help="(a)'s retrain and (b), (c)'s trials and retrain (default 20)")
+    parser.add_argument("--budget", type=int, default=60,
+                        help="trial-epochs per method and seed: each sweep's --budget (default 60)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sweep seeds (default 0 1 2)")
     parser.add_argument("--ema-horizon-epochs", type=float, default=1.0,
                         help="(c): EMA averaging horizon 1 / (1 - decay), in epochs of steps (default 1)")
@@ -126,14 +128,18 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
 
 
 def budget_plans(args: Any, space: Any) -> dict[str, dict[str, int]]:
-    """Trial length and count of each method's sweep, so that each spends about ``--budget`` trial-epochs."""
+    """Trial length, most trials and ASHA's rungs of each method's sweep (each stops at ``--budget`` trial-epochs).
+
+    The most trials is twice what ASHA's estimate expects in the budget: high enough that the budget, not the
+    count, ends the sweep, and low enough that TPE's random start-up trials (a third of them, up to 10) leave
+    room for its model; the same rule for every method."""
     from sweep.schedule import Asha
 
     plans = {}
     for method in args.methods:
         epochs = args.short_epochs if method == "short" else args.long_epochs
         asha = Asha.for_trials(epochs, space.asha.get("grace_period"), space.asha.get("reduction_factor"))
-        plans[method] = {"trial_epochs": epochs, "trials": asha_trials(asha, args.budget), "rungs": asha.rungs}
+        plans[method] = {"trial_epochs": epochs, "trials": 2 * asha_trials(asha, args.budget), "rungs": asha.rungs}
     return plans
 
 
@@ -174,7 +180,8 @@ def _method_run(args: Any, data_path: Path, data: Any, method: str, plan: dict[s
     name = f"{method}-seed{seed}"
     chosen = sweep_run(SweepSettings(
         name=name, results=str(results_root), space=args.space, data=str(data_path), metric=METRIC,
-        max_epochs=plan["trial_epochs"], scheduler="asha", sampler="tpe", trials=plan["trials"], seed=seed,
+        max_epochs=plan["trial_epochs"], scheduler="asha", sampler="tpe", trials=plan["trials"],
+        budget=args.budget, seed=seed,
         overrides=overrides, gpus=0, cpus_per_trial=args.cpus_per_trial, confirm_top=0),
         resume=args.resume and (results_root / name / SETTINGS_FILE).is_file())
     (folder,) = chosen.pop("folders")

@@ -284,7 +284,8 @@ def _facts_section(sweep: Sweep, now: float) -> str:
     rows.append(("command", f"<code>{html.escape(_command(s))}</code>"))
     epochs = _max_epochs(sweep)
     scheduler = _scheduler_text(sweep, epochs)
-    rows.append(("budget", f"{s.get('trials')} trials of up to {epochs} epochs; {scheduler}; "
+    limit = f" (no new trial after {s['budget']} trial-epochs)" if s.get("budget") else ""
+    rows.append(("budget", f"{s.get('trials')} trials of up to {epochs} epochs{limit}; {scheduler}; "
                            f"{'random search' if s.get('sampler') == 'random' else 'TPE'} seed {s.get('seed')}; metric <code>{html.escape(sweep.metric)}</code> "
                            f"({'maximised' if sweep.mode == 'max' else 'minimised'})"))
     rows.append(("resources", _resources_text(s, sweep.records)))
@@ -381,7 +382,7 @@ def _time_rows(sweep: Sweep, now: float) -> list[tuple[str, str]]:
     gpu_s = [t * float((r.get("node") or {}).get("gpus") or 0.0) for t, r in zip(trial_s, records)]
     created = min(_timestamp(sweep.doc.get("created")) or min(starts), min(starts))
     epochs_run = int(pd.to_numeric(sweep.trials["epochs_run"], errors="coerce").fillna(0).sum())
-    budget = (sweep.settings.get("trials") or 0) * (_max_epochs(sweep) or 0)
+    budget = sweep.settings.get("budget") or (sweep.settings.get("trials") or 0) * (_max_epochs(sweep) or 0)
     running = any(r.get("status") == "running" for r in records)
     rows = [("wall time", f"{_duration(max(ends) - created)}: {_clock(created)} (sweep started) to "
                           + ("now (trials running)" if running else f"{_clock(max(ends))} (last trial ended)")),

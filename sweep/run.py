@@ -202,7 +202,7 @@ def _search_tuner(sweep: Sweep, recorder: Any, warm: Any) -> Any:
                                     conditional=any(p.when for p in space.params))
     search = searcher.StudySearch(space.sample, metric=settings.metric, mode=settings.mode, sampler=sampler,
                                   storage_url=searcher.storage_url(sweep.folder), study_name=settings.name,
-                                  max_epochs=sweep.base.epochs)
+                                  max_epochs=sweep.base.epochs, budget=settings.budget)
     if not search.study.trials:  # new: not when --resume restarts Ray's experiment on a study that has trials
         if warm is not None:
             search.study.add_trials(list(warm.trials))
@@ -343,6 +343,9 @@ def parser() -> argparse.ArgumentParser:
                    help="CPUs (torch threads) per trial (default: the CPUs shared evenly among the trials that "
                         "run at once)")
     p.add_argument("--trials", type=int, help="number of search trials (default 20)")
+    p.add_argument("--budget", type=int, metavar="N",
+                   help="trial-epochs the search may spend: no new trial starts once the trials have run N "
+                        "epochs in all (running ones finish); --trials stays the most trials (default: no limit)")
     p.add_argument("--space", metavar="FILE", help=f"search-space file (default {DEFAULT_SPACE})")
     p.add_argument("--data", metavar="PATH", help="dataset folder (HAM10000, ISIC 2018 or ImageFolder layout; "
                                                   "default: the built-in synthetic demo dataset)")

@@ -8,6 +8,12 @@ Not a command; ``python -m sweep.run`` passes :class:`StudySearch` to Ray Tune. 
 - a trial that raised is FAIL;
 - every trial has each epoch's value as an intermediate value, step = epoch (from 1), and its Ray trial id
   as the user attribute ``ray_trial_id``.
+
+With a budget of trial-epochs (``--budget``), the searcher says the search is finished once the sweep's
+own trials have run that many epochs in all (counted from the study, so a resumed sweep counts its earlier
+epochs too): trials that are running finish, so a sweep can spend up to one trial length per running
+trial more. ASHA's spend depends on how the trials compare, so a budget, not a trial count, is what makes
+sweeps of different trial lengths cost the same.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 log = logging.getLogger(__name__)
@@ -57,8 +64,9 @@ class StudySearch(OptunaSearch):
     """
 
     def __init__(self, sample: Callable[[Any], dict[str, Any]], *, metric: str, mode: str,
-                 sampler: optuna.samplers.BaseSampler, storage_url: str, study_name: str, max_epochs: int):
-        self.max_epochs = max_epochs
+                 sampler: optuna.samplers.BaseSampler, storage_url: str, study_name: str, max_epochs: int,
+                 budget: int | None = None):
+        self.max_epochs, self.budget = max_epochs, budget
         self._steps: dict[str, set[int]] = {}  # epochs reported per trial (Optuna warns on a repeat)
         super().__init__(space=sample, metric=metric, mode=mode, sampler=sampler,
                          storage=optuna.storages.RDBStorage(storage_url), study_name=study_name)
@@ -67,7 +75,9 @@ class StudySearch(OptunaSearch):
     def study(self) -> optuna.Study:
         return self._ot_study
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.budget is not None and epochs_spent(self._ot_study) >= self.budget:
+            return Searcher.FINISHED
         params = super().suggest(trial_id)
         self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return params
@@ -106,6 +116,11 @@ def outcome(result: Mapping[str, Any] | None, error: bool, metric: str,
     if int((result or {}).get("epoch", 0)) >= max_epochs:
         return TrialState.COMPLETE, float(value)
     return TrialState.PRUNED, None     # Optuna takes the last intermediate value as its value
+
+
+def epochs_spent(study: optuna.Study) -> int:
+    """Epochs the sweep's own trials have reported (warm-start trials, which have no Ray trial id, excluded)."""
+    return sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False) if RAY_TRIAL_ID in t.user_attrs)
 
 
 def storage_url(sweep_dir: Any) -> str:

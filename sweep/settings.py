@@ -24,7 +24,7 @@ SETTINGS_FORMAT = "lesion-sweep/sweep"
 SPACE_COPY = "space.yaml"
 # Options that define what a sweep searches; --resume keeps the saved ones.
 SEARCH_OPTIONS = ("space", "data", "metric", "max_epochs", "scheduler", "grace_period", "reduction_factor", "trials",
-                  "sampler", "seed", "overrides", "gpus", "gpus_per_trial", "cpus_per_trial", "confirm_top",
+                  "budget", "sampler", "seed", "overrides", "gpus", "gpus_per_trial", "cpus_per_trial", "confirm_top",
                   "confirm_seeds", "warm_start")
 
 
@@ -42,6 +42,7 @@ class SweepSettings:
     grace_period: int | None = None   # None: the space's asha: settings, else sweep/schedule.py's defaults
     reduction_factor: float | None = None
     trials: int = 20
+    budget: int | None = None         # trial-epochs: no new trial starts once the search has run this many
     sampler: str = "tpe"              # "random": a baseline (sweep/searcher.py)
     seed: int = 0
     overrides: tuple[str, ...] = ()
@@ -74,6 +75,8 @@ class SweepSettings:
             raise UserError(f"--metric {self.metric!r}: expected one of {', '.join(SELECT_METRICS)}")
         if self.trials < 1:
             raise UserError(f"--trials {self.trials}: must be at least 1")
+        if self.budget is not None and self.budget < 1:
+            raise UserError(f"--budget {self.budget}: must be at least 1 trial-epoch")
         if self.sampler not in ("tpe", "random"):
             raise UserError(f"--sampler {self.sampler!r}: expected 'tpe' or 'random'")
         if self.scheduler not in ("asha", "none"):

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from ray.tune.search import Searcher
 
 from sweep.schedule import Asha, expected_budget
-from sweep.searcher import StudySearch, make_sampler, startup_trials
+from sweep.searcher import StudySearch, epochs_spent, make_sampler, startup_trials
 from sweep.settings import SweepSettings
 from sweep.space import load_space, parse_space
 
@@ -65,3 +66,26 @@ def test_default_space_budget_is_a_small_multiple_of_one_training() -> None:
     multiple = expected_budget(asha, trials=20) / 50
     assert 5 < multiple < 8
     assert expected_budget(Asha.for_trials(50, 50, 3), trials=20) == 20 * 50  # no rung: every trial runs 50
+
+
+def test_budget_finishes_the_search_once_the_trials_ran_that_many_epochs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def searcher(budget: int | None) -> StudySearch:
+        return StudySearch(SPACE.sample, metric="val_balanced_accuracy", mode="max", sampler=optuna.samplers.RandomSampler(0),
+                           storage_url=url, study_name="budget", max_epochs=4, budget=budget)
+
+    search = searcher(budget=6)
+    warm = {"lr": 1e-3, "label_smoothing": 0.1}  # a warm-start trial: its epochs are not this sweep's spend
+    search.study.add_trial(optuna.trial.create_trial(params=warm, distributions=SPACE.distributions(warm), value=0.5,
+                                                     intermediate_values={1: 0.4, 2: 0.5}))
+    for trial_id, epochs in (("a", 4), ("b", 1)):
+        assert isinstance(search.suggest(trial_id), dict)
+        for epoch in range(1, epochs + 1):
+            search.on_trial_result(trial_id, {"val_balanced_accuracy": 0.1 * epoch, "epoch": epoch})
+    assert search.suggest("c") is not Searcher.FINISHED  # 5 of 6 spent: one more may start
+    search.on_trial_result("b", {"val_balanced_accuracy": 0.2, "epoch": 2})
+    assert epochs_spent(search.study) == 6 and search.suggest("d") == Searcher.FINISHED
+    # a resumed sweep's searcher counts the epochs already in optuna.db; without a budget it never finishes
+    assert searcher(budget=6).suggest("e") == Searcher.FINISHED
+    assert isinstance(searcher(budget=None).suggest("f"), dict)
