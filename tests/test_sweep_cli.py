@@ -30,7 +30,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     for option in ("--gpus", "--gpus-per-trial", "--cpus-per-trial", "--trials", "--space", "--data", "--metric",
                    "--max-epochs", "--scheduler", "--grace-period", "--reduction-factor", "--name", "--results",
                    "--address", "--resume", "--seed", "--set", "--sampler", "--confirm-top", "--confirm-seeds",
-                   "--warm-start", "config keys"):
+                   "--warm-start", "--budget", "config keys"):
         assert option in out, option
 
 
@@ -48,6 +48,7 @@ def test_more_gpus_than_the_machine_has(tmp_path: Path, capsys: pytest.CaptureFi
     (["--gpus", "0", "--gpus-per-trial", "0.5"], "--gpus-per-trial 0.5 needs GPUs"),
     (["--gpus", "0", "--cpus-per-trial", "64"], "--cpus-per-trial 64"),
     (["--trials", "0"], "--trials 0"),
+    (["--budget", "0"], "--budget 0: must be at least 1 trial-epoch"),
     (["--set", "lr=0.1"], "'lr' is searched"),
     (["--set", "learning_rate=0.1"], "unknown config key 'learning_rate'"),
     (["--set", "epochs=3", "--max-epochs", "4"], "disagree"),
