@@ -394,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = expected_budget(asha, args.trials)
         print(space.describe())
         print(f"  {asha.describe()}\n  expected budget of {args.trials} trials: {budget:.0f} trial-epochs = "
-              f"{budget / epochs:.1f} x one {epochs}-epoch training (without early stopping: {args.trials} x)")
+              f"{budget / epochs:.1f} x one {epochs}-epoch training (without early stopping: {args.trials} x); "
+              f"ASHA can spend less or more (a strong early trial stops later ones sooner): python -m sweep.run "
+              f"--budget {math.ceil(budget)} caps it")
     return 0
 
 
