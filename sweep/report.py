@@ -382,12 +382,16 @@ def _time_rows(sweep: Sweep, now: float) -> list[tuple[str, str]]:
     gpu_s = [t * float((r.get("node") or {}).get("gpus") or 0.0) for t, r in zip(trial_s, records)]
     created = min(_timestamp(sweep.doc.get("created")) or min(starts), min(starts))
     epochs_run = int(pd.to_numeric(sweep.trials["epochs_run"], errors="coerce").fillna(0).sum())
-    budget = sweep.settings.get("budget") or (sweep.settings.get("trials") or 0) * (_max_epochs(sweep) or 0)
+    if sweep.settings.get("budget"):
+        budget = f" (--budget {sweep.settings['budget']}: no new trial after it; running trials finish)"
+    else:
+        most = (sweep.settings.get("trials") or 0) * (_max_epochs(sweep) or 0)
+        budget = f" of the {most} the budget allows" if most else ""
     running = any(r.get("status") == "running" for r in records)
     rows = [("wall time", f"{_duration(max(ends) - created)}: {_clock(created)} (sweep started) to "
                           + ("now (trials running)" if running else f"{_clock(max(ends))} (last trial ended)")),
             ("compute", f"{sum(trial_s) / 3600:.2f} trial-hours, {sum(gpu_s) / 3600:.2f} GPU-hours; "
-                        f"{epochs_run} trial-epochs run" + (f" of the {budget} the budget allows" if budget else ""))]
+                        f"{epochs_run} trial-epochs run{budget}")]
     return rows
 
 

@@ -176,3 +176,13 @@ def test_report_size_bench_measures_a_generated_sweep(tmp_path: Path, monkeypatc
     assert page["bytes"] == (tmp_path / "generated-6" / REPORT_FILE).stat().st_size
     assert page["parts"]["plotly.js"] > 1e6 and {"facts", "curves", "trials", "final"} <= set(page["parts"])
     assert "| generated-6 |" in capsys.readouterr().out
+
+
+def test_page_states_a_trial_epoch_budget(tmp_path: Path) -> None:
+    folder = make_sweep(tmp_path / "budget", trials=4, epochs=3, failed=0, running=0, confirm=0)
+    doc = json.loads((folder / "sweep.json").read_text())
+    doc["settings"]["budget"] = 7
+    (folder / "sweep.json").write_text(json.dumps(doc))
+    text = _text(write_report(folder).read_text(encoding="utf-8"))
+    assert "(no new trial after 7 trial-epochs)" in text and "--budget 7" in text
+    assert "(--budget 7: no new trial after it; running trials finish)" in text
