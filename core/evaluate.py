@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from core.clinical import (evaluate_clinically, headline_intervals, interval_note, predict_set, report_tables,
                                write_reliability)
     from core.data import load_dataset
-    from core.evaluation import evaluate_probs, headline, map_labels, mask_args, metrics_document, write_figures
+    from core.evaluation import evaluate_probs, explainable, headline, map_labels, metrics_document, write_figures
+    from core.gradcam import DEFAULT_METHOD, GradcamOptions
     from core.inference import load_for_inference
     from core.operating_points import positive_index
     from core.report import ReportInput, write_report
@@ -88,9 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / filenames.EVALUATION).unlink(missing_ok=True)  # an earlier evaluation's; this one's is written last
     what = f"{args.split} split of {Path(data.root).name}" if args.split == "test" else f"all of {Path(data.root).name}"
-    figures, explained = write_figures(out, ev, model, images, data.image_ids[idx], device, args.gallery, what,
-                                       **mask_args(data, idx), gradcam_layer=args.gradcam_layer,
-                                       gradcam_method=args.gradcam_method)
+    gradcam = GradcamOptions(per_class=args.gallery, layer=args.gradcam_layer,
+                             method=args.gradcam_method or DEFAULT_METHOD)
+    figures, explained = write_figures(out, ev, what, model, device, explainable(ev, images, data, idx), gradcam)
     figures.append(write_reliability(out, clinical, what))
     source = {"model": str(Path(args.checkpoint).resolve()), "split": args.split,
               "data": {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,

@@ -81,35 +81,33 @@ def metrics_document(ev: Evaluation, source: Mapping[str, Any], training: Mappin
             "gradcam": None if gradcam is None else dict(gradcam), **dict(clinical or {})}
 
 
-def write_figures(out: Path, ev: Evaluation, model: Any, images_uint8: np.ndarray, image_ids: Sequence[str],
-                  device: Any, gallery_per_class: int, what: str, *, masks: np.ndarray | None = None,
-                  has_mask: np.ndarray | None = None, gradcam_layer: str | None = None,
-                  gradcam_method: str | None = None) -> tuple[list[tuple[str, str]], Any]:
-    """Confusion matrix, ROC curves and Grad-CAM (galleries; scores where ``masks`` are given) into ``out``.
+def write_figures(out: Path, ev: Evaluation, what: str, model: Any, device: Any, explainable: Any,
+                  gradcam: Any) -> tuple[list[tuple[str, str]], Any]:
+    """Confusion matrix, ROC curves and Grad-CAM into ``out``.
 
-    Returns (figures, :class:`core.gradcam.Explained`).
+    ``explainable``: the evaluated images (:func:`explainable`); ``gradcam``: a
+    :class:`core.gradcam.GradcamOptions`. Returns (figures, :class:`core.gradcam.Explained`).
     """
     from core.figures import confusion_matrix_figure, roc_figure
-    from core.gradcam import DEFAULT_METHOD, explain_evaluation
+    from core.gradcam import explain_evaluation
 
     confusion_matrix_figure(ev.confusion, ev.class_names, out / "confusion_matrix.png",
                             title=f"Confusion matrix, {what}")
     roc_figure(ev.labels, ev.probs, ev.class_names, out / "roc_curves.png",
                title=f"ROC curves, {what} (one class vs the rest)")
     figures = [("Confusion matrix", "confusion_matrix.png"), ("ROC curves", "roc_curves.png")]
-    if gallery_per_class > 0:
-        log.info("Grad-CAM galleries (%d examples per class)", gallery_per_class)
-    explained = explain_evaluation(model, images_uint8, ev.labels, ev.probs, image_ids, ev.class_names, out,
-                                   device=device, per_class=gallery_per_class, layer=gradcam_layer,
-                                   method=gradcam_method or DEFAULT_METHOD, masks=masks, has_mask=has_mask)
-    return figures, explained
+    if gradcam.per_class > 0:
+        log.info("Grad-CAM galleries (%d examples per class)", gradcam.per_class)
+    return figures, explain_evaluation(model, explainable, out, device, gradcam)
 
 
-def mask_args(data: Any, idx: np.ndarray) -> dict[str, Any]:
-    """The lesion masks of the images ``idx`` of a Dataset, as keyword arguments of :func:`write_figures`."""
-    if data.masks is None:
-        return {}
-    return {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
+def explainable(ev: Evaluation, images_uint8: np.ndarray, data: Any, idx: np.ndarray) -> Any:
+    """The images ``idx`` of a Dataset with ``ev``'s labels and probabilities, and their lesion masks where the
+    data has them: what :func:`write_figures` explains (a :class:`core.gradcam.Explainable`)."""
+    from core.gradcam import Explainable
+
+    masks = {} if data.masks is None else {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
+    return Explainable(images_uint8, ev.labels, ev.probs, data.image_ids[idx], ev.class_names, **masks)
 
 
 def headline(metrics: Mapping[str, float]) -> str:

@@ -73,6 +73,12 @@ class FinalOptions:
     gradcam_method: str | None = None    # None: core.gradcam.DEFAULT_METHOD
     evaluation: Any = None               # core.clinical.ClinicalOptions (TTA, calibration, ...); None: the defaults
 
+    def gradcam(self) -> Any:
+        """The Grad-CAM fields as a core.gradcam.GradcamOptions."""
+        from core.gradcam import DEFAULT_METHOD, GradcamOptions
+
+        return GradcamOptions(self.gallery_per_class, self.gradcam_layer, self.gradcam_method or DEFAULT_METHOD)
+
 
 @dataclass(frozen=True)
 class FinalResult:
@@ -87,7 +93,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     from core.clinical import ClinicalOptions, evaluate_clinically, predict_set, write_reliability
     from core.config import TrainConfig
     from core.data import load_for_config
-    from core.evaluation import evaluate_probs, mask_args, metrics_document, write_figures
+    from core.evaluation import evaluate_probs, explainable, metrics_document, write_figures
     from core.figures import curves_figure
     from core.inference import load_for_inference
     from core.model import save_model_file
@@ -130,9 +136,8 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
                     {"epoch": chosen_epoch, "metrics": {**chosen, **ev.metrics}, **fitted})
     curves_figure(history, out / "training_curves.png", best_epoch=chosen_epoch, title="Training curves"
                   + (" (trained on train+val: val is not held out)" if options.train_on_val else ""))
-    figures, explained = write_figures(out, ev, loaded.model, images, data.image_ids[test_idx], loaded.device,
-                                       options.gallery_per_class, "test split", **mask_args(data, test_idx),
-                                       gradcam_layer=options.gradcam_layer, gradcam_method=options.gradcam_method)
+    figures, explained = write_figures(out, ev, "test split", loaded.model, loaded.device,
+                                       explainable(ev, images, data, test_idx), options.gradcam())
     figures = [("Loss and metrics per epoch", "training_curves.png"), *figures,
                write_reliability(out, clinical, "test split")]
 

@@ -213,17 +213,44 @@ def choose_examples(labels: np.ndarray, probs: np.ndarray, per_class: int) -> di
     return chosen
 
 
-def write_galleries(model: nn.Module, images_uint8: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                    image_ids: Sequence[str], class_names: Sequence[str], out_dir: str | os.PathLike,
-                    device: str | torch.device = "cpu", per_class: int = 8, *, layer: str | None = None,
-                    method: str = DEFAULT_METHOD, masks: Mapping[int, np.ndarray] | None = None,
+@dataclass(frozen=True)
+class GradcamOptions:
+    """What Grad-CAM an evaluation makes (``--gallery``, ``--gradcam-layer``, ``--gradcam-method``)."""
+
+    per_class: int = 8                 # gallery examples per class; 0 turns Grad-CAM off (no galleries, no scores)
+    layer: str | None = None           # None: choose_layer(image size, method)
+    method: str = DEFAULT_METHOD       # one of METHODS
+
+
+@dataclass(frozen=True)
+class Explainable:
+    """The evaluated images and what the model said of them: what Grad-CAM explains."""
+
+    images_uint8: np.ndarray           # (N, 3, H, W)
+    labels: np.ndarray                 # (N,) true classes
+    probs: np.ndarray                  # (N, classes) the model's probabilities
+    image_ids: Sequence[str]
+    class_names: Sequence[str]
+    masks: np.ndarray | None = None    # (N, H, W) lesion masks, where ``has_mask``; None: no masks
+    has_mask: np.ndarray | None = None
+
+    @property
+    def masked(self) -> np.ndarray:
+        """Indices of the images with a lesion mask."""
+        if self.masks is None or self.has_mask is None:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(self.has_mask)
+
+
+def write_galleries(model: nn.Module, ev: Explainable, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                    options: GradcamOptions = GradcamOptions(),
                     maps: Mapping[int, np.ndarray] | None = None) -> dict[str, str]:
     """For each class present, ``gradcam_<class>.png`` (a grid) and ``gradcam/<class>/<id>.png`` (each overlay).
 
-    ``masks``: lesion masks by image index, outlined on the overlays; ``maps``: heat maps already made,
-    by image index (the rest are made here, on ``layer``). Galleries of an earlier run in ``out_dir``
-    are removed first, so none is left that this run did not choose. Returns {class name: gallery file
-    name} for the classes that have examples.
+    Lesion masks, where ``ev`` has them, are outlined on the overlays; ``maps``: heat maps already made,
+    by image index (the rest are made here). Galleries of an earlier run in ``out_dir`` are removed
+    first, so none is left that this run did not choose. Returns {class name: gallery file name} for the
+    classes that have examples.
     """
     import shutil
     from pathlib import Path
@@ -232,30 +259,31 @@ def write_galleries(model: nn.Module, images_uint8: np.ndarray, labels: np.ndarr
     shutil.rmtree(out / "gradcam", ignore_errors=True)
     for old in out.glob("gradcam_*.png"):
         old.unlink()
-    chosen = choose_examples(labels, probs, per_class)
+    chosen = choose_examples(ev.labels, ev.probs, options.per_class)
     order = [i for c in sorted(chosen) for i in chosen[c]]
     if not order:
         return {}
-    pred = probs.argmax(1)
+    pred = ev.probs.argmax(1)
     maps = dict(maps or {})
     missing = [i for i in order if i not in maps]
     if missing:
-        maps.update(zip(missing, gradcam_maps(model, images_uint8[missing], [int(pred[i]) for i in missing], device,
-                                              layer=layer, method=method)))
-    masks = masks or {}
+        maps.update(zip(missing, gradcam_maps(model, ev.images_uint8[missing], [int(pred[i]) for i in missing], device,
+                                              layer=options.layer, method=options.method)))
+    masks = {int(i): np.asarray(ev.masks[i]) for i in ev.masked}  # type: ignore[index]
     galleries: dict[str, str] = {}
     for c, indices in chosen.items():
         if not indices:
             continue
-        name = class_names[c]
+        name = ev.class_names[c]
         items = []
         for i in indices:
-            item_id = str(image_ids[i])
-            items.append(GalleryItem(image=_hwc(images_uint8[i]), overlay=overlay(images_uint8[i], maps[i]),
-                                     image_id=item_id, true_name=name, pred_name=class_names[int(pred[i])],
-                                     confidence=float(probs[i].max()), mask=masks.get(i)))
-            save_overlay(images_uint8[i], maps[i], out / "gradcam" / _safe(name) /
-                         f"{_safe(item_id)}_pred-{_safe(class_names[int(pred[i])])}.png", mask=masks.get(i))
+            item_id, pred_name = str(ev.image_ids[i]), ev.class_names[int(pred[i])]
+            image = ev.images_uint8[i]
+            items.append(GalleryItem(image=_hwc(image), overlay=overlay(image, maps[i]), image_id=item_id,
+                                     true_name=name, pred_name=pred_name, confidence=float(ev.probs[i].max()),
+                                     mask=masks.get(i)))
+            save_overlay(image, maps[i], out / "gradcam" / _safe(name) / f"{_safe(item_id)}_pred-{_safe(pred_name)}.png",
+                         mask=masks.get(i))
         galleries[name] = f"gradcam_{_safe(name)}.png"
         gradcam_gallery_figure(name, items, out / galleries[name])
     return galleries
@@ -270,42 +298,40 @@ class Explained:
     notes: tuple[str, ...] = ()        # warnings for report.md (maps too coarse to say much)
 
 
-def explain_evaluation(model: nn.Module, images_uint8: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                       image_ids: Sequence[str], class_names: Sequence[str], out_dir: str | os.PathLike,
-                       device: str | torch.device = "cpu", per_class: int = 8, *, layer: str | None = None,
-                       method: str = DEFAULT_METHOD, masks: np.ndarray | None = None,
-                       has_mask: np.ndarray | None = None) -> Explained:
+def explain_evaluation(model: nn.Module, ev: Explainable, out_dir: str | os.PathLike,
+                       device: str | torch.device = "cpu", options: GradcamOptions = GradcamOptions()) -> Explained:
     """Galleries, and where lesion masks exist, the maps of every evaluated image with one, scored against it.
 
-    Maps are of the predicted class, made by ``method`` on ``layer`` (None: :func:`choose_layer`). The position-bias alarm
-    is the maps' mean pairwise correlation: over the images with a mask when there are any, else over
-    the gallery's. ``per_class`` 0 turns Grad-CAM off (no galleries, no scores).
+    Maps are of the predicted class, made by ``options.method`` on ``options.layer`` (None:
+    :func:`choose_layer`). The position-bias alarm is the maps' mean pairwise correlation: over the
+    images with a mask when there are any, else over the gallery's. ``options.per_class`` 0 turns
+    Grad-CAM off (no galleries, no scores).
     """
+    import dataclasses
+
     from core import explain_scores
 
-    if per_class <= 0:
-        write_galleries(model, images_uint8, labels, probs, image_ids, class_names, out_dir, device, 0)
+    if options.per_class <= 0:
+        write_galleries(model, ev, out_dir, device, options)  # removes an earlier run's galleries
         return Explained({}, None)
-    size = int(images_uint8.shape[-1])
-    chosen_by = "--gradcam-layer" if layer else "image size"
-    layer = layer or choose_layer(size, method)
-    scored = np.flatnonzero(has_mask) if masks is not None and has_mask is not None else np.zeros(0, np.int64)
-    shown = [i for indices in choose_examples(labels, probs, per_class).values() for i in indices]
+    size, method = int(ev.images_uint8.shape[-1]), options.method
+    chosen_by = "--gradcam-layer" if options.layer else "image size"
+    layer = options.layer or choose_layer(size, method)
+    scored = ev.masked
+    shown = [i for indices in choose_examples(ev.labels, ev.probs, options.per_class).values() for i in indices]
     needed = sorted(set(shown) | set(scored.tolist()))
-    pred = probs.argmax(1)
+    pred = ev.probs.argmax(1)
     log.info("%s on %s: %d images (%d with a lesion mask)", CAPTUM_NAMES[method], layer, len(needed), len(scored))
-    made = gradcam_maps(model, images_uint8[needed], pred[needed].tolist(), device, layer=layer, method=method)
+    made = gradcam_maps(model, ev.images_uint8[needed], pred[needed].tolist(), device, layer=layer, method=method)
     maps = dict(zip(needed, made))
-    mask_of = {int(i): np.asarray(masks[i]) for i in scored}
-    galleries = write_galleries(model, images_uint8, labels, probs, image_ids, class_names, out_dir, device,
-                                per_class, layer=layer, method=method, masks=mask_of, maps=maps)
+    galleries = write_galleries(model, ev, out_dir, device, dataclasses.replace(options, layer=layer), maps=maps)
     basis = scored if len(scored) else np.array(shown, dtype=np.int64)
     correlation = explain_scores.mean_pairwise_correlation(np.stack([maps[i] for i in basis])) if len(basis) > 1 \
         else float("nan")
     lesions = None
     if len(scored):
-        lesions = explain_scores.score_maps(np.stack([maps[i] for i in scored]), np.stack([mask_of[i] for i in scored]),
-                                            labels[scored], class_names, describe_method(size, layer, method))
+        lesions = explain_scores.score_maps(np.stack([maps[i] for i in scored]), np.asarray(ev.masks)[scored],
+                                            ev.labels[scored], ev.class_names, describe_method(size, layer, method))
     masks_correlation = lesions["overall"]["masks"]["map_correlation"] if lesions else None
     document = {
         "method": CAPTUM_NAMES[method], "layer": layer, "layer_chosen_by": chosen_by,

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.gradcam import (OUTLINE_COLOR, choose_examples, choose_layer, coarse_map_note, explain_evaluation,
-                          gradcam_maps, map_side, outline, overlay, save_overlay, stage_side, write_galleries)
+from core.gradcam import (OUTLINE_COLOR, Explainable, GradcamOptions, choose_examples, choose_layer, coarse_map_note,
+                          explain_evaluation, gradcam_maps, map_side, outline, overlay, save_overlay, stage_side,
+                          write_galleries)
 from core.model import build_model
 
 
@@ -110,7 +111,8 @@ def test_galleries_per_class(model: torch.nn.Module, tmp_path: Path) -> None:
     probs = np.full((6, 3), 0.2)
     probs[np.arange(6), [0, 1, 1, 2, 1, 0]] = 0.6
     ids = [f"dir/img{i}" for i in range(6)]
-    galleries = write_galleries(model, images, labels, probs, ids, ("mel", "nv", "bcc"), tmp_path, per_class=2)
+    ev = Explainable(images, labels, probs, ids, ("mel", "nv", "bcc"))
+    galleries = write_galleries(model, ev, tmp_path, options=GradcamOptions(per_class=2))
     assert galleries == {"mel": "gradcam_mel.png", "nv": "gradcam_nv.png"}  # bcc has no image
     for name in galleries.values():
         with Image.open(tmp_path / name) as figure:
@@ -120,7 +122,7 @@ def test_galleries_per_class(model: torch.nn.Module, tmp_path: Path) -> None:
     assert len(list((tmp_path / "gradcam" / "mel").iterdir())) == 2
     assert _hook_count(model) == 0
     # A second run replaces the galleries; with no examples wanted, none is left behind.
-    assert write_galleries(model, images, labels, probs, ids, ("mel", "nv", "bcc"), tmp_path, per_class=0) == {}
+    assert write_galleries(model, ev, tmp_path, options=GradcamOptions(per_class=0)) == {}
     assert not list(tmp_path.glob("gradcam*"))
 
 
@@ -178,8 +180,9 @@ def test_explain_evaluation_scores_masked_images_and_draws_galleries(model: torc
     masks = np.zeros((8, 64, 64), dtype=np.uint8)
     masks[:, 16:48, 16:48] = 1
     has_mask = np.array([True] * 6 + [False] * 2)
-    explained = explain_evaluation(model, images, labels, probs, [f"i{k}" for k in range(8)], ("mel", "nv", "bcc"),
-                                   tmp_path, per_class=1, masks=masks, has_mask=has_mask, method="gradcam")
+    ids, names = [f"i{k}" for k in range(8)], ("mel", "nv", "bcc")
+    masked = Explainable(images, labels, probs, ids, names, masks=masks, has_mask=has_mask)
+    explained = explain_evaluation(model, masked, tmp_path, options=GradcamOptions(per_class=1, method="gradcam"))
     doc = explained.document
     assert doc["layer"] == "layer2" and doc["map_side"] == 8 and doc["layer_chosen_by"] == "image size"
     assert doc["method"] == "LayerGradCam" and explained.notes == ()
@@ -188,13 +191,12 @@ def test_explain_evaluation_scores_masked_images_and_draws_galleries(model: torc
     assert lesions["overall"]["uniform"]["energy_inside"] == 0.25
     assert doc["correlation_over"] == "images with a lesion mask" and isinstance(doc["bias_alarm"], bool)
     assert set(explained.galleries) == {"mel", "nv", "bcc"} and len(list((tmp_path / "gradcam").rglob("*.png"))) == 3
-    none = explain_evaluation(model, images, labels, probs, [f"i{k}" for k in range(8)], ("mel", "nv", "bcc"),
-                              tmp_path, per_class=2, layer="layer3")
+    none = explain_evaluation(model, Explainable(images, labels, probs, ids, names), tmp_path,
+                              options=GradcamOptions(per_class=2, layer="layer3"))
     assert none.document["lesion_masks"] is None and none.document["layer_chosen_by"] == "--gradcam-layer"
     assert none.document["method"] == "GuidedGradCam"  # the default
     assert none.document["correlation_over"] == "gallery images"
-    off = explain_evaluation(model, images, labels, probs, [f"i{k}" for k in range(8)], ("mel", "nv", "bcc"),
-                             tmp_path, per_class=0, masks=masks, has_mask=has_mask)
+    off = explain_evaluation(model, masked, tmp_path, options=GradcamOptions(per_class=0))
     assert off.document is None and off.galleries == {} and not list(tmp_path.glob("gradcam*"))
 
 
