@@ -21,9 +21,11 @@ the test split through core.inference in the same way, the gap final - trial on 
 run's val swing: the mean |change| of val balanced accuracy between consecutive epochs (metrics.csv).
 Prints the table (mean +- sd over the seeds, paired differences, per-seed rows) and the targets
 (final test >= the winning trial's test, per method; (b) and (c) above (a)) as met or MISSED; with
-``--out`` writes JSON with every figure. ``--results DIR`` keeps the sweeps and final runs (default: a
-temporary folder, removed); ``--resume`` continues an interrupted benchmark there: a sweep or final training
-that finished is read and scored again, an interrupted one continued, a missing one run. Runs on ``../shared/data/ham10000-200x150`` when it is there, else on
+``--out`` writes JSON with every figure. ``--set KEY=VALUE`` fixes a config key everywhere (e.g.
+image_size=64); ``--gpus`` runs the trials on GPUs. ``--results DIR`` keeps the sweeps and final runs
+(default: a temporary folder, removed); ``--resume`` continues an interrupted benchmark there: a sweep or
+final training that finished is read and scored again, an interrupted one continued, a missing one run.
+Runs on ``../shared/data/ham10000-200x150`` when it is there, else on
 generated data, and says which.
 """
 
@@ -63,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     source = bench_data(args.data, demo_lesions=args.demo_lesions, demo_image_size=64)
     space = load_space(args.space)
-    base = TrainConfig.from_dict({"select_metric": METRIC}, base=TrainConfig.from_dict(space.base))
+    base = TrainConfig.from_dict({"select_metric": METRIC},
+                                 base=TrainConfig.from_dict(space.base).with_overrides(tuple(args.overrides)))
     data = load_for_config(str(source.path), base, progress=False)
     steps = max(1, len(data.indices("train")) // base.batch_size)  # optimiser steps per epoch (partial batch dropped)
     ema_decay = round(1.0 - 1.0 / max(1.0, args.ema_horizon_epochs * steps), 5)
@@ -85,12 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarise(runs)
     result = {"benchmark": "final_fidelity", "command": command_line(__spec__.name, argv),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 1),
-              "estimated_s": round(estimate), "machine": machine_info(torch.device("cpu")),
+              "estimated_s": round(estimate), "machine": machine_info(torch.device("cuda" if args.gpus else "cpu")),
               "data": {"source": source.source, "path": str(source.path)},
               "settings": {"space": args.space, "budget": args.budget, "short_epochs": args.short_epochs,
                            "long_epochs": args.long_epochs, "seeds": args.seeds, "ema_decay": ema_decay,
                            "ema_horizon_epochs": args.ema_horizon_epochs, "steps_per_epoch": steps,
-                           "cpus_per_trial": args.cpus_per_trial, "plans": plans},
+                           "cpus_per_trial": args.cpus_per_trial, "gpus": args.gpus,
+                           "gpus_per_trial": args.gpus_per_trial, "overrides": args.overrides, "plans": plans},
               "summary": summary, "targets": targets(summary, runs), "runs": runs}
     print(table(summary, runs, result["targets"]))
     write_result(result, args.out)
@@ -110,6 +114,12 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--ema-horizon-epochs", type=float, default=1.0,
                         help="(c): EMA averaging horizon 1 / (1 - decay), in epochs of steps (default 1)")
     parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs per trial (default 1)")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="GPUs for the sweeps' trials (default 0: the CPU; the final trainings use a GPU "
+                             "when one is visible)")
+    parser.add_argument("--gpus-per-trial", type=float, help="GPUs per trial with --gpus (default 1)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="fix a config key in every trial and retrain, e.g. image_size=64; repeatable")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the final trainings and scoring")
     parser.add_argument("--gallery", type=int, default=0, help="Grad-CAM examples per class of the final runs "
                                                               "(default 0: none; not what is measured)")
@@ -176,13 +186,14 @@ def _method_run(args: Any, data_path: Path, data: Any, method: str, plan: dict[s
     from core.final_train import FinalOptions, final_train
     from sweep.settings import SETTINGS_FILE, SweepSettings
 
-    overrides = (f"seed={seed}",) + ((f"ema_decay={ema_decay}",) if method == "long-ema" else ())
+    overrides = (*args.overrides, f"seed={seed}") + ((f"ema_decay={ema_decay}",) if method == "long-ema" else ())
     name = f"{method}-seed{seed}"
     chosen = sweep_run(SweepSettings(
         name=name, results=str(results_root), space=args.space, data=str(data_path), metric=METRIC,
         max_epochs=plan["trial_epochs"], scheduler="asha", sampler="tpe", trials=plan["trials"],
         budget=args.budget, seed=seed,
-        overrides=overrides, gpus=0, cpus_per_trial=args.cpus_per_trial, confirm_top=0),
+        overrides=overrides, gpus=args.gpus, gpus_per_trial=args.gpus_per_trial if args.gpus else None,
+        cpus_per_trial=args.cpus_per_trial, confirm_top=0),
         resume=args.resume and (results_root / name / SETTINGS_FILE).is_file())
     (folder,) = chosen.pop("folders")
     trial = score_model(Path(folder) / filenames.BEST_CHECKPOINT, data)

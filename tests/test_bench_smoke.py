@@ -107,7 +107,7 @@ def test_final_fidelity_scores_trial_and_final_model_on_test(tiny_data: Path, tm
     out = tmp_path / "fidelity.json"
     code = final_fidelity.main(["--data", str(tiny_data), "--short-epochs", "1", "--long-epochs", "2", "--budget", "2",
                                 "--seeds", "5", "--ema-horizon-epochs", "4", "--results", str(tmp_path / "runs"),
-                                "--out", str(out)])
+                                "--set", "image_size=24", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     short, long, ema = result["runs"]
@@ -127,7 +127,7 @@ def test_final_fidelity_scores_trial_and_final_model_on_test(tiny_data: Path, tm
     for run in result["runs"]:
         config = json.loads((Path(run["final_dir"]) / "config.json").read_text())
         assert config["ema_decay"] == (decay if run["method"] == "long-ema" else 0.0)
-        assert config["seed"] == 5
+        assert config["seed"] == 5 and config["image_size"] == 24  # --set reaches every trial and retrain
         # The final model's test score here is the one final_train itself wrote in metrics.json.
         assert run["final"]["test_balanced_accuracy"] == pytest.approx(run["final_metrics_json_test_balanced_accuracy"])
         assert run["gap"] == pytest.approx(run["final"]["test_balanced_accuracy"] - run["trial"]["test_balanced_accuracy"])
@@ -137,6 +137,7 @@ def test_final_fidelity_scores_trial_and_final_model_on_test(tiny_data: Path, tm
     again = tmp_path / "again.json"
     assert final_fidelity.main(["--data", str(tiny_data), "--short-epochs", "1", "--long-epochs", "2", "--budget", "2",
                                 "--seeds", "5", "--methods", "long", "--resume", "--results", str(tmp_path / "runs"),
+                                "--set", "image_size=24",
                                 "--out", str(again)]) == 0
     (resumed,) = json.loads(again.read_text())["runs"]
     for key in ("trial", "final", "final_epochs", "chosen_trial", "trial_epochs"):
