@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 EPOCH_FILE = "epoch.json"         # the metrics of the checkpointed epoch, beside core.train's last.pt
 NODE_FILE = "node.json"           # where the trial ran (written by the trial itself)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TrialSetup:
@@ -71,11 +73,9 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
     resumed_from = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resumed_from = int(json.loads((Path(folder) / EPOCH_FILE).read_text(encoding="utf-8"))["epoch"])
-            if resumed_from >= cfg.epochs:
-                return  # the driver died after the trial's last report: nothing left to train
-            with atomic.atomic_path(out / filenames.LAST_CHECKPOINT) as tmp:
-                shutil.copyfile(Path(folder) / filenames.LAST_CHECKPOINT, tmp)
+            resumed_from = restore_checkpoint(Path(folder), out)
+        if resumed_from is not None and resumed_from >= cfg.epochs:
+            return  # the driver died after the trial's last report: nothing left to train
     _write_node_info(out, trial_id, setup, resumed_from)
 
     def report(metrics: dict[str, float]) -> None:
@@ -86,6 +86,24 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     train(cfg, data, out, report, RunOptions(resume=checkpoint is not None, progress=False))
+
+
+def restore_checkpoint(folder: Path, out: Path) -> int | None:
+    """Put a restored Tune checkpoint's last.pt in the trial folder ``out``; the checkpoint's epoch.
+
+    None when the checkpoint is gone: Ray keeps one checkpoint per trial and deletes the older one as soon
+    as a newer one is stored, so a driver killed between that and saving its own state restores a folder
+    that no longer exists. The trial folder's own last.pt (core.train resumes from it) is then at least as
+    new as the lost checkpoint, so the trial goes on from there instead of failing.
+    """
+    epoch_file = folder / EPOCH_FILE
+    if not epoch_file.is_file():
+        log.warning("checkpoint %s is gone (replaced before the driver was killed): resuming from %s", folder,
+                    out / filenames.LAST_CHECKPOINT)
+        return None
+    with atomic.atomic_path(out / filenames.LAST_CHECKPOINT) as tmp:
+        shutil.copyfile(folder / filenames.LAST_CHECKPOINT, tmp)
+    return int(json.loads(epoch_file.read_text(encoding="utf-8"))["epoch"])
 
 
 def _write_node_info(out: Path, trial_id: str, setup: TrialSetup, resumed_from: int | None) -> None:

@@ -180,3 +180,21 @@ def _no_ray_in_this_process():
 
     assert not ray.is_initialized()
     yield
+
+
+def test_a_restored_checkpoint_that_ray_already_replaced_falls_back_to_the_trials_last_pt(tmp_path: Path,
+                                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Ray keeps one checkpoint per trial: a driver SIGKILLed after a newer checkpoint replaced the one its saved
+    state names restores a folder that is gone. That trial must go on from its own last.pt, not fail."""
+    from sweep.trainable import EPOCH_FILE, restore_checkpoint
+
+    out = tmp_path / "trials" / "t1"
+    out.mkdir(parents=True)
+    (out / "last.pt").write_bytes(b"epoch 3 state")
+    assert restore_checkpoint(tmp_path / "ray" / "t1" / "checkpoint_000001", out) is None
+    assert (out / "last.pt").read_bytes() == b"epoch 3 state" and "is gone" in caplog.text
+    saved = tmp_path / "ray" / "t1" / "checkpoint_000002"
+    saved.mkdir(parents=True)
+    (saved / "last.pt").write_bytes(b"epoch 4 state")
+    (saved / EPOCH_FILE).write_text(json.dumps({"epoch": 4.0, "val_balanced_accuracy": 0.5}))
+    assert restore_checkpoint(saved, out) == 4 and (out / "last.pt").read_bytes() == b"epoch 4 state"
