@@ -10,12 +10,15 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
 from core.errors import UserError
+
+if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
+    from core.gradcam import Explainable, Explained, GradcamOptions
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +84,9 @@ def metrics_document(ev: Evaluation, source: Mapping[str, Any], training: Mappin
             "gradcam": None if gradcam is None else dict(gradcam), **dict(clinical or {})}
 
 
-def write_figures(out: Path, ev: Evaluation, what: str, model: Any, device: Any, explainable: Any,
-                  gradcam: Any) -> tuple[list[tuple[str, str]], Any]:
-    """Confusion matrix, ROC curves and Grad-CAM into ``out``.
-
-    ``explainable``: the evaluated images (:func:`explainable`); ``gradcam``: a
-    :class:`core.gradcam.GradcamOptions`. Returns (figures, :class:`core.gradcam.Explained`).
-    """
+def write_figures(out: Path, ev: Evaluation, what: str, model: Any, device: Any, explainable: Explainable,
+                  gradcam: GradcamOptions) -> tuple[list[tuple[str, str]], Explained]:
+    """Confusion matrix, ROC curves and Grad-CAM of ``explainable`` (:func:`explainable`) into ``out``."""
     from core.figures import confusion_matrix_figure, roc_figure
     from core.gradcam import explain_evaluation
 
@@ -101,9 +100,9 @@ def write_figures(out: Path, ev: Evaluation, what: str, model: Any, device: Any,
     return figures, explain_evaluation(model, explainable, out, device, gradcam)
 
 
-def explainable(ev: Evaluation, images_uint8: np.ndarray, data: Any, idx: np.ndarray) -> Any:
+def explainable(ev: Evaluation, images_uint8: np.ndarray, data: Any, idx: np.ndarray) -> Explainable:
     """The images ``idx`` of a Dataset with ``ev``'s labels and probabilities, and their lesion masks where the
-    data has them: what :func:`write_figures` explains (a :class:`core.gradcam.Explainable`)."""
+    data has them: what :func:`write_figures` explains."""
     from core.gradcam import Explainable
 
     masks = {} if data.masks is None else {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
