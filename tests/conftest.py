@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,17 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch-home"))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for a module's shared fixtures (trained runs, sweeps), removed once the module is done unless a
+    test has failed. Why: every run leaves ResNet-18 checkpoints (about 100 MB each), and kept until the session
+    ends they added up to 8 GB per test session, enough to fill a CI machine's disk."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield folder
+    if request.session.testsfailed == 0:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -25,12 +25,12 @@ def _command(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(module_tmp: Path) -> dict[str, Path]:
     """Tiny demo data and a model file of this project (weights need no training for these checks)."""
     from core.demo_data import generate_demo
     from core.model import build_model, save_model_file
 
-    base = tmp_path_factory.mktemp("evaluate")
+    base = module_tmp
     data = generate_demo(base / "data", n_lesions=21, image_size=SIZE, seed=1)
     torch.manual_seed(0)
     model = build_model(7, "none")

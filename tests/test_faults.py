@@ -54,14 +54,14 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def world(module_tmp: Path) -> dict[str, Path]:
     """Tiny demo data; a finished core.train run; a sweep folder (best.json, splits.csv) and its final training."""
     from core.data import load_for_config
     from core.demo_data import generate_demo
     from core.final_train import FinalOptions, final_train
     from core.train import RunOptions, train
 
-    base = tmp_path_factory.mktemp("faults")
+    base = module_tmp
     root = generate_demo(base / "data", n_lesions=30, image_size=SIZE, seed=3)
     data = load_for_config(root, CFG, progress=False)
     run = base / "run"

@@ -36,13 +36,13 @@ def _best_document(cfg: TrainConfig, data, value: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sweep(module_tmp: Path) -> Path:
     """A sweep folder holding best.json, splits.csv and the trial, as sweep/ leaves it."""
     from core.data import load_for_config
     from core.demo_data import generate_demo
     from core.train import RunOptions, train
 
-    base = tmp_path_factory.mktemp("final")
+    base = module_tmp
     root = generate_demo(base / "data", n_lesions=30, image_size=SIZE, seed=0)
     cfg = TrainConfig(epochs=1, image_size=SIZE, pretrained="none", batch_size=8, warmup_epochs=0.0, lr=2e-3,
                       crop_scale_min=1.0, color_jitter=0.0, device="cpu")

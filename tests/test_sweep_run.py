@@ -79,10 +79,11 @@ def _session_groups(logdir: Path) -> dict[str, tuple[dict, dict, list]]:
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Path]:
+def sweep(ray_session, tiny_data: Path, module_tmp: Path) -> tuple[Path, Any, Path]:
     """One sweep serves the tests below: quick.yaml plus a 'pretrained' choice whose file is corrupt (those
     trials fail, the rest go on), on two logical GPUs at half a GPU per trial (four trials at once)."""
-    tmp = tmp_path_factory.mktemp("sweep")
+    tmp = module_tmp / "sweep"
+    tmp.mkdir()
     broken = tmp / "broken-weights.pt"
     broken.write_bytes(b"not a state dict")
     space = tmp / "space.yaml"
@@ -198,10 +199,11 @@ start_points: [defaults]
 
 
 @pytest.fixture(scope="module")
-def searched(ray_session, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+def searched(ray_session, tiny_data: Path, module_tmp: Path) -> tuple[Path, Any]:
     """6 trials of 3 epochs by val_loss (continuous: no ties), ASHA from epoch 1 keeping the better half, then the
     top 2 configs once more each. One trial at a time, so which trials ASHA stops does not depend on timing."""
-    tmp = tmp_path_factory.mktemp("searched")
+    tmp = module_tmp / "searched"
+    tmp.mkdir()
     space = tmp / "space.yaml"
     space.write_text(SEARCH_SPACE)
     settings = _settings(tmp, "searched", space, tiny_data, trials=6, gpus=0, cpus_per_trial=4, metric="val_loss",
