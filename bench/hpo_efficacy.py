@@ -6,8 +6,8 @@ For each sweep seed (``--seeds``), each method may spend ``--budget`` trial-epoc
 
   (a) default           the config's defaults (the space's base, nothing searched), trained once
   (b) random            Optuna's RandomSampler, no early stopping: budget / epochs trials
-  (c) tpe-asha          TPE + ASHA as ``python -m sweep.run`` runs them, no confirmation: as many trials as
-                        ASHA's expected budget (sweep/schedule.py) allows
+  (c) tpe-asha          TPE + ASHA as ``python -m sweep.run --budget`` runs them, no confirmation: no new
+                        trial starts once the sweep's trials have run the budget (the running ones finish)
   (d) tpe-asha-confirm  (c) plus the confirmation stage (``--confirm-top``, ``--confirm-seeds``); its
                         search gets the budget minus the confirmation runs
 
@@ -91,19 +91,29 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.budget < args.epochs:
         parser.error("--epochs must be at least 1 and --budget at least --epochs")
+    confirm = args.confirm_top * args.confirm_seeds * args.epochs
+    if "tpe-asha-confirm" in args.methods and args.budget - confirm < args.epochs:
+        parser.error(f"--budget {args.budget} leaves (d) no search trial beside its {confirm} confirmation "
+                     f"trial-epochs (--confirm-top x --confirm-seeds x --epochs); raise --budget")
     return args
 
 
 def budget_plans(args: Any, space: Any) -> dict[str, dict[str, int]]:
-    """Trials of each method so that each spends about ``--budget`` trial-epochs."""
+    """Most trials and trial-epoch budget of each method's search, so that each spends about ``--budget``.
+
+    Random search runs whole trials: budget / epochs of them. The TPE + ASHA sweeps stop at their budget
+    (``sweep.run --budget``); their most trials is twice what ASHA's estimate (sweep/schedule.py) expects in
+    it, so that the budget, not the count, ends them."""
     from sweep.schedule import Asha
 
     asha = Asha.for_trials(args.epochs, space.asha.get("grace_period"), space.asha.get("reduction_factor"))
     confirm = args.confirm_top * args.confirm_seeds * args.epochs
+    search = args.budget - confirm
     return {"default": {"trials": 1},
-            "random": {"trials": args.budget // args.epochs},
-            "tpe-asha": {"trials": asha_trials(asha, args.budget)},
-            "tpe-asha-confirm": {"trials": asha_trials(asha, args.budget - confirm), "confirm_epochs": confirm}}
+            "random": {"trials": args.budget // args.epochs, "budget": args.budget},
+            "tpe-asha": {"trials": 2 * asha_trials(asha, args.budget), "budget": args.budget},
+            "tpe-asha-confirm": {"trials": 2 * asha_trials(asha, search), "budget": search,
+                                 "confirm_epochs": confirm}}
 
 
 def _run_all(args: Any, data_path: Path, base: Any, plans: dict[str, dict[str, int]],
@@ -147,7 +157,7 @@ def _sweep_run(args: Any, data_path: Path, method: str, plan: dict[str, int], se
     return sweep_run(SweepSettings(
         name=f"{method}-seed{seed}", results=str(results_root), space=args.space, data=str(data_path), metric=METRIC,
         max_epochs=args.epochs, scheduler="none" if method == "random" else "asha",
-        sampler="random" if method == "random" else "tpe", trials=plan["trials"], seed=seed,
+        sampler="random" if method == "random" else "tpe", trials=plan["trials"], budget=plan["budget"], seed=seed,
         overrides=(f"seed={seed}",), gpus=0, cpus_per_trial=args.cpus_per_trial,
         confirm_top=args.confirm_top if confirm else 0, confirm_seeds=args.confirm_seeds))
 

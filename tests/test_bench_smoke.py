@@ -68,13 +68,22 @@ def test_hpo_efficacy_scores_the_chosen_configs_on_test(tiny_data: Path, tmp_pat
     result = json.loads(out.read_text())
     default, confirmed = result["runs"]
     assert (default["method"], confirmed["method"]) == ("default", "tpe-asha-confirm")
-    assert default["trial_epochs"] == 1 and confirmed["trial_epochs"] == 2  # 1 search trial + 1 confirmation run
-    assert len(confirmed["per_run"]) == 2 and confirmed["optuna_states"] == {"COMPLETE": 1}
+    # (d)'s search stops starting trials at its 1-epoch budget (2 - 1 confirmation epoch); a trial already
+    # running beside the first finishes. Then 1 confirmation run of the chosen config.
+    searched = confirmed["optuna_states"]["COMPLETE"]
+    assert result["settings"]["plans"]["tpe-asha-confirm"]["budget"] == 1
+    assert default["trial_epochs"] == 1 and confirmed["trial_epochs"] == searched + 1
+    assert 1 <= searched <= result["settings"]["plans"]["tpe-asha-confirm"]["trials"]
+    assert len(confirmed["per_run"]) == 2 and set(confirmed["optuna_states"]) == {"COMPLETE"}
     for run in (default, confirmed):
         assert run["test_balanced_accuracy"] == pytest.approx(
             sum(r["test_balanced_accuracy"] for r in run["per_run"]) / len(run["per_run"]))
         assert run["drop"] == pytest.approx(run["val"] - run["test_balanced_accuracy"])
     assert set(result["summary"]) == {"default", "tpe-asha-confirm"}
+    # A budget that leaves (d) no search trial beside its confirmation runs is refused before anything runs.
+    with pytest.raises(SystemExit) as refused:
+        hpo_efficacy.main(["--data", str(tiny_data), "--epochs", "2", "--budget", "4", "--confirm-top", "2"])
+    assert refused.value.code == 2
 
 
 def test_sweep_figures_arithmetic(tmp_path: Path) -> None:
