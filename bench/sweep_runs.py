@@ -92,8 +92,8 @@ def start_ray(settings: Any) -> None:
 
     from sweep.resources import connect_ray
 
-    # Each Tune run installs a SIGINT handler that outlives it (chained, one per sweep): Ctrl+C during a
-    # later final training would only be logged, once per earlier sweep. The benchmark wants Ctrl+C to stop it.
+    # Tune's own SIGINT handler ends only the running sweep, and the benchmark would go on to the next one.
+    # The benchmark wants Ctrl+C to stop it whole.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if not ray.is_initialized():
         connect_ray(settings, None, print)

@@ -17,15 +17,18 @@ TensorBoard runs (``tensorboard --logdir results/<name>``) and a summary printed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import logging
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from core import atomic
 from core.best_file import SPLITS_ADVICE
@@ -246,7 +249,28 @@ def _fit(sweep: Sweep, name: str, resume: bool, new_tuner: Callable[[], Any]) ->
                                    resume_errored=False, restart_errored=False)
     else:
         tuner = new_tuner()
-    return tuner.fit() if tuner is not None else []
+    if tuner is None:
+        return []
+    with _signal_handlers_kept():
+        return tuner.fit()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Put back the SIGINT and SIGUSR1 handlers after a Tune run. Why: Ray Tune's fit installs its own
+    ("ending Ray Tune run") and leaves them behind; in a program that runs a sweep and then other work (a
+    notebook, bench/), Ctrl+C would afterwards only log that warning instead of interrupting."""
+    wanted = [s for s in (signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; Tune installs none elsewhere either
+        return
+    before = {s: signal.getsignal(s) for s in wanted}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():
+            if handler is not None:  # None: installed outside Python; cannot be put back by signal.signal
+                signal.signal(number, handler)
 
 
 def _tuner(sweep: Sweep, name: str, search_alg: Any, scheduler: Any, samples: int, recorder: Any) -> Any:

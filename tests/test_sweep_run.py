@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,24 @@ def sweep(ray_session, tiny_data: Path, module_tmp: Path) -> tuple[Path, Any, Pa
                      + f"  pretrained: {{dist: categorical, choices: [none, '{broken}']}}\n")
     settings = _settings(tmp, "quick", space, tiny_data, trials=4, gpus=2, gpus_per_trial=0.5, grace_period=1,
                          seed=3, overrides=("batch_size=16", "device=cpu"), confirm_top=0)
+    before = _handlers()
     report = run_sweep(settings, echo=lambda *_: None)
+    HANDLERS_AROUND_SWEEP.extend([before, _handlers()])
     return tmp / "results" / "quick", report, broken
+
+
+HANDLERS_AROUND_SWEEP: list[dict[int, Any]] = []
+
+
+def _handlers() -> dict[int, Any]:
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+
+
+def test_the_sweep_leaves_the_signal_handlers_as_it_found_them(sweep) -> None:
+    """Ray Tune installs SIGINT and SIGUSR1 handlers for its run and leaves them; after a sweep in-process,
+    Ctrl+C must interrupt the program again, not log "ending Ray Tune run"."""
+    before, after = HANDLERS_AROUND_SWEEP
+    assert after == before
 
 
 def test_trials_csv_has_a_row_per_trial_and_failures_with_their_error(sweep) -> None:
