@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
-from bench.sweep_runs import METRIC, asha_trials, cell, mean_sd, score_model, stop_ray, sweep_run
+from bench.sweep_runs import METRIC, cell, mean_sd, score_model, stop_ray, sweep_run, trial_cap
 from core.errors import run_cli
 
 log = logging.getLogger(__name__)
@@ -138,18 +138,15 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
 
 
 def budget_plans(args: Any, space: Any) -> dict[str, dict[str, int]]:
-    """Trial length, most trials and ASHA's rungs of each method's sweep (each stops at ``--budget`` trial-epochs).
-
-    The most trials is twice what ASHA's estimate expects in the budget: high enough that the budget, not the
-    count, ends the sweep, and low enough that TPE's random start-up trials (a third of them, up to 10) leave
-    room for its model; the same rule for every method."""
+    """Trial length, most trials (bench.sweep_runs.trial_cap) and ASHA's rungs of each method's sweep; each
+    stops at ``--budget`` trial-epochs."""
     from sweep.schedule import Asha
 
     plans = {}
     for method in args.methods:
         epochs = args.short_epochs if method == "short" else args.long_epochs
         asha = Asha.for_trials(epochs, space.asha.get("grace_period"), space.asha.get("reduction_factor"))
-        plans[method] = {"trial_epochs": epochs, "trials": 2 * asha_trials(asha, args.budget), "rungs": asha.rungs}
+        plans[method] = {"trial_epochs": epochs, "trials": trial_cap(asha, args.budget), "rungs": asha.rungs}
     return plans
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
-from bench.sweep_runs import METRIC, asha_trials, cell, checkpoint_scores, mean_sd, stop_ray, sweep_run
+from bench.sweep_runs import METRIC, cell, checkpoint_scores, mean_sd, stop_ray, sweep_run, trial_cap
 from core.errors import run_cli
 
 log = logging.getLogger(__name__)
@@ -91,28 +91,32 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.budget < args.epochs:
         parser.error("--epochs must be at least 1 and --budget at least --epochs")
-    confirm = args.confirm_top * args.confirm_seeds * args.epochs
+    confirm = confirm_epochs(args)
     if "tpe-asha-confirm" in args.methods and args.budget - confirm < args.epochs:
         parser.error(f"--budget {args.budget} leaves (d) no search trial beside its {confirm} confirmation "
                      f"trial-epochs (--confirm-top x --confirm-seeds x --epochs); raise --budget")
     return args
 
 
+def confirm_epochs(args: Any) -> int:
+    """Trial-epochs of (d)'s confirmation runs, taken from its budget."""
+    return args.confirm_top * args.confirm_seeds * args.epochs
+
+
 def budget_plans(args: Any, space: Any) -> dict[str, dict[str, int]]:
     """Most trials and trial-epoch budget of each method's search, so that each spends about ``--budget``.
 
     Random search runs whole trials: budget / epochs of them. The TPE + ASHA sweeps stop at their budget
-    (``sweep.run --budget``); their most trials is twice what ASHA's estimate (sweep/schedule.py) expects in
-    it, so that the budget, not the count, ends them."""
+    (``sweep.run --budget``), at most bench.sweep_runs.trial_cap trials."""
     from sweep.schedule import Asha
 
     asha = Asha.for_trials(args.epochs, space.asha.get("grace_period"), space.asha.get("reduction_factor"))
-    confirm = args.confirm_top * args.confirm_seeds * args.epochs
+    confirm = confirm_epochs(args)
     search = args.budget - confirm
     return {"default": {"trials": 1},
             "random": {"trials": args.budget // args.epochs, "budget": args.budget},
-            "tpe-asha": {"trials": 2 * asha_trials(asha, args.budget), "budget": args.budget},
-            "tpe-asha-confirm": {"trials": 2 * asha_trials(asha, search), "budget": search,
+            "tpe-asha": {"trials": trial_cap(asha, args.budget), "budget": args.budget},
+            "tpe-asha-confirm": {"trials": trial_cap(asha, search), "budget": search,
                                  "confirm_epochs": confirm}}
 
 

@@ -74,14 +74,17 @@ def checkpoint_scores(folders: Sequence[str], data: Any) -> dict[str, Any]:
     return {**mean, "drop": mean["val"] - mean["test_balanced_accuracy"], "per_run": per_run}
 
 
-def asha_trials(asha: Any, budget: float) -> int:
-    """The most trials whose expected trial-epochs under ``asha`` stay within ``budget`` (at least 1)."""
+def trial_cap(asha: Any, budget: float) -> int:
+    """The most trials of a sweep that stops at ``budget`` trial-epochs (``sweep.run --budget``): twice the
+    trials whose expected trial-epochs under ``asha`` stay within it. High enough that the budget, not the
+    count, ends the sweep (ASHA spends less than expected when a strong early trial stops later ones), and
+    low enough that TPE's random start-up trials (a third of them, up to 10) leave room for its model."""
     from sweep.schedule import expected_budget
 
     trials = 1
     while expected_budget(asha, trials + 1, rounds=100) <= budget:
         trials += 1
-    return trials
+    return 2 * trials
 
 
 def start_ray(settings: Any) -> None:

@@ -241,6 +241,12 @@ class Explainable:
             return np.zeros(0, np.int64)
         return np.flatnonzero(self.has_mask)
 
+    def mask(self, i: int) -> np.ndarray | None:
+        """Image ``i``'s lesion mask; None where it has none."""
+        if self.masks is None or self.has_mask is None or not self.has_mask[i]:
+            return None
+        return np.asarray(self.masks[i])
+
 
 def write_galleries(model: nn.Module, ev: Explainable, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
                     options: GradcamOptions = GradcamOptions(),
@@ -269,7 +275,6 @@ def write_galleries(model: nn.Module, ev: Explainable, out_dir: str | os.PathLik
     if missing:
         maps.update(zip(missing, gradcam_maps(model, ev.images_uint8[missing], [int(pred[i]) for i in missing], device,
                                               layer=options.layer, method=options.method)))
-    masks = {int(i): np.asarray(ev.masks[i]) for i in ev.masked}  # type: ignore[index]
     galleries: dict[str, str] = {}
     for c, indices in chosen.items():
         if not indices:
@@ -278,12 +283,12 @@ def write_galleries(model: nn.Module, ev: Explainable, out_dir: str | os.PathLik
         items = []
         for i in indices:
             item_id, pred_name = str(ev.image_ids[i]), ev.class_names[int(pred[i])]
-            image = ev.images_uint8[i]
+            image, mask = ev.images_uint8[i], ev.mask(i)
             items.append(GalleryItem(image=_hwc(image), overlay=overlay(image, maps[i]), image_id=item_id,
                                      true_name=name, pred_name=pred_name, confidence=float(ev.probs[i].max()),
-                                     mask=masks.get(i)))
+                                     mask=mask))
             save_overlay(image, maps[i], out / "gradcam" / _safe(name) / f"{_safe(item_id)}_pred-{_safe(pred_name)}.png",
-                         mask=masks.get(i))
+                         mask=mask)
         galleries[name] = f"gradcam_{_safe(name)}.png"
         gradcam_gallery_figure(name, items, out / galleries[name])
     return galleries
