@@ -1,26 +1,55 @@
-"""Command-line pieces that several commands share (each command's own CLI stays in its module)."""
+"""Command-line options that several commands share, each stated once (each command's own stay in its module).
+
+core.final_train and core.evaluate take all of them; core.predict takes the Grad-CAM, device and prediction
+options. Choices come from where the values are defined: devices from core.config, Grad-CAM layers from
+core.model.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+from core.bootstrap import DEFAULT_RESAMPLES
+from core.clinical import ClinicalOptions
+from core.config import DEVICES
+from core.errors import UserError
+from core.model import GRADCAM_LAYERS
+
+if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
+    from core.gradcam import GradcamOptions
+
+# core.gradcam.METHODS, stated here too so that --help does not import Captum (tests/test_evaluate_predict.py
+# checks that the two agree).
+GRADCAM_METHODS = ("gradcam", "guided")
+DEFAULT_GALLERY = 8
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """--gallery, the Grad-CAM options and --threads, shared by core.evaluate and core.final_train."""
-    parser.add_argument("--gallery", type=int, default=8, metavar="N",
-                        help="Grad-CAM examples per class (default 8; 0: no Grad-CAM at all)")
+def add_gallery_options(parser: argparse.ArgumentParser) -> None:
+    """--gallery and the Grad-CAM options (core.evaluate, core.final_train)."""
+    parser.add_argument("--gallery", type=int, default=DEFAULT_GALLERY, metavar="N",
+                        help=f"Grad-CAM examples per class (default {DEFAULT_GALLERY}; 0: no Grad-CAM at all)")
     add_gradcam_options(parser)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
 def add_gradcam_options(parser: argparse.ArgumentParser) -> None:
     """--gradcam-layer and --gradcam-method (core.evaluate, core.final_train, core.predict)."""
-    parser.add_argument("--gradcam-layer", choices=("layer2", "layer3", "layer4"),  # core.model.GRADCAM_LAYERS
+    parser.add_argument("--gradcam-layer", choices=GRADCAM_LAYERS,
                         help="residual stage Grad-CAM looks at (default: chosen by the model's image size, "
                              "see core.gradcam.choose_layer)")
-    parser.add_argument("--gradcam-method", choices=("gradcam", "guided"),
+    parser.add_argument("--gradcam-method", choices=GRADCAM_METHODS,
                         help="heat maps by Captum LayerGradCam ('gradcam') or GuidedGradCam ('guided': guided "
                              "backpropagation times Grad-CAM, pixel-level); default: core.gradcam.DEFAULT_METHOD")
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """--device (core.evaluate, core.predict; core.final_train takes the config's ``device``)."""
+    parser.add_argument("--device", choices=DEVICES, default=DEVICES[0],
+                        help=f"where the model runs (default {DEVICES[0]}: CUDA when available)")
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
 def apply_threads(threads: int | None) -> None:
@@ -40,8 +69,6 @@ def add_prediction_options(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     """Prediction options, plus --positive-class and the bootstrap of core.evaluate and core.final_train."""
-    from core.bootstrap import DEFAULT_RESAMPLES
-
     add_prediction_options(parser)
     parser.add_argument("--positive-class", metavar="CLASS",
                         help="class of the operating points (sensitivity/specificity; default: mel when a class)")
@@ -52,11 +79,16 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
                         help="seed of the bootstrap's resamples (default 0)")
 
 
-def clinical_options(args: argparse.Namespace):  # -> core.clinical.ClinicalOptions
-    from core.clinical import ClinicalOptions
-    from core.errors import UserError
-
+def clinical_options(args: argparse.Namespace) -> ClinicalOptions:
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap {args.bootstrap}: the number of resamples must be >= 0")
     return ClinicalOptions(tta=args.tta, calibrated=not args.no_calibration, positive_class=args.positive_class,
                            resamples=args.bootstrap, seed=args.bootstrap_seed)
+
+
+def gradcam_options(args: argparse.Namespace) -> GradcamOptions:
+    """--gallery, --gradcam-layer and --gradcam-method as a core.gradcam.GradcamOptions."""
+    from core.gradcam import DEFAULT_METHOD, GradcamOptions
+
+    return GradcamOptions(per_class=args.gallery, layer=args.gradcam_layer,
+                          method=args.gradcam_method or DEFAULT_METHOD)

@@ -1,71 +1,166 @@
-"""Evaluation of predicted probabilities against labels: the metrics, the metrics.json document, the figures.
+"""One evaluation of a model on labelled images, the pipeline core.final_train and core.evaluate both run:
+predict, calibrate, clinical results, metrics, figures, Grad-CAM, report.md/report.html and metrics.json.
 
-A library, not a command: ``python -m core.evaluate`` and ``python -m core.final_train`` both evaluate through
-it, so their metrics.json (format ``lesion-sweep/evaluation``) and figures are the same.
+A library, not a command. Two steps, so that core.final_train can store what the first found in model.pt
+before the second writes the folder::
+
+    scored = score_images(loaded, EvaluatedImages(data, idx, labels, "test split"), stored, options)
+    document = write_evaluation(out, scored, EvaluationOutputs(source=..., page=..., gradcam=...))
+
+Both commands' metrics.json (format ``lesion-sweep/evaluation``), figures and report.md are therefore the same;
+what differs (the report's title, facts and commands, core.final_train's ``training`` section and training
+curves) is passed in :class:`EvaluationOutputs`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
 
-from core.errors import UserError
+from core import filenames
+from core.atomic import write_json
+from core.clinical import ClinicalOptions, ClinicalResults, EvaluatedSet, clinical_results
+from core.data import Dataset
+from core.figures import confusion_matrix_figure, reliability_figure, roc_figure
+from core.inference import SINGLE_MODE, TTA_MODE, LoadedModel
+from core.metrics import PredictionScores, finite_or_none, score_predictions
+from core.report import ReportInput, write_report
+from core.report_tables import headline_intervals, interval_note, report_tables
 
 if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
-    from core.gradcam import Explainable, Explained, GradcamOptions
+    from core.gradcam import Explainable, GradcamOptions
 
 log = logging.getLogger(__name__)
 
 EVALUATION_FORMAT = "lesion-sweep/evaluation"
+CONFUSION_FIGURE = "confusion_matrix.png"
+ROC_FIGURE = "roc_curves.png"
+RELIABILITY_FIGURE = "reliability_diagram.png"
 
 
 @dataclass(frozen=True)
-class Evaluation:
-    """Predictions of a model on labelled images and the metrics they give (classes: the model's)."""
+class EvaluatedImages:
+    """Which images of a dataset are evaluated, their labels as the model's classes, and what to call them."""
 
-    class_names: tuple[str, ...]
-    labels: np.ndarray            # int64 [N], index into class_names
-    probs: np.ndarray             # float [N, C]
-    metrics: dict[str, float]     # test_accuracy, test_balanced_accuracy, test_macro_f1, test_auc, test_loss
-    per_class: dict[str, dict[str, float]]
-    confusion: np.ndarray         # int64 [C, C], rows true, columns predicted
+    data: Dataset
+    idx: np.ndarray               # indices into data
+    labels: np.ndarray            # int64 [len(idx)], index into the model's classes
+    what: str                     # in figure titles: "test split", "all of ISIC2018"
 
 
-def evaluate_probs(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> Evaluation:
-    """Metrics of predicted probabilities against labels; the loss is the plain cross-entropy."""
-    from core.metrics import classification_metrics, per_class_report
+@dataclass(frozen=True)
+class ScoredImages:
+    """What :func:`score_images` found; :func:`write_evaluation` writes it out."""
 
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(labels) == 0:
-        raise UserError("nothing to evaluate: the chosen split holds no images")
-    picked = probs[np.arange(len(labels)), labels]
-    loss = float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
-    return Evaluation(class_names=tuple(class_names), labels=labels, probs=probs,
-                      metrics=classification_metrics(labels, probs, "test_", loss),
-                      per_class=per_class_report(labels, probs, class_names),
-                      confusion=confusion_matrix(labels, probs.argmax(1), labels=np.arange(len(class_names))))
+    loaded: LoadedModel
+    images: EvaluatedImages
+    pixels: np.ndarray            # uint8 [N, 3, S, S] of the evaluated images
+    clinical: ClinicalResults
+    scores: PredictionScores
 
 
-def map_labels(data_classes: Sequence[str], model_classes: Sequence[str], labels: np.ndarray,
-               source: str) -> np.ndarray:
-    """Labels indexing ``data_classes`` -> the same classes' indices in ``model_classes``, by name."""
-    index = {name: i for i, name in enumerate(model_classes)}
-    used = sorted({data_classes[i] for i in np.unique(labels)})
-    unknown = [name for name in used if name not in index]
-    if unknown:
-        raise UserError(f"{source}: classes the model does not know: {', '.join(unknown)} "
-                        f"(the model's classes: {', '.join(model_classes)})")
-    lookup = np.array([index.get(name, -1) for name in data_classes], dtype=np.int64)
-    return lookup[np.asarray(labels, dtype=np.int64)]
+@dataclass(frozen=True)
+class ReportPage:
+    """What a command's report.md says beyond the evaluation: its title, facts, notes, commands and config."""
+
+    title: str
+    facts: Sequence[tuple[str, str]]
+    notes: Sequence[str] = ()
+    commands: Sequence[tuple[str, str]] = ()
+    config: Mapping[str, Any] | None = None
 
 
-def metrics_document(ev: Evaluation, source: Mapping[str, Any], training: Mapping[str, Any] | None = None,
+@dataclass(frozen=True)
+class EvaluationOutputs:
+    """What a command adds to the evaluation's folder."""
+
+    source: Mapping[str, Any]                           # metrics.json's "source": model file, split, data
+    page: Callable[[Mapping[str, Any]], ReportPage]     # the report's own part, from the metrics.json document
+    gradcam: GradcamOptions
+    training: Callable[[], Mapping[str, Any]] | None = None  # metrics.json's "training" (core.final_train),
+    #                                                           made just before the document, so its wall_s is all
+    figures: Sequence[tuple[str, str]] = ()             # (caption, file) already in the folder, shown first
+
+
+def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.ndarray, labels: np.ndarray,
+                tta: bool) -> EvaluatedSet:
+    """The raw probabilities of a model for ``pixels`` = ``data.images[idx]``.
+
+    ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well.
+    """
+    views = (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,)
+    raw = {view: loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False) for view in views}
+    metadata = None if data.metadata is None else data.metadata.iloc[idx].reset_index(drop=True)
+    return EvaluatedSet(labels=np.asarray(labels, dtype=np.int64), groups=data.groups[idx],
+                        image_ids=data.image_ids[idx], metadata=metadata, raw=raw)
+
+
+def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[str, Any],
+                 options: ClinicalOptions) -> ScoredImages:
+    """Predict, calibrate with model.pt's ``stored`` temperatures, clinical results and the headline metrics."""
+    pixels = np.asarray(images.data.images[images.idx])
+    predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta)
+    clinical = clinical_results(predicted, loaded.class_names, stored, options)
+    scores = score_predictions(images.labels, clinical.probs, loaded.class_names)
+    return ScoredImages(loaded=loaded, images=images, pixels=pixels, clinical=clinical, scores=scores)
+
+
+def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs) -> dict[str, Any]:
+    """Figures, Grad-CAM, report.md and report.html, then metrics.json (last: the folder is complete once it is
+    there); returns the metrics.json document."""
+    from core.gradcam import explain_evaluation
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / filenames.EVALUATION).unlink(missing_ok=True)  # an earlier evaluation's; this one's is written last
+    figures = [*outputs.figures, *write_figures(out, scored)]
+    if outputs.gradcam.per_class > 0:
+        log.info("Grad-CAM galleries (%d examples per class)", outputs.gradcam.per_class)
+    explained = explain_evaluation(scored.loaded.model, explainable(scored), out, scored.loaded.device,
+                                   outputs.gradcam)
+    document = metrics_document(scored.scores, outputs.source,
+                                training=outputs.training() if outputs.training else None,
+                                gradcam=explained.document, clinical=scored.clinical.sections)
+    page = outputs.page(document)
+    write_report(out / filenames.REPORT, ReportInput(
+        title=page.title, facts=page.facts, metrics=scored.scores.metrics, per_class=scored.scores.per_class,
+        figures=figures, galleries=explained.galleries, config=page.config, notes=[*page.notes, *explained.notes],
+        gradcam=explained.document, intervals=headline_intervals(document), interval_note=interval_note(document),
+        tables=report_tables(document), commands=page.commands))
+    write_json(out / filenames.EVALUATION, document)
+    return document
+
+
+def write_figures(out: Path, scored: ScoredImages) -> list[tuple[str, str]]:
+    """Confusion matrix, ROC curves and the reliability diagram into ``out``; returns their (caption, file)."""
+    scores, what = scored.scores, scored.images.what
+    confusion_matrix_figure(scores.confusion, scores.class_names, out / CONFUSION_FIGURE,
+                            title=f"Confusion matrix, {what}")
+    roc_figure(scores.labels, scores.probs, scores.class_names, out / ROC_FIGURE,
+               title=f"ROC curves, {what} (one class vs the rest)")
+    with warnings.catch_warnings():  # empty bins of the diagram
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reliability_figure(scored.clinical.reliability, out / RELIABILITY_FIGURE,
+                           title=f"Reliability diagram, {what}")
+    return [("Confusion matrix", CONFUSION_FIGURE), ("ROC curves", ROC_FIGURE),
+            ("Reliability diagram (before and after calibration)", RELIABILITY_FIGURE)]
+
+
+def explainable(scored: ScoredImages) -> Explainable:
+    """The evaluated images with their labels and probabilities, and their lesion masks where the data has them:
+    what Grad-CAM explains."""
+    from core.gradcam import Explainable
+
+    data, idx, scores = scored.images.data, scored.images.idx, scored.scores
+    masks = {} if data.masks is None else {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
+    return Explainable(scored.pixels, scores.labels, scores.probs, data.image_ids[idx], scores.class_names, **masks)
+
+
+def metrics_document(scores: PredictionScores, source: Mapping[str, Any], training: Mapping[str, Any] | None = None,
                      gradcam: Mapping[str, Any] | None = None,
                      clinical: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The metrics.json of an evaluation (one schema for core.evaluate and core.final_train).
@@ -78,46 +173,13 @@ def metrics_document(ev: Evaluation, source: Mapping[str, Any], training: Mappin
     """
     return {"format": EVALUATION_FORMAT, "version": 1, "status": "complete", "source": dict(source),
             **({"training": dict(training)} if training is not None else {}),
-            **{k: _finite_or_none(v) for k, v in ev.metrics.items()},
-            "n_images": int(len(ev.labels)), "class_names": list(ev.class_names),
-            "per_class": ev.per_class, "confusion_matrix": ev.confusion.tolist(),
+            **{k: finite_or_none(v) for k, v in scores.metrics.items()},
+            "n_images": int(len(scores.labels)), "class_names": list(scores.class_names),
+            "per_class": scores.per_class, "confusion_matrix": scores.confusion.tolist(),
             "gradcam": None if gradcam is None else dict(gradcam), **dict(clinical or {})}
 
 
-def write_figures(out: Path, ev: Evaluation, what: str, model: Any, device: Any, explainable: Explainable,
-                  gradcam: GradcamOptions) -> tuple[list[tuple[str, str]], Explained]:
-    """Confusion matrix, ROC curves and Grad-CAM of ``explainable`` (:func:`explainable`) into ``out``."""
-    from core.figures import confusion_matrix_figure, roc_figure
-    from core.gradcam import explain_evaluation
-
-    confusion_matrix_figure(ev.confusion, ev.class_names, out / "confusion_matrix.png",
-                            title=f"Confusion matrix, {what}")
-    roc_figure(ev.labels, ev.probs, ev.class_names, out / "roc_curves.png",
-               title=f"ROC curves, {what} (one class vs the rest)")
-    figures = [("Confusion matrix", "confusion_matrix.png"), ("ROC curves", "roc_curves.png")]
-    if gradcam.per_class > 0:
-        log.info("Grad-CAM galleries (%d examples per class)", gradcam.per_class)
-    return figures, explain_evaluation(model, explainable, out, device, gradcam)
-
-
-def explainable(ev: Evaluation, images_uint8: np.ndarray, data: Any, idx: np.ndarray) -> Explainable:
-    """The images ``idx`` of a Dataset with ``ev``'s labels and probabilities, and their lesion masks where the
-    data has them: what :func:`write_figures` explains."""
-    from core.gradcam import Explainable
-
-    masks = {} if data.masks is None else {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
-    return Explainable(images_uint8, ev.labels, ev.probs, data.image_ids[idx], ev.class_names, **masks)
-
-
-def headline(metrics: Mapping[str, float]) -> str:
-    """One console line of the main metrics."""
-    keys = ("test_balanced_accuracy", "test_accuracy", "test_macro_f1", "test_auc", "test_loss")
-    return ", ".join(f"{k.removeprefix('test_')}={_fmt(metrics.get(k))}" for k in keys)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
-
-
-def _finite_or_none(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)  # JSON has no NaN (an AUC with one class present)
+def data_source(data: Dataset) -> dict[str, Any]:
+    """metrics.json's ``source.data``: the dataset an evaluation read."""
+    return {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,
+            "class_names": list(data.class_names)}

@@ -187,3 +187,23 @@ def _pct(value: float | None) -> str:
 
 def _none_if_nan(value: float) -> float | None:
     return None if math.isnan(value) else value
+
+
+def score_one_map(heat: np.ndarray, mask: np.ndarray | None) -> dict[str, float | bool]:
+    """Energy inside the lesion and pointing hit of one map, when its image has a mask."""
+    if mask is None:
+        return {}
+    return {"energy_inside": float(energy_inside(heat[None], mask[None])[0]),
+            "pointing_hit": bool(pointing_hits(heat[None], mask[None])[0])}
+
+
+def masks_summary_line(maps: np.ndarray, masks: Sequence[np.ndarray | None]) -> str:
+    """Lines under the table: the maps scored against the masks, beside a centred Gaussian's scores."""
+    rows = [i for i, mask in enumerate(masks) if mask is not None]
+    if not rows:
+        return "Grad-CAM: no image has a lesion mask, nothing scored"
+    ours = summarize(maps[rows], np.stack([masks[i] for i in rows]))
+    centred = baselines(np.stack([masks[i] for i in rows]))["centred_gaussian"]
+    return (f"Grad-CAM against {len(rows)} lesion masks: energy inside {ours['energy_inside']:.3f} "
+            f"(centred Gaussian {centred['energy_inside']:.3f}), pointing {ours['pointing']:.3f} "
+            f"(centred Gaussian {centred['pointing']:.3f})")

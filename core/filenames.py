@@ -16,7 +16,8 @@ An evaluation's folder (``core.final_train``, ``core.evaluate``):
 - ``report.md``    the page to read first (core/report.py)
 - ``report.html``  the same page as one file, its figures inside (core/report.py)
 
-A sweep's folder (sweep/outputs.py lists the rest) has its own ``report.html``: the sweep's page (sweep/report.py).
+A sweep's folder (sweep/outputs.py says what each holds) has its own ``report.html``: the sweep's page
+(sweep/report.py), and the names below ``FINAL_DIR``.
 """
 
 CONFIG = "config.json"
@@ -30,3 +31,14 @@ MODEL = "model.pt"
 REPORT = "report.md"
 REPORT_HTML = "report.html"
 BEST_TRIAL = "best.json"
+FINAL_DIR = "final"            # core.final_train's default output folder, beside best.json
+# A sweep's folder (python -m sweep.run).
+SWEEP_SETTINGS = "sweep.json"    # the sweep's settings, read back by --resume (sweep/settings.py)
+SPACE_COPY = "space.yaml"        # the space it searched
+TRIALS_CSV = "trials.csv"        # one row per trial (sweep/outputs.py)
+SUMMARY = "summary.txt"          # the summary printed at the end
+CONFIRM_PLAN = "confirm.json"    # the confirmation runs planned after the search (sweep/confirm.py)
+OPTUNA_DB = "optuna.db"          # the Optuna study (sweep/searcher.py)
+TRIALS_DIR = "trials"            # trials/<id>/: one training run per trial
+TRIAL_RECORD = "trial.json"      # trials/<id>/trial.json: parameters, status, error (sweep/recorder.py)
+TRIAL_NODE = "node.json"         # trials/<id>/node.json: where the trial ran (sweep/trainable.py)

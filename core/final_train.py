@@ -36,15 +36,33 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from core import filenames
 from core.atomic import remove_stale_temps, write_json
-from core.cli import add_evaluation_options, add_run_options, apply_threads, clinical_options
+from core.best_file import SPLITS_ADVICE, BestFile, check_data, read_best
+from core.cli import (add_evaluation_options, add_gallery_options, add_threads_option, apply_threads,
+                      clinical_options)
+from core.clinical import ClinicalOptions, fit_on_val, not_fitted
+from core.config import TrainConfig
+from core.data import Dataset, load_for_config
 from core.errors import UserError, run_cli
+from core.evaluation import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
+                             predict_set, score_images, write_evaluation)
+from core.figures import curves_figure
+from core.inference import LoadedModel, load_for_inference
+from core.metrics import headline
+from core.model import save_model_file
+from core.operating_points import positive_index
+from core.report import show_in_parent_page
 from core.state_files import check_output_dir, read_json_state, reading
+from core.train import RunOptions, train
+
+if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
+    from core.gradcam import GradcamOptions
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +74,7 @@ CHECKPOINT_EVERY_S = 30.0
 EPOCH_MISMATCH = 1.5
 # What to do when a file of an earlier final training in the folder is damaged.
 FINAL_ADVICE = "train again with --no-resume, or use another --out"
+CURVES_FIGURE = "training_curves.png"
 
 
 @dataclass(frozen=True)
@@ -71,9 +90,9 @@ class FinalOptions:
     progress: bool = True
     gradcam_layer: str | None = None     # None: chosen by image size (core.gradcam.choose_layer)
     gradcam_method: str | None = None    # None: core.gradcam.DEFAULT_METHOD
-    evaluation: Any = None               # core.clinical.ClinicalOptions (TTA, calibration, ...); None: the defaults
+    evaluation: ClinicalOptions = ClinicalOptions()   # TTA, calibration, positive class, bootstrap
 
-    def gradcam(self) -> Any:
+    def gradcam(self) -> GradcamOptions:
         """The Grad-CAM fields as a core.gradcam.GradcamOptions."""
         from core.gradcam import DEFAULT_METHOD, GradcamOptions
 
@@ -87,29 +106,29 @@ class FinalResult:
     report: Path
 
 
+@dataclass(frozen=True)
+class FinalRun:
+    """The final training in hand: where it came from, its config, data and folder, and how it went."""
+
+    best: BestFile
+    cfg: TrainConfig
+    data: Dataset
+    out: Path
+    train_splits: tuple[str, ...]
+    history: list[dict[str, float]]
+    chosen_epoch: int
+    started: float                # time.perf_counter() when the command started
+
+
 def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -> FinalResult:
     """Retrain, evaluate on the test split and write every output; see the module docstring."""
-    from core.best_file import SPLITS_ADVICE, check_data, read_best
-    from core.clinical import ClinicalOptions, evaluate_clinically, predict_set, write_reliability
-    from core.config import TrainConfig
-    from core.data import load_for_config
-    from core.evaluation import evaluate_probs, explainable, metrics_document, write_figures
-    from core.figures import curves_figure
-    from core.inference import load_for_inference
-    from core.model import save_model_file
-    from core.operating_points import positive_index
-    from core.report import update_sweep_page
-
-    evaluation = options.evaluation or ClinicalOptions()
     started = time.perf_counter()
     best = read_best(best_path)
-    tuned_epochs = best.config.epochs
-    cfg = TrainConfig.from_dict({"epochs": tuned_epochs if options.epochs is None else options.epochs},
-                                base=best.config)
-    cfg = cfg.with_overrides(options.overrides)
-    _warn_epoch_mismatch(cfg.epochs, tuned_epochs)
+    cfg = TrainConfig.from_dict({"epochs": best.config.epochs if options.epochs is None else options.epochs},
+                                base=best.config).with_overrides(options.overrides)
+    _warn_epoch_mismatch(cfg.epochs, best.config.epochs)
     check_data(best)
-    out = check_output_dir(options.out_dir if options.out_dir is not None else best.folder / "final", "--out")
+    out = check_output_dir(options.out_dir if options.out_dir is not None else best.folder / filenames.FINAL_DIR, "--out")
     train_splits = ("train", "val") if options.train_on_val else ("train",)
     _claim_folder(out, best, train_splits, options.resume)
 
@@ -119,50 +138,53 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     if len(test_idx) == 0:
         raise UserError(f"{best.path}: the sweep's split has no test images (test_fraction="
                         f"{best.config.test_fraction}); nothing to evaluate the final model on")
-    positive_index(data.class_names, evaluation.positive_class)  # a class the data lacks fails before training
+    positive_index(data.class_names, options.evaluation.positive_class)  # a class the data lacks fails first
 
     history, chosen_epoch = _train_or_reuse(cfg, data, out, train_splits, options)
+    run = FinalRun(best, cfg, data, out, train_splits, history, chosen_epoch, started)
     loaded = load_for_inference(out / filenames.BEST_CHECKPOINT, cfg.device, advice=FINAL_ADVICE)
-    fitted = _fit_on_val(loaded, data, options.train_on_val, evaluation.positive_class)
-    images = np.asarray(data.images[test_idx])
+    fitted = _fit_on_val(loaded, data, options.train_on_val, options.evaluation.positive_class)
     log.info("evaluating epoch %d on the %d test images%s", chosen_epoch, len(test_idx),
-             " (with and without TTA)" if evaluation.tta else "")
-    predicted = predict_set(loaded, images, data, test_idx, data.labels[test_idx], evaluation.tta)
-    clinical = evaluate_clinically(predicted, data.class_names, fitted, evaluation)
-    ev = evaluate_probs(data.labels[test_idx], clinical.probs, data.class_names)
-
-    chosen = history[chosen_epoch - 1]
-    save_model_file(out / filenames.MODEL, loaded.model, data.class_names, cfg.to_dict(),
-                    {"epoch": chosen_epoch, "metrics": {**chosen, **ev.metrics}, **fitted})
-    curves_figure(history, out / "training_curves.png", best_epoch=chosen_epoch, title="Training curves"
-                  + (" (trained on train+val: val is not held out)" if options.train_on_val else ""))
-    figures, explained = write_figures(out, ev, "test split", loaded.model, loaded.device,
-                                       explainable(ev, images, data, test_idx), options.gradcam())
-    figures = [("Loss and metrics per epoch", "training_curves.png"), *figures,
-               write_reliability(out, clinical, "test split")]
-
-    counts = {split: int(len(data.indices(split))) for split in ("train", "val", "test")}
-    document = metrics_document(ev, source={
-        "model": str((out / filenames.MODEL).resolve()), "split": "test",
-        "data": {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,
-                 "class_names": list(data.class_names)}}, training={
-        "best_json": str(best.path.resolve()), "trial_id": best.trial_id,
-        "sweep_metric": {"name": best.metric_name, "value": best.metric_value, "mode": best.metric_mode},
-        "tuned_epochs": tuned_epochs, "epochs": cfg.epochs, "train_splits": list(train_splits),
-        "split_sizes": counts, "chosen_epoch": chosen_epoch,
-        "chosen_by": "last epoch" if options.train_on_val else cfg.select_metric, "epochs_run": len(history),
-        "chosen_epoch_metrics": chosen, "device": str(loaded.device), "wall_s": time.perf_counter() - started},
-        gradcam=explained.document, clinical=clinical.sections)
-    _write_final_report(out, document, best, cfg, figures, explained)
-    write_json(out / filenames.EVALUATION, document)  # last: the folder is complete once it is there
-    update_sweep_page(best.folder, out)  # the sweep's report.html gains this final model's section
+             " (with and without TTA)" if options.evaluation.tta else "")
+    scored = score_images(loaded, EvaluatedImages(data, test_idx, data.labels[test_idx], "test split"), fitted,
+                          options.evaluation)
+    document = _write_outputs(run, scored, fitted, options)
+    # The sweep's report.html (where it has a slot for final/) shows this model without being rendered again.
+    show_in_parent_page(out, best.folder)
     return FinalResult(out_dir=out, metrics=document, report=out / filenames.REPORT)
 
 
-def _fit_on_val(loaded: Any, data: Any, train_on_val: bool, positive_class: str | None) -> dict[str, Any]:
-    """Calibration temperatures and operating thresholds chosen on the validation split (stored in model.pt)."""
-    from core.clinical import fit_on_val, not_fitted, predict_set
+def _write_outputs(run: FinalRun, scored: ScoredImages, fitted: Mapping[str, Any],
+                   options: FinalOptions) -> dict[str, Any]:
+    """model.pt (with what was fitted on val), the training curves, then the evaluation's folder."""
+    out, chosen = run.out, run.history[run.chosen_epoch - 1]
+    save_model_file(out / filenames.MODEL, scored.loaded.model, run.data.class_names, run.cfg.to_dict(),
+                    {"epoch": run.chosen_epoch, "metrics": {**chosen, **scored.scores.metrics}, **fitted})
+    curves_figure(run.history, out / CURVES_FIGURE, best_epoch=run.chosen_epoch, title="Training curves"
+                  + (" (trained on train+val: val is not held out)" if options.train_on_val else ""))
+    source = {"model": str((out / filenames.MODEL).resolve()), "split": "test", "data": data_source(run.data)}
+    return write_evaluation(out, scored, EvaluationOutputs(
+        source=source, gradcam=options.gradcam(), training=_training_section(run, str(scored.loaded.device)),
+        page=lambda document: _final_page(run, document), figures=[("Loss and metrics per epoch", CURVES_FIGURE)]))
 
+
+def _training_section(run: FinalRun, device: str) -> Callable[[], dict[str, Any]]:
+    """metrics.json's ``training``: made when the document is, so that ``wall_s`` counts the figures too."""
+    best, cfg = run.best, run.cfg
+    counts = {split: int(len(run.data.indices(split))) for split in ("train", "val", "test")}
+    return lambda: {
+        "best_json": str(best.path.resolve()), "trial_id": best.trial_id,
+        "sweep_metric": {"name": best.metric_name, "value": best.metric_value, "mode": best.metric_mode},
+        "tuned_epochs": best.config.epochs, "epochs": cfg.epochs, "train_splits": list(run.train_splits),
+        "split_sizes": counts, "chosen_epoch": run.chosen_epoch,
+        "chosen_by": "last epoch" if "val" in run.train_splits else cfg.select_metric,
+        "epochs_run": len(run.history), "chosen_epoch_metrics": run.history[run.chosen_epoch - 1],
+        "device": device, "wall_s": time.perf_counter() - run.started}
+
+
+def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
+                positive_class: str | None) -> dict[str, Any]:
+    """Calibration temperatures and operating thresholds chosen on the validation split (stored in model.pt)."""
     val_idx = data.indices("val")
     if train_on_val or len(val_idx) == 0:
         reason = ("trained on train+val, so no split is held out to fit on (never fitted on training images)"
@@ -182,7 +204,7 @@ def _warn_epoch_mismatch(epochs: int, tuned_epochs: int) -> None:
                     tuned_epochs, epochs, "over-fitting" if epochs > tuned_epochs else "under-training")
 
 
-def _claim_folder(out: Path, best: Any, train_splits: tuple[str, ...], resume: bool) -> None:
+def _claim_folder(out: Path, best: BestFile, train_splits: tuple[str, ...], resume: bool) -> None:
     """Record where this folder's run comes from; refuse to resume one from other settings. Withdraws the
     folder's evaluation (a run killed from here on leaves none) and a killed run's temporary files."""
     source = {"best_json": str(best.path.resolve()), "trial_id": best.trial_id, "train_splits": list(train_splits)}
@@ -197,15 +219,13 @@ def _claim_folder(out: Path, best: Any, train_splits: tuple[str, ...], resume: b
     write_json(out / SOURCE_FILE, source)
 
 
-def _train_or_reuse(cfg: Any, data: Any, out: Path, train_splits: tuple[str, ...],
+def _train_or_reuse(cfg: TrainConfig, data: Dataset, out: Path, train_splits: tuple[str, ...],
                     options: FinalOptions) -> tuple[list[dict[str, float]], int]:
     """Train (or resume); a folder whose training finished with this config is evaluated again as it is.
 
     Returns the history and the chosen epoch (the best by ``select_metric``, or the last on train+val),
     whose weights are in best.pt.
     """
-    from core.train import RunOptions, train
-
     finished = _finished_training(out, cfg) if options.resume else None
     if finished is not None:
         log.info("%s already holds the finished training of this config: evaluating it again", out)
@@ -237,14 +257,11 @@ class EpochBar:
         self.bar.close()
 
 
-def _write_final_report(out: Path, document: dict[str, Any], best: Any, cfg: Any, figures: list,
-                        explained: Any) -> None:
-    """report.md from the metrics.json document (so the page and the file never disagree)."""
-    from core.clinical import headline_intervals, interval_note, report_tables
-    from core.report import ReportInput, write_report
-
-    run, data = document["training"], document["source"]["data"]
-    counts, train_on_val = run["split_sizes"], "val" in run["train_splits"]
+def _final_page(run: FinalRun, document: Mapping[str, Any]) -> ReportPage:
+    """report.md's title, facts, notes and commands, from the metrics.json document (so they never disagree)."""
+    best, cfg, out = run.best, run.cfg, run.out
+    training, data = document["training"], document["source"]["data"]
+    counts, train_on_val = training["split_sizes"], "val" in training["train_splits"]
     chosen_by = "the last epoch" if train_on_val else f"best `{cfg.select_metric}`"
     facts = [
         ("source", f"`{best.path.resolve()}`, trial `{best.trial_id}` ({best.metric_name} = "
@@ -253,43 +270,32 @@ def _write_final_report(out: Path, document: dict[str, Any], best: Any, cfg: Any
                  f"`{data['fingerprint'][:12]}`)"),
         ("split", f"{counts['train']} train / {counts['val']} val / {counts['test']} test images, the sweep's "
                   f"split (`{best.splits_file.name}`), grouped by lesion"),
-        ("training", f"{run['epochs_run']} epochs on {' + '.join(run['train_splits'])} (the sweep's trials ran "
-                     f"{run['tuned_epochs']}), {cfg.image_size} px, on {run['device']}; model = epoch "
-                     f"{run['chosen_epoch']} ({chosen_by})"
+        ("training", f"{training['epochs_run']} epochs on {' + '.join(training['train_splits'])} (the sweep's "
+                     f"trials ran {training['tuned_epochs']}), {cfg.image_size} px, on {training['device']}; model = "
+                     f"epoch {training['chosen_epoch']} ({chosen_by})"
                      + (f", an EMA of the weights (decay {cfg.ema_decay:g})" if cfg.ema_decay else "")),
-        ("evaluated", f"{counts['test']} test images, never seen by the sweep; took {run['wall_s'] / 60:.1f} min "
-                      f"in all"),
+        ("evaluated", f"{counts['test']} test images, never seen by the sweep; took {training['wall_s'] / 60:.1f} "
+                      f"min in all"),
         ("model file", "`model.pt` (load with `core.model.load_model_file`)"),
     ]
-    notes = []
-    if train_on_val:
-        notes.append("Trained on train+val: the validation curves are measured on training images and say nothing "
-                     "of generalisation; the test metrics do.")
-    notes += explained.notes
+    notes = ["Trained on train+val: the validation curves are measured on training images and say nothing of "
+             "generalisation; the test metrics do."] if train_on_val else []
     model = out / filenames.MODEL
-    metrics = {k: v for k, v in document.items() if k.startswith("test_")}
-    write_report(out / filenames.REPORT, ReportInput(
-        title=f"Final model of sweep {best.folder.name}", facts=facts, metrics=metrics,
-        per_class=document["per_class"], figures=figures, galleries=explained.galleries, config=cfg.to_dict(),
-        notes=notes, gradcam=document.get("gradcam"), intervals=headline_intervals(document),
-        interval_note=interval_note(document), tables=report_tables(document),
+    return ReportPage(
+        title=f"Final model of sweep {best.folder.name}", facts=facts, notes=notes, config=cfg.to_dict(),
         commands=[("Evaluate this model on another dataset (an external test set)",
                    f"python -m core.evaluate {model} --data PATH --split all --out {out / 'external'}"),
                   ("Predict images, with Grad-CAM overlays",
                    f"python -m core.predict {model} IMAGE... --gradcam {out / 'predictions'}"),
-                  ("Curves in TensorBoard", f"tensorboard --logdir {out}")]))
+                  ("Curves in TensorBoard", f"tensorboard --logdir {out}")])
 
 
-def _finished_training(out: Path, cfg: Any) -> tuple[list[dict[str, float]], int] | None:
+def _finished_training(out: Path, cfg: TrainConfig) -> tuple[list[dict[str, float]], int] | None:
     """The history and chosen epoch of a training that finished in ``out`` with ``cfg``, else None.
 
     A damaged run.json or metrics.csv is None too, with a warning: the training then resumes from last.pt,
     which holds the whole history, and writes both again.
     """
-    import pandas as pd
-
-    from core.config import TrainConfig
-
     heal = "resuming from last.pt writes it again"
     try:
         done = read_json_state(out / filenames.RUN_STATE, heal) or {}
@@ -317,9 +323,6 @@ def _finished_training(out: Path, cfg: Any) -> tuple[list[dict[str, float]], int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from core.config import TrainConfig
-    from core.evaluation import headline
-
     parser = argparse.ArgumentParser(
         prog="python -m core.final_train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
@@ -333,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-on-val", action="store_true",
                         help="train on train+val and keep the last epoch (val no longer held out)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training")
-    add_run_options(parser)
+    add_gallery_options(parser)
+    add_threads_option(parser)
     add_evaluation_options(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)

@@ -178,3 +178,13 @@ def load_masks(mask_paths: Sequence[Path | None], image_paths: Sequence[Path], i
     except OSError as exc:  # a read-only or full cache folder costs speed, not the run
         logger.warning("could not write the mask cache %s (%s); next run decodes again", path, exc)
     return masks, present
+
+
+def read_masks(paths: Sequence[str], masks_dir: str, size: int) -> list[np.ndarray | None]:
+    """Each image's lesion mask from ``masks_dir`` at ``size`` px, None where it has none."""
+    if not Path(masks_dir).is_dir():
+        raise UserError(f"{masks_dir}: no such folder of lesion masks")
+    found = [mask_beside(path, masks_dir) for path in paths]
+    if not any(found):
+        logger.warning("no lesion mask for any image in %s (looked for <image name>_segmentation.png)", masks_dir)
+    return [None if mask is None else decode_mask(mask, path, size) for path, mask in zip(paths, found)]

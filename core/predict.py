@@ -12,6 +12,9 @@ DIR`` saves ``DIR/<image name>_gradcam.png``, the heat map of the predicted clas
 With ``--masks MASK_DIR`` (holding ``<image name>_segmentation.png`` or ``<image name>.png``, the
 image's size) each map is also scored against the lesion mask, whose outline the overlay draws:
 the share of the map inside the lesion and whether its peak is (core/explain_scores.py).
+
+This module is the command: reading the images, the table and the JSON it prints; the model is used through
+core/inference.py, Grad-CAM through core/gradcam.py.
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ from typing import Sequence
 
 import numpy as np
 
-from core.cli import add_gradcam_options, add_prediction_options
+from core.cli import add_device_option, add_gradcam_options, add_prediction_options
 from core.errors import UserError, run_cli
+from core.explain_scores import masks_summary_line, score_one_map
+from core.image_cache import decode_image
+from core.inference import LoadedModel, load_for_inference
+from core.masks import read_masks
+from core.state_files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,34 @@ def overlay_names(paths: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.gradcam:
+        check_output_dir(args.gradcam, "--gradcam")
+    if args.masks and not args.gradcam:
+        raise UserError("--masks scores Grad-CAM maps: give --gradcam DIR as well")
+    loaded = load_for_inference(args.checkpoint, args.device)
+    size = int(loaded.meta["image_size"])
+    # Every image is read before any work, so a bad one fails the command at once, by name.
+    images = np.stack([decode_image(path, size) for path in args.images])
+    masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
+    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration)
+    temperature = loaded.temperature(args.tta)
+    log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
+             "not calibrated (--no-calibration)" if args.no_calibration else
+             "not calibrated: the model file holds no temperature" if temperature is None else
+             f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
+    rows = predictions_json(args.images, probs, list(loaded.class_names))
+    scores = _overlays(args, loaded, images, probs, masks, rows) if args.gradcam else None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(args.images, probs, list(loaded.class_names)))
+        if scores:
+            print(scores)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m core.predict", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0],
@@ -76,89 +112,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="lesion masks (<image name>_segmentation.png or <image name>.png): score each "
                              "Grad-CAM map against its image's mask (with --gradcam)")
     add_gradcam_options(parser)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_option(parser)
     add_prediction_options(parser)
-    args = parser.parse_args(argv)
-    if args.gradcam:
-        from core.state_files import check_output_dir
-
-        check_output_dir(args.gradcam, "--gradcam")
-
-    from core.gradcam import DEFAULT_METHOD
-    from core.image_cache import decode_image
-    from core.inference import load_for_inference
-
-    if args.masks and not args.gradcam:
-        raise UserError("--masks scores Grad-CAM maps: give --gradcam DIR as well")
-    loaded = load_for_inference(args.checkpoint, args.device)
-    class_names = list(loaded.class_names)
-    size = int(loaded.meta["image_size"])
-    # Every image is read before any work, so a bad one fails the command at once, by name.
-    images = np.stack([decode_image(path, size) for path in args.images])
-    masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
-    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration)
-    temperature = loaded.temperature(args.tta)
-    log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
-             "not calibrated (--no-calibration)" if args.no_calibration else
-             "not calibrated: the model file holds no temperature" if temperature is None else
-             f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
-    rows = predictions_json(args.images, probs, class_names)
-    scores = None
-    if args.gradcam:
-        from core.gradcam import gradcam_maps, save_overlay
-
-        out = Path(args.gradcam)
-        maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device,
-                            layer=args.gradcam_layer, method=args.gradcam_method or DEFAULT_METHOD)
-        for image, heat, name, mask, row in zip(images, maps, overlay_names(args.images), masks, rows):
-            save_overlay(image, heat, out / name, mask=mask)
-            row["gradcam"] = {"overlay": str(out / name), **score_one(heat, mask)}
-        log.info("Grad-CAM overlays of the predicted classes in %s", out)
-        if args.masks:
-            scores = masks_summary(maps, masks)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(format_table(args.images, probs, class_names))
-        if scores:
-            print(scores)
-    return 0
+    return parser
 
 
-def read_masks(paths: Sequence[str], masks_dir: str, size: int) -> list[np.ndarray | None]:
-    """Each image's lesion mask from ``masks_dir`` at ``size`` px, None where it has none."""
-    from core.masks import decode_mask, mask_beside
+def _overlays(args: argparse.Namespace, loaded: LoadedModel, images: np.ndarray, probs: np.ndarray,
+              masks: Sequence[np.ndarray | None], rows: list[dict]) -> str | None:
+    """Each image's overlay of the predicted class's map into --gradcam, noted in its row; with --masks, the
+    line that scores the maps against the masks."""
+    from core.gradcam import DEFAULT_METHOD, gradcam_maps, save_overlay
 
-    if not Path(masks_dir).is_dir():
-        raise UserError(f"{masks_dir}: no such folder of lesion masks")
-    found = [mask_beside(path, masks_dir) for path in paths]
-    if not any(found):
-        log.warning("no lesion mask for any image in %s (looked for <image name>_segmentation.png)", masks_dir)
-    return [None if mask is None else decode_mask(mask, path, size) for path, mask in zip(paths, found)]
-
-
-def score_one(heat: np.ndarray, mask: np.ndarray | None) -> dict[str, float | bool]:
-    """Energy inside the lesion and pointing hit of one map, when its image has a mask."""
-    from core.explain_scores import energy_inside, pointing_hits
-
-    if mask is None:
-        return {}
-    return {"energy_inside": float(energy_inside(heat[None], mask[None])[0]),
-            "pointing_hit": bool(pointing_hits(heat[None], mask[None])[0])}
-
-
-def masks_summary(maps: np.ndarray, masks: Sequence[np.ndarray | None]) -> str:
-    """Lines under the table: the maps scored against the masks, beside a centred Gaussian's scores."""
-    from core.explain_scores import baselines, summarize
-
-    rows = [i for i, mask in enumerate(masks) if mask is not None]
-    if not rows:
-        return "Grad-CAM: no image has a lesion mask, nothing scored"
-    ours = summarize(maps[rows], np.stack([masks[i] for i in rows]))
-    centred = baselines(np.stack([masks[i] for i in rows]))["centred_gaussian"]
-    return (f"Grad-CAM against {len(rows)} lesion masks: energy inside {ours['energy_inside']:.3f} "
-            f"(centred Gaussian {centred['energy_inside']:.3f}), pointing {ours['pointing']:.3f} "
-            f"(centred Gaussian {centred['pointing']:.3f})")
+    out = Path(args.gradcam)
+    maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device,
+                        layer=args.gradcam_layer, method=args.gradcam_method or DEFAULT_METHOD)
+    for image, heat, name, mask, row in zip(images, maps, overlay_names(args.images), masks, rows):
+        save_overlay(image, heat, out / name, mask=mask)
+        row["gradcam"] = {"overlay": str(out / name), **score_one_map(heat, mask)}
+    log.info("Grad-CAM overlays of the predicted classes in %s", out)
+    return masks_summary_line(maps, masks) if args.masks else None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ intervals, ``0.640 [0.61, 0.67]``), the per-class table, further tables (lesion 
 operating points, subgroups: core/clinical.py), the figures and the configuration. Both files come from
 one :class:`ReportInput`: report.md links the figure files beside it; report.html embeds them (base64: the
 diagrams as PNG, the Grad-CAM galleries as JPEG) so that the one file can be shared, and holds no script.
-The sweep's page (sweep/report.py) embeds report.html's ``<article>`` as its final-model section.
+The sweep's page (sweep/report.py) embeds report.html's ``<article>`` as its final-model section, in slots that
+:func:`show_in_parent_page` fills when core.final_train ends.
 """
 
 from __future__ import annotations
@@ -159,22 +160,63 @@ def write_report(path: str | os.PathLike, report: ReportInput) -> None:
     write_text(path.parent / filenames.REPORT_HTML, render_report_html(report, path.parent))
 
 
-def update_sweep_page(sweep_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
-    """Rewrite the sweep's report.html (sweep/report.py) so that it shows the final model in ``final_dir``."""
-    # An optional import on purpose: core needs neither Optuna, Ray nor plotly (the GPU image has none of them),
-    # and a best.json need not sit in a sweep folder. The page is a view: without it, nothing is lost.
+# --- a page that shows a final training's report (the sweep's report.html) -----------------------------------
+# Such a page, in the folder above the final training's, holds two slots: a link in its own text and the
+# report's article. sweep/report.py writes them, filled by :func:`final_link` and :func:`final_section` (or its
+# own words while there is no report yet); when core.final_train ends, :func:`show_in_parent_page` fills them
+# in place, so the page shows the new model at once without core knowing what wrote it.
+_SLOT = "<!-- final-report:{part}:{name}:{edge} -->"
+
+
+def slot(part: str, final_name: str, content: str) -> str:
+    """``content`` between the markers of slot ``part`` ('link' or 'section') for the final folder ``final_name``."""
+    return (f"{_SLOT.format(part=part, name=final_name, edge='begin')}{content}"
+            f"{_SLOT.format(part=part, name=final_name, edge='end')}")
+
+
+def final_link() -> str:
+    """The link slot's text once the final model's report is there."""
+    return '<p>Retrained and tested: <a href="#final">the final model</a>.</p>'
+
+
+def final_section(final_dir: str | os.PathLike) -> str | None:
+    """The section slot's content: the article of ``final_dir``'s report.html; None while it has none."""
+    final_dir = Path(final_dir)
     try:
-        from sweep.report import is_sweep, write_sweep_report
-    except ImportError as exc:
-        log.info("sweep page not updated (sweep/ not importable here: %s)", exc)
-        return
-    sweep_dir = Path(sweep_dir)
-    if not is_sweep(sweep_dir):
-        log.info("sweep page not updated: %s is not a sweep folder", sweep_dir)
-    elif Path(final_dir).resolve() != (sweep_dir / "final").resolve():
-        log.info("sweep page not updated: it shows %s, not %s", sweep_dir / "final", final_dir)
-    else:
-        write_sweep_report(sweep_dir)
+        article = report_article((final_dir / filenames.REPORT_HTML).read_text(encoding="utf-8"))
+    except OSError:
+        return None
+    if article is None:
+        return None
+    name = final_dir.name
+    return (f'<p class="muted">From <a href="{name}/{filenames.REPORT_HTML}">{name}/{filenames.REPORT_HTML}</a> '
+            f'(also <a href="{name}/{filenames.REPORT}">{name}/{filenames.REPORT}</a>).</p>\n{article}')
+
+
+def show_in_parent_page(final_dir: str | os.PathLike, parent_dir: str | os.PathLike) -> bool:
+    """Fill the slots of ``parent_dir``'s report.html with ``final_dir``'s report; False where it has none.
+
+    The page is a view: a page without slots for ``final_dir`` (none there, one written before slots existed,
+    or ``final_dir`` elsewhere) is left as it is, and the log says how to rewrite it.
+    """
+    final_dir, page = Path(final_dir), Path(parent_dir) / filenames.REPORT_HTML
+    section = final_section(final_dir)
+    text = None
+    if section is not None and page.is_file() and final_dir.resolve().parent == page.parent.resolve():
+        text = page.read_text(encoding="utf-8")
+        for part, content in (("link", final_link()), ("section", section)):
+            begin, end = (_SLOT.format(part=part, name=final_dir.name, edge=edge) for edge in ("begin", "end"))
+            start, stop = text.find(begin), text.find(end)
+            text = text[:start + len(begin)] + content + text[stop:] if 0 <= start < stop else None
+            if text is None:
+                break
+    if text is None:
+        log.info("%s does not show %s (no slot for it there); a sweep's page is rewritten with: python -m "
+                 "sweep.report %s", page, final_dir, parent_dir)
+        return False
+    write_text(page, text)
+    log.info("%s now shows %s", page, final_dir)
+    return True
 
 
 # --- report.html -----------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     python -m sweep.report results/<sweep>
 
 ``python -m sweep.run`` writes it at the end of every sweep and of every ``--resume``, and
-``python -m core.final_train`` rewrites it so that it gains the final model's section. Run the
+``python -m core.final_train`` fills its final-model slots when it ends (core/report.py). Run the
 command to see a sweep that is still running (running trials are shown as such; files not yet
 written are skipped).
 
@@ -42,6 +42,8 @@ import pandas as pd
 
 from core import atomic, filenames
 from core.errors import UserError, run_cli
+from core.filenames import BEST_TRIAL, FINAL_DIR
+from core.report import STYLE, final_link, final_section, slot
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +131,9 @@ def read_sweep(folder: str | Path) -> Sweep:
     mode = "min" if metric.endswith("loss") else "max"
     names = tuple(space.names) if space is not None else ()
     table = None
-    if (folder / "trials.csv").is_file():
+    if (folder / filenames.TRIALS_CSV).is_file():
         try:
-            table = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+            table = pd.read_csv(folder / filenames.TRIALS_CSV, dtype={"trial_id": str})
         except (OSError, ValueError) as exc:
             notes.append(f"trials.csv not read: {exc}")
     # Trials that started after trials.csv was last written (it is rewritten at each trial's end).
@@ -168,7 +170,7 @@ def _with_state(table: pd.DataFrame, records: Mapping[str, Mapping[str, Any]]) -
 
 def _read_study(folder: Path, name: str, notes: list[str]) -> Any | None:
     """optuna.db opened read-only (the sweep may be writing it); None where it is not there yet."""
-    path = folder / "optuna.db"
+    path = folder / filenames.OPTUNA_DB
     if not path.is_file():
         return None
     import optuna
@@ -204,8 +206,6 @@ def render(sweep: Sweep, now: float | None = None) -> str:
         ("trials", "Top trials", _trials_section(sweep)),
         ("final", "Final model", _final_section(sweep)),
     ]
-    from core.report import STYLE
-
     running = int((sweep.trials["state"] == "running").sum())
     status = (f"{running} trial(s) running when this page was made: run <code>python -m sweep.report "
               f"{html.escape(str(sweep.folder))}</code> again to refresh it." if running else "")
@@ -420,16 +420,16 @@ def _best_section(sweep: Sweep) -> str:
                 f"(mean of {len(confirmed['values'])} runs' last epochs: the search trial and its confirmation runs)"
                 if confirmed and confirmed.get("values") else "(final epoch)"))]
     rows += [(f"<code>{html.escape(k)}</code>", html.escape(_fmt(v))) for k, v in (best.get("params") or {}).items()]
-    final = sweep.folder / "final" / REPORT_FILE
+    final = sweep.folder / FINAL_DIR / REPORT_FILE
     out = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
     known = {"format", "version", "config", "metric", "trial_id", "data", "splits_file", "checkpoint",
              "code_version", "created", "params", "sweep"}
     for key, value in best.items():  # e.g. the confirmation runs' values, mean and sd
         if key not in known and value not in (None, {}, []):
             out += f"<h3>{html.escape(key.replace('_', ' '))}</h3>{_json_html(value)}"
-    return out + ('<p>Retrained and tested: <a href="#final">the final model</a>.</p>' if final.is_file() else
-                  f"<p>Next: <code>python -m core.final_train {html.escape(str(sweep.folder / 'best.json'))}"
-                  "</code></p>")
+    link = (final_link() if final.is_file() else
+            f"<p>Next: <code>python -m core.final_train {html.escape(str(sweep.folder / BEST_TRIAL))}</code></p>")
+    return out + slot("link", FINAL_DIR, link)
 
 
 def _trials_section(sweep: Sweep) -> str:
@@ -484,18 +484,15 @@ def _trials_section(sweep: Sweep) -> str:
 
 
 def _final_section(sweep: Sweep) -> str:
-    from core.report import report_article
+    """The final model's report, in the slot core.final_train fills when it ends (core/report.py)."""
+    return slot("section", FINAL_DIR, final_section(sweep.folder / FINAL_DIR) or _no_final_report(sweep))
 
-    final = sweep.folder / "final"
-    command = f"python -m core.final_train {sweep.folder / 'best.json'}"
-    page = final / REPORT_FILE
-    if page.is_file():
-        article = report_article(page.read_text(encoding="utf-8"))
-        if article:
-            return (f'<p class="muted">From <a href="final/{REPORT_FILE}">final/{REPORT_FILE}</a> '
-                    f"(also <a href=\"final/report.md\">final/report.md</a>).</p>\n{article}")
-    if (final / "report.md").is_file():
-        return '<p>The final model\'s report: <a href="final/report.md">final/report.md</a>.</p>'
+
+def _no_final_report(sweep: Sweep) -> str:
+    final = sweep.folder / FINAL_DIR
+    command = f"python -m core.final_train {sweep.folder / BEST_TRIAL}"
+    if (final / filenames.REPORT).is_file():
+        return f'<p>The final model\'s report: <a href="final/report.md">final/report.md</a>.</p>'
     if final.is_dir():
         return (f"<p>A final training is in <code>final/</code> but has not finished; its report appears here when "
                 f"it does (<code>{html.escape(command)}</code> resumes it).</p>")
@@ -503,7 +500,6 @@ def _final_section(sweep: Sweep) -> str:
             "evaluates it on the test split and adds its report here.</p>")
 
 
-# --- figures (plotly) -------------------------------------------------------------------------------------
 class Figures:
     """Each method returns the HTML of one figure, or a note saying why there is none (never an empty plot)."""
 
@@ -587,7 +583,7 @@ class Figures:
         metric, table = sweep.metric, sweep.trials
         histories = {}
         for trial_id, epochs_run, state in zip(table["trial_id"].astype(str), table["epochs_run"], table["state"]):
-            path = sweep.folder / "trials" / trial_id / "metrics.csv"
+            path = sweep.folder / filenames.TRIALS_DIR / trial_id / filenames.METRICS_CSV
             try:
                 frame = pd.read_csv(path, usecols=["epoch", metric])
             except (OSError, ValueError):  # not written yet (a trial in its first epoch), or being replaced
