@@ -163,7 +163,8 @@ def _run_all(args: Any, data_path: Path, data: Any, plans: dict[str, dict[str, A
         for method in args.methods:
             started = time.time()
             log.info("seed %d: %s", seed, method)
-            run = _method_run(args, data_path, data, method, plans[method], ema_decay, seed, results_root)
+            plan = {**plans[method], "ema_decay": ema_decay if method == "long-ema" else 0.0}
+            run = _method_run(args, data_path, data, method, plan, seed, results_root)
             run.update(method=method, seed=seed, wall_s=round(time.time() - started, 1))
             runs.append(run)
             print(f"seed {seed} {method}: trial val {run['trial']['val']:.4f} test "
@@ -174,16 +175,17 @@ def _run_all(args: Any, data_path: Path, data: Any, plans: dict[str, dict[str, A
     return runs
 
 
-def _method_run(args: Any, data_path: Path, data: Any, method: str, plan: dict[str, Any], ema_decay: float,
-                seed: int, results_root: Path) -> dict[str, Any]:
-    """One sweep and the final training of its winner, both scored on the test split."""
+def _method_run(args: Any, data_path: Path, data: Any, method: str, plan: dict[str, Any], seed: int,
+                results_root: Path) -> dict[str, Any]:
+    """One sweep and the final training of its winner, both scored on the test split; ``plan``: the method's trial
+    count and length, and its ``ema_decay`` (0: none)."""
     import pandas as pd
 
     from core import filenames
     from core.final_train import FinalOptions, final_train
     from sweep.settings import SETTINGS_FILE, SweepSettings
 
-    overrides = (*args.overrides, f"seed={seed}") + ((f"ema_decay={ema_decay}",) if method == "long-ema" else ())
+    overrides = (*args.overrides, f"seed={seed}") + ((f"ema_decay={plan['ema_decay']}",) if plan["ema_decay"] else ())
     name = f"{method}-seed{seed}"
     chosen = sweep_run(SweepSettings(
         name=name, results=str(results_root), space=args.space, data=str(data_path), metric=METRIC,

@@ -3,7 +3,7 @@
     python -m bench.report_size                                  # a generated 500-trial sweep, 30 epochs
     python -m bench.report_size --trials 500 --epochs 50 --sweep results/ham-report --out report-size.json
 
-Generates a sweep folder of ``--trials`` trials without training (bench/synthetic_sweep.py: optuna.db,
+Generates a sweep folder of ``--trials`` trials without training (tests/synthetic_sweep.py: optuna.db,
 trials.csv, every trial's metrics.csv; complete, stopped early, failed and running trials and
 confirmation runs), writes its page with ``python -m sweep.report``'s code, and prints, for it and
 for each ``--sweep`` folder given: the time to write the page, its size (plotly.js and each section),
@@ -11,7 +11,7 @@ and its load time in headless Chromium (median of ``--repeats``): the page's own
 script ran (``performance.now()``: parsing, plotly.js and drawing every figure) and the browser
 process's wall time, from which an empty page's is subtracted (Chromium's start and exit); and what
 each figure adds to the drawing time (a page of plotly.js and that figure alone).
-Without Chromium (bench/browser.py finds it) only the sizes and write times are measured.
+Without Chromium (tests/browser.py finds it) only the sizes and write times are measured.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from core import atomic
+from core import atomic, filenames
 from core.errors import UserError, run_cli
+from sweep.report import REPORT_FILE, read_sweep
+from sweep.report import render as render_page
+from tests.browser import find_chromium, render
+from tests.synthetic_sweep import SweepShape, make_sweep
 
 
 def measure(folder: Path, repeats: int, browser: str | None) -> dict[str, Any]:
-    from bench.browser import render
-    from sweep.report import read_sweep, render as render_page, REPORT_FILE
-
     started = time.perf_counter()
     sweep = read_sweep(folder)
     read_s = time.perf_counter() - started
@@ -54,8 +55,6 @@ def measure(folder: Path, repeats: int, browser: str | None) -> dict[str, Any]:
 def figure_costs(page: str, repeats: int, browser: str) -> dict[str, float]:
     """Milliseconds each figure adds to the page's drawing: a page of plotly.js and that figure alone, in
     Chromium, against a page of plotly.js alone (medians of ``repeats``)."""
-    from bench.browser import render
-
     head = page[:page.index("<body>")]
     stamp = '<script>document.body.setAttribute("data-rendered-ms", String(Math.round(performance.now())));</script>'
     figures = dict(re.findall(r'(<div style="height:[^"]*">\s*<div id="fig-(\w+)".*?</script>\s*</div>)', page,
@@ -85,8 +84,6 @@ def parts(page: str) -> dict[str, int]:
 
 
 def empty_page_wall_s(repeats: int, browser: str) -> float:
-    from bench.browser import render
-
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / "empty.html"
         page.write_text("<!DOCTYPE html><html><body>empty</body></html>\n", encoding="utf-8")
@@ -105,11 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", metavar="DIR", help="write the generated sweep here (default: a temporary folder)")
     parser.add_argument("--out", help="write the figures as JSON")
     args = parser.parse_args(argv)
-    from bench.browser import find_chromium
-    from bench.synthetic_sweep import make_sweep
-
     for folder in args.sweep:
-        if not (Path(folder) / "sweep.json").is_file():
+        if not (Path(folder) / filenames.SWEEP_SETTINGS).is_file():
             raise UserError(f"--sweep {folder}: not a sweep folder (no sweep.json)")
     browser = find_chromium()
     if browser is None:
@@ -120,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if generated.exists():
             raise UserError(f"{generated} exists; give another --keep folder")
         started = time.perf_counter()
-        make_sweep(generated, trials=args.trials, epochs=args.epochs, failed=max(1, args.trials // 50),
-                   running=max(1, args.trials // 100), confirm=6)
+        make_sweep(generated, SweepShape(trials=args.trials, epochs=args.epochs, failed=max(1, args.trials // 50),
+                                         running=max(1, args.trials // 100), confirm=6))
         generate_s = time.perf_counter() - started
         results = [measure(generated, args.repeats, browser)] + [measure(Path(f), args.repeats, browser)
                                                                    for f in args.sweep]

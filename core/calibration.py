@@ -37,7 +37,7 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def negative_log_likelihood(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Mean cross-entropy of the true class (the loss of core/evaluation.py)."""
+    """Mean cross-entropy of the true class (the loss of core/evaluation_pipeline.py)."""
     labels = np.asarray(labels, dtype=np.int64)
     return float(-_log_probs(probs)[np.arange(len(labels)), labels].mean())
 

@@ -1,7 +1,7 @@
 """What an evaluation computes beyond the headline metrics: calibration, TTA, lesion level, intervals,
-operating points and subgroups. The evaluation pipeline (core/evaluation.py, used by core.final_train and
+operating points and subgroups. The evaluation pipeline (core/evaluation_pipeline.py, used by core.final_train and
 core.evaluate) goes through here, so their metrics.json carry the same sections. Computing only: the
-report's tables of these sections are core/report_tables.py, the reliability diagram core/figures.py.
+report's tables of these sections are core/evaluation_tables.py, the reliability diagram core/figures.py.
 
 - ``fit_on_val`` (core.final_train only): the calibration temperatures (core/calibration.py) and the
   operating thresholds of the positive class (core/operating_points.py), chosen on the validation split

@@ -26,6 +26,7 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLINGS = ("uniform", "sqrt", "balanced")
+IMAGE_SIZES = (16, 1024)   # the smallest and largest image side, in pixels (config and core.data.load_dataset)
 SELECT_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_auc", "val_loss")
 
 
@@ -108,7 +109,7 @@ class TrainConfig:
             ("effective_beta", 0 <= self.effective_beta < 1, "must be in [0, 1)"),
             ("sampling", self.sampling in SAMPLINGS, f"must be one of {SAMPLINGS}"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
-            ("image_size", 16 <= self.image_size <= 1024, "must be in [16, 1024]"),
+            ("image_size", IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1], "must be in [%d, %d]" % IMAGE_SIZES),
             ("rotation_degrees", 0 <= self.rotation_degrees <= 180, "must be in [0, 180]"),
             ("crop_scale_min", 0.05 <= self.crop_scale_min <= 1, "must be in [0.05, 1]"),
             ("translate", 0 <= self.translate <= 0.5, "must be in [0, 0.5]"),

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from core.config import IMAGE_SIZES
 from core.demo_data import GENERATOR, generate_demo
 from core.errors import UserError, run_cli
 from core.image_cache import decode_image, load_images
@@ -108,8 +109,9 @@ def load_dataset(path: str | Path | None, image_size: int, *, val_fraction: floa
     its image ids must be the dataset's. ``masks``: also read the lesion masks, where the dataset has
     them (False for training, which needs none). Bad input raises :class:`UserError` naming the file or row.
     """
-    if not isinstance(image_size, int) or not 16 <= image_size <= 1024:
-        raise UserError(f"image size must be an integer in [16, 1024], got {image_size!r}")
+    low, high = IMAGE_SIZES
+    if not isinstance(image_size, int) or not low <= image_size <= high:
+        raise UserError(f"image size must be an integer in [{low}, {high}], got {image_size!r}")
     check_fractions(val_fraction, test_fraction)
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if path is None:

@@ -17,7 +17,7 @@ training data's validation split, never on the images evaluated here) and result
 (core/clinical.py).
 
 The evaluation itself (predict, calibrate, clinical results, figures, Grad-CAM, report, metrics.json) is
-core/evaluation.py, shared with core.final_train; this module is the command and what it evaluates.
+core/evaluation_pipeline.py, shared with core.final_train; this module is the command and what it evaluates.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from core.cli import (add_device_option, add_evaluation_options, add_gallery_opt
                       apply_threads, clinical_options, gradcam_options)
 from core.data import load_dataset
 from core.errors import UserError, run_cli
-from core.evaluation import (EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images,
+from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images,
                              write_evaluation)
 from core.inference import LoadedModel, load_for_inference
 from core.metrics import headline, map_labels

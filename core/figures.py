@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from core.atomic import save_figure  # noqa: E402
+from core.calibration import ECE_BINS, expected_calibration_error, reliability_bins  # noqa: E402
 
 DPI = 120
 
@@ -175,8 +176,6 @@ def reliability_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], pat
     confidence in red; on the diagonal a model is calibrated, below it over-confident. Underneath: how
     many images fall in each bin.
     """
-    from core.calibration import ECE_BINS, expected_calibration_error, reliability_bins
-
     fig, axes = plt.subplots(2, len(panels), figsize=(4.8 * len(panels), 6.4), squeeze=False, sharex=True,
                              gridspec_kw={"height_ratios": [4, 1]}, constrained_layout=True)
     edges = np.linspace(0.0, 1.0, ECE_BINS + 1)

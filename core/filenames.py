@@ -11,10 +11,10 @@ A training run's folder (``python -m core.train``, a sweep trial, ``core.final_t
 
 An evaluation's folder (``core.final_train``, ``core.evaluate``):
 
-- ``metrics.json`` the evaluation document (format ``lesion-sweep/evaluation``, core/evaluation.py)
+- ``metrics.json`` the evaluation document (format ``lesion-sweep/evaluation``, core/evaluation_pipeline.py)
 - ``model.pt``     the evaluated model, with its calibration and operating thresholds from val (final training only)
-- ``report.md``    the page to read first (core/report.py)
-- ``report.html``  the same page as one file, its figures inside (core/report.py)
+- ``report.md``    the page to read first (core/evaluation_report.py)
+- ``report.html``  the same page as one file, its figures inside (core/evaluation_report.py)
 
 A sweep's folder (sweep/outputs.py says what each holds) has its own ``report.html``: the sweep's page
 (sweep/report.py), and the names below ``FINAL_DIR``.

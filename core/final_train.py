@@ -19,7 +19,7 @@ no TTA (``--tta``), the operating points and results per metadata subgroup (core
 Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py:
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
 chosen epoch, in core.model's format), ``metrics.json`` (test metrics, per class figures, confusion
-matrix; core/evaluation.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
+matrix; core/evaluation_pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
 ``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the
 page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
 gains it as its final-model section). Running the command again resumes an interrupted training and
@@ -50,14 +50,14 @@ from core.clinical import ClinicalOptions, fit_on_val, not_fitted
 from core.config import TrainConfig
 from core.data import Dataset, load_for_config
 from core.errors import UserError, run_cli
-from core.evaluation import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
+from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
                              predict_set, score_images, write_evaluation)
 from core.figures import curves_figure
 from core.inference import LoadedModel, load_for_inference
 from core.metrics import headline
 from core.model import save_model_file
 from core.operating_points import positive_index
-from core.report import show_in_parent_page
+from core.evaluation_report import show_in_parent_page
 from core.state_files import check_output_dir, read_json_state, reading
 from core.train import RunOptions, train
 

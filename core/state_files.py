@@ -7,8 +7,8 @@ them through here ends the command with ``error: <file>: <what is wrong>; <what 
 2 (core/errors.py) instead of a library's traceback:
 
 - :func:`load_torch`: a PyTorch file; :func:`read_json_state`: a JSON object (absent: None);
-  :func:`check_sqlite`: an SQLite database (Optuna's study); :func:`check_newest`: JSON and pickle files
-  (Ray Tune's experiment state, which Ray itself would skip with a logged traceback and start over);
+  (a sweep's optuna.db and Ray state are checked by sweep/state_check.py, with :func:`file_size` and
+  :func:`short_reason` from here);
 - :func:`reading`: any other reader, e.g. ``with reading(path, advice, KeyError): use(state["model"])``.
 
 :func:`writing` (used by every atomic write, core/atomic.py) turns a full disk (``ENOSPC``, or torch's
@@ -44,7 +44,7 @@ def load_torch(path: str | os.PathLike, advice: str, map_location: Any = "cpu") 
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; {advice}") from None
     except Exception as exc:  # zip errors (a file cut short), unpickling errors (garbage), EOFError (empty)
-        raise UserError(f"{path}: damaged, not a readable PyTorch file ({_size(path)}, {_torch_reason(exc)}); "
+        raise UserError(f"{path}: damaged, not a readable PyTorch file ({file_size(path)}, {_torch_reason(exc)}); "
                         f"{advice}") from None
 
 
@@ -52,8 +52,8 @@ def _torch_reason(exc: Exception) -> str:
     """torch's reason in a few words: its unpickler's complaint is buried in a paragraph about weights_only."""
     detail = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
     if detail is None:
-        return _reason(exc)
-    return f"{type(exc).__name__}: {_reason(detail.group(1)) or 'not a pickle torch can read'}"
+        return short_reason(exc)
+    return f"{type(exc).__name__}: {short_reason(detail.group(1)) or 'not a pickle torch can read'}"
 
 
 def read_json_state(path: str | os.PathLike, advice: str) -> dict[str, Any] | None:
@@ -67,53 +67,6 @@ def read_json_state(path: str | os.PathLike, advice: str) -> dict[str, Any] | No
         return read_json_object(path, "no such file")
 
 
-def check_sqlite(path: str | os.PathLike, advice: str, tables: tuple[str, ...] = ()) -> None:
-    """The SQLite database at ``path`` must exist, pass SQLite's own check and hold ``tables``."""
-    import sqlite3
-    from contextlib import closing
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: missing; {advice}")
-    try:
-        with closing(sqlite3.connect(path)) as db:
-            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
-            present = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.Error as exc:
-        raise UserError(f"{path}: damaged, not a readable SQLite database ({_size(path)}, {_reason(exc)}); "
-                        f"{advice}") from None
-    if verdict != "ok":
-        raise UserError(f"{path}: damaged SQLite database ({_reason(verdict)}); {advice}")
-    missing = [t for t in tables if t not in present]
-    if missing:
-        raise UserError(f"{path}: no table '{missing[0]}' in it ({_size(path)}; cut short or another "
-                        f"database?); {advice}")
-
-
-def check_newest(folder: str | os.PathLike, advice: str, json_files: tuple[str, ...] = (),
-                 pickles: tuple[str, ...] = ()) -> None:
-    """For each glob pattern, the file of ``folder`` that sorts last by name (the newest of timestamped names,
-    as Ray Tune picks its experiment state) must be whole: ``json_files`` parse, ``pickles`` are complete
-    pickle streams (their opcodes are scanned; nothing is loaded)."""
-    import json
-    import pickletools
-
-    for pattern in (*json_files, *pickles):
-        found = sorted(Path(folder).glob(pattern))
-        if not found:
-            continue
-        path = found[-1]
-        try:
-            if pattern in json_files:
-                json.loads(path.read_text(encoding="utf-8"))
-            else:
-                with open(path, "rb") as handle:
-                    for _ in pickletools.genops(handle):
-                        pass
-        except (OSError, ValueError) as exc:  # ValueError: JSON, UTF-8 and pickle opcode errors
-            raise UserError(f"{path}: damaged ({_size(path)}, {_reason(exc)}); {advice}") from None
-
-
 @contextmanager
 def reading(path: str | os.PathLike, advice: str, *damage: type[BaseException]) -> Iterator[None]:
     """Around code that reads ``path``: a UserError naming it gets ``advice``; ``damage`` exceptions become one."""
@@ -125,7 +78,7 @@ def reading(path: str | os.PathLike, advice: str, *damage: type[BaseException]) 
             raise UserError(f"{text}; {advice}") from None
         raise
     except damage as exc:
-        raise UserError(f"{path}: damaged or not what this command expects ({_reason(exc)}); {advice}") from None
+        raise UserError(f"{path}: damaged or not what this command expects ({short_reason(exc)}); {advice}") from None
 
 
 @contextmanager
@@ -212,14 +165,15 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-def _size(path: Path) -> str:
+def file_size(path: Path) -> str:
+    """The size of a file in words, for an error message ("size unknown" where it cannot be read)."""
     try:
         return _bytes(path.stat().st_size)
     except OSError:
         return "size unknown"
 
 
-def _reason(exc: BaseException | str, limit: int = 120) -> str:
+def short_reason(exc: BaseException | str, limit: int = 120) -> str:
     """The first sentence of an error, on one line: library messages go on for paragraphs."""
     text = " ".join(str(exc).split())
     first = text.split(". ")[0].rstrip(".")

@@ -22,9 +22,9 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from ray.tune.search import Searcher
 
-from core import atomic
+from core import atomic, filenames
 
-CONFIRM_FILE = "confirm.json"
+CONFIRM_FILE = filenames.CONFIRM_PLAN
 CONFIRM_FORMAT = "lesion-sweep/confirm"
 CONFIRMS_KEY = "confirms"         # key of a confirmation run's Ray config: the search trial it repeats
 

@@ -4,7 +4,7 @@ Not a command (``python -m sweep.run`` writes these). Layout::
 
     results/<sweep>/
       sweep.json        settings of the sweep (read back by --resume); space.yaml: the space it searched
-      best.json         the best trial, for python -m core.final_train (sweep/best_file.py)
+      best.json         the best trial, for python -m core.final_train (sweep/choose_best.py; schema: core/best_file.py)
       trials.csv        one row per trial: role (search / confirm), status, metric (final and best), epochs,
                         duration, parameters, seed, the search trial a confirmation run repeats, Optuna number
       confirm.json      the confirmation runs planned after the search (sweep/confirm.py)
@@ -30,8 +30,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from core import atomic, filenames
+from sweep.settings import SweepSettings
 
-TRIAL_FILE = "trial.json"
+TRIAL_FILE = filenames.TRIAL_RECORD
 EXPERIMENTS = {"search": "ray", "confirm": "ray-confirm"}   # Ray Tune's folder of each stage (by trial role)
 FINISHED = ("completed", "stopped early", "failed")
 # trials.csv: search trials first, those that ran every epoch ahead of those stopped early (their values are
@@ -41,7 +42,7 @@ _STATUS_ORDER = {"completed": 0, "stopped early": 1, "running": 2, "failed": 3}
 
 
 def trials_dir(sweep_dir: Path) -> Path:
-    return sweep_dir / "trials"
+    return sweep_dir / filenames.TRIALS_DIR
 
 
 def read_trial(sweep_dir: Path, trial_id: str) -> dict[str, Any] | None:
@@ -113,22 +114,22 @@ def set_field(sweep_dir: Path, field: str, values: Mapping[str, Any]) -> None:
 
 def write_trials_csv(sweep_dir: Path, param_names: Sequence[str], metric: str, mode: str) -> pd.DataFrame:
     frame = trials_frame(read_trials(sweep_dir), param_names, metric, mode)
-    atomic.write_text(sweep_dir / "trials.csv", frame.to_csv(index=False))
+    atomic.write_text(sweep_dir / filenames.TRIALS_CSV, frame.to_csv(index=False))
     return frame
 
 
-def summary_text(*, name: str, sweep_dir: Path, frame: pd.DataFrame, best: Mapping[str, Any] | None,
-                 metric: str, param_names: Sequence[str], wall_s: float | None, trials_wanted: int,
-                 confirmation: Sequence[str] = (), study: Sequence[str] = ()) -> str:
-    """The end-of-sweep summary: best parameters and metric, top five, confirmation, the Optuna study,
-    outputs and the next command (``confirmation`` and ``study`` are ready-made lines)."""
+def summary_text(settings: SweepSettings, sweep_dir: Path, frame: pd.DataFrame, best: Mapping[str, Any] | None,
+                 param_names: Sequence[str], wall_s: float | None, sections: Sequence[Sequence[str]] = ()) -> str:
+    """The end-of-sweep summary: best parameters and metric, top five, ``sections`` (ready-made lines: the
+    confirmation, the Optuna study), outputs and the next command; ``sweep_dir`` as the user should see it."""
+    name, metric, trials_wanted = settings.name, settings.metric, settings.trials
     search = frame[frame["role"] == "search"] if not frame.empty else frame
     counts = search["status"].value_counts().to_dict() if not search.empty else {}
     state = ", ".join(f"{counts.get(s, 0)} {s}" for s in FINISHED)
     confirm_runs = len(frame) - len(search)
     lines = [f"sweep '{name}': {len(search)} of {trials_wanted} trials ({state})"
              + (f" and {confirm_runs} confirmation run(s)" if confirm_runs else "")
-             + (f" in {_duration(wall_s)}" if wall_s is not None else "")]
+             + (f" in {duration_text(wall_s)}" if wall_s is not None else "")]
     lines += _best_lines(best, metric, param_names)
     if not search.empty:
         shown = [c for c in ["trial_id", "status", f"{metric}_final", f"{metric}_best", "epochs_run", *param_names]
@@ -138,13 +139,13 @@ def summary_text(*, name: str, sweep_dir: Path, frame: pd.DataFrame, best: Mappi
         top.insert(0, "rank", range(1, len(top) + 1))
         lines += ["", "top 5 (trials that ran every epoch first):",
                   top.to_string(index=False, formatters={c: _fmt for c in top.columns})]
-    for section in (confirmation, study):
+    for section in sections:
         if section:
             lines += ["", *section]
     lines += ["", f"outputs in {sweep_dir}/: best.json, trials.csv, summary.txt, optuna.db, splits.csv, trials/",
               f"  {sweep_dir}/report.html: the sweep's page, to open in a browser",
               f"  tensorboard --logdir {sweep_dir}",
-              f"  optuna-dashboard sqlite:///{sweep_dir}/optuna.db"]
+              f"  optuna-dashboard sqlite:///{sweep_dir / filenames.OPTUNA_DB}"]
     if best is not None:
         lines += ["next:", f"  python -m core.final_train {sweep_dir}/best.json"]
     return "\n".join(lines)
@@ -169,7 +170,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """``1h02m03s`` or ``2m03s``."""
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

@@ -3,7 +3,7 @@
     python -m sweep.report results/<sweep>
 
 ``python -m sweep.run`` writes it at the end of every sweep and of every ``--resume``, and
-``python -m core.final_train`` fills its final-model slots when it ends (core/report.py). Run the
+``python -m core.final_train`` fills its final-model slots when it ends (core/evaluation_report.py). Run the
 command to see a sweep that is still running (running trials are shown as such; files not yet
 written are skipped).
 
@@ -43,7 +43,10 @@ import pandas as pd
 from core import atomic, filenames
 from core.errors import UserError, run_cli
 from core.filenames import BEST_TRIAL, FINAL_DIR
-from core.report import STYLE, final_link, final_section, slot
+from core.evaluation_report import STYLE, final_link, final_section, slot
+from sweep.outputs import duration_text, read_trials, trials_frame
+from sweep.settings import SETTINGS_FILE, SPACE_COPY, SweepSettings, flag, metric_mode, read_settings_file
+from sweep.space import parse_space
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ _TOP_COLOURS = ("#4b0082", "#c71585", "#008b8b", "#b8860b", "#1e3a8a")   # the b
 
 
 @dataclass
-class Sweep:
+class SweepFolder:
     """What the page is drawn from; files a running sweep has not written yet are None or empty."""
 
     folder: Path
@@ -84,7 +87,7 @@ class Sweep:
 
     @property
     def mode(self) -> str:
-        return "min" if self.metric.endswith("loss") else "max"
+        return metric_mode(self.metric)
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -95,17 +98,11 @@ class Sweep:
 
 # --- reading the folder ----------------------------------------------------------------------------------
 def is_sweep(folder: str | Path) -> bool:
-    from sweep.settings import SETTINGS_FILE
-
     return (Path(folder) / SETTINGS_FILE).is_file()
 
 
-def read_sweep(folder: str | Path) -> Sweep:
+def read_sweep(folder: str | Path) -> SweepFolder:
     """Read what there is of a sweep folder; only a missing or unreadable sweep.json is an error."""
-    from sweep.outputs import read_trials, trials_frame
-    from sweep.settings import SETTINGS_FILE, SPACE_COPY, read_settings_file
-    from sweep.space import parse_space
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
@@ -128,7 +125,7 @@ def read_sweep(folder: str | Path) -> Sweep:
     except (OSError, ValueError, KeyError) as exc:  # a trial.json being replaced right now
         notes.append(f"trial records not all read: {exc}")
     metric = settings.get("metric") or "val_balanced_accuracy"
-    mode = "min" if metric.endswith("loss") else "max"
+    mode = metric_mode(metric)
     names = tuple(space.names) if space is not None else ()
     table = None
     if (folder / filenames.TRIALS_CSV).is_file():
@@ -150,7 +147,7 @@ def read_sweep(folder: str | Path) -> Sweep:
         except UserError as exc:
             notes.append(str(exc))
     study = _read_study(folder, settings.get("name") or folder.name, notes)
-    return Sweep(folder=folder, doc=doc, settings=settings, space=space, trials=table, records=records, best=best,
+    return SweepFolder(folder=folder, doc=doc, settings=settings, space=space, trials=table, records=records, best=best,
                  study=study, notes=notes)
 
 
@@ -188,7 +185,7 @@ def _read_study(folder: Path, name: str, notes: list[str]) -> Any | None:
 
 
 # --- the page ----------------------------------------------------------------------------------------------
-def render(sweep: Sweep, now: float | None = None) -> str:
+def render(sweep: SweepFolder, now: float | None = None) -> str:
     """The whole page as text."""
     from plotly.offline import get_plotlyjs
 
@@ -241,7 +238,7 @@ def render(sweep: Sweep, now: float | None = None) -> str:
 """
 
 
-def write_report(folder: str | Path) -> Path:
+def write_sweep_page(folder: str | Path) -> Path:
     """Read the sweep folder and write its report.html atomically; returns the page's path."""
     sweep = read_sweep(folder)
     path = sweep.folder / REPORT_FILE
@@ -249,10 +246,10 @@ def write_report(folder: str | Path) -> Path:
     return path
 
 
-def write_sweep_report(folder: str | Path) -> Path | None:
-    """:func:`write_report` for the sweep and the final training: a failure is a warning, never an error."""
+def refresh_sweep_page(folder: str | Path) -> Path | None:
+    """:func:`write_sweep_page` at the end of a sweep (and of --resume): a failure is a warning, never an error."""
     try:
-        path = write_report(folder)
+        path = write_sweep_page(folder)
     except Exception as exc:  # noqa: BLE001 - the page is a view; the sweep's results are already written
         log.warning("%s not written: %s: %s (python -m sweep.report %s tries again)", REPORT_FILE,
                     type(exc).__name__, exc, folder)
@@ -262,7 +259,7 @@ def write_sweep_report(folder: str | Path) -> Path | None:
 
 
 # --- sections ----------------------------------------------------------------------------------------------
-def _facts_section(sweep: Sweep, now: float) -> str:
+def _facts_section(sweep: SweepFolder, now: float) -> str:
     s = sweep.settings
     rows: list[tuple[str, str]] = []
     data = s.get("data") or "the built-in synthetic demo dataset"
@@ -307,10 +304,8 @@ def _facts_section(sweep: Sweep, now: float) -> str:
     return body
 
 
-def _scheduler_text(sweep: Sweep, epochs: int) -> str:
+def _scheduler_text(sweep: SweepFolder, epochs: int) -> str:
     """ASHA's rungs as the sweep ran them (options, else the space's asha:, else the defaults)."""
-    from sweep.settings import SweepSettings
-
     s = sweep.settings
     if s.get("scheduler") != "asha":
         return "no early stopping"
@@ -321,7 +316,7 @@ def _scheduler_text(sweep: Sweep, epochs: int) -> str:
     return f"early stopping by {settings.asha(sweep.space, epochs).describe()}"
 
 
-def _fixed_config(sweep: Sweep) -> str:
+def _fixed_config(sweep: SweepFolder) -> str:
     base = sweep.doc.get("base_config") or {}
     keys = list(sweep.space.base if sweep.space is not None else ())
     keys += [o.partition("=")[0].strip() for o in sweep.settings.get("overrides") or ()] + ["epochs"]
@@ -330,15 +325,12 @@ def _fixed_config(sweep: Sweep) -> str:
 
 def _command(s: Mapping[str, Any]) -> str:
     """The sweep's settings as the command that starts it (options left at their defaults are left out)."""
-    from sweep.settings import SweepSettings
-
     defaults = SweepSettings(name="", results="")
     parts = ["python -m sweep.run"]
     for key, value in s.items():
         if key in ("name", "results", "overrides") or value is None or value == getattr(defaults, key, None):
             continue
-        parts.append(f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float)
-                     else f"--{key.replace('_', '-')} {value}")
+        parts.append(f"{flag(key)} {value:g}" if isinstance(value, float) else f"{flag(key)} {value}")
     parts += [f"--set {o}" for o in s.get("overrides") or ()]
     return " ".join(parts + [f"--name {s.get('name')}"])
 
@@ -354,7 +346,7 @@ def _split_text(path: Path) -> str:
     return f"{text} images, {classes} classes, grouped by lesion (<code>splits.csv</code>; test is never used by the sweep)"
 
 
-def _max_epochs(sweep: Sweep) -> int | None:
+def _max_epochs(sweep: SweepFolder) -> int | None:
     base = sweep.doc.get("base_config") or {}
     return sweep.settings.get("max_epochs") or base.get("epochs")
 
@@ -371,7 +363,7 @@ def _resources_text(s: Mapping[str, Any], records: Mapping[str, Mapping[str, Any
     return f"{gpus} GPU(s), {s.get('gpus_per_trial') or 1:g} GPU and {cpu_text}, {where}"
 
 
-def _time_rows(sweep: Sweep, now: float) -> list[tuple[str, str]]:
+def _time_rows(sweep: SweepFolder, now: float) -> list[tuple[str, str]]:
     records = list(sweep.records.values())
     starts = [r["started"] for r in records if r.get("started")]
     if not starts:
@@ -395,7 +387,7 @@ def _time_rows(sweep: Sweep, now: float) -> list[tuple[str, str]]:
     return rows
 
 
-def _states_text(sweep: Sweep) -> str:
+def _states_text(sweep: SweepFolder) -> str:
     table = sweep.trials
     search = table[table["role"] != "confirm"]
     counts = search["state"].value_counts()
@@ -408,7 +400,7 @@ def _states_text(sweep: Sweep) -> str:
     return text
 
 
-def _best_section(sweep: Sweep) -> str:
+def _best_section(sweep: SweepFolder) -> str:
     best = sweep.best
     if best is None:
         return ('<p class="muted">No best.json yet: it is written when the sweep ends (and only if a trial '
@@ -432,7 +424,7 @@ def _best_section(sweep: Sweep) -> str:
     return out + slot("link", FINAL_DIR, link)
 
 
-def _trials_section(sweep: Sweep) -> str:
+def _trials_section(sweep: SweepFolder) -> str:
     table = sweep.trials
     if table.empty:
         return '<p class="muted">No trial has started yet.</p>'
@@ -483,12 +475,12 @@ def _trials_section(sweep: Sweep) -> str:
             + "\n".join(rows) + "</tbody></table></div>")
 
 
-def _final_section(sweep: Sweep) -> str:
-    """The final model's report, in the slot core.final_train fills when it ends (core/report.py)."""
+def _final_section(sweep: SweepFolder) -> str:
+    """The final model's report, in the slot core.final_train fills when it ends (core/evaluation_report.py)."""
     return slot("section", FINAL_DIR, final_section(sweep.folder / FINAL_DIR) or _no_final_report(sweep))
 
 
-def _no_final_report(sweep: Sweep) -> str:
+def _no_final_report(sweep: SweepFolder) -> str:
     final = sweep.folder / FINAL_DIR
     command = f"python -m core.final_train {sweep.folder / BEST_TRIAL}"
     if (final / filenames.REPORT).is_file():
@@ -503,7 +495,7 @@ def _no_final_report(sweep: Sweep) -> str:
 class Figures:
     """Each method returns the HTML of one figure, or a note saying why there is none (never an empty plot)."""
 
-    def __init__(self, sweep: Sweep) -> None:
+    def __init__(self, sweep: SweepFolder) -> None:
         self.sweep = sweep
         self.importance: dict[str, float] | None = None
         self.complete = []
@@ -736,9 +728,7 @@ def _clock(ts: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    from sweep.outputs import _duration as duration
-
-    return duration(max(0.0, seconds))
+    return duration_text(max(0.0, seconds))
 
 
 _STYLE = """
@@ -817,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "adds the final model's section; run this to see a sweep that is still running.")
     parser.add_argument("sweep", metavar="SWEEP_DIR", help="a sweep's folder (results/<name>)")
     args = parser.parse_args(argv)
-    path = write_report(args.sweep)
+    path = write_sweep_page(args.sweep)
     print(f"report: {path}")
     return 0
 

@@ -30,28 +30,29 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from core import atomic
+from core import atomic, filenames
 from core.best_file import SPLITS_ADVICE
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError, run_cli
-from core.state_files import check_newest, check_output_dir, check_sqlite, reading
-from sweep.outputs import EXPERIMENTS
-from sweep.settings import (DEFAULT_SPACE, SEARCH_OPTIONS, SETTINGS_FILE, SPACE_COPY, SweepSettings, base_config,
-                            latest_sweep, load_settings, read_text)
+from core.state_files import check_output_dir, reading
+from core.data import load_for_config
+from core.splits import write_splits
+from sweep.outputs import EXPERIMENTS, read_trials, set_field, summary_text
+from sweep.report import refresh_sweep_page
+from sweep.resources import connect_ray, plan_on_ray
+from sweep.settings import (DEFAULT_SPACE, SEARCH_OPTIONS, SETTINGS_FILE, SPACE_COPY, SweepSettings, add_options,
+                            base_config, flag, latest_sweep, load_settings, read_text, save_settings)
 from sweep.space import SearchSpace, parse_space
+from sweep.state_check import check_resumable
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Echo = Callable[[str], None]
-# Ray Tune's experiment state in ray/ and ray-confirm/ (the newest of each, by name), checked before --resume
-# restores it; search_gen_state-*.json is a pickle despite its name.
-RAY_STATE = {"json_files": ("experiment_state-*.json",),
-             "pickles": ("search_gen_state-*.json", "searcher-state-*.pkl", "tuner.pkl")}
 
 
 @dataclass(frozen=True)
-class SweepReport:
+class SweepResult:
     sweep_dir: Path
     best: dict[str, Any] | None
     summary: str
@@ -59,7 +60,7 @@ class SweepReport:
 
 
 @dataclass(frozen=True)
-class Sweep:
+class SweepRun:
     """What the stages of one sweep share."""
 
     settings: SweepSettings
@@ -81,13 +82,13 @@ class Sweep:
 
 
 def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | None = None,
-              echo: Echo = print) -> SweepReport:
+              echo: Echo = print) -> SweepResult:
     """Run (or, with ``resume``, continue) a sweep; Ray is started here unless it already runs."""
     started = time.time()
     settings.check()
     folder = check_output_dir(settings.sweep_dir, "--results/--name")
     if resume:
-        _check_state(folder)
+        check_resumable(folder)
     space, space_text = _space(settings, resume)
     base = base_config(space, settings)
     missing = [m for m in ("ray", "optuna") if importlib.util.find_spec(m) is None]
@@ -98,25 +99,13 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
 
     import ray
 
-    from sweep.resources import connect_ray
-
     connected = connect_ray(settings, address, echo)
     try:
-        return _run(settings, space, space_text, base, resume, warm, started, echo)
+        sweep, data = _prepare(settings, space, space_text, base, resume, echo)
+        return _run(sweep, data, resume, warm, started)
     finally:
         if connected:
             ray.shutdown()
-
-
-def _check_state(folder: Path) -> None:
-    """Before --resume: damaged optuna.db or Ray state is a one-line error (Ray would log a traceback and start
-    the sweep over, trials run again); a killed driver's temp files go."""
-    if (folder / "optuna.db").exists():
-        check_sqlite(folder / "optuna.db", "start a new sweep with another --name", tables=("studies", "trials"))
-    for experiment in EXPERIMENTS.values():
-        check_newest(folder / experiment, "the sweep cannot be continued: start a new one with another --name",
-                     **RAY_STATE)
-    atomic.remove_stale_temps(folder, ("*", "trials/*/*"))
 
 
 def _space(settings: SweepSettings, resume: bool) -> tuple[SearchSpace, str]:
@@ -136,16 +125,15 @@ def _warm_start(settings: SweepSettings, space: SearchSpace, base: TrainConfig) 
     return load_warm_start(settings.warm_start, space, base.to_dict(), settings.metric, settings.data)
 
 
-def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,
-         warm: Any, started: float, echo: Echo) -> SweepReport:
+def _run(sweep: SweepRun, data: dict[str, str], resume: bool, warm: Any, started: float) -> SweepResult:
     """The two stages, each skipped where an interrupted sweep had finished it."""
     from sweep import confirm
 
-    sweep, data = _prepare(settings, space, space_text, base, resume, echo)
+    settings = sweep.settings
     runs = confirm.read_plan(sweep.folder) if resume else None
     if runs is None:  # the search has not finished (confirm.json marks its end)
         frame = _search(sweep, resume, warm)
-        runs = confirm.plan(frame, settings.metric, settings.confirm_top, settings.confirm_seeds, base.seed,
+        runs = confirm.plan(frame, settings.metric, settings.confirm_top, settings.confirm_seeds, sweep.base.seed,
                             {t: r["params"] for t, r in _records(sweep.folder).items()})
         confirm.write_plan(sweep.folder, runs, settings.confirm_top, settings.confirm_seeds)
     frame = _confirm(sweep, runs, resume) if runs else sweep.recorder("search").write_table()
@@ -153,16 +141,11 @@ def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: Tra
 
 
 def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,
-             echo: Echo) -> tuple[Sweep, dict[str, str]]:
+             echo: Echo) -> tuple[SweepRun, dict[str, str]]:
     """Plan the resources, load the data (once, for every trial), save the settings and split; the trainable."""
     from ray import tune
 
-    from core import filenames
-    from core.data import load_for_config
-    from core.splits import write_splits
-    from sweep.resources import plan_on_ray
-    from sweep.settings import save_settings
-    from sweep.trainable import TrialSetup, run_trial
+    from sweep.trainable import TrialSetup, run_trial  # imports Ray
 
     folder = settings.sweep_dir
     resources = plan_on_ray(settings)
@@ -178,16 +161,15 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
     if not resume:
         save_settings(settings, space_text, base, record)
         write_splits(data, folder / filenames.SPLITS)
-    setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / "trials"), cpus=resources.cpus_per_trial,
+    setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / filenames.TRIALS_DIR), cpus=resources.cpus_per_trial,
                        gpus=resources.gpus_per_trial)
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, setup=setup), resources.per_trial)
-    return Sweep(settings, space, base, resources, trainable, echo), record
+    return SweepRun(settings, space, base, resources, trainable, echo), record
 
 
-def _search(sweep: Sweep, resume: bool, warm: Any) -> Any:
+def _search(sweep: SweepRun, resume: bool, warm: Any) -> Any:
     """The search stage: Optuna suggests, ASHA stops; returns the trials table."""
     from sweep import searcher
-    from sweep.outputs import set_field
 
     settings, recorder = sweep.settings, sweep.recorder("search")
     recorder.reconcile(_fit(sweep, EXPERIMENTS["search"], resume, lambda: _search_tuner(sweep, recorder, warm)))
@@ -197,13 +179,13 @@ def _search(sweep: Sweep, resume: bool, warm: Any) -> Any:
     return recorder.write_table()
 
 
-def _search_tuner(sweep: Sweep, recorder: Any, warm: Any) -> Any:
+def _search_tuner(sweep: SweepRun, recorder: Any, warm: Any) -> Any:
     from sweep import searcher
 
     settings, space = sweep.settings, sweep.space
     sampler = searcher.make_sampler(settings.sampler, settings.seed, sweep.resources.slots, settings.trials,
                                     conditional=any(p.when for p in space.params))
-    search = searcher.StudySearch(space.sample, metric=settings.metric, mode=settings.mode, sampler=sampler,
+    search = searcher.StudySearch(space.sample, metric=settings.metric, sampler=sampler,
                                   storage_url=searcher.storage_url(sweep.folder), study_name=settings.name,
                                   max_epochs=sweep.base.epochs, budget=settings.budget)
     if not search.study.trials:  # new: not when --resume restarts Ray's experiment on a study that has trials
@@ -219,7 +201,7 @@ def _search_tuner(sweep: Sweep, recorder: Any, warm: Any) -> Any:
                   recorder)
 
 
-def _confirm(sweep: Sweep, runs: list[dict[str, Any]], resume: bool) -> Any:
+def _confirm(sweep: SweepRun, runs: list[dict[str, Any]], resume: bool) -> Any:
     """The confirmation stage: the planned runs as Ray trials (all epochs, no early stopping)."""
     from sweep import confirm
 
@@ -236,7 +218,7 @@ def _confirm(sweep: Sweep, runs: list[dict[str, Any]], resume: bool) -> Any:
     return recorder.reconcile(_fit(sweep, EXPERIMENTS["confirm"], resume, new_tuner))
 
 
-def _fit(sweep: Sweep, name: str, resume: bool, new_tuner: Callable[[], Any]) -> Any:
+def _fit(sweep: SweepRun, name: str, resume: bool, new_tuner: Callable[[], Any]) -> Any:
     """Run a stage's Ray Tune experiment: restored from ``<sweep>/<name>/`` on --resume where Ray can.
 
     ``new_tuner()`` returns None when there is nothing to run; the results are then empty."""
@@ -273,7 +255,7 @@ def _signal_handlers_kept() -> Iterator[None]:
                 signal.signal(number, handler)
 
 
-def _tuner(sweep: Sweep, name: str, search_alg: Any, scheduler: Any, samples: int, recorder: Any) -> Any:
+def _tuner(sweep: SweepRun, name: str, search_alg: Any, scheduler: Any, samples: int, recorder: Any) -> Any:
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -295,36 +277,26 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _records(folder: Path) -> dict[str, dict[str, Any]]:
-    from sweep.outputs import read_trials
-
     return {r["trial_id"]: r for r in read_trials(folder)}
 
 
-def _finish(sweep: Sweep, frame: Any, runs: list[dict[str, Any]], data: dict[str, str],
-            started: float) -> SweepReport:
+def _finish(sweep: SweepRun, frame: Any, runs: list[dict[str, Any]], data: dict[str, str],
+            started: float) -> SweepResult:
     """Rank, write best.json and the summary."""
     from sweep import confirm, searcher
-    from sweep.best_file import choose_and_write
-    from sweep.outputs import summary_text
-    from sweep.report import write_sweep_report
+    from sweep.choose_best import choose_and_write
 
     settings, folder = sweep.settings, sweep.folder
     configs = confirm.ranked(frame, runs, settings.metric, settings.mode) if runs else []
     configs = [c for c in configs if c.runs]
     study = searcher.load_study(folder, settings.name)
-    best = choose_and_write(folder, frame, configs, metric=settings.metric, mode=settings.mode, base=sweep.base,
-                            data=data, sweep={"name": settings.name, "space": str(settings.space),
-                                              "trials": settings.trials, "scheduler": settings.scheduler,
-                                              "sampler": settings.sampler, "seed": settings.seed})
-    summary = summary_text(name=settings.name, sweep_dir=_shown(folder), frame=frame, best=best,
-                           metric=settings.metric, param_names=sweep.space.names, wall_s=time.time() - started,
-                           trials_wanted=settings.trials,
-                           confirmation=confirm.summary_lines(configs, settings.metric, settings.confirm_seeds),
-                           study=_study_lines(study))
-    atomic.write_text(folder / "summary.txt", summary + "\n")
-    write_sweep_report(folder)  # report.html; never fails the sweep (a warning instead)
+    best = choose_and_write(settings, frame, configs, sweep.base, data)
+    summary = summary_text(settings, _shown(folder), frame, best, sweep.space.names, time.time() - started,
+                           [confirm.summary_lines(configs, settings.metric, settings.confirm_seeds), _study_lines(study)])
+    atomic.write_text(folder / filenames.SUMMARY, summary + "\n")
+    refresh_sweep_page(folder)  # report.html; never fails the sweep (a warning instead)
     sweep.echo(summary)
-    return SweepReport(sweep_dir=folder, best=best, summary=summary, trials=frame)
+    return SweepResult(sweep_dir=folder, best=best, summary=summary, trials=frame)
 
 
 def _study_lines(study: Any) -> list[str]:
@@ -360,47 +332,13 @@ def parser() -> argparse.ArgumentParser:
         epilog="outputs in RESULTS/NAME/: report.html (the page to open), best.json (for python -m "
                "core.final_train), trials.csv, optuna.db, TensorBoard runs, summary.txt\nsearch-space schema: search_spaces/README.md\n\n"
                "config keys (--set key=value):\n" + TrainConfig.describe())
-    p.add_argument("--gpus", type=int, help="GPUs to use (default: all visible; 0 trains on the CPU)")
-    p.add_argument("--gpus-per-trial", type=float, metavar="F",
-                   help="GPUs per trial; fractions share a GPU (0.25: four trials per GPU) (default 1)")
-    p.add_argument("--cpus-per-trial", type=int, metavar="N",
-                   help="CPUs (torch threads) per trial (default: the CPUs shared evenly among the trials that "
-                        "run at once)")
-    p.add_argument("--trials", type=int, help="number of search trials (default 20)")
-    p.add_argument("--budget", type=int, metavar="N",
-                   help="trial-epochs the search may spend: no new trial starts once the trials have run N "
-                        "epochs in all (running ones finish); --trials stays the most trials (default: no limit)")
-    p.add_argument("--space", metavar="FILE", help=f"search-space file (default {DEFAULT_SPACE})")
-    p.add_argument("--data", metavar="PATH", help="dataset folder (HAM10000, ISIC 2018 or ImageFolder layout; "
-                                                  "default: the built-in synthetic demo dataset)")
-    p.add_argument("--metric", choices=SELECT_METRICS,
-                   help="validation metric to optimise (default val_balanced_accuracy; maximised, a loss "
-                        "is minimised)")
-    p.add_argument("--max-epochs", type=int, metavar="N", help="epochs per trial (default: the config's epochs)")
-    p.add_argument("--scheduler", choices=("asha", "none"), help="early stopping of poor trials (default asha)")
-    p.add_argument("--grace-period", type=int, metavar="N", help="ASHA: epochs before a trial can be stopped "
-                                                                 "(default: the space's asha:, else 2)")
-    p.add_argument("--reduction-factor", type=float, metavar="F",
-                   help="ASHA: keep 1/F of trials at each rung (default: the space's asha:, else 3)")
-    p.add_argument("--sampler", choices=("tpe", "random"), help="Optuna sampler (default tpe; random: a baseline)")
-    p.add_argument("--confirm-top", type=int, metavar="K",
-                   help="after the search, train the K best configs again with new seeds (default 3; 0: off)")
-    p.add_argument("--confirm-seeds", type=int, metavar="S", help="new seeds per confirmed config (default 2)")
-    p.add_argument("--warm-start", metavar="SWEEP_DIR",
-                   help="add the finished trials of an earlier sweep (same data, metric and fixed config; same "
-                        "searched keys) to the study before the first suggestion")
-    p.add_argument("--name", help="sweep name (default: <space>-<date>-<time>); with --resume: the sweep to "
-                                  "continue (default: the latest)")
-    p.add_argument("--results", metavar="DIR", default="results", help="results folder (default results/)")
+    add_options(p)
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or ray://host:port (every node needs "
                                      "this project and its environment at the same path); without it the "
                                      "sweep starts its own Ray on this machine")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep with its saved settings (finished trials are kept; an "
                         "interrupted confirmation stage goes on)")
-    p.add_argument("--seed", type=int, help="seed of the Optuna sampler (default 0)")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                   help="fix a config key for every trial; repeatable")
     return p
 
 
@@ -420,8 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume:
         given = [k for k in SEARCH_OPTIONS if getattr(args, k) is not None]
         if given:
-            raise UserError(f"--resume continues a sweep with its saved settings: drop --{given[0].replace('_', '-')}"
-                            .replace("--overrides", "--set"))
+            raise UserError(f"--resume continues a sweep with its saved settings: drop {flag(given[0])}")
         results = Path(args.results).resolve()
         name = args.name or latest_sweep(results)
         settings = dataclasses.replace(load_settings(results / name), results=str(results))

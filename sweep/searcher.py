@@ -28,6 +28,9 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from core import filenames
+from sweep.settings import metric_mode
+
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random")
@@ -63,12 +66,12 @@ class StudySearch(OptunaSearch):
     the step is core.train's own epoch number, which stays right across a resume.
     """
 
-    def __init__(self, sample: Callable[[Any], dict[str, Any]], *, metric: str, mode: str,
+    def __init__(self, sample: Callable[[Any], dict[str, Any]], *, metric: str,
                  sampler: optuna.samplers.BaseSampler, storage_url: str, study_name: str, max_epochs: int,
                  budget: int | None = None):
         self.max_epochs, self.budget = max_epochs, budget
         self._steps: dict[str, set[int]] = {}  # epochs reported per trial (Optuna warns on a repeat)
-        super().__init__(space=sample, metric=metric, mode=mode, sampler=sampler,
+        super().__init__(space=sample, metric=metric, mode=metric_mode(metric), sampler=sampler,
                          storage=optuna.storages.RDBStorage(storage_url), study_name=study_name)
 
     @property
@@ -124,7 +127,7 @@ def epochs_spent(study: optuna.Study) -> int:
 
 
 def storage_url(sweep_dir: Any) -> str:
-    return f"sqlite:///{sweep_dir / 'optuna.db'}"
+    return f"sqlite:///{sweep_dir / filenames.OPTUNA_DB}"
 
 
 def load_study(sweep_dir: Any, name: str) -> optuna.Study:

@@ -5,57 +5,82 @@ Not a command; ``python -m sweep.run`` builds :class:`SweepSettings` from its op
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-from core import atomic
+from core import atomic, filenames
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError
 from core.state_files import reading
-from sweep.schedule import Asha
+from sweep.schedule import DEFAULT_GRACE_PERIOD, DEFAULT_REDUCTION_FACTOR, Asha
 from sweep.space import SearchSpace
 
 DEFAULT_SPACE = "search_spaces/default.yaml"
-SETTINGS_FILE = "sweep.json"
+SETTINGS_FILE = filenames.SWEEP_SETTINGS
 SETTINGS_FORMAT = "lesion-sweep/sweep"
-SPACE_COPY = "space.yaml"
-# Options that define what a sweep searches; --resume keeps the saved ones.
-SEARCH_OPTIONS = ("space", "data", "metric", "max_epochs", "scheduler", "grace_period", "reduction_factor", "trials",
-                  "budget", "sampler", "seed", "overrides", "gpus", "gpus_per_trial", "cpus_per_trial", "confirm_top",
-                  "confirm_seeds", "warm_start")
+SPACE_COPY = filenames.SPACE_COPY
+SCHEDULERS = ("asha", "none")
+SAMPLERS = ("tpe", "random")
+_ARG_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _option(help: str, *, default: Any = None, shown: str | None = None, metavar: str | None = None,
+            choices: tuple[str, ...] | None = None, searched: bool = True, required: bool = False) -> Any:
+    """A setting and its ``python -m sweep.run`` option: ``help`` (the default is added to it: ``shown``, else the
+    value), ``metavar``, ``choices``; ``searched``: the setting defines what the sweep searches (--resume keeps
+    the saved value and refuses a new one)."""
+    metadata = {"help": help, "shown": shown, "metavar": metavar, "choices": choices, "searched": searched}
+    return field(metadata=metadata) if required else field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """Everything a sweep depends on (saved as sweep.json; --resume reads it back)."""
+    """Everything a sweep depends on (saved as sweep.json; --resume reads it back). Each field is an option of
+    ``python -m sweep.run`` (``--max-epochs`` for ``max_epochs``; ``--set`` for ``overrides``):
+    :func:`add_options` makes them from here."""
 
-    name: str
-    results: str                      # the results folder (the sweep lives in results/<name>/)
-    space: str = DEFAULT_SPACE
-    data: str | None = None           # None: the built-in demo dataset
-    metric: str = "val_balanced_accuracy"
-    max_epochs: int | None = None     # None: the config's epochs
-    scheduler: str = "asha"
-    grace_period: int | None = None   # None: the space's asha: settings, else sweep/schedule.py's defaults
-    reduction_factor: float | None = None
-    trials: int = 20
-    budget: int | None = None         # trial-epochs: no new trial starts once the search has run this many
-    sampler: str = "tpe"              # "random": a baseline (sweep/searcher.py)
-    seed: int = 0
-    overrides: tuple[str, ...] = ()
-    gpus: int | None = None           # None: all visible
-    gpus_per_trial: float | None = None
-    cpus_per_trial: int | None = None
-    confirm_top: int = 3              # configs trained again with new seeds after the search (0: none)
-    confirm_seeds: int = 2            # new seeds per confirmed config
-    warm_start: str | None = None     # an earlier sweep's folder whose finished trials seed the study
+    name: str = _option("sweep name (default: <space>-<date>-<time>); with --resume: the sweep to continue "
+                        "(default: the latest)", searched=False, required=True)
+    results: str = _option("results folder; the sweep lives in RESULTS/NAME/", default="results", metavar="DIR",
+                           shown="results/", searched=False)
+    gpus: int | None = _option("GPUs to use (0 trains on the CPU)", shown="all visible")
+    gpus_per_trial: float | None = _option("GPUs per trial; fractions share a GPU (0.25: four trials per GPU)",
+                                           shown="1", metavar="F")
+    cpus_per_trial: int | None = _option("CPUs (torch threads) per trial", metavar="N",
+                                         shown="the CPUs shared evenly among the trials that run at once")
+    trials: int = _option("number of search trials", default=20)
+    budget: int | None = _option("trial-epochs the search may spend: no new trial starts once the trials have run N "
+                                 "epochs in all (running ones finish); --trials stays the most trials",
+                                 shown="no limit", metavar="N")
+    space: str = _option("search-space file", default=DEFAULT_SPACE, metavar="FILE")
+    data: str | None = _option("dataset folder (HAM10000, ISIC 2018 or ImageFolder layout)", metavar="PATH",
+                               shown="the built-in synthetic demo dataset")
+    metric: str = _option("validation metric to optimise (maximised, a loss is minimised)",
+                          default="val_balanced_accuracy", choices=SELECT_METRICS)
+    max_epochs: int | None = _option("epochs per trial", shown="the config's epochs", metavar="N")
+    scheduler: str = _option("early stopping of poor trials", default="asha", choices=SCHEDULERS)
+    grace_period: int | None = _option("ASHA: epochs before a trial can be stopped", metavar="N",
+                                       shown=f"the space's asha:, else {DEFAULT_GRACE_PERIOD}")
+    reduction_factor: float | None = _option("ASHA: keep 1/F of trials at each rung", metavar="F",
+                                             shown=f"the space's asha:, else {DEFAULT_REDUCTION_FACTOR:g}")
+    sampler: str = _option("Optuna sampler (random: a baseline, sweep/searcher.py)", default="tpe", choices=SAMPLERS)
+    confirm_top: int = _option("after the search, train the K best configs again with new seeds (0: off)",
+                               default=3, metavar="K")
+    confirm_seeds: int = _option("new seeds per confirmed config", default=2, metavar="S")
+    warm_start: str | None = _option("add the finished trials of an earlier sweep (same data, metric and fixed "
+                                     "config; same searched keys) to the study before the first suggestion",
+                                     shown="none", metavar="SWEEP_DIR")
+    seed: int = _option("seed of the Optuna sampler", default=0)
+    overrides: tuple[str, ...] = _option("fix a config key for every trial; repeatable", default=(),
+                                         metavar="KEY=VALUE", shown="none")
 
     @property
     def mode(self) -> str:
-        return "min" if self.metric.endswith("loss") else "max"
+        return metric_mode(self.metric)
 
     @property
     def sweep_dir(self) -> Path:
@@ -77,10 +102,10 @@ class SweepSettings:
             raise UserError(f"--trials {self.trials}: must be at least 1")
         if self.budget is not None and self.budget < 1:
             raise UserError(f"--budget {self.budget}: must be at least 1 trial-epoch")
-        if self.sampler not in ("tpe", "random"):
-            raise UserError(f"--sampler {self.sampler!r}: expected 'tpe' or 'random'")
-        if self.scheduler not in ("asha", "none"):
-            raise UserError(f"--scheduler {self.scheduler!r}: expected 'asha' or 'none'")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"--scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULERS)}")
         if self.grace_period is not None and self.grace_period < 1:
             raise UserError(f"--grace-period {self.grace_period}: must be at least 1")
         if self.reduction_factor is not None and not self.reduction_factor > 1:
@@ -88,6 +113,11 @@ class SweepSettings:
         if self.confirm_top < 0 or self.confirm_seeds < 1:
             raise UserError(f"--confirm-top {self.confirm_top} / --confirm-seeds {self.confirm_seeds}: "
                             f"expected --confirm-top 0 or more and --confirm-seeds 1 or more")
+
+
+def metric_mode(metric: str) -> str:
+    """'min' for a loss, else 'max': which way a metric is better."""
+    return "min" if metric.endswith("loss") else "max"
 
 
 def base_config(space: SearchSpace, settings: SweepSettings) -> TrainConfig:
@@ -147,3 +177,26 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read it ({exc})") from None
+
+
+# --- the command line: every option of a setting is made from its field --------------------------------------
+SEARCH_OPTIONS = tuple(f.name for f in dataclasses.fields(SweepSettings) if f.metadata["searched"])
+
+
+def flag(name: str) -> str:
+    """The option of setting ``name``: ``--max-epochs`` for max_epochs, ``--set`` for overrides."""
+    return "--set" if name == "overrides" else "--" + name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`SweepSettings` field, its help ending in the default. Searched settings default to
+    None here, so that --resume can tell which were given."""
+    for f in dataclasses.fields(SweepSettings):
+        meta = f.metadata
+        default = f"(default: {meta['shown']})" if meta["shown"] else f"(default {f.default})"
+        kind = _ARG_TYPES[str(f.type).split(" ")[0].split("[")[0]] if f.name != "overrides" else str
+        extra: dict[str, Any] = {"action": "append"} if f.name == "overrides" else {"type": kind}
+        if meta["choices"]:
+            extra["choices"] = meta["choices"]
+        parser.add_argument(flag(f.name), dest=f.name, metavar=meta["metavar"], help=f"{meta['help']} {default}" if f.name != "name" else meta["help"],
+                            default=None if meta["searched"] or f.name == "name" else f.default, **extra)

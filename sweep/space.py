@@ -9,6 +9,7 @@ an unknown config key, an unknown distribution, a bad range or a malformed condi
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from core.config import TrainConfig, field_type, parse_value
 from core.errors import UserError, run_cli
+from sweep.schedule import Asha, expected_budget
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 # Fixed for a whole sweep: the dataset is decoded (image_size) and split (fractions, seed) once, before
@@ -377,10 +379,6 @@ def _corner_values(param: Param) -> Sequence[Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    from sweep.schedule import Asha, expected_budget
-
     parser = argparse.ArgumentParser(prog="python -m sweep.space",
                                      description="Validate search-space files and print what they search, with "
                                                  "ASHA's rungs and the budget it is expected to spend.")

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from core.data import Dataset
 
 EPOCH_FILE = "epoch.json"         # the metrics of the checkpointed epoch, beside core.train's last.pt
-NODE_FILE = "node.json"           # where the trial ran (written by the trial itself)
+NODE_FILE = filenames.TRIAL_NODE        # where the trial ran (written by the trial itself)
 
 log = logging.getLogger(__name__)
 

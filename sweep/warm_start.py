@@ -18,7 +18,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from core import filenames
+from core.atomic import read_json_object
 from core.config import TrainConfig
+from core.data import dataset_fingerprint
 from core.errors import UserError
 from sweep.settings import SETTINGS_FILE, SPACE_COPY, read_settings_file
 from sweep.space import SearchSpace, parse_space
@@ -57,7 +59,7 @@ def load_warm_start(source: str, space: SearchSpace, base: Mapping[str, Any], me
     _check_base(doc.get("base_config") or {}, base, space, where)
     old_space = parse_space((folder / SPACE_COPY).read_text(encoding="utf-8"), source=str(folder / SPACE_COPY))
     _check_names(old_space, space, where)
-    db = folder / "optuna.db"
+    db = folder / filenames.OPTUNA_DB
     if not db.is_file():
         raise UserError(f"{where}: no optuna.db in it")
     study = optuna.load_study(study_name=old["name"], storage=f"sqlite:///{db}")
@@ -71,14 +73,10 @@ def load_warm_start(source: str, space: SearchSpace, base: Mapping[str, Any], me
 
 
 def _check_fingerprint(folder: Path, doc: Mapping[str, Any], data: str | None, where: str) -> None:
-    from core.data import dataset_fingerprint
-
     fingerprint = dataset_fingerprint(data)
     old = (doc.get("data") or {}).get("fingerprint")
     best = folder / filenames.BEST_TRIAL
     if old is None and best.is_file():  # sweeps from before sweep.json recorded it
-        from core.atomic import read_json_object
-
         old = (read_json_object(best, "no best.json").get("data") or {}).get("fingerprint")
     if old is None:
         raise UserError(f"{where}: cannot tell which dataset it ran on (no data fingerprint in its sweep.json "

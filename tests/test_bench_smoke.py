@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import final_fidelity, hpo_efficacy, sweep_overhead, train_throughput
+from bench import final_fidelity, hpo_efficacy, report_size, sweep_overhead, train_throughput
 from core.demo_data import generate_demo
+from core.filenames import REPORT_HTML
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,7 @@ def test_train_throughput_measures_three_pipelines(tiny_data: Path, tmp_path: Pa
         assert all(r[name]["images_per_s"] > 0 for r in result["rounds"]), name
         assert result[f"{name}_images_per_s"] > 0
         assert result["gpu_utilization_pct"][name] is None  # on the CPU there is nothing to sample
-    assert result["ratio"] == pytest.approx(result["project_images_per_s"] / result["usual_images_per_s"], rel=1e-2)
-    below = 100 * (1 - result["project_images_per_s"] / result["compute_images_per_s"])
-    assert result["project_below_compute_pct"] == pytest.approx(below, abs=0.1)
+    assert result["ratio"] > 0 and math.isfinite(result["project_below_compute_pct"])
     assert result["machine"]["cpus"] >= 1 and result["command"].startswith("python")
 
 
@@ -54,7 +53,7 @@ def test_sweep_overhead_reads_a_real_sweep(tiny_data: Path, tmp_path: Path) -> N
     assert 0 < run["trials_train_s"] < run["trials_duration_s"] < 2 * run["wall_s"]
     assert 0 < run["mean_concurrency"] <= run["mean_concurrency_while_trials_ran"] <= run["max_concurrency"]
     assert 0 < run["first_trial_start_s"] < run["first_step_after_s"] < run["wall_s"]
-    assert run["trials_per_hour"] == pytest.approx(2 / run["wall_s"] * 3600, rel=1e-2)
+    assert run["trials_per_hour"] > 0  # its arithmetic: test_sweep_figures_arithmetic
     assert run["gpu_utilization_pct"] is None
 
 
@@ -75,15 +74,44 @@ def test_hpo_efficacy_scores_the_chosen_configs_on_test(tiny_data: Path, tmp_pat
     assert default["trial_epochs"] == 1 and confirmed["trial_epochs"] == searched + 1
     assert 1 <= searched <= result["settings"]["plans"]["tpe-asha-confirm"]["trials"]
     assert len(confirmed["per_run"]) == 2 and set(confirmed["optuna_states"]) == {"COMPLETE"}
-    for run in (default, confirmed):
-        assert run["test_balanced_accuracy"] == pytest.approx(
-            sum(r["test_balanced_accuracy"] for r in run["per_run"]) / len(run["per_run"]))
-        assert run["drop"] == pytest.approx(run["val"] - run["test_balanced_accuracy"])
+    for run in (default, confirmed):  # the arithmetic of the figures: test_hpo_efficacy_summary_arithmetic
+        assert 0 <= run["test_balanced_accuracy"] <= 1 and -1 <= run["drop"] <= 1
     assert set(result["summary"]) == {"default", "tpe-asha-confirm"}
     # A budget that leaves (d) no search trial beside its confirmation runs is refused before anything runs.
     with pytest.raises(SystemExit) as refused:
         hpo_efficacy.main(["--data", str(tiny_data), "--epochs", "2", "--budget", "4", "--confirm-top", "2"])
     assert refused.value.code == 2
+
+
+def test_train_throughput_summary_arithmetic() -> None:
+    """Three rounds of made-up speeds: the medians, the ratio and the shortfall by hand."""
+    costs = {part: {"cpu": 1.0, "wall": 1.0} for part in ("usual_data", "project_data", "compute_step")}
+    rounds = [{"usual": {"images_per_s": u, "gpu_utilization_pct": None},
+               "project": {"images_per_s": p, "gpu_utilization_pct": None},
+               "compute": {"images_per_s": c, "gpu_utilization_pct": None}, "cost_ms_per_image": costs}
+              for u, p, c in ((80.0, 100.0, 120.0), (90.0, 90.0, 100.0), (100.0, 110.0, 125.0))]
+    summary = train_throughput._summary(rounds)
+    assert (summary["usual_images_per_s"], summary["project_images_per_s"], summary["compute_images_per_s"]) == \
+        (90.0, 100.0, 120.0)
+    assert summary["ratio"] == pytest.approx(1.111, abs=1e-3)             # 100 / 90
+    assert summary["project_below_compute_pct"] == pytest.approx(16.67)   # 1 - 100 / 120
+    assert summary["usual_data_share_pct"] == {"cpu": 50.0, "wall": 50.0}
+
+
+def test_hpo_efficacy_summary_arithmetic() -> None:
+    """Two seeds of two methods: means, sds and the gain paired by seed, by hand."""
+    def run(method: str, seed: int, test: float) -> dict:
+        return {"method": method, "seed": seed, "trials": 4, "trial_epochs": 8, "val": 0.6,
+                "test_balanced_accuracy": test, "drop": 0.6 - test, "test_accuracy": 0.7, "wall_s": 10.0}
+
+    runs = [run("default", 0, 0.40), run("default", 1, 0.50), run("random", 0, 0.46), run("random", 1, 0.52)]
+    summary = hpo_efficacy.summarise(runs)
+    assert summary["random"]["test_balanced_accuracy"]["mean"] == pytest.approx(0.49)
+    assert summary["default"]["drop"]["mean"] == pytest.approx(0.15)
+    gain = summary["random"]["test_gain_over"]["default"]
+    assert gain["mean"] == pytest.approx(0.04) and gain["n"] == 2      # (0.06 + 0.02) / 2
+    assert gain["sd"] == pytest.approx(0.02 * 2 ** 0.5)                 # sd of 0.06 and 0.02
+    assert set(summary) == {"default", "random"}
 
 
 def test_sweep_figures_arithmetic(tmp_path: Path) -> None:
@@ -139,7 +167,6 @@ def test_final_fidelity_scores_trial_and_final_model_on_test(tiny_data: Path, tm
         assert config["seed"] == 5 and config["image_size"] == 24  # --set reaches every trial and retrain
         # The final model's test score here is the one final_train itself wrote in metrics.json.
         assert run["final"]["test_balanced_accuracy"] == pytest.approx(run["final_metrics_json_test_balanced_accuracy"])
-        assert run["gap"] == pytest.approx(run["final"]["test_balanced_accuracy"] - run["trial"]["test_balanced_accuracy"])
     assert set(result["summary"]) == {"short", "long", "long-ema"}
     assert len(result["targets"]) == 5
     # --resume on the same folder reads the finished sweep and final training again: the same figures.
@@ -156,3 +183,18 @@ def test_final_fidelity_scores_trial_and_final_model_on_test(tiny_data: Path, tm
 def test_val_swing_is_the_mean_absolute_epoch_to_epoch_change() -> None:
     assert final_fidelity.val_swing([0.5, 0.6, 0.4, 0.4]) == pytest.approx((0.1 + 0.2 + 0.0) / 3)
     assert math.isnan(final_fidelity.val_swing([0.5]))
+
+
+def test_report_size_bench_measures_a_generated_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """bench.report_size end to end, sizes only (no browser: the browser test covers loading)."""
+    monkeypatch.setenv("CHROMIUM", "no-such-browser")
+    out = tmp_path / "size.json"
+    assert report_size.main(["--trials", "6", "--epochs", "3", "--repeats", "1", "--keep", str(tmp_path),
+                             "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    page = doc["pages"][0]
+    assert doc["browser"] is None and page["trials"] >= 6 and "rendered_ms" not in page
+    assert page["bytes"] == (tmp_path / "generated-6" / REPORT_HTML).stat().st_size
+    assert page["parts"]["plotly.js"] > 1e6 and {"facts", "curves", "trials", "final"} <= set(page["parts"])
+    assert "| generated-6 |" in capsys.readouterr().out

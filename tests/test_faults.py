@@ -382,7 +382,7 @@ def test_full_disk_in_a_final_training_leaves_no_evaluation(world, tmp_path, cap
 
 @pytest.mark.sweep
 def test_full_disk_leaves_no_best_json(world, tmp_path) -> None:
-    from sweep.best_file import write_best
+    from core.best_file import write_best
 
     best = json.loads((world["sweep"] / "best.json").read_text())
     with tmpfs(tmp_path / "disk", "size=64k") as disk:

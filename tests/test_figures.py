@@ -1,4 +1,4 @@
-"""core.figures and core.report: the PNGs decode, show what they claim, and report.md links them."""
+"""core.figures and core.evaluation_report: the PNGs decode, show what they claim, and report.md links them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from core.figures import (GalleryItem, confusion_matrix_figure, curves_figure, gradcam_gallery_figure,
                           roc_figure)
-from core.report import ReportInput, render_report, write_report
+from core.evaluation_report import ReportInput, render_report, write_evaluation_report
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
@@ -21,33 +21,72 @@ def _png(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_confusion_matrix_figure(tmp_path: Path) -> None:
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every matplotlib figure core.figures saves, kept open to read what it shows."""
+    import core.figures as figures
+
+    kept: list = []
+    save = figures.save_figure
+
+    def keep(fig, path, **kw) -> None:
+        kept.append(fig)
+        save(fig, path, **kw)
+
+    monkeypatch.setattr(figures, "save_figure", keep)
+    monkeypatch.setattr(figures.plt, "close", lambda fig: None)
+    yield kept
+    import matplotlib.pyplot as plt
+
+    for fig in kept:
+        plt.close(fig)
+
+
+def test_confusion_matrix_figure(tmp_path: Path, drawn: list) -> None:
     confusion = np.arange(49).reshape(7, 7)
     confusion[2] = 0  # a class without images: its rates are zeros, not NaN
     confusion_matrix_figure(confusion, CLASSES, tmp_path / "cm.png")
-    pixels = _png(tmp_path / "cm.png")
-    assert pixels.shape[1] > pixels.shape[0] > 400  # two panels side by side
-    assert pixels.std() > 20                          # not blank
+    _png(tmp_path / "cm.png")
+    counts, rates = (ax for ax in drawn[0].axes if ax.images)
+    assert [t.get_text() for t in counts.texts][7 * 3 + 4] == str(confusion[3, 4])  # row 3, column 4
+    rate_texts = [t.get_text() for t in rates.texts]
+    assert rate_texts[7 * 3 + 3] == f"{confusion[3, 3] / confusion[3].sum():.2f}"   # recall of class 3
+    assert rate_texts[7 * 2:7 * 3] == ["0.00"] * 7                                  # the empty class
+    assert [t.get_text() for t in counts.get_yticklabels()][2] == "bkl (n=0)"
+    assert f"({confusion.sum()} images)" in drawn[0]._suptitle.get_text()
 
 
-def test_curves_figure_handles_missing_and_nan_values(tmp_path: Path) -> None:
+def test_curves_figure_handles_missing_and_nan_values(tmp_path: Path, drawn: list) -> None:
     history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e, "train_accuracy": 0.1 * e,
                 "val_accuracy": 0.09 * e, "val_balanced_accuracy": 0.05 * e, "val_macro_f1": 0.04 * e,
                 "val_auc": float("nan") if e == 1 else 0.5 + 0.04 * e} for e in range(1, 6)]
     del history[0]["val_macro_f1"]
     curves_figure(history, tmp_path / "curves.png", best_epoch=4)
-    pixels = _png(tmp_path / "curves.png")
-    assert pixels.shape[1] > 2 * pixels.shape[0]  # three panels in a row
+    _png(tmp_path / "curves.png")
+    loss, accuracy, metrics = drawn[0].axes
+    lines = {line.get_label(): line for line in metrics.lines}
+    assert np.isnan(lines["macro F1"].get_ydata()[0]) and lines["macro F1"].get_ydata()[1] == pytest.approx(0.08)
+    assert np.isnan(lines["macro AUC"].get_ydata()[0]) and lines["macro AUC"].get_ydata()[4] == pytest.approx(0.7)
+    assert [line.get_label() for line in loss.lines] == ["train", "val", "chosen epoch 4"]
+    assert all(ax.lines[-1].get_xdata()[0] == 4 for ax in (loss, accuracy, metrics))  # the chosen epoch marked
 
 
-def test_roc_figure_skips_absent_classes(tmp_path: Path) -> None:
+def test_roc_figure_skips_absent_classes(tmp_path: Path, drawn: list) -> None:
+    from sklearn.metrics import roc_auc_score
+
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 5, 60)  # df... : classes 5 and 6 absent
+    labels = rng.integers(0, 5, 60)  # nv and vasc (classes 5 and 6) absent
     probs = rng.dirichlet(np.ones(7), 60)
     probs[np.arange(60), labels] += 1.0
     probs /= probs.sum(1, keepdims=True)
     roc_figure(labels, probs, CLASSES, tmp_path / "roc.png")
-    assert _png(tmp_path / "roc.png").shape[0] > 400
+    _png(tmp_path / "roc.png")
+    (ax,) = drawn[0].axes
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert len(legend) == 6 and legend[-1] == "chance"                  # five curves and the diagonal
+    auc = roc_auc_score(labels == 4, probs[:, 4])
+    assert legend[4] == f"mel: AUC {auc:.3f} (n={int((labels == 4).sum())})"
+    assert ax.get_title().endswith("no curve (class absent): nv, vasc")
 
 
 def test_gallery_figure_with_and_without_items(tmp_path: Path) -> None:
@@ -89,5 +128,5 @@ def test_report_lists_metrics_classes_figures_and_config(tmp_path: Path) -> None
     assert "![Confusion matrix](confusion_matrix.png)" in text and "(gradcam_mel.png)" in text
     assert "| lr | `0.001` |" in text and "| optimizer | `'adamw'` |" in text
     assert "> a note" in text and "python -m core.predict model.pt x.jpg" in text
-    write_report(tmp_path / "report.md", report)
+    write_evaluation_report(tmp_path / "report.md", report)
     assert (tmp_path / "report.md").read_text() == text

@@ -1,4 +1,4 @@
-"""The packages' import arrows point one way: core/ imports none of sweep/, serve/ or bench/, and sweep/ none of
+"""The packages' import arrows point one way: core/ imports none of sweep/, serve/ or bench/, sweep/ none of
 serve/ or bench/ (a static scan of every import statement, function-local ones included)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def imported_packages(path: Path) -> set[tuple[str, int]]:
 
 def test_the_scan_sees_function_local_imports(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
-    module.write_text("import os\n\ndef f():\n    from sweep.report import write_sweep_report\n")
+    module.write_text("import os\n\ndef f():\n    from sweep.report import refresh_sweep_page\n")
     assert imported_packages(module) == {("os", 1), ("sweep", 4)}
 
 
@@ -33,3 +33,10 @@ def test_core_never_imports_sweep_serve_or_bench_and_sweep_never_serve_or_bench(
              for package, line in imported_packages(path) if package in forbidden]
     assert wrong == []
     assert len(list((ROOT / "core").glob("*.py"))) > 30  # the scan read the real tree
+
+
+def test_tests_import_bench_only_to_test_the_benchmarks() -> None:
+    """Shared test helpers live in tests/ (bench/ may use them); only the benchmarks' own tests import bench/."""
+    importers = {path.name for path in (ROOT / "tests").glob("*.py")
+                 if any(package == "bench" for package, _ in imported_packages(path))}
+    assert importers == {"test_bench_smoke.py"}

@@ -1,4 +1,4 @@
-"""sweep/report.py: a sweep's report.html, from folders written directly (bench/synthetic_sweep.py), no Ray.
+"""sweep/report.py: a sweep's report.html, from folders written directly (tests/synthetic_sweep.py), no Ray.
 
 The browser's view of the same pages is tests/test_sweep_report_browser.py.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.synthetic_sweep import make_sweep
-from sweep.report import REPORT_FILE, main, read_sweep, write_report
+from tests.synthetic_sweep import SweepShape, make_sweep
+from sweep.report import REPORT_FILE, main, read_sweep, write_sweep_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 search trials (complete, stopped early, one failed, one running) and 2 confirmation runs."""
-    return make_sweep(tmp_path_factory.mktemp("report") / "mixed", trials=12, epochs=5, failed=1, running=1,
-                      confirm=2)
+    return make_sweep(tmp_path_factory.mktemp("report") / "mixed", SweepShape(
+        trials=12, epochs=5, failed=1, running=1, confirm=2))
 
 
 def _text(page: str) -> str:
@@ -35,7 +35,7 @@ def _text(page: str) -> str:
 
 
 def test_page_shows_every_trial_state_and_the_confirmation_runs(sweep: Path) -> None:
-    page = write_report(sweep).read_text(encoding="utf-8")
+    page = write_sweep_page(sweep).read_text(encoding="utf-8")
     text = _text(page)
     table = pd.read_csv(sweep / "trials.csv")
     search = table[table["role"] == "search"]
@@ -56,7 +56,7 @@ def test_page_shows_every_trial_state_and_the_confirmation_runs(sweep: Path) -> 
 
 
 def test_learning_curves_mark_stops_and_hold_every_trial(sweep: Path) -> None:
-    page = write_report(sweep).read_text(encoding="utf-8")
+    page = write_sweep_page(sweep).read_text(encoding="utf-8")
     curves = page[page.index('id="fig-curves"'):]
     curves = curves[:curves.index("</script>")]
     table = pd.read_csv(sweep / "trials.csv")
@@ -68,7 +68,7 @@ def test_learning_curves_mark_stops_and_hold_every_trial(sweep: Path) -> None:
 
 
 def test_page_is_self_contained(sweep: Path) -> None:
-    page = write_report(sweep).read_text(encoding="utf-8")
+    page = write_sweep_page(sweep).read_text(encoding="utf-8")
     tags = re.findall(r"<(?:script|link|img|iframe)\b[^>]*>", page, flags=re.I)
     assert tags and not [t for t in tags if re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", t, re.I)]
     assert page.count("<script>") == page.count("</script>") and page.count("Plotly.newPlot") == 5
@@ -78,11 +78,12 @@ def test_page_is_self_contained(sweep: Path) -> None:
 
 
 def test_page_before_the_new_trials_csv_columns_and_with_a_search_only_sweep(tmp_path: Path) -> None:
-    folder = make_sweep(tmp_path / "old", trials=5, epochs=3, failed=0, running=0, confirm=0, role_column=False)
+    folder = make_sweep(tmp_path / "old", SweepShape(trials=5, epochs=3, failed=0, running=0, confirm=0,
+                                                     role_column=False))
     assert "role" not in pd.read_csv(folder / "trials.csv")
     sweep = read_sweep(folder)
     assert set(sweep.trials["role"]) == {"search"}
-    text = _text(write_report(folder).read_text(encoding="utf-8"))
+    text = _text(write_sweep_page(folder).read_text(encoding="utf-8"))
     assert "5 of 5 search trials recorded" in text and "0 confirmation run(s)" in text
 
 
@@ -98,13 +99,13 @@ def test_page_of_an_incomplete_sweep(sweep: Path, tmp_path: Path) -> None:
     record = json.loads((first / "trial.json").read_text())
     record.update(status="running", ended=None, duration_s=None, final=None, best=None, epochs_run=None)
     (first / "trial.json").write_text(json.dumps(record))
-    text = _text(write_report(folder).read_text(encoding="utf-8"))
+    text = _text(write_sweep_page(folder).read_text(encoding="utf-8"))
     assert "No best.json yet" in text and "trial(s) running when this page was made" in text
     assert "No complete trial in optuna.db yet" in text and "splits.csv not written yet" in text
     assert first.name in text
 
     shutil.rmtree(folder / "trials")  # just created: settings only
-    text = _text(write_report(folder).read_text(encoding="utf-8"))
+    text = _text(write_sweep_page(folder).read_text(encoding="utf-8"))
     assert "No trial has started yet" in text and "no trial has started yet" in text
 
 
@@ -121,10 +122,10 @@ def test_not_a_sweep_folder_is_one_line_error(tmp_path: Path) -> None:
     assert not (tmp_path / REPORT_FILE).exists()
 
 
-def test_write_sweep_report_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from sweep.report import write_sweep_report
+def test_refresh_sweep_page_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from sweep.report import refresh_sweep_page
 
-    assert write_sweep_report(tmp_path) is None
+    assert refresh_sweep_page(tmp_path) is None
     assert "report.html not written" in caplog.text and "not a sweep folder" in caplog.text
 
 
@@ -136,14 +137,15 @@ def test_final_training_writes_report_html_and_adds_its_section(tmp_path: Path) 
     from core.final_train import FinalOptions, final_train
 
     root = generate_demo(tmp_path / "data", n_lesions=30, image_size=32, seed=0)
-    folder = make_sweep(tmp_path / "sweep", trials=3, epochs=2, failed=0, running=0, confirm=0, data=str(root))
+    folder = make_sweep(tmp_path / "sweep", SweepShape(trials=3, epochs=2, failed=0, running=0, confirm=0,
+                                                       data=str(root)))
     best = json.loads((folder / "best.json").read_text())
     best["config"].update(batch_size=8, warmup_epochs=0.0, device="cpu")
     data = load_for_config(root, TrainConfig.from_dict(best["config"]), progress=False)
     write_splits(data, folder / "splits.csv")
     best["data"] = {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout}
     (folder / "best.json").write_text(json.dumps(best))
-    assert "No final model yet" in _text(write_report(folder).read_text(encoding="utf-8"))
+    assert "No final model yet" in _text(write_sweep_page(folder).read_text(encoding="utf-8"))
 
     result = final_train(folder / "best.json", FinalOptions(epochs=1, gallery_per_class=1, progress=False))
     final_page = (result.out_dir / "report.html").read_text(encoding="utf-8")
@@ -161,28 +163,11 @@ def test_final_training_writes_report_html_and_adds_its_section(tmp_path: Path) 
     assert len(re.findall(r'src="data:image/(?:png|jpeg);base64,', section)) == len(images)
 
 
-def test_report_size_bench_measures_a_generated_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture) -> None:
-    """bench.report_size end to end, sizes only (no browser: the browser test covers loading)."""
-    from bench import report_size
-
-    monkeypatch.setenv("CHROMIUM", "no-such-browser")
-    out = tmp_path / "size.json"
-    assert report_size.main(["--trials", "6", "--epochs", "3", "--repeats", "1", "--keep", str(tmp_path),
-                             "--out", str(out)]) == 0
-    doc = json.loads(out.read_text())
-    page = doc["pages"][0]
-    assert doc["browser"] is None and page["trials"] >= 6 and "rendered_ms" not in page
-    assert page["bytes"] == (tmp_path / "generated-6" / REPORT_FILE).stat().st_size
-    assert page["parts"]["plotly.js"] > 1e6 and {"facts", "curves", "trials", "final"} <= set(page["parts"])
-    assert "| generated-6 |" in capsys.readouterr().out
-
-
 def test_page_states_a_trial_epoch_budget(tmp_path: Path) -> None:
-    folder = make_sweep(tmp_path / "budget", trials=4, epochs=3, failed=0, running=0, confirm=0)
+    folder = make_sweep(tmp_path / "budget", SweepShape(trials=4, epochs=3, failed=0, running=0, confirm=0))
     doc = json.loads((folder / "sweep.json").read_text())
     doc["settings"]["budget"] = 7
     (folder / "sweep.json").write_text(json.dumps(doc))
-    text = _text(write_report(folder).read_text(encoding="utf-8"))
+    text = _text(write_sweep_page(folder).read_text(encoding="utf-8"))
     assert "(no new trial after 7 trial-epochs)" in text and "--budget 7" in text
     assert "(--budget 7: no new trial after it; running trials finish)" in text

@@ -1,7 +1,7 @@
 """The sweep's report.html in a real browser: headless Chromium draws every figure, without a script error.
 
 Skipped, with the reason, where no Chromium is installed (Debian: ``apt-get install chromium``; .ci/run
-installs it when it runs as root). bench/browser.py loads the page and reads the DOM Chromium dumps
+installs it when it runs as root). tests/browser.py loads the page and reads the DOM Chromium dumps
 after the scripts ran: the page's own record of script errors (#page-errors) and each plotly figure's
 drawn traces.
 """
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.browser import find_chromium, render
-from bench.synthetic_sweep import make_sweep
-from core.report import ReportInput, write_report as write_final_report
-from sweep.report import REPORT_FILE, write_report
+from tests.browser import find_chromium, render
+from tests.synthetic_sweep import SweepShape, make_sweep
+from core.evaluation_report import ReportInput, write_evaluation_report
+from sweep.report import REPORT_FILE, write_sweep_page
 
 BROWSER = find_chromium()
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium on PATH (apt-get install chromium)")
@@ -26,16 +26,16 @@ pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium on PATH (ap
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every trial state and confirmation runs, and a final model's report in final/."""
-    folder = make_sweep(tmp_path_factory.mktemp("browser") / "mixed", trials=10, epochs=4, confirm=2)
+    folder = make_sweep(tmp_path_factory.mktemp("browser") / "mixed", SweepShape(trials=10, epochs=4, confirm=2))
     final = folder / "final"
     final.mkdir()
     Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(final / "confusion_matrix.png")
-    write_final_report(final / "report.md", ReportInput(
+    write_evaluation_report(final / "report.md", ReportInput(
         title="Final model of sweep mixed", facts=[("source", "`best.json`")],
         metrics={"test_balanced_accuracy": 0.61, "test_accuracy": 0.7},
         per_class={"mel": {"precision": 0.5, "recall": 0.6, "f1": 0.55, "support": 9}},
         figures=[("Confusion matrix", "confusion_matrix.png")]))
-    write_report(folder)
+    write_sweep_page(folder)
     return folder
 
 
@@ -58,7 +58,7 @@ def test_a_running_sweep_draws_what_it_has(sweep: Path, tmp_path: Path) -> None:
     shutil.copytree(sweep, folder)
     for name in ("optuna.db", "best.json", "trials.csv"):
         (folder / name).unlink()
-    write_report(folder)
+    write_sweep_page(folder)
     page = render(folder / REPORT_FILE, browser=BROWSER)
     assert page.errors == ""
     assert [p.div_id for p in page.plots] == ["fig-curves"] and page.plots[0].drawn  # the rest say why not

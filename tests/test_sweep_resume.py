@@ -135,9 +135,9 @@ def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
     before = {r["trial_id"]: r for r in _records(folder)}
     finished_before = {t for t, r in before.items() if r["status"] == "completed"}
     assert finished_before and not (folder / "best.json").exists()
-    from sweep.report import write_report
+    from sweep.report import write_sweep_page
 
-    assert "trial(s) running when this page was made" in write_report(folder).read_text()  # the interrupted sweep
+    assert "trial(s) running when this page was made" in write_sweep_page(folder).read_text()  # the interrupted sweep
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{folder / 'optuna.db'}")
     complete_before = {t.number: t.params for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(complete_before) >= len(finished_before)

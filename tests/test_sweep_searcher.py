@@ -23,7 +23,7 @@ SPACE = parse_space("params:\n  lr: {dist: loguniform, low: 1.0e-4, high: 1.0e-1
 def _two_concurrent_suggestions(sampler: optuna.samplers.BaseSampler, tmp_path: Path, name: str) -> list[dict]:
     """Ray asks StudySearch for two trials before either has finished; 12 finished trials are known (best lr
     near 3e-3), so TPE is past its random start-up trials."""
-    search = StudySearch(SPACE.sample, metric="val_balanced_accuracy", mode="max", sampler=sampler,
+    search = StudySearch(SPACE.sample, metric="val_balanced_accuracy", sampler=sampler,
                          storage_url=f"sqlite:///{tmp_path / 'optuna.db'}", study_name=name, max_epochs=4)
     rng = np.random.default_rng(0)
     for _ in range(12):
@@ -72,7 +72,7 @@ def test_budget_finishes_the_search_once_the_trials_ran_that_many_epochs(tmp_pat
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
 
     def searcher(budget: int | None) -> StudySearch:
-        return StudySearch(SPACE.sample, metric="val_balanced_accuracy", mode="max", sampler=optuna.samplers.RandomSampler(0),
+        return StudySearch(SPACE.sample, metric="val_balanced_accuracy", sampler=optuna.samplers.RandomSampler(0),
                            storage_url=url, study_name="budget", max_epochs=4, budget=budget)
 
     search = searcher(budget=6)

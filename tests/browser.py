@@ -1,4 +1,5 @@
-"""Open a page in headless Chromium and read what it drew: for the sweep page's browser test and bench.
+"""Open a page in headless Chromium and read what it drew: for the sweep page's browser test and for
+``python -m bench.report_size`` (a test helper that the benchmark shares; one copy, here).
 
 Not a command. Uses Debian's ``chromium`` (``apt-get install chromium``) or any Chrome on PATH, with
 no Python package: ``--dump-dom`` gives the DOM after the page's scripts ran, ``--screenshot`` a PNG.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from core import filenames
+from core import explain_scores, filenames
 from core.atomic import write_text
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,6 @@ def render_report(report: ReportInput) -> str:
 
 def _gradcam_lines(doc: Mapping[str, Any]) -> list[str]:
     """The maps' method and layer, the position-bias alarm in words, and the scores against lesion masks."""
-    from core import explain_scores
-
     chosen = doc.get("layer_chosen_by") == "--gradcam-layer"
     grid = f"its map is {doc['map_side']}x{doc['map_side']} at {doc['image_size']} px"
     if doc["method"] == "GuidedGradCam":
@@ -153,7 +151,7 @@ def with_interval(value: float | None, interval: Sequence[float] | None) -> str:
     return f"{value:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
-def write_report(path: str | os.PathLike, report: ReportInput) -> None:
+def write_evaluation_report(path: str | os.PathLike, report: ReportInput) -> None:
     """report.md at ``path`` and report.html beside it, with the same content."""
     path = Path(path)
     write_text(path, render_report(report))
@@ -304,7 +302,7 @@ def render_report_article(report: ReportInput, folder: str | os.PathLike, headin
 
 
 def report_article(page: str) -> str | None:
-    """The ``<article>`` of a report.html written by :func:`write_report`; None if it holds none."""
+    """The ``<article>`` of a report.html written by :func:`write_evaluation_report`; None if it holds none."""
     start, end = page.find(ARTICLE_BEGIN), page.find(ARTICLE_END)
     return page[start:end + len(ARTICLE_END)] if 0 <= start < end else None
 

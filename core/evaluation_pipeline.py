@@ -29,8 +29,8 @@ from core.data import Dataset
 from core.figures import confusion_matrix_figure, reliability_figure, roc_figure
 from core.inference import SINGLE_MODE, TTA_MODE, LoadedModel
 from core.metrics import PredictionScores, finite_or_none, score_predictions
-from core.report import ReportInput, write_report
-from core.report_tables import headline_intervals, interval_note, report_tables
+from core.evaluation_report import ReportInput, write_evaluation_report
+from core.evaluation_tables import headline_intervals, interval_note, report_tables
 
 if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
     from core.gradcam import Explainable, GradcamOptions
@@ -126,7 +126,7 @@ def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs
                                 training=outputs.training() if outputs.training else None,
                                 gradcam=explained.document, clinical=scored.clinical.sections)
     page = outputs.page(document)
-    write_report(out / filenames.REPORT, ReportInput(
+    write_evaluation_report(out / filenames.REPORT, ReportInput(
         title=page.title, facts=page.facts, metrics=scored.scores.metrics, per_class=scored.scores.per_class,
         figures=figures, galleries=explained.galleries, config=page.config, notes=[*page.notes, *explained.notes],
         gradcam=explained.document, intervals=headline_intervals(document), interval_note=interval_note(document),

@@ -1,8 +1,8 @@
 """The report's tables of an evaluation's clinical sections (core/clinical.py computes them), read back from
 the metrics.json document, so that report.md, report.html and the file never disagree.
 
-Not a command: core/evaluation.py passes :func:`report_tables`, :func:`headline_intervals` and
-:func:`interval_note` to core/report.py.
+Not a command: core/evaluation_pipeline.py passes :func:`report_tables`, :func:`headline_intervals` and
+:func:`interval_note` to core/evaluation_report.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any, Mapping, Sequence
 
 from core.clinical import INTERVAL_KEYS
 from core.inference import TTA_MODE
-from core.report import Table, with_interval
+from core.evaluation_report import Table, with_interval
 from core.subgroups import MIN_LESIONS
 
 
 def headline_intervals(document: Mapping[str, Any]) -> dict[str, Any]:
-    """The intervals of the headline metrics and per-class recalls, keyed as core/report.py shows them."""
+    """The intervals of the headline metrics and per-class recalls, keyed as core/evaluation_report.py shows them."""
     intervals = document.get("intervals") or {}
     out = {key: intervals.get(key) for key in INTERVAL_KEYS}
     out.update({f"recall/{name}": value for name, value in (intervals.get("recall") or {}).items()})
