@@ -96,7 +96,8 @@ def _images(args: argparse.Namespace, loaded: LoadedModel) -> EvaluatedImages:
         raise UserError(f"{args.data}: the test split is empty; use --split all for a dataset held out as a whole")
     labels = map_labels(data.class_names, loaded.class_names, data.labels[idx], args.data)
     name = Path(data.root).name
-    return EvaluatedImages(data, idx, labels, f"{args.split} split of {name}" if args.split == "test" else f"all of {name}")
+    what = f"{args.split} split of {name}" if args.split == "test" else f"all of {name}"
+    return EvaluatedImages(data, idx, labels, what)
 
 
 def _page(args: argparse.Namespace, loaded: LoadedModel, images: EvaluatedImages,

@@ -128,7 +128,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
                                 base=best.config).with_overrides(options.overrides)
     _warn_epoch_mismatch(cfg.epochs, best.config.epochs)
     check_data(best)
-    out = check_output_dir(options.out_dir if options.out_dir is not None else best.folder / filenames.FINAL_DIR, "--out")
+    out = check_output_dir(best.folder / filenames.FINAL_DIR if options.out_dir is None else options.out_dir, "--out")
     train_splits = ("train", "val") if options.train_on_val else ("train",)
     _claim_folder(out, best, train_splits, options.resume)
 

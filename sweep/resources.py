@@ -14,10 +14,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from core.device import usable_cpus
 from core.errors import UserError
+from sweep.settings import SweepSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ class Resources:
         return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
 
 
-def plan_resources(settings: Any, cpus: int, gpus_available: int, where: str) -> Resources:
+def plan_resources(settings: SweepSettings, cpus: int, gpus_available: int, where: str) -> Resources:
     """GPUs and CPUs per trial and how many trials run at once; impossible requests fail here."""
     gpus = gpus_available if settings.gpus is None else settings.gpus
     if gpus < 0:
@@ -74,7 +75,7 @@ def _check_cpus(cpt: int, cpus: int, where: str) -> None:
         raise UserError(f"--cpus-per-trial {cpt}: must be between 1 and the {cpus} CPU(s) of {where}")
 
 
-def plan_on_ray(settings: Any) -> Resources:
+def plan_on_ray(settings: SweepSettings) -> Resources:
     """:func:`plan_resources` for what the connected Ray (this machine or a cluster) offers."""
     import ray
 
@@ -83,7 +84,7 @@ def plan_on_ray(settings: Any) -> Resources:
     return plan_resources(settings, int(cluster.get("CPU", 1)), int(cluster.get("GPU", 0)), where)
 
 
-def connect_ray(settings: Any, address: str | None, echo: Callable[[str], None]) -> bool:
+def connect_ray(settings: SweepSettings, address: str | None, echo: Callable[[str], None]) -> bool:
     """Start Ray for this machine, or join ``address``; returns whether this call connected (so must shut down)."""
     import ray
 

@@ -28,11 +28,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import pandas as pd
 
 from core import atomic, filenames
 from core.best_file import SPLITS_ADVICE
-from core.config import SELECT_METRICS, TrainConfig
+from core.config import TrainConfig
 from core.errors import UserError, run_cli
 from core.state_files import check_output_dir, reading
 from core.data import load_for_config
@@ -44,6 +46,10 @@ from sweep.settings import (DEFAULT_SPACE, SEARCH_OPTIONS, SETTINGS_FILE, SPACE_
                             base_config, flag, latest_sweep, load_settings, read_text, save_settings)
 from sweep.space import SearchSpace, parse_space
 from sweep.state_check import check_resumable
+
+if TYPE_CHECKING:  # both import Ray or Optuna: only when a sweep runs
+    from sweep.recorder import TrialRecorder
+    from sweep.warm_start import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,7 @@ class SweepRun:
     def folder(self) -> Path:
         return self.settings.sweep_dir
 
-    def recorder(self, role: str) -> Any:
+    def recorder(self, role: str) -> TrialRecorder:
         from sweep.recorder import TrialRecorder
 
         return TrialRecorder(self.folder, self.space.names, self.settings.metric, self.settings.mode,
@@ -119,13 +125,14 @@ def _space(settings: SweepSettings, resume: bool) -> tuple[SearchSpace, str]:
     return parse_space(text, source=settings.space), text
 
 
-def _warm_start(settings: SweepSettings, space: SearchSpace, base: TrainConfig) -> Any:
+def _warm_start(settings: SweepSettings, space: SearchSpace, base: TrainConfig) -> WarmStart:
     from sweep.warm_start import load_warm_start
 
     return load_warm_start(settings.warm_start, space, base.to_dict(), settings.metric, settings.data)
 
 
-def _run(sweep: SweepRun, data: dict[str, str], resume: bool, warm: Any, started: float) -> SweepResult:
+def _run(sweep: SweepRun, data: dict[str, str], resume: bool, warm: WarmStart | None,
+         started: float) -> SweepResult:
     """The two stages, each skipped where an interrupted sweep had finished it."""
     from sweep import confirm
 
@@ -161,13 +168,14 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
     if not resume:
         save_settings(settings, space_text, base, record)
         write_splits(data, folder / filenames.SPLITS)
-    setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / filenames.TRIALS_DIR), cpus=resources.cpus_per_trial,
+    setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / filenames.TRIALS_DIR),
+                       cpus=resources.cpus_per_trial,
                        gpus=resources.gpus_per_trial)
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, setup=setup), resources.per_trial)
     return SweepRun(settings, space, base, resources, trainable, echo), record
 
 
-def _search(sweep: SweepRun, resume: bool, warm: Any) -> Any:
+def _search(sweep: SweepRun, resume: bool, warm: WarmStart | None) -> Any:
     """The search stage: Optuna suggests, ASHA stops; returns the trials table."""
     from sweep import searcher
 
@@ -179,7 +187,7 @@ def _search(sweep: SweepRun, resume: bool, warm: Any) -> Any:
     return recorder.write_table()
 
 
-def _search_tuner(sweep: SweepRun, recorder: Any, warm: Any) -> Any:
+def _search_tuner(sweep: SweepRun, recorder: TrialRecorder, warm: WarmStart | None) -> Any:
     from sweep import searcher
 
     settings, space = sweep.settings, sweep.space
@@ -255,7 +263,8 @@ def _signal_handlers_kept() -> Iterator[None]:
                 signal.signal(number, handler)
 
 
-def _tuner(sweep: SweepRun, name: str, search_alg: Any, scheduler: Any, samples: int, recorder: Any) -> Any:
+def _tuner(sweep: SweepRun, name: str, search_alg: Any, scheduler: Any, samples: int,
+           recorder: TrialRecorder) -> Any:
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -280,7 +289,7 @@ def _records(folder: Path) -> dict[str, dict[str, Any]]:
     return {r["trial_id"]: r for r in read_trials(folder)}
 
 
-def _finish(sweep: SweepRun, frame: Any, runs: list[dict[str, Any]], data: dict[str, str],
+def _finish(sweep: SweepRun, frame: pd.DataFrame, runs: list[dict[str, Any]], data: dict[str, str],
             started: float) -> SweepResult:
     """Rank, write best.json and the summary."""
     from sweep import confirm, searcher
@@ -292,7 +301,8 @@ def _finish(sweep: SweepRun, frame: Any, runs: list[dict[str, Any]], data: dict[
     study = searcher.load_study(folder, settings.name)
     best = choose_and_write(settings, frame, configs, sweep.base, data)
     summary = summary_text(settings, _shown(folder), frame, best, sweep.space.names, time.time() - started,
-                           [confirm.summary_lines(configs, settings.metric, settings.confirm_seeds), _study_lines(study)])
+                           [confirm.summary_lines(configs, settings.metric, settings.confirm_seeds),
+                            _study_lines(study)])
     atomic.write_text(folder / filenames.SUMMARY, summary + "\n")
     refresh_sweep_page(folder)  # report.html; never fails the sweep (a warning instead)
     sweep.echo(summary)

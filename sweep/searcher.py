@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import optuna
@@ -126,11 +127,11 @@ def epochs_spent(study: optuna.Study) -> int:
     return sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False) if RAY_TRIAL_ID in t.user_attrs)
 
 
-def storage_url(sweep_dir: Any) -> str:
+def storage_url(sweep_dir: Path) -> str:
     return f"sqlite:///{sweep_dir / filenames.OPTUNA_DB}"
 
 
-def load_study(sweep_dir: Any, name: str) -> optuna.Study:
+def load_study(sweep_dir: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage_url(sweep_dir))
 
 

@@ -198,5 +198,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         extra: dict[str, Any] = {"action": "append"} if f.name == "overrides" else {"type": kind}
         if meta["choices"]:
             extra["choices"] = meta["choices"]
-        parser.add_argument(flag(f.name), dest=f.name, metavar=meta["metavar"], help=f"{meta['help']} {default}" if f.name != "name" else meta["help"],
+        text = meta["help"] if f.name == "name" else f"{meta['help']} {default}"  # name's help says its default
+        parser.add_argument(flag(f.name), dest=f.name, metavar=meta["metavar"], help=text,
                             default=None if meta["searched"] or f.name == "name" else f.default, **extra)

@@ -130,3 +130,24 @@ def test_report_lists_metrics_classes_figures_and_config(tmp_path: Path) -> None
     assert "> a note" in text and "python -m core.predict model.pt x.jpg" in text
     write_evaluation_report(tmp_path / "report.md", report)
     assert (tmp_path / "report.md").read_text() == text
+
+
+def test_a_final_report_fills_the_slots_of_the_page_above_it_and_nothing_else(tmp_path: Path) -> None:
+    """core.final_train's last step: the sweep page's final-model slots get the report, in place."""
+    from core.evaluation_report import final_link, show_in_parent_page, slot
+
+    final = tmp_path / "final"
+    write_evaluation_report(final / "report.md", ReportInput(
+        title="Final model of sweep s", facts=[], metrics={"test_accuracy": 0.75}, per_class={}, figures=[]))
+    page = tmp_path / "report.html"
+    assert not show_in_parent_page(final, tmp_path)                       # no page: nothing written
+    page.write_text("<p>a page without slots</p>")
+    assert not show_in_parent_page(final, tmp_path) and page.read_text() == "<p>a page without slots</p>"
+    page.write_text(f"<h1>sweep</h1>{slot('link', 'final', '<p>Next: train</p>')}<hr>"
+                    f"{slot('section', 'final', '<p>No final model yet.</p>')}<footer>")
+    assert show_in_parent_page(final, tmp_path)
+    text = page.read_text()
+    assert text.startswith("<h1>sweep</h1>") and text.endswith("<footer>") and "No final model yet" not in text
+    assert final_link() in text and "Final model of sweep s" in text and "0.7500" in text
+    assert show_in_parent_page(final, tmp_path) and page.read_text() == text   # again: the same page
+    assert not show_in_parent_page(final, tmp_path / "elsewhere")          # not the page above final/

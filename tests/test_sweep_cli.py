@@ -121,3 +121,22 @@ def test_missing_ray_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     err = _fails(["--trials", "1", "--results", str(tmp_path), "--data", str(tmp_path / "no-data")], capsys)
     assert "the sweep needs ray, not installed" in err and "pip install" in err
+
+
+def test_options_come_from_the_settings_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every SweepSettings field is an option whose help ends in the field's default; given nothing, the settings
+    are the dataclass's defaults; given an option, that field."""
+    import dataclasses
+
+    from sweep.run import parser, settings_from_args
+    from sweep.settings import flag
+
+    text = " ".join(parser().format_help().split())
+    fields = dataclasses.fields(SweepSettings)
+    assert all(flag(f.name) in text for f in fields)
+    assert f"(default {SweepSettings.__dataclass_fields__['confirm_top'].default})" in text
+    plain = settings_from_args(parser().parse_args(["--name", "n", "--results", str(tmp_path)]))
+    assert plain == SweepSettings(name="n", results=str(tmp_path.resolve()))
+    given = settings_from_args(parser().parse_args(["--name", "n", "--results", str(tmp_path), "--budget", "7",
+                                                    "--set", "lr=0.1", "--reduction-factor", "2.5"]))
+    assert (given.budget, given.overrides, given.reduction_factor) == (7, ("lr=0.1",), 2.5)
