@@ -10,7 +10,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -19,7 +19,16 @@ from core.errors import UserError
 
 if TYPE_CHECKING:
     from core.config import TrainConfig
-    from core.data import Dataset
+
+
+class ImagesAndLabels(Protocol):
+    """What :func:`dataset_to_device` needs of a core.data.Dataset (a Protocol, so that this module, which
+    core.data's image cache imports, does not import core.data back)."""
+
+    @property
+    def images(self) -> Any: ...     # uint8 [N, 3, S, S]
+    @property
+    def labels(self) -> Any: ...     # int [N]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,7 @@ def as_tensor(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(images_uint8))
 
 
-def dataset_to_device(data: "Dataset", device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_to_device(data: ImagesAndLabels, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The uint8 images and labels as tensors: on a GPU when they fit, else in host memory."""
     images = as_tensor(data.images)
     labels = torch.as_tensor(data.labels, dtype=torch.long, device=device)

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
@@ -29,9 +29,21 @@ from core.state_files import load_torch, reading, writing
 
 if TYPE_CHECKING:
     from core.data import Dataset
-    from core.train import RunOptions
 
 log = logging.getLogger(__name__)
+
+
+class WriteOptions(Protocol):
+    """What the writer reads of core.train.RunOptions (a Protocol: core.train imports this module)."""
+
+    @property
+    def resume(self) -> bool: ...
+    @property
+    def tensorboard(self) -> bool: ...
+    @property
+    def keep_last(self) -> bool: ...
+    @property
+    def checkpoint_every_s(self) -> float: ...
 
 # What a run writes atomically (a killed run leaves their temporary files), and what to do about damage.
 RUN_FILES = (filenames.CONFIG, filenames.SPLITS, filenames.METRICS_CSV, filenames.RUN_STATE,
@@ -42,7 +54,7 @@ RESUME_ADVICE = "start the run over with --no-resume, or use another --out"
 class RunWriter:
     """The outputs of one training run in ``out``; see the module docstring."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, data: "Dataset", options: "RunOptions") -> None:
+    def __init__(self, out: Path, cfg: TrainConfig, data: "Dataset", options: WriteOptions) -> None:
         self.out, self.cfg, self.data, self.options = Path(out), cfg, data, options
         self.out.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale_temps(self.out, RUN_FILES)
