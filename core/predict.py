@@ -1,7 +1,7 @@
 """Class probabilities of a trained model for image files, optionally with Grad-CAM overlays.
 
     python -m core.predict results/<sweep>/final/model.pt lesion1.jpg lesion2.png [--json] [--gradcam DIR] [--tta]
-        [--masks MASK_DIR] [--gradcam-layer layer2|layer3|layer4]
+        [--masks MASK_DIR] [--gradcam-layer layer2|layer3|layer4] [--age 55 --sex female --site back]
 
 Images are decoded at the model's image size and normalised exactly as in training. Probabilities are
 calibrated with the temperature core.final_train fitted on the validation split and stored in model.pt
@@ -12,6 +12,9 @@ DIR`` saves ``DIR/<image name>_gradcam.png``, the heat map of the predicted clas
 With ``--masks MASK_DIR`` (holding ``<image name>_segmentation.png`` or ``<image name>.png``, the
 image's size) each map is also scored against the lesion mask, whose outline the overlay draws:
 the share of the map inside the lesion and whether its peak is (core/explain_scores.py).
+
+A model trained with clinical metadata (config key ``metadata``) takes ``--age``, ``--sex`` and ``--site``
+(the same for every image given); a field left out counts as unknown (all of them: with a warning).
 """
 
 from __future__ import annotations
@@ -78,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_gradcam_options(parser)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_prediction_options(parser)
+    add_metadata_options(parser)
     args = parser.parse_args(argv)
+    record = metadata_record(args)  # a bad value fails before any work
     if args.gradcam:
         from core.state_files import check_output_dir
 
@@ -96,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every image is read before any work, so a bad one fails the command at once, by name.
     images = np.stack([decode_image(path, size) for path in args.images])
     masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
-    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration)
+    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration,
+                           metadata=encoded_metadata(loaded, record, len(images)))
     temperature = loaded.temperature(args.tta)
     log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
              "not calibrated (--no-calibration)" if args.no_calibration else
@@ -123,6 +129,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if scores:
             print(scores)
     return 0
+
+
+def add_metadata_options(parser: argparse.ArgumentParser) -> None:
+    from core.metadata import SEXES, SITES
+
+    parser.add_argument("--age", help="patient's age in years (a model trained with metadata; else ignored)")
+    parser.add_argument("--sex", help=f"patient's sex: {', '.join(SEXES)} or unknown")
+    parser.add_argument("--site", help=f"anatomical site: {', '.join(SITES)} or unknown")
+
+
+def metadata_record(args: argparse.Namespace) -> dict | None:
+    """The checked --age/--sex/--site; None when none was given."""
+    from core.metadata import validate_record
+
+    given = {"age": args.age, "sex": args.sex, "site": args.site}
+    if all(value is None for value in given.values()):
+        return None
+    try:
+        return validate_record(given)
+    except UserError as exc:
+        raise UserError(f"--{str(exc).split(chr(39))[1]}: {exc}") from None
+
+
+def encoded_metadata(loaded, record: dict | None, n: int) -> np.ndarray | None:
+    """The record encoded for each of ``n`` images; None for an image-only model (the record ignored)."""
+    if record is None or loaded.metadata_spec is None:
+        if record is not None:
+            log.warning("the model was trained without clinical metadata: --age/--sex/--site are ignored")
+        return None
+    return loaded.encode([record] * n)
 
 
 def read_masks(paths: Sequence[str], masks_dir: str, size: int) -> list[np.ndarray | None]:
