@@ -170,3 +170,41 @@ def test_a_missing_metadata_column_fails_the_run_naming_it(ham, tmp_path: Path) 
     cfg = TrainConfig(image_size=SIZE, epochs=1, batch_size=16, pretrained="none", metadata="concat")
     with pytest.raises(UserError, match="metadata column 'localization' missing"):
         train(cfg, data, tmp_path / "run", options=QUIET)
+
+
+def test_isic_2018_with_its_metadata_csv_is_encoded(tmp_path: Path) -> None:
+    from tests.data_fixtures import make_isic
+
+    root = make_isic(tmp_path / "isic", ["nv", "mel", "bkl"])
+    (root / "ISIC2018_Task3_Training_Metadata.csv").write_text(
+        "image,lesion_id,age_approx,sex,anatom_site_general\n"
+        "ISIC_0000000,L1,45,female,posterior torso\nISIC_0000001,L2,,male,lower extremity\n"
+        "ISIC_0000002,L3,70,,head/neck\n")
+    from core.layouts import read_layout
+
+    listing = read_layout(root)  # the label table, with the metadata CSV's columns beside it
+    assert listing.layout == "isic2018"
+    rows = encode_dataset(listing, SPEC)
+    expected = encode_records([{"age": 45, "sex": "female", "site": "back"}, {"sex": "male", "site": "lower extremity"},
+                               {"age": 70}], SPEC)
+    np.testing.assert_array_equal(rows, expected)
+
+
+def test_gradcam_and_evaluate_work_for_a_metadata_model(ham, trained, tmp_path, caplog) -> None:
+    import json
+
+    from core.evaluate import main
+    from core.gradcam import gradcam_maps
+
+    loaded = load_for_inference(trained, "cpu")
+    maps = gradcam_maps(loaded.model, ham[1].images[:2], [0, 1], method="gradcam")
+    assert maps.shape == (2, SIZE, SIZE) and np.isfinite(maps).all()
+    with caplog.at_level("WARNING"), pytest.raises(SystemExit) as exit_:
+        run_cli(main, [str(trained), "--data", str(ham[0]), "--out", str(tmp_path / "eval"), "--gallery", "0",
+                       "--bootstrap", "0", "--no-calibration"])
+    assert exit_.value.code in (0, None) and "treated as unknown" not in caplog.text
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    test = ham[1].indices("test")
+    probs = loaded.predict(ham[1].images[test], metadata=loaded.encode_dataset(ham[1], test), calibrated=False)
+    accuracy = float((probs.argmax(1) == ham[1].labels[test]).mean())
+    assert doc["test_accuracy"] == pytest.approx(accuracy)
