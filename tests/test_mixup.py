@@ -76,7 +76,7 @@ def test_a_run_with_mixup_and_cutmix_trains(tmp_path) -> None:
 
     root = generate_demo(tmp_path / "data", n_lesions=24, image_size=32, seed=2)
     data = load_dataset(root, 32, progress=False, masks=False, val_fraction=0.2, test_fraction=0.2)
-    cfg = TrainConfig(image_size=32, epochs=2, batch_size=16, pretrained="none", warmup_epochs=0.0,
+    cfg = TrainConfig(image_size=32, epochs=1, batch_size=16, pretrained="none", warmup_epochs=0.0,
                       mixup_prob=0.5, cutmix_prob=1.0, class_weighting="inverse", eval_batch_size=64)
     result = train(cfg, data, tmp_path / "run", options=RunOptions(progress=False, tensorboard=False))
-    assert result.epochs_run == 2 and all(np.isfinite(m["train_loss"]) for m in result.history)
+    assert result.epochs_run == 1 and np.isfinite(result.history[0]["train_loss"])

@@ -27,7 +27,7 @@ def test_two_trials_over_the_models_space(tmp_path: Path) -> None:
     try:
         settings = SweepSettings(
             name="models", results=str(tmp_path / "results"), space=str(MODELS), data=str(data), trials=2, gpus=0,
-            cpus_per_trial=2, scheduler="none", confirm_top=0, seed=1,
+            cpus_per_trial=1, scheduler="none", confirm_top=0, seed=1,
             overrides=("image_size=32", "epochs=1", "warmup_epochs=0", "pretrained=none", "batch_size=16",
                        "eval_batch_size=64", "device=cpu"))
         run_sweep(settings, echo=lambda *_: None)
