@@ -66,7 +66,7 @@ def overlay_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m core.predict", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0],
@@ -82,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_prediction_options(parser)
     add_metadata_options(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     record = metadata_record(args)  # a bad value fails before any work
     if args.gradcam:
         from core.state_files import check_output_dir
