@@ -95,8 +95,8 @@ def _result(argv: Sequence[str] | None, args: Any, source: Any, started: float, 
 
     return {"command": command_line("bench.model_study", argv), "data": {"source": source.source,
             "path": str(source.path)}, "settings": {"image_size": args.image_size, "epochs": args.epochs,
-            "seeds": args.seeds, "batch_size": args.batch_size, "pretrained": "none"},
-            "machine": machine_info(torch.device("cpu")), "load_average_after_each_run": loads,
+            "seeds": args.seeds, "batch_size": args.batch_size, "pretrained": "none", "device": args.device},
+            "machine": machine_info(torch.device(args.device)), "load_average_after_each_run": loads,
             "wall_s": round(time.time() - started, 1), "summary": summarize(runs, args.variants), "runs": runs}
 
 
@@ -110,12 +110,12 @@ def run_variant(variant: str, seed: int, args: Any, data_path: Path, root: Path)
     from core.train import RunOptions, train
 
     cfg = TrainConfig.from_dict({"image_size": args.image_size, "epochs": args.epochs, "seed": seed,
-                                 "split_seed": seed, "pretrained": "none", "device": "cpu",
+                                 "split_seed": seed, "pretrained": "none", "device": args.device,
                                  "batch_size": args.batch_size, **VARIANTS[variant]})
     data = load_for_config(str(data_path), cfg, masks=False, progress=False)
     out = root / f"seed{seed}" / variant.replace("+", "_")
     result = train(cfg, data, out, options=RunOptions(progress=False, tensorboard=False))
-    loaded = load_for_inference(out / "best.pt", "cpu")
+    loaded = load_for_inference(out / "best.pt", args.device)
     test = data.indices("test")
     probs = loaded.predict(np.asarray(data.images[test]), metadata=loaded.encode_dataset(data, test),
                            calibrated=False)
@@ -194,6 +194,7 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the lesion bootstrap")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every run trains")
     parser.add_argument("--runs", help="keep the run folders here (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
     args.variants = [BASELINE] + [v for v in dict.fromkeys(args.variants) if v != BASELINE]
