@@ -36,7 +36,8 @@ def test_two_trials_over_the_models_space(tmp_path: Path) -> None:
     with open(tmp_path / "results" / "models" / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(row["status"] == "completed" for row in rows), rows
-    assert rows[0]["arch"] == "resnet18" and rows[0]["metadata"] == "none"   # the start point: the defaults
+    start = next(row for row in rows if row["optuna_trial"] == "0")  # rows are best first
+    assert start["arch"] == "resnet18" and start["metadata"] == "none"   # the start point: the defaults
     for row in rows:
         assert row["arch"] and row["metadata"] in ("none", "concat", "film") and float(row["lr"]) > 0
         assert (row["metadata_dropout"] == "") == (row["metadata"] == "none")  # sampled only with metadata
