@@ -6,13 +6,19 @@ the random resized crop and the translation are folded into one affine matrix pe
 ``grid_sample``; colour jitter and the ImageNet normalisation are folded into one 3x3 colour matrix
 and offset per sample, applied by a single batched matrix product. Everything runs where the batch is
 (the GPU in a real run), so no DataLoader workers are needed, and nothing in it waits for the GPU.
+
+Mixup and CutMix (``mixup_prob``/``cutmix_prob``, each with its Beta ``alpha``) mix a whole augmented batch
+with a shuffled copy of itself, one weight per batch drawn on the host (:func:`draw_mix`, :func:`apply_mix`);
+the loss is then against the mixed labels (:func:`mixed_loss`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -147,3 +153,80 @@ def _color_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch
     out = torch.baddbmm((offset - mean) / std, matrix / std, x.reshape(b, 3, -1))
     low, high = (-mean / std).view(1, 3, 1, 1), ((1 - mean) / std).view(1, 3, 1, 1)
     return out.view_as(x).clamp_(low, high)
+
+
+# --- mixup and CutMix: whole batches mixed with a shuffled copy of themselves ---------------------
+
+@dataclass(frozen=True)
+class Mix:
+    """How a batch was mixed: image i with image ``perm[i]``, the first weighing ``lam`` (in labels too)."""
+
+    kind: str                 # "mixup" | "cutmix"
+    perm: torch.Tensor        # int64 [B] on the batch's device
+    lam: float                # weight of each image's own label; CutMix: the share of its pixels kept
+
+
+def mix_rng(cfg: TrainConfig, generator: torch.Generator) -> np.random.Generator | None:
+    """A host generator for the per-batch mixing draws, seeded from ``generator`` once (one read per epoch).
+
+    None when mixing is off, so that runs without it draw exactly the random numbers they drew before.
+    The mixing weights are scalars per batch: drawn on the host they never wait for the device.
+    """
+    if cfg.mixup_prob <= 0 and cfg.cutmix_prob <= 0:
+        return None
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()
+    return np.random.default_rng(int(seed))
+
+
+def draw_mix(rng: np.random.Generator, cfg: TrainConfig, x: torch.Tensor, generator: torch.Generator) -> Mix | None:
+    """Mixup with probability ``mixup_prob``, else CutMix with probability ``cutmix_prob``, else nothing."""
+    if rng.random() < cfg.mixup_prob:
+        kind, lam = "mixup", float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+    elif rng.random() < cfg.cutmix_prob:
+        kind, lam = "cutmix", float(rng.beta(cfg.cutmix_alpha, cfg.cutmix_alpha))
+    else:
+        return None
+    perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
+    return Mix(kind, perm, lam)
+
+
+def apply_mix(x: torch.Tensor, mix: Mix, rng: np.random.Generator) -> tuple[torch.Tensor, Mix]:
+    """The mixed batch (normalised floats [B,3,S,S]) and the mix with CutMix's weight set to the box it cut.
+
+    CutMix (Yun et al. 2019): a box of area fraction ``1 - lam``, centred uniformly and clipped at the
+    borders, is pasted from the partner image; the labels are then weighted by the pixels actually kept.
+    """
+    if mix.kind == "mixup":
+        return torch.lerp(x[mix.perm], x, mix.lam), mix
+    side_y, side_x = x.shape[-2:]
+    cut = math.sqrt(1.0 - mix.lam)
+    h, w = int(round(side_y * cut)), int(round(side_x * cut))
+    cy, cx = int(rng.integers(side_y)), int(rng.integers(side_x))
+    y0, y1 = max(cy - h // 2, 0), min(cy + h - h // 2, side_y)
+    x0, x1 = max(cx - w // 2, 0), min(cx + w - w // 2, side_x)
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[mix.perm, :, y0:y1, x0:x1]
+    kept = 1.0 - (y1 - y0) * (x1 - x0) / (side_y * side_x)
+    return out, Mix(mix.kind, mix.perm, kept)
+
+
+def mix_targets(y: torch.Tensor, mix: Mix | None, num_classes: int) -> torch.Tensor:
+    """Soft targets [B, C]: ``lam`` on each image's class plus ``1 - lam`` on its partner's (one-hot unmixed).
+
+    Each row sums to 1 and, the partners being a permutation, each class keeps its mass over the batch.
+    """
+    onehot = F.one_hot(y, num_classes).float()
+    return onehot if mix is None else mix.lam * onehot + (1 - mix.lam) * onehot[mix.perm]
+
+
+def mixed_loss(criterion: torch.nn.Module, logits: torch.Tensor, y: torch.Tensor, mix: Mix | None) -> torch.Tensor:
+    """The loss against the soft targets of :func:`mix_targets`: ``lam`` times the loss against each image's
+    own labels plus ``1 - lam`` times that against its partner's.
+
+    Cross-entropy is linear in the target, so without class weights this is exactly the cross-entropy
+    against the soft targets (label smoothing included); with class weights each part is normalised as the
+    unmixed loss is (by the summed weights of its labels), so mixed and unmixed batches weigh the same.
+    """
+    if mix is None:
+        return criterion(logits, y)
+    return mix.lam * criterion(logits, y) + (1 - mix.lam) * criterion(logits, y[mix.perm])

@@ -27,6 +27,9 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLINGS = ("uniform", "sqrt", "balanced")
 IMAGE_SIZES = (16, 1024)   # the smallest and largest image side, in pixels (config and core.data.load_dataset)
+ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_large",
+         "regnet_y_800mf")   # core/model.py builds each; the first is the default
+METADATA_METHODS = ("none", "concat", "film")
 SELECT_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_auc", "val_loss")
 
 
@@ -79,10 +82,28 @@ class TrainConfig:
                             "reflected at its borders); 0 turns it off.", default=0.0)
     color_jitter: float = _doc("Colour jitter strength (brightness, contrast, saturation; hue at a "
                                "quarter of it); 0 turns it off.", default=0.1)
+    mixup_prob: float = _doc("Probability that a training batch is mixed with a shuffled copy of itself (mixup, "
+                             "Zhang et al. 2018; one Beta(mixup_alpha, mixup_alpha) weight per batch, the loss "
+                             "against the mixed labels); 0 turns it off.", default=0.0)
+    mixup_alpha: float = _doc("Beta distribution parameter of mixup's mixing weight (small: weights near 0 or 1).",
+                              default=0.2)
+    cutmix_prob: float = _doc("Probability that a batch not mixed by mixup gets a box pasted from a shuffled copy "
+                              "of itself (CutMix, Yun et al. 2019; labels mixed by the box's area); 0 turns it off.",
+                              default=0.0)
+    cutmix_alpha: float = _doc("Beta distribution parameter of CutMix's box area fraction.", default=1.0)
 
     # --- model --------------------------------------------------------------------------------
-    pretrained: str = _doc("Initial weights: 'imagenet' (torchvision's ResNet18_Weights via the torch "
-                           "hub cache), 'none', or a path to a state_dict file.", default="imagenet")
+    arch: str = _doc("Backbone, from torchvision: " + ", ".join(ARCHS) + ". Its classifier is replaced by "
+                     "one for the dataset's classes; the model file records it.", default="resnet18")
+    pretrained: str = _doc("Initial weights: 'imagenet' (torchvision's IMAGENET1K_V1 weights of the arch via the "
+                           "torch hub cache), 'none', or a path to a state_dict file.", default="imagenet")
+    metadata: str = _doc("Clinical metadata beside the image: 'none', 'concat' (age, sex and site through a small "
+                         "MLP, concatenated to the pooled image features before the classifier) or 'film' (the "
+                         "MLP scales and shifts each pooled feature); needs a dataset with age, sex and "
+                         "localization columns (HAM10000, ISIC 2018 with its metadata CSV).", default="none")
+    metadata_dropout: float = _doc("In training, each metadata field of each image is set to unknown with this "
+                                   "probability, so that the model also works when a field is not known.",
+                                   default=0.0)
 
     # --- execution ----------------------------------------------------------------------------
     device: str = _doc("'auto' (CUDA when available), 'cpu' or 'cuda'.", default="auto")
@@ -114,6 +135,13 @@ class TrainConfig:
             ("crop_scale_min", 0.05 <= self.crop_scale_min <= 1, "must be in [0.05, 1]"),
             ("translate", 0 <= self.translate <= 0.5, "must be in [0, 0.5]"),
             ("color_jitter", 0 <= self.color_jitter <= 1, "must be in [0, 1]"),
+            ("mixup_prob", 0 <= self.mixup_prob <= 1, "must be in [0, 1]"),
+            ("mixup_alpha", 0 < self.mixup_alpha <= 10, "must be in (0, 10]"),
+            ("cutmix_prob", 0 <= self.cutmix_prob <= 1, "must be in [0, 1]"),
+            ("cutmix_alpha", 0 < self.cutmix_alpha <= 10, "must be in (0, 10]"),
+            ("arch", self.arch in ARCHS, f"must be one of {ARCHS}"),
+            ("metadata", self.metadata in METADATA_METHODS, f"must be one of {METADATA_METHODS}"),
+            ("metadata_dropout", 0 <= self.metadata_dropout <= 1, "must be in [0, 1]"),
             ("pretrained", bool(self.pretrained), "must be 'imagenet', 'none' or a file path"),
             ("device", self.device in DEVICES, f"must be one of {DEVICES}"),
             ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),

@@ -94,7 +94,9 @@ def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.
     ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well.
     """
     views = (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,)
-    raw = {view: loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False) for view in views}
+    encoded = loaded.encode_dataset(data, idx)  # the clinical metadata a metadata model takes; else None
+    raw = {view: loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
+           for view in views}
     metadata = None if data.metadata is None else data.metadata.iloc[idx].reset_index(drop=True)
     return EvaluatedSet(labels=np.asarray(labels, dtype=np.int64), groups=data.groups[idx],
                         image_ids=data.image_ids[idx], metadata=metadata, raw=raw)

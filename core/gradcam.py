@@ -12,7 +12,12 @@ Two methods (``--gradcam-method``):
   with at least 7x7 full cells (layer4 from 224 px, layer3 from 112 px, layer2 below); the last stage
   alone gives 2x2 maps at 64 px, which show the network's position bias more than the lesion.
 
-``--gradcam-layer`` overrides the stage of either. Captum registers its hooks for each ``attribute``
+The layer follows the model's arch (core/model.py ``gradcam_layers``): a ResNet's residual stages
+(layer2..layer4, chosen as above); EfficientNet, MobileNetV3 and ConvNeXt their last feature stage
+(``features[-1]``); RegNet its ``trunk_output``. A metadata model's maps are of its image branch with the
+metadata unknown.
+
+``--gradcam-layer`` overrides the stage of either (a layer the arch lacks is an error naming those it has). Captum registers its hooks for each ``attribute``
 call and removes them when the call ends, so the model is left as it was.
 
 Where lesion masks exist (core/masks.py), :func:`explain_evaluation` scores the map of every
@@ -36,7 +41,7 @@ from torch import nn
 
 from core.augment import normalize
 from core.figures import GalleryItem, gradcam_gallery_figure
-from core.model import GRADCAM_LAYERS, STAGE_STRIDES, gradcam_layer
+from core.model import GRADCAM_LAYERS, STAGE_STRIDES, arch_of, gradcam_layer, gradcam_layers
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +58,17 @@ DEFAULT_METHOD = "guided"
 MIN_MAP_SIDE = 7   # plain Grad-CAM: the deepest stage whose map has at least this many cells a side
 
 
-def choose_layer(image_size: int, method: str = DEFAULT_METHOD) -> str:
-    """The residual stage a method looks at by default, at ``image_size`` px.
+def choose_layer(image_size: int, method: str = DEFAULT_METHOD, arch: str = "resnet18") -> str:
+    """The layer a method looks at by default in ``arch``, at ``image_size`` px.
 
+    An arch other than a ResNet has one Grad-CAM layer, its last feature stage. For a ResNet:
     Plain Grad-CAM ("gradcam") is only as fine as the stage's map: the deepest stage with at least 7x7
     full cells, i.e. layer4 (stride 32) from 224 px, layer3 (stride 16) from 112 px, layer2 (stride 8)
     below. Guided Grad-CAM ("guided") takes its resolution from guided backpropagation, pixel by pixel,
     and only its class weighting from the stage: the last one, layer4, as in the Grad-CAM paper.
     """
+    if not arch.startswith("resnet"):
+        return gradcam_layers(arch)[-1]
     if method == "guided":
         return GRADCAM_LAYERS[-1]
     for name in reversed(GRADCAM_LAYERS):
@@ -82,7 +90,7 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
                  method: str = DEFAULT_METHOD) -> np.ndarray:
     """Heat maps [N, H, W] in [0, 1] (each scaled by its maximum) for class ``targets[i]`` of image ``i``.
 
-    ``layer``: the residual stage to look at; None chooses by image size (:func:`choose_layer`).
+    ``layer``: the stage to look at; None chooses by image size and the model's arch (:func:`choose_layer`).
     ``method``: "gradcam" (LayerGradCam, bilinearly upsampled) or "guided" (GuidedGradCam: guided
     backpropagation times the nearest-upsampled Grad-CAM, absolute values summed over the colours).
     """
@@ -95,7 +103,7 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
     model = model.to(device).eval()
-    stage = gradcam_layer(model, layer or choose_layer(int(images.shape[-1]), method))
+    stage = gradcam_layer(model, layer or choose_layer(int(images.shape[-1]), method, arch_of(model)))
     cam = LayerGradCam(model, stage) if method == "gradcam" else GuidedGradCam(model, stage)
     size = tuple(images.shape[-2:])
     out = np.zeros((len(images), *size), dtype=np.float32)
@@ -321,7 +329,8 @@ def explain_evaluation(model: nn.Module, ev: Explainable, out_dir: str | os.Path
         return Explained({}, None)
     size, method = int(ev.images_uint8.shape[-1]), options.method
     chosen_by = "--gradcam-layer" if options.layer else "image size"
-    layer = options.layer or choose_layer(size, method)
+    layer = options.layer or choose_layer(size, method, arch_of(model))
+    gradcam_layer(model, layer)  # a layer the arch lacks fails here, before any map is made
     scored = ev.masked
     shown = [i for indices in choose_examples(ev.labels, ev.probs, options.per_class).values() for i in indices]
     needed = sorted(set(shown) | set(scored.tolist()))

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.augment import augment_batch, normalize
+from core.augment import apply_mix, augment_batch, draw_mix, mix_rng, mixed_loss, normalize
 from core.config import TrainConfig
 from core.device import Placement, gather_batch
+from core.metadata import drop_fields
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Batches:
     batch_size: int
     steps_per_epoch: int           # T // batch_size: the last partial batch is dropped (BatchNorm needs > 1)
     placement: Placement
+    metadata: torch.Tensor | None = None        # float32 [N, D] encoded metadata (core/metadata.py), or None
+    metadata_spec: dict | None = None           # its encoding, for metadata dropout
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,19 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
     correct = torch.zeros((), device=where.device, dtype=torch.long)
     started = time.perf_counter()
     size = batches.batch_size
+    rng = mix_rng(cfg, generator)  # None without mixup/CutMix: the other draws stay as they were
     for step in range(batches.steps_per_epoch):
         idx = batches.train_idx[order[step * size:(step + 1) * size]]
         x = augment_batch(gather_batch(batches.images, idx, where.device), cfg, generator)
         y = batches.labels[idx]
+        meta = _train_metadata(batches, idx, cfg, generator)
+        mix = draw_mix(rng, cfg, x, generator) if rng is not None else None
+        if mix is not None:
+            x, mix = apply_mix(x, mix, rng)
+            meta = None if meta is None else torch.lerp(meta[mix.perm], meta, mix.lam)
         with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16):
-            logits = opt.model(x.contiguous(memory_format=where.memory_format))
-        loss = opt.criterion(logits.float(), y)
+            logits = forward(opt.model, x.contiguous(memory_format=where.memory_format), meta)
+        loss = mixed_loss(opt.criterion, logits.float(), y, mix)
         opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         opt.optimizer.step()
@@ -76,10 +85,26 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
             "train_images_per_s": seen / elapsed, "train_epoch_s": elapsed}
 
 
+def _train_metadata(batches: Batches, idx: torch.Tensor, cfg: TrainConfig,
+                    generator: torch.Generator) -> torch.Tensor | None:
+    """The batch's encoded metadata with metadata dropout applied; None for an image-only run."""
+    if batches.metadata is None:
+        return None
+    return drop_fields(batches.metadata[idx], batches.metadata_spec, cfg.metadata_dropout, generator)
+
+
+def forward(model: nn.Module, x: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+    """The model's logits: images only, or with the encoded metadata where there is some."""
+    return model(x) if meta is None else model(x, meta)
+
+
 @torch.no_grad()
 def predict_split(model: nn.Module, images: torch.Tensor, idx: np.ndarray, labels: torch.Tensor | None,
-                  where: Placement, batch_size: int) -> tuple[np.ndarray, float]:
-    """Softmax probabilities [N, C] (float64) of ``images[idx]`` and, with labels, the plain cross-entropy."""
+                  where: Placement, batch_size: int, metadata: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+    """Softmax probabilities [N, C] (float64) of ``images[idx]`` and, with labels, the plain cross-entropy.
+
+    ``metadata``: the encoded metadata of all ``images`` (row i = image i) for a metadata model, else None.
+    """
     model.eval()
     idx_t = torch.as_tensor(idx, device=where.device)
     probs, loss_sum = [], torch.zeros((), device=where.device)
@@ -87,7 +112,7 @@ def predict_split(model: nn.Module, images: torch.Tensor, idx: np.ndarray, label
         batch = idx_t[start:start + batch_size]
         x = normalize(gather_batch(images, batch, where.device)).contiguous(memory_format=where.memory_format)
         with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16):
-            logits = model(x).float()
+            logits = forward(model, x, None if metadata is None else metadata[batch]).float()
         if labels is not None:
             loss_sum += nn.functional.cross_entropy(logits, labels[batch], reduction="sum")
         probs.append(torch.softmax(logits, 1))

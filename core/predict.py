@@ -15,6 +15,9 @@ the share of the map inside the lesion and whether its peak is (core/explain_sco
 
 This module is the command: reading the images, the table and the JSON it prints; the model is used through
 core/inference.py, Grad-CAM through core/gradcam.py.
+
+A model trained with clinical metadata (config key ``metadata``) takes ``--age``, ``--sex`` and ``--site``
+(the same for every image given); a field left out counts as unknown (all of them: with a warning).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from core.explain_scores import masks_summary_line, score_one_map
 from core.image_cache import decode_image
 from core.inference import LoadedModel, load_for_inference
 from core.masks import read_masks
+from core.metadata import SEXES, SITES, validate_record
 from core.state_files import check_output_dir
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,7 @@ def overlay_names(paths: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    record = metadata_record(args)  # a bad value fails before any work
     if args.gradcam:
         check_output_dir(args.gradcam, "--gradcam")
     if args.masks and not args.gradcam:
@@ -82,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every image is read before any work, so a bad one fails the command at once, by name.
     images = np.stack([decode_image(path, size) for path in args.images])
     masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
-    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration)
+    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration,
+                           metadata=encoded_metadata(loaded, record, len(images)))
     temperature = loaded.temperature(args.tta)
     log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
              "not calibrated (--no-calibration)" if args.no_calibration else
@@ -114,7 +120,34 @@ def _parser() -> argparse.ArgumentParser:
     add_gradcam_options(parser)
     add_device_option(parser)
     add_prediction_options(parser)
+    add_metadata_options(parser)
     return parser
+
+
+def add_metadata_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--age", help="patient's age in years (a model trained with metadata; else ignored)")
+    parser.add_argument("--sex", help=f"patient's sex: {', '.join(SEXES)} or unknown")
+    parser.add_argument("--site", help=f"anatomical site: {', '.join(SITES)} or unknown")
+
+
+def metadata_record(args: argparse.Namespace) -> dict | None:
+    """The checked --age/--sex/--site; None when none was given."""
+    given = {"age": args.age, "sex": args.sex, "site": args.site}
+    if all(value is None for value in given.values()):
+        return None
+    try:
+        return validate_record(given)
+    except UserError as exc:
+        raise UserError(f"--{str(exc).split(chr(39))[1]}: {exc}") from None
+
+
+def encoded_metadata(loaded: LoadedModel, record: dict | None, n: int) -> np.ndarray | None:
+    """The record encoded for each of ``n`` images; None for an image-only model (the record ignored)."""
+    if record is None or loaded.metadata_spec is None:
+        if record is not None:
+            log.warning("the model was trained without clinical metadata: --age/--sex/--site are ignored")
+        return None
+    return loaded.encode([record] * n)
 
 
 def _overlays(args: argparse.Namespace, loaded: LoadedModel, images: np.ndarray, probs: np.ndarray,

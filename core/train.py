@@ -1,4 +1,4 @@
-"""One training run: fine-tune ResNet-18 on a dataset and report validation metrics per epoch.
+"""One training run: fine-tune a backbone (ResNet-18 by default, config key ``arch``) on a dataset and report validation metrics per epoch.
 
     python -m core.train --data ../shared/data/ham10000-200x150 --out results/one-run \
         --set image_size=64 --set epochs=5 --set pretrained=none
@@ -29,6 +29,7 @@ from core.device import Placement, dataset_to_device, resolve_device
 from core.ema import make_ema
 from core.errors import UserError, run_cli
 from core.loop import Batches, Optimisation, predict_split, train_one_epoch
+from core.metadata import encode_dataset, make_spec
 from core.metrics import classification_metrics
 from core.model import build_model
 from core.optim import make_criterion, make_optimizer, make_scheduler
@@ -81,7 +82,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
     batches = _batches(cfg, data, options.train_splits, device)
     val_idx = data.indices("val")
 
-    model = build_model(len(data.class_names), cfg.pretrained).to(device, memory_format=batches.placement.memory_format)
+    model = build_model(len(data.class_names), cfg.pretrained, cfg.arch, batches.metadata_spec)
+    model = model.to(device, memory_format=batches.placement.memory_format)
     optimizer = make_optimizer(model, cfg)
     ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     scheduler = make_scheduler(optimizer, cfg, batches.steps_per_epoch)
@@ -104,7 +106,7 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
                 raise TrainingDiverged(f"training diverged: the training loss is {train_stats['train_loss']} in "
                                        f"epoch {epoch} (lr={cfg.lr}); lower the learning rate")
             val_probs, val_loss = predict_split(evaluated, batches.images, val_idx, batches.labels,
-                                                batches.placement, cfg.eval_batch_size)
+                                                batches.placement, cfg.eval_batch_size, batches.metadata)
             metrics = {"epoch": float(epoch), "lr": float(scheduler.get_last_lr()[0]), **train_stats,
                        **classification_metrics(data.labels[val_idx], val_probs, "val_", val_loss)}
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_bacc=f"{metrics['val_balanced_accuracy']:.3f}")
@@ -125,11 +127,14 @@ def _batches(cfg: TrainConfig, data: "Dataset", train_splits: tuple[str, ...], d
     if len(train_idx) == 0 or n_val == 0:
         raise UserError(f"{data.root}: the split has {len(train_idx)} training and {n_val} validation "
                         f"images; both must be non-empty (more data or other val_fraction/test_fraction)")
+    spec = make_spec(cfg.metadata)
+    metadata = None if spec is None else torch.as_tensor(encode_dataset(data, spec), device=device)
     images, labels = dataset_to_device(data, device)
     batch_size = min(cfg.batch_size, len(train_idx))
     return Batches(images=images, labels=labels, train_idx=torch.as_tensor(train_idx, device=device),
                    batch_size=batch_size, steps_per_epoch=len(train_idx) // batch_size,
-                   placement=Placement.of(device, cfg.precision, cfg.channels_last))
+                   placement=Placement.of(device, cfg.precision, cfg.channels_last), metadata=metadata,
+                   metadata_spec=spec)
 
 
 def _train_counts(data: "Dataset", batches: Batches) -> np.ndarray:
@@ -145,7 +150,7 @@ def _progress(total: int, desc: str, enabled: bool):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m core.train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fine-tune ResNet-18 on a skin-lesion dataset (one run, no sweep).",
+        description="Fine-tune a backbone (config key arch, default ResNet-18) on a skin-lesion dataset (one run, no sweep).",
         epilog="config keys (--set key=value):\n" + TrainConfig.describe())
     parser.add_argument("--data", help="dataset folder (HAM10000, ISIC 2018 Task 3 or ImageFolder layout); "
                                        "default: the built-in synthetic demo dataset")
