@@ -68,8 +68,9 @@ def decode_upload(data: bytes, name: str, image_size: int) -> np.ndarray:
     try:
         with Image.open(_NamedBytes(data, name)) as image:   # reads the header only
             width, height = image.size
-    except Image.DecompressionBombError:
-        width = height = MAX_PIXELS   # over PIL's own guard: certainly over ours
+    except Image.DecompressionBombError as exc:   # over PIL's own guard, so over ours too
+        raise BadInput(413, f"{name}: a decompression bomb ({' '.join(str(exc).split())}); the limit here is "
+                            f"{MAX_PIXELS:,} pixels") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadInput(400, f"{name}: not an image ({' '.join(str(exc).split())})") from None
     if width * height > MAX_PIXELS:
