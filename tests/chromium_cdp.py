@@ -32,7 +32,8 @@ def find_chromium() -> str | None:
 
 
 class Browser:
-    """One headless Chromium with one page; ``errors`` collects the page's script errors and console errors."""
+    """One headless Chromium with one page; ``errors`` collects its script and console errors, ``network_errors``
+    the requests answered with an error status."""
 
     def __init__(self, browser: str, width: int = 1280, height: int = 900) -> None:
         self._profile = tempfile.TemporaryDirectory(prefix="chromium-cdp-")
@@ -43,7 +44,7 @@ class Browser:
         pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
         target = next(p for p in pages if p.get("type") == "page")
         self._ws = connect(target["webSocketDebuggerUrl"], max_size=64 * 2**20, open_timeout=10)
-        self._next_id, self.errors = 0, []
+        self._next_id, self.errors, self.network_errors = 0, [], []
         for domain in ("Page", "Runtime", "Log", "DOM"):
             self.call(f"{domain}.enable")
 
@@ -78,7 +79,8 @@ class Browser:
         elif event.get("method") == "Runtime.consoleAPICalled" and params.get("type") == "error":
             self.errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
         elif event.get("method") == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-            self.errors.append(params["entry"].get("text", "?"))
+            entry = params["entry"]   # a 4xx answer the page handles is the network's entry, not a script error
+            (self.network_errors if entry.get("source") == "network" else self.errors).append(entry.get("text", "?"))
 
     def evaluate(self, expression: str) -> Any:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
@@ -87,10 +89,14 @@ class Browser:
         return result.get("result", {}).get("value")
 
     def wait_for(self, expression: str, timeout_s: float = 30) -> Any:
-        """Poll a JavaScript expression until it is truthy; its value (TimeoutError past ``timeout_s``)."""
+        """Poll a JavaScript expression until it is truthy; its value (TimeoutError past ``timeout_s``). One that
+        throws (document.body before the page has loaded) counts as not yet."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError:
+                value = None
             if value:
                 return value
             time.sleep(0.1)
