@@ -315,3 +315,19 @@ def test_start_up_refuses_a_pickle_that_would_run_code(tmp_path: Path, capsys: p
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and "this pickle ran code" not in captured.out
     assert captured.err.startswith("error: ") and "damaged, not a readable PyTorch file" in captured.err
+
+
+def test_onnx_backend_gives_torchs_probabilities(model_file: Path, service: ModelService) -> None:
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    onnx = ModelService.load(model_file, ServeOptions(device="cpu", backend="onnx"))
+    try:
+        client = TestClient(create_app(onnx))
+        assert client.get("/info").json()["backend"] == "onnx"
+        data = image_bytes(seed=9)
+        expected = service.loaded.predict(decode_image(io.BytesIO(data), SIZE)[None])[0]
+        body = post_image(client, data).json()
+        assert np.allclose([body["probabilities"][c] for c in body["classes"]], expected, atol=1e-4)
+        assert body["calibration"]["temperature"] == TEMPERATURE
+        assert post_image(client, data, tta="true").json()["calibration"]["tta"] is True  # TTA: torch
+    finally:
+        onnx.close()
