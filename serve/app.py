@@ -44,6 +44,7 @@ def create_app(service: ModelService, *, api_key: str | None = None, model_name:
                   description="Calibrated class probabilities, operating-point verdicts and Grad-CAM of a "
                               "lesion-sweep model. " + WARNING)
     app.state.service, app.state.metrics, app.state.model_name = service, metrics, model_name
+    service.batcher.on_batch(metrics.batch.observe)
     app.state.api_key_required = api_key is not None
     _add_error_handlers(app)
     _add_routes(app)

@@ -54,6 +54,10 @@ class MicroBatcher:
         self._queue.put(job)
         return job.future
 
+    def on_batch(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(images)`` after each forward pass (the app's batch-size histogram)."""
+        self._on_batch = callback
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()

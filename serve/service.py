@@ -46,8 +46,7 @@ class ServeOptions:
 class ModelService:
     """A loaded model file with its batcher, Grad-CAM lock and facts."""
 
-    def __init__(self, loaded: LoadedModel, path: str | Path, options: ServeOptions = ServeOptions(),
-                 on_batch: Any = None) -> None:
+    def __init__(self, loaded: LoadedModel, path: str | Path, options: ServeOptions = ServeOptions()) -> None:
         self.loaded, self.path, self.options = loaded, Path(path), options
         self.class_names = loaded.class_names
         self.image_size = int(loaded.meta["image_size"])
@@ -60,12 +59,12 @@ class ModelService:
             self.onnx = OnnxProbabilities.export_and_check(loaded)
         self._explainer = copy.deepcopy(loaded.model).eval()
         self._explain_lock = threading.Lock()
-        self.batcher = MicroBatcher(self._predict_batch, options.max_batch, options.max_wait_ms / 1000, on_batch)
+        self.batcher = MicroBatcher(self._predict_batch, options.max_batch, options.max_wait_ms / 1000)
 
     @classmethod
-    def load(cls, path: str | Path, options: ServeOptions = ServeOptions(), on_batch: Any = None) -> "ModelService":
+    def load(cls, path: str | Path, options: ServeOptions = ServeOptions()) -> "ModelService":
         """Read a model file (UserError, naming it, when it cannot be read) and start the batcher."""
-        return cls(load_for_inference(path, options.device), path, options, on_batch)
+        return cls(load_for_inference(path, options.device), path, options)
 
     def close(self) -> None:
         self.batcher.close()

@@ -278,7 +278,8 @@ def test_twenty_parallel_requests_are_all_answered_and_batched(model_file: Path)
     got = np.array([[a.json()["probabilities"][c] for c in service.class_names] for a in answers])
     assert np.allclose(got, expected, atol=1e-6) and [a.json()["image"] for a in answers] == [f"{i}.jpg" for i in range(20)]
     passes = float(metrics.split("lesion_serve_batch_images_count ")[1].split()[0])
-    assert passes < 20  # some requests shared a forward pass
+    images = float(metrics.split("lesion_serve_batch_images_sum ")[1].split()[0])
+    assert images == 20 and 1 <= passes < 20  # some requests shared a forward pass
 
 
 @pytest.mark.parametrize("content,words", [
