@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
+pytest.importorskip("fastapi", reason="the serving extras are not installed (pip install fastapi uvicorn ...)")
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -183,6 +185,17 @@ def test_a_body_over_the_cap_is_refused_declared_or_streamed(client: TestClient)
     answer = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert answer.status_code == 413 and "over the limit" in answer.json()["error"]
     assert post_image(client, image_bytes()).status_code == 200
+
+
+def test_a_50_mb_upload_to_the_real_server_is_413_and_it_keeps_serving(service: ModelService) -> None:
+    from tests.serve_fixtures import running_server
+
+    with running_server(create_app(service)) as url:  # uvicorn itself has no body limit: the app's
+        answer = httpx.post(f"{url}/predict", files={"file": ("big.jpg", b"\xff" * (50 * 2**20), "image/jpeg")},
+                            timeout=60)
+        assert answer.status_code == 413 and answer.json() == {"error": "request body over the limit of 20 MB"}
+        good = httpx.post(f"{url}/predict", files={"file": ("a.jpg", image_bytes(), "image/jpeg")}, timeout=60)
+        assert good.status_code == 200
 
 
 def test_an_unexpected_error_is_a_500_without_details_logged_once(service: ModelService,

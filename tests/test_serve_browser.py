@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the serving extras are not installed (pip install fastapi uvicorn ...)")
+
 from serve.app import create_app
 from serve.service import ModelService, ServeOptions
 from tests.chromium_cdp import Browser, find_chromium

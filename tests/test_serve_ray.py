@@ -8,6 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytest.importorskip("fastapi", reason="the serving extras are not installed (pip install fastapi uvicorn ...)")
+
 from serve.service import ServeOptions
 from tests.serve_fixtures import image_bytes, write_model
 
