@@ -1,7 +1,7 @@
 """Serve a model file: the page, /predict and the KServe v2 routes, under uvicorn or through Ray Serve.
 
     python -m serve results/<sweep>/final/model.pt [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-        [--device auto|cpu|cuda] [--backend torch|onnx] [--model-name NAME]
+        [--device auto|cpu|cuda] [--backend torch|onnx] [--model-name NAME] [--threads N]
     python -m serve results/<sweep>/final/model.pt --ray [--replicas N] [--gpus-per-replica F] [--address auto]
 
 A model file that is missing, damaged or not a lesion-sweep model (a pickle that would run code is refused:
@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 from typing import Sequence
 
+from core.cli import apply_threads
 from core.errors import UserError, run_cli
 from serve.app import DEFAULT_MODEL_NAME, MAX_BODY_BYTES
 from serve.service import ServeOptions
@@ -38,6 +40,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, default=0.0,
                         help="wait this long for more requests before a forward pass (default 0: batch only "
                              "what queued while the model was busy)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, one per core); 1 can be faster on a busy machine")
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body")
     ray = parser.add_argument_group("Ray Serve (--ray)")
     ray.add_argument("--ray", action="store_true", help="run the same app through Ray Serve")
@@ -47,11 +51,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.replicas < 1 or args.gpus_per_replica < 0 or args.max_batch < 1 or args.max_body_mb <= 0:
         raise UserError("--replicas and --max-batch must be >= 1, --gpus-per-replica >= 0, --max-body-mb > 0")
+    if not Path(args.model).is_file():
+        raise UserError(f"{args.model}: no such model file (core.final_train writes results/<sweep>/final/model.pt)")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    apply_threads(args.threads)
     options = ServeOptions(device=args.device, backend=args.backend, max_batch=args.max_batch,
                            max_wait_ms=args.batch_wait_ms)
     settings = {"api_key": args.api_key, "model_name": args.model_name, "max_body": int(args.max_body_mb * 2**20)}

@@ -296,7 +296,7 @@ def test_twenty_parallel_requests_are_all_answered_and_batched(model_file: Path)
 
 
 @pytest.mark.parametrize("content,words", [
-    (None, "no such weights file"),
+    (None, "no such model file"),
     (b"PK\x03\x04 cut short", "damaged, not a readable PyTorch file"),
 ])
 def test_start_up_with_a_bad_model_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
