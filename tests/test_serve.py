@@ -345,3 +345,68 @@ def test_onnx_backend_gives_torchs_probabilities(model_file: Path, service: Mode
         assert post_image(client, data, tta="true").json()["calibration"]["tta"] is True  # TTA: torch
     finally:
         onnx.close()
+
+
+def test_model_facts_read_metrics_json_beside_the_model(model_file: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from serve.facts import model_facts
+
+    copy = tmp_path / "model.pt"
+    shutil.copy(model_file, copy)
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "source": {"split": "test", "data": {"path": "/data/HAM10000", "layout": "ham10000"}},
+        "training": {"split_sizes": {"train": 7000, "val": 1500, "test": 1500}, "epochs_run": 12},
+        "test_balanced_accuracy": 0.496, "test_accuracy": 0.7, "test_auc": 0.88, "n_images": 1500,
+        "intervals": {"test_balanced_accuracy": [0.44, 0.55]}}))
+    meta = {"class_names": ["a", "b"], "image_size": 64, "config": {"epochs": 12}, "epoch": 9}
+    facts = model_facts(copy, meta)
+    assert facts["test"]["balanced_accuracy"] == 0.496 and facts["test"]["balanced_accuracy_ci"] == [0.44, 0.55]
+    assert facts["test"]["data"] == {"path": "/data/HAM10000", "layout": "ham10000"}
+    assert facts["calibration"] == {"skipped": "the model file holds no temperature"} and facts["arch"] == "resnet18"
+    (tmp_path / "metrics.json").write_text("{cut sh")
+    assert model_facts(copy, meta)["test"] is None  # a damaged metrics.json: no figures, still serving
+
+
+def test_verdicts_say_why_when_there_are_none() -> None:
+    from serve.verdicts import operating_verdicts
+
+    classes = ("mel", "nv")
+    assert operating_verdicts(None, classes, [0.3, 0.7], False) == {
+        "skipped": "the model file holds no operating points"}
+    reason = "trained on train+val, so no split is held out"
+    assert operating_verdicts({"skipped": reason}, classes, [0.3, 0.7], False) == {"skipped": reason}
+    only_single = {"positive_class": "mel", "modes": {"single/calibrated": {"points": []}}}
+    assert "tta/calibrated" in operating_verdicts(only_single, classes, [0.3, 0.7], True)["skipped"]
+
+
+def test_batcher_groups_queued_jobs_and_survives_a_failing_batch() -> None:
+    import threading
+
+    from serve.batcher import MicroBatcher
+
+    calls: list[tuple[int, bool]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def predict(images: np.ndarray, tta: bool, metadata: object) -> np.ndarray:
+        entered.set()
+        release.wait(10)
+        calls.append((len(images), tta))
+        if images[0, 0, 0, 0] == 99:
+            raise ValueError("bad batch")
+        return np.repeat(images[:, :1, 0, 0].astype(float), 2, axis=1)
+
+    batcher = MicroBatcher(predict, max_batch=8)
+    try:
+        first = batcher.submit(np.full((1, 1, 1, 1), 1))
+        assert entered.wait(10)  # the first runs alone, held until release
+        queued = [batcher.submit(np.full((1, 1, 1, 1), v), tta=v == 4) for v in (2, 3, 4)]
+        release.set()
+        assert first.result(10).tolist() == [[1.0, 1.0]]
+        assert [f.result(10)[0, 0] for f in queued] == [2.0, 3.0, 4.0]
+        assert calls == [(1, False), (2, False), (1, True)]  # the queued ones: one batch per TTA flag
+        with pytest.raises(ValueError, match="bad batch"):
+            batcher.submit(np.full((1, 1, 1, 1), 99)).result(10)
+        assert batcher.submit(np.full((1, 1, 1, 1), 5)).result(10).tolist() == [[5.0, 5.0]] and batcher.alive
+    finally:
+        batcher.close()
