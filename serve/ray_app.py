@@ -54,7 +54,8 @@ def run_on_ray(model_path: str, options: ServeOptions, settings: dict[str, Any],
     from core.inference import load_for_inference
 
     load_for_inference(model_path, "cpu")  # a bad model file fails here, in one line, before Ray starts
-    ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
+    # without --address, a Ray of our own: a plain ray.init() would join whatever `ray start` last recorded
+    ray.init(address=args.address or "local", include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_application(model_path, options, settings, args.replicas, args.gpus_per_replica)
