@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ def build_application(model_path: str | Path, options: ServeOptions, settings: d
     return deployment.bind(str(Path(model_path).resolve()), options, settings)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_on_ray(model_path: str, options: ServeOptions, settings: dict[str, Any], args: argparse.Namespace) -> int:
     """Start (or join) Ray, serve the app on ``args.host:args.port`` until interrupted, then shut Serve down."""
     import ray
@@ -56,6 +61,7 @@ def run_on_ray(model_path: str, options: ServeOptions, settings: dict[str, Any],
     load_for_inference(model_path, "cpu")  # a bad model file fails here, in one line, before Ray starts
     # without --address, a Ray of our own: a plain ray.init() would join whatever `ray start` last recorded
     ray.init(address=args.address or "local", include_dashboard=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which sets its own: a `kill` shuts Serve down too
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_application(model_path, options, settings, args.replicas, args.gpus_per_replica)
