@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from core.errors import UserError
+from serve.batcher import Busy
 from serve.fields import AGE_RANGE, SEXES, SITES, validate_record
 from serve.guard import Guard
 from serve.kserve import kserve_router
@@ -54,6 +55,11 @@ def create_app(service: ModelService, *, api_key: str | None = None, model_name:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy) -> JSONResponse:
+        log.warning("%s %s: 503 %s", request.method, request.url.path, exc)
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, exc: BadInput) -> JSONResponse:
         log.warning("%s %s: %d %s", request.method, request.url.path, exc.status, exc.message)

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 PredictFn = Callable[[np.ndarray, bool, "np.ndarray | None"], np.ndarray]
 
 
+class Busy(Exception):
+    """More requests wait than the queue holds: the caller should answer 503 and the client try again."""
+
+
 @dataclass
 class _Job:
     images: np.ndarray
@@ -41,17 +45,22 @@ class MicroBatcher:
     """Runs ``predict`` in its own thread on batches of the jobs :meth:`submit` queues."""
 
     def __init__(self, predict: PredictFn, max_batch: int = 32, max_wait_s: float = 0.0,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, max_queue: int = 256) -> None:
         self._predict, self.max_batch, self.max_wait_s = predict, max_batch, max_wait_s
         self._on_batch = on_batch or (lambda n: None)
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        # bounded: under overload requests are refused at once (Busy) instead of piling up in memory
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, images: np.ndarray, tta: bool = False, metadata: np.ndarray | None = None) -> Future:
-        """Queue images [N,3,S,S]; the future gives their probabilities [N,C] (or the exception)."""
+        """Queue images [N,3,S,S]; the future gives their probabilities [N,C] (or the exception). Busy when
+        ``max_queue`` jobs already wait."""
         job = _Job(images, tta, metadata)
-        self._queue.put(job)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise Busy(f"{self._queue.maxsize} requests are waiting for the model; try again shortly") from None
         return job.future
 
     def on_batch(self, callback: Callable[[int], None]) -> None:

@@ -41,6 +41,7 @@ class ServeOptions:
     backend: str = "torch"       # 'torch' or 'onnx' (single-view probabilities through ONNX Runtime)
     max_batch: int = 32          # most images the batcher runs as one forward pass
     max_wait_ms: float = 0.0     # how long the batcher waits for more requests after the first (0: never)
+    max_queue: int = 256         # requests waiting for the model beyond which new ones get 503
 
 
 class ModelService:
@@ -59,7 +60,8 @@ class ModelService:
             self.onnx = OnnxProbabilities.export_and_check(loaded)
         self._explainer = copy.deepcopy(loaded.model).eval()
         self._explain_lock = threading.Lock()
-        self.batcher = MicroBatcher(self._predict_batch, options.max_batch, options.max_wait_ms / 1000)
+        self.batcher = MicroBatcher(self._predict_batch, options.max_batch, options.max_wait_ms / 1000,
+                                    max_queue=options.max_queue)
 
     @classmethod
     def load(cls, path: str | Path, options: ServeOptions = ServeOptions()) -> "ModelService":

@@ -215,6 +215,19 @@ def test_an_unexpected_error_is_a_500_without_details_logged_once(service: Model
     assert post_image(client, image_bytes()).status_code == 200
 
 
+def test_a_full_queue_is_a_503_with_retry_after(client: TestClient, service: ModelService,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.batcher import Busy
+
+    def full(*args: object) -> None:
+        raise Busy("256 requests are waiting for the model; try again shortly")
+
+    monkeypatch.setattr(service.batcher, "submit", full)
+    answer = post_image(client, image_bytes())
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert answer.json() == {"error": "256 requests are waiting for the model; try again shortly"}
+
+
 def test_api_key(service: ModelService) -> None:
     client = TestClient(create_app(service, api_key="s3cret"))
     for headers in ({}, {"X-API-Key": "wrong"}):
@@ -383,7 +396,7 @@ def test_verdicts_say_why_when_there_are_none() -> None:
 def test_batcher_groups_queued_jobs_and_survives_a_failing_batch() -> None:
     import threading
 
-    from serve.batcher import MicroBatcher
+    from serve.batcher import Busy, MicroBatcher
 
     calls: list[tuple[int, bool]] = []
     entered, release = threading.Event(), threading.Event()
@@ -396,11 +409,13 @@ def test_batcher_groups_queued_jobs_and_survives_a_failing_batch() -> None:
             raise ValueError("bad batch")
         return np.repeat(images[:, :1, 0, 0].astype(float), 2, axis=1)
 
-    batcher = MicroBatcher(predict, max_batch=8)
+    batcher = MicroBatcher(predict, max_batch=8, max_queue=3)
     try:
         first = batcher.submit(np.full((1, 1, 1, 1), 1))
         assert entered.wait(10)  # the first runs alone, held until release
         queued = [batcher.submit(np.full((1, 1, 1, 1), v), tta=v == 4) for v in (2, 3, 4)]
+        with pytest.raises(Busy, match="3 requests are waiting"):  # the queue is full: refused, not piled up
+            batcher.submit(np.full((1, 1, 1, 1), 7))
         release.set()
         assert first.result(10).tolist() == [[1.0, 1.0]]
         assert [f.result(10)[0, 0] for f in queued] == [2.0, 3.0, 4.0]
