@@ -1,0 +1,64 @@
+"""What the page and /v2/models/<name> say about the model: from model.pt's metadata and metrics.json beside it.
+
+model.pt (core.final_train) holds the classes, image size, config, chosen epoch, calibration and operating
+points; metrics.json (its test evaluation, when it is beside the model) says on what data it was trained
+and tested, and the test balanced accuracy with its bootstrap interval. The file's time stands for when
+it was trained: model.pt records no date of its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON-ready summary of the model: file, arch, classes, training, calibration and test figures."""
+    path = Path(path)
+    config = meta.get("config") or {}
+    calibration = meta.get("calibration") or {}
+    facts: dict[str, Any] = {
+        "file": path.name,
+        "written": dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "arch": meta.get("arch") or "resnet18",
+        "classes": list(meta.get("class_names") or []),
+        "image_size": int(meta.get("image_size") or config.get("image_size") or 0),
+        "epoch": meta.get("epoch"),
+        "epochs": config.get("epochs"),
+        "pretrained": config.get("pretrained"),
+        "calibration": ({"temperature": calibration.get("temperature"), "fitted_on": calibration.get("fitted_on")}
+                        if calibration.get("temperature") else
+                        {"skipped": calibration.get("skipped") or "the model file holds no temperature"}),
+        "metadata_fields": meta.get("metadata") is not None,
+        "test": _test_figures(path.parent / METRICS_FILE),
+    }
+    return facts
+
+
+def _test_figures(path: Path) -> dict[str, Any] | None:
+    """Test figures from metrics.json; None (with the reason logged) where it is absent or unreadable."""
+    if not path.is_file():
+        log.info("no %s beside the model: the page shows no test figures", path.name)
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("%s: not readable JSON (%s): the page shows no test figures", path, exc)
+        return None
+    if not isinstance(document, dict):
+        return None
+    source, training = document.get("source") or {}, document.get("training") or {}
+    data = source.get("data") or {}
+    return {"balanced_accuracy": document.get("test_balanced_accuracy"),
+            "balanced_accuracy_ci": (document.get("intervals") or {}).get("test_balanced_accuracy"),
+            "accuracy": document.get("test_accuracy"), "auc": document.get("test_auc"),
+            "n_images": document.get("n_images"), "split": source.get("split"),
+            "data": {"path": data.get("path"), "layout": data.get("layout")},
+            "split_sizes": training.get("split_sizes"), "epochs_run": training.get("epochs_run")}

@@ -1,0 +1,124 @@
+"""The model behind the routes: calibrated probabilities through the micro-batcher, Grad-CAM under a lock.
+
+Probabilities come from core.inference.LoadedModel.predict (the same normalisation, batching and stored
+temperature as core.predict), or with ``backend="onnx"`` from ONNX Runtime for single-view requests
+(serve/onnx_backend.py; TTA stays on torch). Grad-CAM (core.gradcam, Captum's Guided Grad-CAM) runs on
+its own copy of the network, one call at a time: Captum registers hooks on the module it explains for
+the duration of a call, which would touch the batcher's forward passes if they shared the module, and
+its hooks are not known to be thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from core.inference import LoadedModel, load_for_inference
+from serve.batcher import MicroBatcher
+from serve.facts import model_facts
+from serve.verdicts import operating_verdicts
+
+log = logging.getLogger(__name__)
+
+OVERLAY_MIN_SIDE = 224   # overlays of small models are enlarged to this, as core.gradcam.save_overlay does
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the model is served (the command's options)."""
+
+    device: str = "auto"         # 'auto', 'cpu' or 'cuda'
+    backend: str = "torch"       # 'torch' or 'onnx' (single-view probabilities through ONNX Runtime)
+    max_batch: int = 32          # most images the batcher runs as one forward pass
+    max_wait_ms: float = 0.0     # how long the batcher waits for more requests after the first (0: never)
+    max_queue: int = 256         # requests waiting for the model beyond which new ones get 503
+
+
+class ModelService:
+    """A loaded model file with its batcher, Grad-CAM lock and facts."""
+
+    def __init__(self, loaded: LoadedModel, path: str | Path, options: ServeOptions = ServeOptions()) -> None:
+        self.loaded, self.path, self.options = loaded, Path(path), options
+        self.class_names = loaded.class_names
+        self.image_size = int(loaded.meta["image_size"])
+        self.metadata_spec: Mapping[str, Any] | None = loaded.meta.get("metadata")
+        self.facts = {**model_facts(path, loaded.meta), "backend": options.backend, "device": str(loaded.device)}
+        self.onnx = None
+        if options.backend == "onnx":
+            from serve.onnx_backend import OnnxProbabilities
+
+            self.onnx = OnnxProbabilities.export_and_check(loaded)
+        self._explainer = copy.deepcopy(loaded.model).eval()
+        self._explain_lock = threading.Lock()
+        self.batcher = MicroBatcher(self._predict_batch, options.max_batch, options.max_wait_ms / 1000,
+                                    max_queue=options.max_queue)
+
+    @classmethod
+    def load(cls, path: str | Path, options: ServeOptions = ServeOptions()) -> "ModelService":
+        """Read a model file (UserError, naming it, when it cannot be read) and start the batcher."""
+        return cls(load_for_inference(path, options.device), path, options)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    @property
+    def batcher_alive(self) -> bool:
+        return self.batcher.alive
+
+    def _predict_batch(self, images: np.ndarray, tta: bool, metadata: np.ndarray | None) -> np.ndarray:
+        if self.onnx is not None and not tta and metadata is None:
+            return self.onnx.predict(images, self.loaded.temperature(False))
+        extra = {} if metadata is None else {"metadata": metadata}   # core.inference's contract (issue 22)
+        return self.loaded.predict(images, tta=tta, **extra)
+
+    def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
+        """The model's encoding of one validated record; None for an image-only model (fields ignored)."""
+        if self.metadata_spec is None or record is None:
+            return None
+        return self.loaded.encode([record])
+
+    async def probabilities(self, images: np.ndarray, tta: bool = False,
+                            metadata: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated probabilities [N, C] of uint8 images [N, 3, S, S], batched with concurrent requests."""
+        return await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
+
+    def verdicts(self, probs: np.ndarray, tta: bool) -> dict[str, Any]:
+        return operating_verdicts(self.loaded.meta.get("operating_points"), self.class_names, probs, tta)
+
+    def temperature(self, tta: bool) -> float | None:
+        return self.loaded.temperature(tta)
+
+    def explain(self, image: np.ndarray, target: int) -> dict[str, Any]:
+        """Guided Grad-CAM of class ``target`` for one uint8 image [3,S,S]: heat map and overlay as base64 PNGs."""
+        from core.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
+
+        started = time.perf_counter()
+        with self._explain_lock:
+            heat = gradcam_maps(self._explainer, image[None], [target], self.loaded.device, method=DEFAULT_METHOD)[0]
+        return {"method": CAPTUM_NAMES[DEFAULT_METHOD], "layer": choose_layer(self.image_size, DEFAULT_METHOD),
+                "target": self.class_names[target],
+                "heatmap_png": _png_base64((np.clip(heat, 0, 1) * 255).astype(np.uint8)),
+                "overlay_png": _png_base64(overlay(image, heat)), "ms": 1000 * (time.perf_counter() - started)}
+
+
+def _png_base64(pixels: np.ndarray) -> str:
+    """A base64 PNG of an [H,W] or [H,W,3] uint8 array, enlarged (nearest) to at least OVERLAY_MIN_SIDE."""
+    from PIL import Image
+
+    picture = Image.fromarray(pixels)
+    factor = max(1, -(-OVERLAY_MIN_SIDE // max(1, min(picture.size))))
+    if factor > 1:
+        picture = picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,0 +1,85 @@
+"""A small random-init model file for the serving tests (no training, no network), and images to send it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.config import TrainConfig
+from core.layouts import HAM_CLASSES
+from core.model import build_model, save_model_file
+from core.operating_points import KINDS, TARGETS
+
+TEMPERATURE = 1.7   # far from 1, so that a test can tell calibrated from raw probabilities
+
+
+def write_model(path: Path, image_size: int = 32, seed: int = 0, calibrated: bool = True) -> Path:
+    """A ResNet-18 with random weights, saved as core.final_train saves model.pt (temperature, mel thresholds)."""
+    torch.manual_seed(seed)
+    model = build_model(len(HAM_CLASSES), "none")
+    config = TrainConfig(image_size=image_size, pretrained="none", device="cpu").to_dict()
+    points = [{"kind": kind, "target": target, "threshold": 0.05 + 0.1 * i, "sensitivity": 0.9, "specificity": 0.5}
+              for i, (kind, target) in enumerate((k, t) for k in KINDS for t in TARGETS)]
+    extra = {"epoch": 3, "operating_points": {
+        "positive_class": "mel", "chosen_on": "val", "n_images": 50, "n_positive": 9,
+        "modes": {mode: {"auc": 0.7, "points": points}
+                  for mode in ("single/calibrated", "single/raw", "tta/calibrated", "tta/raw")}}}
+    if calibrated:
+        extra["calibration"] = {"fitted_on": "val", "n_images": 50,
+                                "temperature": {"single": TEMPERATURE, "tta": TEMPERATURE + 0.1}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model_file(path, model, HAM_CLASSES, config, extra)
+    return path
+
+
+def image_bytes(size: tuple[int, int] = (60, 45), seed: int = 0, fmt: str = "JPEG") -> bytes:
+    """A noisy RGB image file's bytes (JPEG by default)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A small valid PNG whose header declares ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    data = bytearray(image_bytes((8, 8), fmt="PNG"))
+    ihdr = 8 + 8   # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+@contextlib.contextmanager
+def running_server(app: object) -> Iterator[str]:
+    """uvicorn serving ``app`` on a free 127.0.0.1 port in a thread; yields its base URL, stops it after."""
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
