@@ -132,6 +132,25 @@ def test_metadata_fields_validated_and_ignored_by_an_image_only_model(client: Te
         assert answer.status_code == 422 and words in answer.json()["error"] and field in answer.json()["error"]
 
 
+
+def test_a_metadata_model_uses_the_fields_as_core_inference_does(module_tmp: Path) -> None:
+    path = write_model(module_tmp / "meta" / "model.pt", image_size=SIZE, metadata="concat", seed=1)
+    service = ModelService.load(path, ServeOptions(device="cpu"))
+    try:
+        client = TestClient(create_app(service, max_body=2 * 2**20))
+        data = image_bytes(seed=8)
+        body = post_image(client, data, age="60", sex="male", site="back").json()
+        assert body["metadata"]["used"] is True and "note" not in body["metadata"]
+        record = {"age": 60.0, "sex": "male", "site": "back"}
+        expected = service.loaded.predict(decode_image(io.BytesIO(data), SIZE)[None],
+                                          metadata=service.loaded.encode([record]))[0]
+        got = np.array([body["probabilities"][c] for c in body["classes"]])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        unknown = post_image(client, data).json()
+        assert unknown["probabilities"] != body["probabilities"]  # the fields reach the model
+    finally:
+        service.close()
+
 def truncated_jpeg() -> bytes:
     data = image_bytes((120, 90), seed=7)
     return data[:len(data) // 2]
