@@ -68,6 +68,7 @@ class Sweep:
     resources: Any                    # sweep.resources.Resources
     trainable: Any                    # the Ray Tune trainable, data and resources attached
     echo: Echo
+    remote: Any = None                # sweep.storage.SweepStorage with --storage, else None
 
     @property
     def folder(self) -> Path:
@@ -77,7 +78,7 @@ class Sweep:
         from sweep.recorder import TrialRecorder
 
         return TrialRecorder(self.folder, self.space.names, self.settings.metric, self.settings.mode,
-                             self.base.epochs, self.base.seed, role=role)
+                             self.base.epochs, self.base.seed, role=role, remote=self.remote)
 
 
 def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | None = None,
@@ -86,6 +87,7 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
     started = time.time()
     settings.check()
     folder = check_output_dir(settings.sweep_dir, "--results/--name")
+    remote = _remote(settings, resume)
     if resume:
         _check_state(folder)
     space, space_text = _space(settings, resume)
@@ -102,10 +104,24 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
 
     connected = connect_ray(settings, address, echo)
     try:
-        return _run(settings, space, space_text, base, resume, warm, started, echo)
+        return _run(settings, space, space_text, base, resume, warm, started, echo, remote)
     finally:
         if connected:
             ray.shutdown()
+
+
+def _remote(settings: SweepSettings, resume: bool) -> Any:
+    """With --storage: the bucket is checked before any work (and --resume fetches the sweep's files)."""
+    if not settings.storage:
+        return None
+    from sweep.storage import SweepStorage
+
+    remote = SweepStorage.open(settings.storage, settings.storage_endpoint, settings.name)
+    if resume:
+        remote.fetch_sweep(settings.sweep_dir)
+    else:
+        remote.check_new()
+    return remote
 
 
 def _check_state(folder: Path) -> None:
@@ -137,23 +153,25 @@ def _warm_start(settings: SweepSettings, space: SearchSpace, base: TrainConfig) 
 
 
 def _run(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,
-         warm: Any, started: float, echo: Echo) -> SweepReport:
+         warm: Any, started: float, echo: Echo, remote: Any = None) -> SweepReport:
     """The two stages, each skipped where an interrupted sweep had finished it."""
     from sweep import confirm
 
-    sweep, data = _prepare(settings, space, space_text, base, resume, echo)
+    sweep, data = _prepare(settings, space, space_text, base, resume, echo, remote)
     runs = confirm.read_plan(sweep.folder) if resume else None
     if runs is None:  # the search has not finished (confirm.json marks its end)
         frame = _search(sweep, resume, warm)
         runs = confirm.plan(frame, settings.metric, settings.confirm_top, settings.confirm_seeds, base.seed,
                             {t: r["params"] for t, r in _records(sweep.folder).items()})
         confirm.write_plan(sweep.folder, runs, settings.confirm_top, settings.confirm_seeds)
+        if remote:
+            remote.push_records(sweep.folder)
     frame = _confirm(sweep, runs, resume) if runs else sweep.recorder("search").write_table()
     return _finish(sweep, frame, runs, data, started)
 
 
 def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,
-             echo: Echo) -> tuple[Sweep, dict[str, str]]:
+             echo: Echo, remote: Any) -> tuple[Sweep, dict[str, str]]:
     """Plan the resources, load the data (once, for every trial), save the settings and split; the trainable."""
     from ray import tune
 
@@ -178,10 +196,12 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
     if not resume:
         save_settings(settings, space_text, base, record)
         write_splits(data, folder / filenames.SPLITS)
+        if remote:
+            remote.push_driver(folder)
     setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / "trials"), cpus=resources.cpus_per_trial,
-                       gpus=resources.gpus_per_trial)
+                       gpus=resources.gpus_per_trial, storage=remote.store if remote else None)
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, setup=setup), resources.per_trial)
-    return Sweep(settings, space, base, resources, trainable, echo), record
+    return Sweep(settings, space, base, resources, trainable, echo, remote), record
 
 
 def _search(sweep: Sweep, resume: bool, warm: Any) -> Any:
@@ -194,6 +214,8 @@ def _search(sweep: Sweep, resume: bool, warm: Any) -> Any:
     study = searcher.load_study(sweep.folder, settings.name)
     searcher.fail_orphans(study)
     set_field(sweep.folder, "optuna_trial", searcher.ray_trial_numbers(study))
+    if sweep.remote:
+        sweep.remote.push_records(sweep.folder)
     return recorder.write_table()
 
 
@@ -242,11 +264,13 @@ def _fit(sweep: Sweep, name: str, resume: bool, new_tuner: Callable[[], Any]) ->
     ``new_tuner()`` returns None when there is nothing to run; the results are then empty."""
     from ray import tune
 
-    experiment = sweep.folder / name
-    if resume and tune.Tuner.can_restore(str(experiment)):
-        sweep.echo(f"resuming from {experiment}")
-        tuner = tune.Tuner.restore(str(experiment), trainable=sweep.trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+    experiment, where = str(sweep.folder / name), {}
+    if sweep.remote:
+        experiment, where = sweep.remote.store.path(name), {"storage_filesystem": sweep.remote.store.fs}
+    if resume and tune.Tuner.can_restore(experiment, **where):
+        sweep.echo(f"resuming from {sweep.remote.store.child(name).uri if sweep.remote else experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable=sweep.trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False, **where)
     else:
         tuner = new_tuner()
     if tuner is None:
@@ -278,13 +302,14 @@ def _tuner(sweep: Sweep, name: str, search_alg: Any, scheduler: Any, samples: in
     from ray.tune.logger import JsonLoggerCallback
 
     settings = sweep.settings
+    where = sweep.remote.run_config() if sweep.remote else {"storage_path": str(sweep.folder)}
     return tune.Tuner(
         sweep.trainable,
         tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=samples,
                                     max_concurrent_trials=sweep.resources.slots, trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=_trial_dirname, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(sweep.folder),
+        run_config=tune.RunConfig(name=name, **where,
                                   callbacks=[recorder, JsonLoggerCallback()],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1))
@@ -323,6 +348,8 @@ def _finish(sweep: Sweep, frame: Any, runs: list[dict[str, Any]], data: dict[str
                            study=_study_lines(study))
     atomic.write_text(folder / "summary.txt", summary + "\n")
     write_sweep_report(folder)  # report.html; never fails the sweep (a warning instead)
+    if sweep.remote:
+        sweep.remote.push_records(folder)
     sweep.echo(summary)
     return SweepReport(sweep_dir=folder, best=best, summary=summary, trials=frame)
 
@@ -395,6 +422,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or ray://host:port (every node needs "
                                      "this project and its environment at the same path); without it the "
                                      "sweep starts its own Ray on this machine")
+    p.add_argument("--storage", metavar="s3://BUCKET/PREFIX",
+                   help="keep the sweep in object storage too, in PREFIX/NAME/: Ray's state, every trial's files "
+                        "and the outputs (for a cluster without a shared file system; credentials from "
+                        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); with --resume: continue the sweep found there")
+    p.add_argument("--storage-endpoint", metavar="URL",
+                   help="URL of an S3-compatible server (SeaweedFS, MinIO, Ceph), e.g. http://127.0.0.1:8333 "
+                        "(default: AWS_ENDPOINT_URL, else AWS)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep with its saved settings (finished trials are kept; an "
                         "interrupted confirmation stage goes on)")
@@ -412,7 +446,8 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
     name = args.name or f"{Path(space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     if not name or "/" in name or name.startswith("."):
         raise UserError(f"--name {name!r}: must be a plain folder name")
-    return SweepSettings(name=name, results=str(Path(args.results).resolve()), **given)
+    return SweepSettings(name=name, results=str(Path(args.results).resolve()), storage=args.storage,
+                         storage_endpoint=args.storage_endpoint, **given)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -423,8 +458,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--resume continues a sweep with its saved settings: drop --{given[0].replace('_', '-')}"
                             .replace("--overrides", "--set"))
         results = Path(args.results).resolve()
-        name = args.name or latest_sweep(results)
-        settings = dataclasses.replace(load_settings(results / name), results=str(results))
+        if args.storage:
+            from sweep.storage import fetch_settings
+
+            name = fetch_settings(args.storage, args.storage_endpoint, args.name, results)
+        else:
+            name = args.name or latest_sweep(results)
+        saved = load_settings(results / name)  # a sweep kept in a bucket stays there unless --storage moves it
+        settings = dataclasses.replace(saved, results=str(results), storage=args.storage or saved.storage,
+                                       storage_endpoint=args.storage_endpoint or saved.storage_endpoint)
     else:
         settings = settings_from_args(args)
     report = run_sweep(settings, resume=args.resume, address=args.address)

@@ -52,6 +52,8 @@ class SweepSettings:
     confirm_top: int = 3              # configs trained again with new seeds after the search (0: none)
     confirm_seeds: int = 2            # new seeds per confirmed config
     warm_start: str | None = None     # an earlier sweep's folder whose finished trials seed the study
+    storage: str | None = None        # s3://bucket/prefix: the sweep also lives in prefix/<name>/ (sweep/storage.py)
+    storage_endpoint: str | None = None   # an S3-compatible server's URL (None: AWS_ENDPOINT_URL, else AWS)
 
     @property
     def mode(self) -> str:
