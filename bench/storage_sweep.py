@@ -1,7 +1,7 @@
 """A sweep kept in object storage (``sweep.run --storage``), against a local SeaweedFS on 127.0.0.1: what it costs,
 and what happens when the server goes away mid-sweep.
 
-    python -m bench.storage_sweep [--trials 4] [--epochs 2] [--image-size 32] [--skip-fault]
+    python -m bench.storage_sweep [--trials 4] [--epochs 2] [--image-size 32] [--skip-fault | --fault-only]
 
 Prints (and writes to --json) three things:
 
@@ -55,8 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         data = generate_demo(work / "data", n_lesions=60, image_size=args.image_size)
         result: dict[str, Any] = {"uptime_before": _uptime()}
-        result["overhead"] = _overhead(args, server, data, work)
-        result["checkpoint_upload"] = _checkpoint_upload(server, work)
+        if not args.fault_only:
+            result["overhead"] = _overhead(args, server, data, work)
+            result["checkpoint_upload"] = _checkpoint_upload(server, work)
         if not args.skip_fault:
             result["fault"] = _fault(args, server, data, work)
         result["uptime_after"] = _uptime()
@@ -74,15 +75,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--skip-fault", action="store_true", help="only the overhead and the upload time")
+    p.add_argument("--fault-only", action="store_true", help="only the server stopped mid-sweep")
     p.add_argument("--json", help="also write the figures here")
     return p.parse_args(argv)
 
 
 def _sweep(args: list[str], server: SeaweedS3, **kw: Any) -> subprocess.Popen:
     env = dict(os.environ, **server.env, PYTHONPATH=str(REPO), TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.Popen([sys.executable, "-m", "sweep.run", "--gpus", "0", "--scheduler", "none",
-                             "--confirm-top", "0", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    fixed = [] if "--resume" in args else ["--gpus", "0", "--scheduler", "none", "--confirm-top", "0"]
+    return subprocess.Popen([sys.executable, "-m", "sweep.run", *fixed, *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def _space(work: Path, epochs: int, size: int) -> Path:
@@ -149,6 +151,7 @@ def _fault(args: argparse.Namespace, server: SeaweedS3, data: Path, work: Path) 
     except subprocess.TimeoutExpired:
         proc.kill()
         _, stderr = proc.communicate()
+    (work / "fault-stderr.txt").write_text(stderr)
     lines = [line for line in stderr.splitlines() if line.strip()]
     out: dict[str, Any] = {"exit_status": proc.returncode, "seconds_after_stop": round(time.time() - stopped, 1),
                            "last_stderr_line": lines[-1] if lines else None,
@@ -156,6 +159,7 @@ def _fault(args: argparse.Namespace, server: SeaweedS3, data: Path, work: Path) 
     server.start()
     resumed = _sweep(["--resume", "--name", "fault", "--results", str(work / "results-resume"), *storage], server)
     stdout, stderr = resumed.communicate(timeout=1800)
+    (work / "resume-stderr.txt").write_text(stderr)
     table = work / "results-resume" / "fault" / "trials.csv"
     rows = list(csv.DictReader(open(table))) if table.is_file() else []
     out["resume"] = {"exit_status": resumed.returncode, "statuses": [r["status"] for r in rows],

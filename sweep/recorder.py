@@ -66,6 +66,7 @@ class TrialRecorder(tune.Callback):
         write_trial(self.sweep_dir, record)
         if self.remote:
             self.remote.push_trial_record(self.sweep_dir, trial_id)
+            self.remote.push_driver(self.sweep_dir)  # optuna.db now holds the trial Ray will save in its state
 
     def finished(self, trial_id: str, params: Mapping[str, Any], last_result: Mapping[str, Any] | None,
                  error: str | None) -> dict[str, Any]:

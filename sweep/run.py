@@ -237,6 +237,8 @@ def _search_tuner(sweep: Sweep, recorder: Any, warm: Any) -> Any:
     asha = settings.asha(space, sweep.base.epochs)
     if asha is not None:
         sweep.echo(asha.describe())
+    if sweep.remote:  # the study in the bucket from the start: a resume elsewhere needs it
+        sweep.remote.push_driver(sweep.folder)
     return _tuner(sweep, EXPERIMENTS["search"], search, asha.scheduler() if asha else None, settings.trials,
                   recorder)
 
@@ -267,6 +269,10 @@ def _fit(sweep: Sweep, name: str, resume: bool, new_tuner: Callable[[], Any]) ->
     experiment, where = str(sweep.folder / name), {}
     if sweep.remote:
         experiment, where = sweep.remote.store.path(name), {"storage_filesystem": sweep.remote.store.fs}
+    if sweep.remote:  # a restored searcher writes to this driver's optuna.db (sweep/searcher.py)
+        from sweep.searcher import StudySearch, storage_url
+
+        StudySearch.resumed_database = storage_url(sweep.folder)
     if resume and tune.Tuner.can_restore(experiment, **where):
         sweep.echo(f"resuming from {sweep.remote.store.child(name).uri if sweep.remote else experiment}")
         tuner = tune.Tuner.restore(experiment, trainable=sweep.trainable, resume_unfinished=True,
@@ -275,7 +281,7 @@ def _fit(sweep: Sweep, name: str, resume: bool, new_tuner: Callable[[], Any]) ->
         tuner = new_tuner()
     if tuner is None:
         return []
-    with _signal_handlers_kept():
+    with _signal_handlers_kept(), sweep.remote.noting_failure() if sweep.remote else contextlib.nullcontext():
         return tuner.fit()
 
 

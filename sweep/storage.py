@@ -21,14 +21,16 @@ empty ``results/`` downloads the sweep's files first and restores Ray's experime
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from core.errors import UserError
-from core.storage import Store, atomic_temp, excluded, open_store
+from core.storage import Store, StorageError, atomic_temp, excluded, open_store
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,38 @@ WORKER_SKIPS = ("last.pt", ".checkpoint-*", ".checkpoint-*/*")   # resume state:
 DRIVER_SKIPS = ("*.pt",)           # what the driver never downloads of a trial (models: fetch them when needed)
 
 
+def _noted(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Keep the first StorageError of a driver-side copy in ``self.failure`` (see :meth:`noting_failure`)."""
+    @functools.wraps(method)
+    def noted(self: SweepStorage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StorageError as exc:
+            self.failure = self.failure or exc
+            raise
+    return noted
+
+
 class SweepStorage:
     """The driver's side: checks before any trial, uploads of its files, downloads of the trials' files."""
 
     def __init__(self, store: Store):
         self.store = store                         # s3://bucket/prefix/NAME
         self._fetched: dict[str, set[str]] = {}    # trial id -> files downloaded from the bucket (not ours)
+        self.failure: StorageError | None = None   # the first failure inside a Tune run (Tune wraps it)
+
+    @contextmanager
+    def noting_failure(self) -> Iterator[None]:
+        """Around a Tune run: a storage failure in a callback (Ray Tune re-raises it as a TuneError holding a
+        traceback) ends it as one line saying how to go on."""
+        try:
+            yield
+        except Exception:
+            if self.failure is None:
+                raise
+            raise StorageError(f"{self.failure}; the sweep stopped: once the storage is back, python -m sweep.run "
+                               f"--resume --name {self.uri.rsplit('/', 1)[-1]} --storage "
+                               f"{self.uri.rsplit('/', 1)[0]} continues it") from None
 
     @classmethod
     def open(cls, uri: str, endpoint: str | None, name: str) -> "SweepStorage":
@@ -78,12 +106,14 @@ class SweepStorage:
         count = self.store.download_tree("", folder, exclude=skips)
         log.info("downloaded %d file(s) of %s into %s", count, self.uri, folder)
 
+    @_noted
     def push_driver(self, folder: Path) -> None:
         """Upload the driver's own files at the top of ``folder`` (optuna.db, trials.csv, best.json, ...)."""
         for path in sorted(folder.iterdir()):
             if path.is_file() and not atomic_temp(path.name):
                 self.store.upload_file(path, path.name)
 
+    @_noted
     def fetch_trial(self, folder: Path, trial_id: str) -> None:
         """The trial's files as its worker uploaded them, into ``folder/trials/<id>/`` (models left out)."""
         rel = f"{TRIALS}/{trial_id}"
@@ -92,6 +122,7 @@ class SweepStorage:
         self.store.download_tree(rel, local, exclude=DRIVER_SKIPS)
         self._fetched.setdefault(trial_id, set()).update(str(Path(n).relative_to(rel)) for n in names)
 
+    @_noted
     def push_trial_record(self, folder: Path, trial_id: str) -> None:
         """Upload what the driver wrote in ``trials/<id>/`` (trial.json, HParams events), not what it fetched."""
         local = folder / TRIALS / trial_id
@@ -101,15 +132,18 @@ class SweepStorage:
             if (name not in fetched or name == "trial.json") and not atomic_temp(name) and not name.endswith(".pt"):
                 self.store.upload_file(path, f"{TRIALS}/{trial_id}/{name}")
 
+    @_noted
     def push_records(self, folder: Path) -> None:
         """Upload every trial's record (trial.json) and the driver's files: after a stage, and at the end."""
         for record in sorted((folder / TRIALS).glob("*/trial.json")):
             self.store.upload_file(record, f"{TRIALS}/{record.parent.name}/trial.json")
         self.push_driver(folder)
 
+    @_noted
     def drop_trial(self, trial_id: str) -> None:
         self.store.delete(f"{TRIALS}/{trial_id}")
 
+    @_noted
     def drop_resume_state(self, experiment: str, trial_id: str) -> None:
         """A finished trial's last.pt in Ray's checkpoint (about 3x the model): only a running trial needs it."""
         for name in self.store.files(f"{experiment}/{trial_id}"):
