@@ -2,7 +2,7 @@
 
     python -m core.download s3://bucket/prefix/<sweep> results/<sweep>     # then: python -m core.final_train
                                                                             #   results/<sweep>/best.json
-    python -m core.download s3://bucket/prefix/<sweep>/final/model.pt models/   # for core.evaluate / predict
+    python -m core.download s3://bucket/prefix/<sweep>/trials/<id>/best.pt models/  # one file (core.predict)
     python -m core.download s3://bucket/prefix/<sweep>/trials/<id> runs/<id> --include-models
 
 A folder comes without Ray Tune's state (``ray/``, ``ray-confirm/``: ``sweep.run --resume --storage`` reads
