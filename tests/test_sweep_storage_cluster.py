@@ -30,31 +30,30 @@ def _ray_start(args: list[str], folder: Path, env: dict[str, str]) -> subprocess
     return node
 
 
-def test_two_nodes_without_a_shared_folder(s3, ray_tmpdir: Path, tmp_path: Path,  # noqa: F811
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_nodes_without_a_shared_folder(s3, ray_tmpdir: Path, tmp_path: Path) -> None:  # noqa: F811
     from core.demo_data import generate_demo
-    from sweep.run import main
 
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
     # RAY_AUTH_MODE: ray start --head enables token auth and keeps the token in ~/.ray, shared with any other
-    # cluster of this user; these nodes listen on 127.0.0.1 only
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0")
+    # cluster of this user; these nodes listen on 127.0.0.1 only. Only in the children's environment: Ray reads
+    # it once per process, and this test process starts local Rays for other tests.
+    env = dict(os.environ, **s3.env, PYTHONPATH=str(REPO_ROOT), TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0",
+               RAY_AUTH_MODE="disabled")
     address = f"127.0.0.1:{_free_port()}"
+    data = generate_demo(tmp_path / "data", n_lesions=30, image_size=32)
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    storage = ["--storage", f"s3://{BUCKET}/cluster", "--storage-endpoint", s3.endpoint, "--address", address]
     nodes = []
     try:
         nodes.append(_ray_start(["--head", f"--port={address.split(':')[1]}", "--include-dashboard=false"],
                                 tmp_path / "head", env))
         nodes.append(_ray_start([f"--address={address}"], tmp_path / "worker", env))
-        data = generate_demo(tmp_path / "data", n_lesions=30, image_size=32)
-        space = tmp_path / "space.yaml"
-        space.write_text(SPACE)
-        storage = ["--storage", f"s3://{BUCKET}/cluster", "--storage-endpoint", s3.endpoint, "--address", address]
-        assert main(["--gpus", "0", "--cpus-per-trial", "1", "--trials", "2", "--confirm-top", "0", "--scheduler",
-                     "none", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "driver"),
-                     "--name", "two", *storage]) == 0
-        assert main(["--resume", "--name", "two", "--results", str(tmp_path / "fresh"), *storage]) == 0
+        for args in (["--gpus", "0", "--cpus-per-trial", "1", "--trials", "2", "--confirm-top", "0", "--scheduler",
+                      "none", "--space", str(space), "--data", str(data), "--results", str(tmp_path / "driver")],
+                     ["--resume", "--results", str(tmp_path / "fresh")]):
+            sweep = subprocess.run([sys.executable, "-m", "sweep.run", *args, "--name", "two", *storage], cwd=REPO_ROOT,
+                                   env=env, capture_output=True, text=True, timeout=300)
+            assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-3000:]
     finally:
         for node in reversed(nodes):
             _stop_group(node.pid)
