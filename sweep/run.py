@@ -266,13 +266,12 @@ def _fit(sweep: Sweep, name: str, resume: bool, new_tuner: Callable[[], Any]) ->
     ``new_tuner()`` returns None when there is nothing to run; the results are then empty."""
     from ray import tune
 
+    from sweep.searcher import StudySearch, storage_url
+
+    StudySearch.resumed_database = storage_url(sweep.folder)  # a restored searcher uses this driver's optuna.db
     experiment, where = str(sweep.folder / name), {}
     if sweep.remote:
         experiment, where = sweep.remote.store.path(name), {"storage_filesystem": sweep.remote.store.fs}
-    if sweep.remote:  # a restored searcher writes to this driver's optuna.db (sweep/searcher.py)
-        from sweep.searcher import StudySearch, storage_url
-
-        StudySearch.resumed_database = storage_url(sweep.folder)
     if resume and tune.Tuner.can_restore(experiment, **where):
         sweep.echo(f"resuming from {sweep.remote.store.child(name).uri if sweep.remote else experiment}")
         tuner = tune.Tuner.restore(experiment, trainable=sweep.trainable, resume_unfinished=True,

@@ -75,9 +75,9 @@ class StudySearch(OptunaSearch):
     def study(self) -> optuna.Study:
         return self._ot_study
 
-    # The optuna.db a restored searcher uses: set by sweep.run before Tuner.restore. Why: Ray restores the
-    # searcher pickled with the database's absolute path, and a sweep resumed from a bucket in another results
-    # folder (or on another machine) must write to its own copy, not to a path of the first driver.
+    # The optuna.db a restored searcher uses: set by sweep.run before each Tune run. Why: Ray restores the
+    # searcher pickled with the database's absolute path, and a sweep resumed in another results folder (from a
+    # bucket, on another machine) must write to its own copy, not to a path of the first driver.
     resumed_database: str | None = None
 
     def restore(self, checkpoint_path: str) -> None:
