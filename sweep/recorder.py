@@ -35,8 +35,9 @@ class TrialRecorder(tune.Callback):
     """
 
     def __init__(self, sweep_dir: Path, param_names: Sequence[str], metric: str, mode: str, max_epochs: int,
-                 base_seed: int, role: str = "search"):
+                 base_seed: int, role: str = "search", remote: Any = None):
         self.sweep_dir = Path(sweep_dir)
+        self.remote = remote              # sweep.storage.SweepStorage of a sweep in a bucket, else None
         self.param_names = tuple(param_names)
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.base_seed, self.role = base_seed, role
@@ -63,6 +64,9 @@ class TrialRecorder(tune.Callback):
             hparams.write_session_start(run_dir, trial_id, record["params"], record["started"])
             record["hparams_written"] = True
         write_trial(self.sweep_dir, record)
+        if self.remote:
+            self.remote.push_trial_record(self.sweep_dir, trial_id)
+            self.remote.push_driver(self.sweep_dir)  # optuna.db now holds the trial Ray will save in its state
 
     def finished(self, trial_id: str, params: Mapping[str, Any], last_result: Mapping[str, Any] | None,
                  error: str | None) -> dict[str, Any]:
@@ -72,6 +76,8 @@ class TrialRecorder(tune.Callback):
             record = read_trial(self.sweep_dir, trial_id)
         last = dict(last_result or {})
         run_dir = trials_dir(self.sweep_dir) / trial_id
+        if self.remote:  # the trial's own files, as its worker uploaded them
+            self.remote.fetch_trial(self.sweep_dir, trial_id)
         history = epoch_history(run_dir, last.get("epoch"))
         # core.train's own row of the last epoch Tune received; Tune's copy where the folder is elsewhere.
         final = dict(history[-1]) if history else {
@@ -90,6 +96,10 @@ class TrialRecorder(tune.Callback):
             "sweep/epochs_run": epochs}, failed=error is not None, step=epochs)
         write_trial(self.sweep_dir, record)
         self.write_table()
+        if self.remote:
+            self.remote.push_trial_record(self.sweep_dir, trial_id)
+            self.remote.push_driver(self.sweep_dir)
+            self.remote.drop_resume_state(EXPERIMENTS[self.role], trial_id)
         # Resume state is only needed while a trial runs: drop it, and Ray's copies (about 3x the model
         # each); best.pt, the trial's best epoch, stays.
         (run_dir / filenames.LAST_CHECKPOINT).unlink(missing_ok=True)
@@ -116,6 +126,8 @@ class TrialRecorder(tune.Callback):
                 # Started just before a driver was killed, after Ray's last saved state: the resumed sweep
                 # never heard of it and drew another trial in its place. Its partial run would be a stray row.
                 shutil.rmtree(trials_dir(self.sweep_dir) / record["trial_id"], ignore_errors=True)
+                if self.remote:
+                    self.remote.drop_trial(record["trial_id"])
                 log.info("removed trial %s: it started after the interrupted sweep's last saved state, and "
                          "the resumed sweep ran another trial in its place", record["trial_id"])
         return self.write_table()

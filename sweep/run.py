@@ -75,6 +75,7 @@ class SweepRun:
     resources: Any                    # sweep.resources.Resources
     trainable: Any                    # the Ray Tune trainable, data and resources attached
     echo: Echo
+    remote: Any = None                # sweep.storage.SweepStorage with --storage, else None
 
     @property
     def folder(self) -> Path:
@@ -84,7 +85,7 @@ class SweepRun:
         from sweep.recorder import TrialRecorder
 
         return TrialRecorder(self.folder, self.space.names, self.settings.metric, self.settings.mode,
-                             self.base.epochs, self.base.seed, role=role)
+                             self.base.epochs, self.base.seed, role=role, remote=self.remote)
 
 
 def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | None = None,
@@ -93,6 +94,7 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
     started = time.time()
     settings.check()
     folder = check_output_dir(settings.sweep_dir, "--results/--name")
+    remote = _remote(settings, resume)
     if resume:
         check_resumable(folder)
     space, space_text = _space(settings, resume)
@@ -107,11 +109,25 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
 
     connected = connect_ray(settings, address, echo)
     try:
-        sweep, data = _prepare(settings, space, space_text, base, resume, echo)
+        sweep, data = _prepare(settings, space, space_text, base, resume, echo, remote)
         return _run(sweep, data, resume, warm, started)
     finally:
         if connected:
             ray.shutdown()
+
+
+def _remote(settings: SweepSettings, resume: bool) -> Any:
+    """With --storage: the bucket is checked before any work (and --resume fetches the sweep's files)."""
+    if not settings.storage:
+        return None
+    from sweep.storage import SweepStorage
+
+    remote = SweepStorage.open(settings.storage, settings.storage_endpoint, settings.name)
+    if resume:
+        remote.fetch_sweep(settings.sweep_dir)
+    else:
+        remote.check_new()
+    return remote
 
 
 def _space(settings: SweepSettings, resume: bool) -> tuple[SearchSpace, str]:
@@ -143,12 +159,14 @@ def _run(sweep: SweepRun, data: dict[str, str], resume: bool, warm: WarmStart | 
         runs = confirm.plan(frame, settings.metric, settings.confirm_top, settings.confirm_seeds, sweep.base.seed,
                             {t: r["params"] for t, r in _records(sweep.folder).items()})
         confirm.write_plan(sweep.folder, runs, settings.confirm_top, settings.confirm_seeds)
+        if sweep.remote:
+            sweep.remote.push_records(sweep.folder)
     frame = _confirm(sweep, runs, resume) if runs else sweep.recorder("search").write_table()
     return _finish(sweep, frame, runs, data, started)
 
 
 def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,
-             echo: Echo) -> tuple[SweepRun, dict[str, str]]:
+             echo: Echo, remote: Any) -> tuple[SweepRun, dict[str, str]]:
     """Plan the resources, load the data (once, for every trial), save the settings and split; the trainable."""
     from ray import tune
 
@@ -168,11 +186,13 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
     if not resume:
         save_settings(settings, space_text, base, record)
         write_splits(data, folder / filenames.SPLITS)
+        if remote:
+            remote.push_driver(folder)
     setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / filenames.TRIALS_DIR),
-                       cpus=resources.cpus_per_trial,
-                       gpus=resources.gpus_per_trial)
+                       cpus=resources.cpus_per_trial, gpus=resources.gpus_per_trial,
+                       storage=remote.store if remote else None)
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, setup=setup), resources.per_trial)
-    return SweepRun(settings, space, base, resources, trainable, echo), record
+    return SweepRun(settings, space, base, resources, trainable, echo, remote), record
 
 
 def _search(sweep: SweepRun, resume: bool, warm: WarmStart | None) -> Any:
@@ -184,6 +204,8 @@ def _search(sweep: SweepRun, resume: bool, warm: WarmStart | None) -> Any:
     study = searcher.load_study(sweep.folder, settings.name)
     searcher.fail_orphans(study)
     set_field(sweep.folder, "optuna_trial", searcher.ray_trial_numbers(study))
+    if sweep.remote:
+        sweep.remote.push_records(sweep.folder)
     return recorder.write_table()
 
 
@@ -205,6 +227,8 @@ def _search_tuner(sweep: SweepRun, recorder: TrialRecorder, warm: WarmStart | No
     asha = settings.asha(space, sweep.base.epochs)
     if asha is not None:
         sweep.echo(asha.describe())
+    if sweep.remote:  # the study in the bucket from the start: a resume elsewhere needs it
+        sweep.remote.push_driver(sweep.folder)
     return _tuner(sweep, EXPERIMENTS["search"], search, asha.scheduler() if asha else None, settings.trials,
                   recorder)
 
@@ -232,16 +256,21 @@ def _fit(sweep: SweepRun, name: str, resume: bool, new_tuner: Callable[[], Any])
     ``new_tuner()`` returns None when there is nothing to run; the results are then empty."""
     from ray import tune
 
-    experiment = sweep.folder / name
-    if resume and tune.Tuner.can_restore(str(experiment)):
-        sweep.echo(f"resuming from {experiment}")
-        tuner = tune.Tuner.restore(str(experiment), trainable=sweep.trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+    from sweep.searcher import StudySearch, storage_url
+
+    StudySearch.resumed_database = storage_url(sweep.folder)  # a restored searcher uses this driver's optuna.db
+    experiment, where = str(sweep.folder / name), {}
+    if sweep.remote:
+        experiment, where = sweep.remote.store.path(name), {"storage_filesystem": sweep.remote.store.fs}
+    if resume and tune.Tuner.can_restore(experiment, **where):
+        sweep.echo(f"resuming from {sweep.remote.store.child(name).uri if sweep.remote else experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable=sweep.trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False, **where)
     else:
         tuner = new_tuner()
     if tuner is None:
         return []
-    with _signal_handlers_kept():
+    with _signal_handlers_kept(), sweep.remote.noting_failure() if sweep.remote else contextlib.nullcontext():
         return tuner.fit()
 
 
@@ -269,13 +298,14 @@ def _tuner(sweep: SweepRun, name: str, search_alg: Any, scheduler: Any, samples:
     from ray.tune.logger import JsonLoggerCallback
 
     settings = sweep.settings
+    where = sweep.remote.run_config() if sweep.remote else {"storage_path": str(sweep.folder)}
     return tune.Tuner(
         sweep.trainable,
         tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=samples,
                                     max_concurrent_trials=sweep.resources.slots, trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=_trial_dirname, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=str(sweep.folder),
+        run_config=tune.RunConfig(name=name, **where,
                                   callbacks=[recorder, JsonLoggerCallback()],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1))
@@ -305,6 +335,8 @@ def _finish(sweep: SweepRun, frame: pd.DataFrame, runs: list[dict[str, Any]], da
                             _study_lines(study)])
     atomic.write_text(folder / filenames.SUMMARY, summary + "\n")
     refresh_sweep_page(folder)  # report.html; never fails the sweep (a warning instead)
+    if sweep.remote:
+        sweep.remote.push_records(folder)
     sweep.echo(summary)
     return SweepResult(sweep_dir=folder, best=best, summary=summary, trials=frame)
 
@@ -360,7 +392,8 @@ def settings_from_args(args: argparse.Namespace) -> SweepSettings:
     name = args.name or f"{Path(space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     if not name or "/" in name or name.startswith("."):
         raise UserError(f"--name {name!r}: must be a plain folder name")
-    return SweepSettings(name=name, results=str(Path(args.results).resolve()), **given)
+    return SweepSettings(name=name, results=str(Path(args.results).resolve()), storage=args.storage,
+                         storage_endpoint=args.storage_endpoint, **given)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -370,8 +403,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if given:
             raise UserError(f"--resume continues a sweep with its saved settings: drop {flag(given[0])}")
         results = Path(args.results).resolve()
-        name = args.name or latest_sweep(results)
-        settings = dataclasses.replace(load_settings(results / name), results=str(results))
+        if args.storage:
+            from sweep.storage import fetch_settings
+
+            name = fetch_settings(args.storage, args.storage_endpoint, args.name, results)
+        else:
+            name = args.name or latest_sweep(results)
+        saved = load_settings(results / name)  # a sweep kept in a bucket stays there unless --storage moves it
+        settings = dataclasses.replace(saved, results=str(results), storage=args.storage or saved.storage,
+                                       storage_endpoint=args.storage_endpoint or saved.storage_endpoint)
     else:
         settings = settings_from_args(args)
     report = run_sweep(settings, resume=args.resume, address=args.address)

@@ -79,6 +79,19 @@ class StudySearch(OptunaSearch):
     def study(self) -> optuna.Study:
         return self._ot_study
 
+    # The optuna.db a restored searcher uses: set by sweep.run before each Tune run. Why: Ray restores the
+    # searcher pickled with the database's absolute path, and a sweep resumed in another results folder (from a
+    # bucket, on another machine) must write to its own copy, not to a path of the first driver.
+    resumed_database: str | None = None
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        if StudySearch.resumed_database and self._storage.url != StudySearch.resumed_database:
+            self._storage = optuna.storages.RDBStorage(StudySearch.resumed_database)
+            self._ot_study = optuna.load_study(study_name=self._ot_study.study_name, storage=self._storage,
+                                               sampler=self._sampler)
+            self._ot_trials = {k: optuna.trial.Trial(self._ot_study, t._trial_id) for k, t in self._ot_trials.items()}
+
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.budget is not None and epochs_spent(self._ot_study) >= self.budget:
             return Searcher.FINISHED
@@ -107,7 +120,10 @@ class StudySearch(OptunaSearch):
             return
         steps = self._steps.setdefault(trial_id, set())
         if int(epoch) not in steps:
-            self._ot_trials[trial_id].report(float(value), int(epoch))
+            try:
+                self._ot_trials[trial_id].report(float(value), int(epoch))
+            except optuna.exceptions.UpdateFinishedTrialError as exc:  # told before a driver stopped; Ray resumed it
+                log.info("optuna trial of %s not updated: %s", trial_id, exc)
             steps.add(int(epoch))
 
 

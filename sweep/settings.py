@@ -77,6 +77,13 @@ class SweepSettings:
     seed: int = _option("seed of the Optuna sampler", default=0)
     overrides: tuple[str, ...] = _option("fix a config key for every trial; repeatable", default=(),
                                          metavar="KEY=VALUE", shown="none")
+    storage: str | None = _option("keep the sweep in object storage too, in PREFIX/NAME/: Ray's state, every trial's "
+                                  "files and the outputs (for a cluster without a shared file system; credentials "
+                                  "from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY); with --resume: continue the sweep "
+                                  "found there", shown="none", metavar="s3://BUCKET/PREFIX", searched=False)
+    storage_endpoint: str | None = _option("URL of an S3-compatible server (SeaweedFS, MinIO, Ceph), e.g. "
+                                           "http://127.0.0.1:8333", shown="AWS_ENDPOINT_URL, else AWS",
+                                           metavar="URL", searched=False)
 
     @property
     def mode(self) -> str:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from core import atomic, filenames
 from core.config import TrainConfig
 from sweep.confirm import CONFIRMS_KEY
+from sweep.storage import TrialFiles
 
 if TYPE_CHECKING:
     from core.data import Dataset
@@ -43,6 +44,7 @@ class TrialSetup:
     trials_dir: str               # results/<sweep>/trials
     cpus: int                     # CPUs of one trial (torch threads)
     gpus: float                   # GPUs of one trial (0: train on the CPU)
+    storage: Any = None           # core.storage.Store of the sweep in a bucket: the trial uploads its folder there
 
 
 def trial_config(sampled: Mapping[str, Any], setup: TrialSetup) -> TrainConfig:
@@ -61,7 +63,9 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
     torch.set_num_threads(max(1, int(setup.cpus)))
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a "checkpoint created" line per epoch
     trial_id = tune.get_context().get_trial_id()
-    out = Path(setup.trials_dir) / trial_id
+    checkpoint = tune.get_checkpoint()
+    files = TrialFiles(setup.storage, trial_id) if setup.storage is not None else None
+    out = files.prepare(resuming=checkpoint is not None) if files else Path(setup.trials_dir) / trial_id
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".checkpoint-*"):  # a killed trial's, holding a link to an old last.pt
         shutil.rmtree(stale, ignore_errors=True)
@@ -69,7 +73,6 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
     if cfg.device == "auto":
         # Ray hides the GPUs a trial did not ask for; a CPU trial must not grab a GPU it was not given.
         cfg = dataclasses.replace(cfg, device="cuda" if setup.gpus > 0 else "cpu")
-    checkpoint = tune.get_checkpoint()
     resumed_from = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -77,8 +80,11 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
         if resumed_from is not None and resumed_from >= cfg.epochs:
             return  # the driver died after the trial's last report: nothing left to train
     _write_node_info(out, trial_id, setup, resumed_from)
+    push = files.push if files else lambda: 0
+    push()
 
     def report(metrics: dict[str, float]) -> None:
+        push()  # before Tune hears of the epoch: the driver reads the trial's files from the bucket
         # core.train has just written last.pt; Ray copies the folder into its own storage.
         with tempfile.TemporaryDirectory(dir=out, prefix=".checkpoint-") as tmp:
             _link_or_copy(out / filenames.LAST_CHECKPOINT, Path(tmp) / filenames.LAST_CHECKPOINT)
@@ -86,6 +92,9 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     train(cfg, data, out, report, RunOptions(resume=checkpoint is not None, progress=False))
+    if files:
+        files.push()  # run.json's final state, written after the last report
+        files.close()
 
 
 def restore_checkpoint(folder: Path, out: Path) -> int | None:
