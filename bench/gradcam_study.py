@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from core import explain_scores as es
     from core.atomic import write_json
-    from core.data import load_dataset
+    from core.data import SplitOptions, load_dataset
     from core.inference import predict_probs
 
     results = []
@@ -219,10 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = meta.get("config") or {}
         size = int(meta["image_size"])
         if size not in data_cache:
-            data_cache[size] = load_dataset(args.data, size, val_fraction=cfg.get("val_fraction", 0.15),
-                                            test_fraction=cfg.get("test_fraction", 0.15),
-                                            split_seed=cfg.get("split_seed", 0), splits_file=args.splits,
-                                            progress=False)
+            splits = SplitOptions(cfg.get("val_fraction", 0.15), cfg.get("test_fraction", 0.15),
+                                  cfg.get("split_seed", 0), args.splits)
+            data_cache[size] = load_dataset(args.data, size, splits, progress=False)
         data = data_cache[size]
         if data.masks is None:
             raise UserError(f"{args.data}: no lesion masks found")

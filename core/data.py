@@ -31,9 +31,9 @@ from core.errors import UserError, run_cli
 from core.image_cache import decode_image, load_images
 from core.layouts import DEMO_MARKER, read_layout
 from core.masks import find_masks, load_masks
-from core.splits import SPLITS, check_fractions, read_splits, split_listing, write_splits
+from core.splits import SPLITS, SplitOptions, check_fractions, read_splits, split_listing, write_splits
 
-__all__ = ["Dataset", "load_dataset", "load_for_config", "decode_image", "default_cache_dir",
+__all__ = ["Dataset", "SplitOptions", "load_dataset", "load_for_config", "decode_image", "default_cache_dir",
            "dataset_fingerprint", "demo_root"]
 
 logger = logging.getLogger(__name__)
@@ -100,29 +100,28 @@ def demo_root(cache_dir: str | Path | None = None) -> Path:
     return root
 
 
-def load_dataset(path: str | Path | None, image_size: int, *, val_fraction: float = 0.15,
-                 test_fraction: float = 0.15, split_seed: int = 0, splits_file: str | Path | None = None,
+def load_dataset(path: str | Path | None, image_size: int, splits: SplitOptions = SplitOptions(), *,
                  cache_dir: str | Path | None = None, progress: bool = True, masks: bool = True) -> Dataset:
     """Read the dataset at ``path`` (None: the built-in demo), split it and decode it to ``image_size``.
 
-    ``splits_file``: a ``splits.csv`` from an earlier run (see :func:`write_splits`), reused exactly;
-    its image ids must be the dataset's. ``masks``: also read the lesion masks, where the dataset has
+    ``splits``: the split shares and seed, or a ``splits.csv`` from an earlier run to reuse exactly (see
+    :class:`~core.splits.SplitOptions`). ``masks``: also read the lesion masks, where the dataset has
     them (False for training, which needs none). Bad input raises :class:`UserError` naming the file or row.
     """
     low, high = IMAGE_SIZES
     if not isinstance(image_size, int) or not low <= image_size <= high:
         raise UserError(f"image size must be an integer in [{low}, {high}], got {image_size!r}")
-    check_fractions(val_fraction, test_fraction)
+    check_fractions(splits.val_fraction, splits.test_fraction)
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if path is None:
         path = demo_root(cache_dir)
         logger.info("no --data given: using the built-in synthetic demo dataset at %s", path)
     listing = read_layout(path)
     fingerprint = listing.fingerprint()
-    if splits_file is not None:
-        split = read_splits(splits_file, listing)
+    if splits.splits_file is not None:
+        split = read_splits(splits.splits_file, listing)
     else:
-        split = split_listing(listing, val_fraction, test_fraction, split_seed)
+        split = split_listing(listing, splits.val_fraction, splits.test_fraction, splits.seed)
     images = load_images(listing.paths, image_size, fingerprint, cache_dir, progress=progress)
     lesions = None
     if masks:
@@ -142,8 +141,7 @@ def load_dataset(path: str | Path | None, image_size: int, *, val_fraction: floa
 def load_for_config(path: str | Path | None, cfg: Any, splits_file: str | Path | None = None,
                     **kw: Any) -> Dataset:
     """:func:`load_dataset` with the image size and split settings of a TrainConfig."""
-    return load_dataset(path, cfg.image_size, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                        split_seed=cfg.split_seed, splits_file=splits_file, **kw)
+    return load_dataset(path, cfg.image_size, SplitOptions.of_config(cfg, splits_file), **kw)
 
 
 def dataset_fingerprint(path: str | Path | None, cache_dir: str | Path | None = None) -> str:
@@ -163,9 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="cache folder (default: $LESION_SWEEP_CACHE or ~/.cache/lesion-sweep)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    data = load_dataset(args.data, args.image_size, val_fraction=args.val_fraction,
-                        test_fraction=args.test_fraction, split_seed=args.split_seed,
-                        splits_file=args.splits_file, cache_dir=args.cache_dir)
+    splits = SplitOptions(args.val_fraction, args.test_fraction, args.split_seed, args.splits_file)
+    data = load_dataset(args.data, args.image_size, splits, cache_dir=args.cache_dir)
     seconds = time.perf_counter() - start
     shared = _lesions_in_several_splits(data)
     print(f"{data.layout} dataset at {data.root}")

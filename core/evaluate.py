@@ -32,7 +32,7 @@ import numpy as np
 from core import filenames
 from core.cli import (add_device_option, add_evaluation_options, add_gallery_options, add_threads_option,
                       apply_threads, clinical_options, gradcam_options)
-from core.data import load_dataset
+from core.data import SplitOptions, load_dataset
 from core.errors import UserError, run_cli
 from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images,
                              write_evaluation)
@@ -89,8 +89,8 @@ def _images(args: argparse.Namespace, loaded: LoadedModel) -> EvaluatedImages:
     cfg = loaded.config
     # --split all needs no test split: asking for one would fail on a small external set for no reason.
     test_fraction = cfg.test_fraction if args.split == "test" else 0.0
-    data = load_dataset(args.data, cfg.image_size, val_fraction=cfg.val_fraction, test_fraction=test_fraction,
-                        split_seed=cfg.split_seed, splits_file=args.splits)
+    splits = SplitOptions(cfg.val_fraction, test_fraction, cfg.split_seed, args.splits)
+    data = load_dataset(args.data, cfg.image_size, splits)
     idx = np.arange(len(data.labels)) if args.split == "all" else data.indices("test")
     if len(idx) == 0:
         raise UserError(f"{args.data}: the test split is empty; use --split all for a dataset held out as a whole")

@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -128,8 +128,8 @@ def _read_ham(csv_path: Path, root: Path) -> Listing:
     folders = _ham_image_folders(csv_path.parent)
     paths = _find_listed_images(ids, folders, csv_path)
     layout = "demo" if (csv_path.parent / DEMO_MARKER).is_file() else "ham10000"
-    return _listing(root, layout, HAM_CLASSES, paths, ids, labels, groups, None,
-                    metadata=table.drop(columns=list(HAM_COLUMNS)))
+    return _by_id(Listing(root, layout, HAM_CLASSES, paths, ids, labels, groups, None,
+                          metadata=table.drop(columns=list(HAM_COLUMNS))))
 
 
 def _ham_image_folders(base: Path) -> list[Path]:
@@ -175,7 +175,7 @@ def _read_isic(csv_path: Path, root: Path) -> Listing:
         groups = np.where(by_image["lesion_id"] == "", ids, by_image["lesion_id"].to_numpy(dtype=str))
         metadata = by_image.drop(columns=["lesion_id"]).reset_index(drop=True)
     paths = _find_listed_images(ids, [_isic_image_folder(csv_path, root)], csv_path)
-    return _listing(root, "isic2018", HAM_CLASSES, paths, ids, labels, groups, None, metadata=metadata)
+    return _by_id(Listing(root, "isic2018", HAM_CLASSES, paths, ids, labels, groups, None, metadata=metadata))
 
 
 def _isic_bases(csv_path: Path, root: Path) -> list[Path]:
@@ -252,27 +252,27 @@ def _read_imagefolder(root: Path) -> Listing | None:
     ids = np.array([_relative(file, root).rsplit(".", 1)[0] for file in paths])
     labels = np.searchsorted(class_names, [name for _, name, _ in found])
     split = np.array([s for s, _, _ in found]) if split_dirs else None
-    return _listing(root, "imagefolder", class_names, paths, ids, labels, ids, split)
+    return _by_id(Listing(root, "imagefolder", class_names, paths, ids, labels, ids, split))
 
 
 # --- shared helpers -----------------------------------------------------------------------------
 
-def _listing(root: Path, layout: str, class_names: Sequence[str], paths: Sequence[Path],
-             ids: np.ndarray, labels: Iterable[int], groups: np.ndarray, split: np.ndarray | None,
-             metadata: pd.DataFrame | None = None) -> Listing:
-    """Sort rows by image id and check that ids are unique."""
-    ids = np.asarray(ids, dtype=str)
+def _by_id(rows: Listing) -> Listing:
+    """``rows`` (fields as any sequences, in the layout's row order) sorted by image id, with typed fields;
+    the ids must be unique."""
+    ids = np.asarray(rows.image_ids, dtype=str)
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     dup = np.flatnonzero(ids[1:] == ids[:-1])
+    paths, metadata = rows.paths, rows.metadata
     if dup.size:
         first, second = order[dup[0]], order[dup[0] + 1]
-        raise UserError(f"{root}: two images share the id {ids[dup[0]]}: {paths[first]} and {paths[second]}")
-    return Listing(root=root, layout=layout, class_names=tuple(class_names),
+        raise UserError(f"{rows.root}: two images share the id {ids[dup[0]]}: {paths[first]} and {paths[second]}")
+    return Listing(root=rows.root, layout=rows.layout, class_names=tuple(rows.class_names),
                    paths=tuple(paths[i] for i in order), image_ids=ids,
-                   labels=np.asarray(labels, dtype=np.int64)[order],
-                   groups=np.asarray(groups, dtype=str)[order],
-                   split=None if split is None else np.asarray(split, dtype=str)[order],
+                   labels=np.asarray(rows.labels, dtype=np.int64)[order],
+                   groups=np.asarray(rows.groups, dtype=str)[order],
+                   split=None if rows.split is None else np.asarray(rows.split, dtype=str)[order],
                    metadata=None if metadata is None or metadata.columns.empty
                    else metadata.iloc[order].reset_index(drop=True))
 

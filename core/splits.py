@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,23 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val", "test")
 SPLITS_COLUMNS = ("image_id", "label", "group", "split")
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How core.data.load_dataset splits a dataset: drawn with these shares and seed, or read from a file."""
+
+    val_fraction: float = 0.15    # share of the images in the validation split
+    test_fraction: float = 0.15   # share of the images in the test split
+    seed: int = 0                 # seed of the assignment (same labels, groups and seed: same splits)
+    # A splits.csv from an earlier run (see write_splits), reused exactly; its image ids must be the dataset's.
+    # When given, the fractions and seed are not used (but the fractions are still checked).
+    splits_file: str | Path | None = None
+
+    @classmethod
+    def of_config(cls, cfg: Any, splits_file: str | Path | None = None) -> "SplitOptions":
+        """The split settings of a TrainConfig (or anything with val_fraction, test_fraction, split_seed)."""
+        return cls(cfg.val_fraction, cfg.test_fraction, cfg.split_seed, splits_file)
 
 
 def assign_splits(labels: np.ndarray, groups: np.ndarray, *, val_fraction: float, test_fraction: float,

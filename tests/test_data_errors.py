@@ -7,7 +7,7 @@ import shutil
 import pytest
 from data_fixtures import make_ham, make_imagefolder, make_isic, rng_image, write_image
 
-from core.data import dataset_fingerprint, load_dataset
+from core.data import SplitOptions, dataset_fingerprint, load_dataset
 from core.errors import UserError
 
 
@@ -139,7 +139,7 @@ def test_split_folders_without_train(tmp_path):
 
 
 def test_bad_fractions_and_image_size(ham, tmp_path):
-    _raises("split fractions val=0.6, test=0.5", ham, tmp_path, val_fraction=0.6, test_fraction=0.5)
+    _raises("split fractions val=0.6, test=0.5", ham, tmp_path, splits=SplitOptions(0.6, 0.5))
     with pytest.raises(UserError, match="image size"):
         load_dataset(ham, 8, cache_dir=tmp_path, progress=False)
 

@@ -119,7 +119,7 @@ def test_imagefolder_with_predefined_splits_keeps_them(tmp_path):
 def test_imagefolder_missing_test_split_is_drawn_from_train(tmp_path):
     root = make_imagefolder(tmp_path / "folders", ["a", "b"], per_class=10, splits=("train",))
     make_imagefolder(root, ["a", "b"], per_class=2, splits=("valid",))
-    data = _load(root, tmp_path, test_fraction=0.3)
+    data = _load(root, tmp_path, splits=core.data.SplitOptions(test_fraction=0.3))
     from_valid = np.char.startswith(data.image_ids.astype(str), "valid/")
     assert set(data.split[from_valid]) == {"val"}  # the given val split is kept as it is
     assert set(data.split[~from_valid]) == {"train", "test"}  # test comes out of train/

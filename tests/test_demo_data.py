@@ -12,7 +12,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 import core.data
 from core import demo_data
-from core.data import load_dataset
+from core.data import SplitOptions, load_dataset
 from core.demo_data import class_counts, generate_demo
 from core.errors import UserError
 from core.layouts import DEMO_MARKER, HAM_CLASSES, read_layout
@@ -62,7 +62,7 @@ def test_demo_is_a_ham10000_layout_with_several_images_per_lesion(demo):
 
 
 def test_classes_are_learnable_from_downscaled_pixels(demo, tmp_path):
-    data = load_dataset(demo, 32, val_fraction=0.3, test_fraction=0.0, cache_dir=tmp_path, progress=False)
+    data = load_dataset(demo, 32, SplitOptions(0.3, 0.0), cache_dir=tmp_path, progress=False)
     pooled = data.images.reshape(len(data.labels), 3, 8, 4, 8, 4).mean(axis=(3, 5))
     features = pooled.reshape(len(data.labels), -1) / 255.0
     train, val = data.indices("train"), data.indices("val")

@@ -143,12 +143,12 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
 
 def test_calibration_and_thresholds_come_from_val_and_are_stored_in_the_model(sweep: Path, final) -> None:
     from core.calibration import apply_temperature, fit_temperature
-    from core.data import load_dataset
+    from core.data import SplitOptions, load_dataset
     from core.inference import load_for_inference
     from core.operating_points import choose_thresholds
 
     loaded = load_for_inference(final.out_dir / "model.pt", "cpu")
-    data = load_dataset(read_best(sweep / "best.json").data_path, SIZE, splits_file=sweep / "splits.csv",
+    data = load_dataset(read_best(sweep / "best.json").data_path, SIZE, SplitOptions(splits_file=sweep / "splits.csv"),
                         progress=False)
     val = data.indices("val")
     mel = data.labels[val] == data.class_names.index("mel")
@@ -191,14 +191,14 @@ def test_positive_class_that_is_not_a_class_fails_before_training(sweep: Path, t
 
 
 def test_gradcam_of_the_trained_model_is_image_sized_and_not_constant(sweep: Path, final) -> None:
-    from core.data import load_dataset
+    from core.data import SplitOptions, load_dataset
     from core.gradcam import gradcam_maps
     from core.model import load_model_file
     from core.inference import predict_probs
 
     model, meta = load_model_file(final.out_dir / "model.pt")
     data = load_dataset(read_best(sweep / "best.json").data_path, meta["image_size"],
-                        splits_file=sweep / "splits.csv", progress=False)
+                        SplitOptions(splits_file=sweep / "splits.csv"), progress=False)
     images = data.images[data.indices("test")][:6]
     pred = predict_probs(model, images).argmax(1)
     maps = gradcam_maps(model, images, pred.tolist())

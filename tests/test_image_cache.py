@@ -10,7 +10,7 @@ from data_fixtures import make_imagefolder, write_image
 from PIL import Image
 
 import core.image_cache
-from core.data import dataset_fingerprint, decode_image, load_dataset
+from core.data import SplitOptions, dataset_fingerprint, decode_image, load_dataset
 from core.image_cache import cache_file
 
 
@@ -81,7 +81,7 @@ def test_second_load_uses_the_cache_without_decoding(folders, tmp_path, count_de
     assert len(count_decodes) == 12
     path = cache_file(tmp_path / "cache", first.fingerprint, 16)
     assert path.is_file()
-    second = load_dataset(folders, 16, cache_dir=tmp_path / "cache", progress=False, split_seed=5)
+    second = load_dataset(folders, 16, SplitOptions(seed=5), cache_dir=tmp_path / "cache", progress=False)
     assert len(count_decodes) == 12  # nothing decoded again, whatever the split
     assert np.array_equal(first.images, second.images) and second.images.flags.c_contiguous
     second.images[0, 0, 0, 0] ^= 1  # copy-on-write: a writable array that leaves the cache alone

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.config import TrainConfig
-from core.data import load_dataset
+from core.data import SplitOptions, load_dataset
 from core.demo_data import generate_demo
 from core.errors import UserError, run_cli
 from core.inference import load_for_inference
@@ -86,7 +86,7 @@ def test_metadata_dropout_at_rate_one_is_no_metadata_and_at_zero_changes_nothing
 @pytest.fixture(scope="module")
 def ham(tmp_path_factory):
     root = generate_demo(tmp_path_factory.mktemp("meta") / "data", n_lesions=24, image_size=SIZE, seed=5)
-    return root, load_dataset(root, SIZE, progress=False, masks=False, val_fraction=0.2, test_fraction=0.2)
+    return root, load_dataset(root, SIZE, SplitOptions(0.2, 0.2), progress=False, masks=False)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_predict_takes_age_sex_site_and_refuses_bad_ones(ham, trained, tmp_path,
 
 def test_a_layout_without_metadata_is_a_one_line_error(tmp_path: Path) -> None:
     root = make_imagefolder(tmp_path / "folders", ["a", "b"], per_class=8)
-    data = load_dataset(root, SIZE, progress=False, masks=False, val_fraction=0.25, test_fraction=0.25)
+    data = load_dataset(root, SIZE, SplitOptions(0.25, 0.25), progress=False, masks=False)
     cfg = TrainConfig(image_size=SIZE, epochs=1, batch_size=4, pretrained="none", metadata="concat")
     with pytest.raises(UserError, match=r"the imagefolder layout carries no metadata .* use metadata=none") as err:
         train(cfg, data, tmp_path / "run", options=QUIET)
@@ -166,7 +166,7 @@ def test_a_missing_metadata_column_fails_the_run_naming_it(ham, tmp_path: Path) 
     csv = root / "HAM10000_metadata.csv"
     table = pd.read_csv(csv, dtype=str, keep_default_na=False).drop(columns=["localization"])
     table.to_csv(csv, index=False)
-    data = load_dataset(root, SIZE, progress=False, masks=False, val_fraction=0.2, test_fraction=0.2)
+    data = load_dataset(root, SIZE, SplitOptions(0.2, 0.2), progress=False, masks=False)
     cfg = TrainConfig(image_size=SIZE, epochs=1, batch_size=16, pretrained="none", metadata="concat")
     with pytest.raises(UserError, match="metadata column 'localization' missing"):
         train(cfg, data, tmp_path / "run", options=QUIET)

@@ -70,12 +70,12 @@ def test_probabilities_choose_mixup_then_cutmix_and_off_draws_nothing() -> None:
 
 
 def test_a_run_with_mixup_and_cutmix_trains(tmp_path) -> None:
-    from core.data import load_dataset
+    from core.data import SplitOptions, load_dataset
     from core.demo_data import generate_demo
     from core.train import RunOptions, train
 
     root = generate_demo(tmp_path / "data", n_lesions=24, image_size=32, seed=2)
-    data = load_dataset(root, 32, progress=False, masks=False, val_fraction=0.2, test_fraction=0.2)
+    data = load_dataset(root, 32, SplitOptions(0.2, 0.2), progress=False, masks=False)
     cfg = TrainConfig(image_size=32, epochs=1, batch_size=16, pretrained="none", warmup_epochs=0.0,
                       mixup_prob=0.5, cutmix_prob=1.0, class_weighting="inverse", eval_batch_size=64)
     result = train(cfg, data, tmp_path / "run", options=RunOptions(progress=False, tensorboard=False))

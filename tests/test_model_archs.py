@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.config import ARCHS, TrainConfig
-from core.data import load_dataset
+from core.data import SplitOptions, load_dataset
 from core.demo_data import generate_demo
 from core.errors import UserError
 from core.gradcam import choose_layer, gradcam_maps
@@ -26,7 +26,7 @@ EXPECTED_LAYER = {"resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = generate_demo(tmp_path_factory.mktemp("archs") / "data", n_lesions=24, image_size=SIZE, seed=3)
-    return load_dataset(root, SIZE, progress=False, masks=False, val_fraction=0.2, test_fraction=0.2)
+    return load_dataset(root, SIZE, SplitOptions(0.2, 0.2), progress=False, masks=False)
 
 
 def test_the_listed_archs_are_the_expected_set() -> None:

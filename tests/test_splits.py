@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from data_fixtures import make_ham
 
-from core.data import load_dataset
+from core.data import SplitOptions, load_dataset
 from core.splits import write_splits
 from core.errors import UserError
 from core.splits import assign_splits
@@ -84,14 +84,14 @@ def ham(tmp_path_factory):
 
 def test_splits_file_is_reused_exactly(ham, tmp_path):
     cache = tmp_path / "cache"
-    first = load_dataset(ham, 16, split_seed=0, cache_dir=cache, progress=False)
+    first = load_dataset(ham, 16, SplitOptions(seed=0), cache_dir=cache, progress=False)
     write_splits(first, tmp_path / "splits.csv")
     lines = (tmp_path / "splits.csv").read_text().splitlines()
     assert lines[0] == "image_id,label,group,split" and len(lines) == len(first.labels) + 1
-    other = load_dataset(ham, 16, split_seed=7, cache_dir=cache, progress=False)
+    other = load_dataset(ham, 16, SplitOptions(seed=7), cache_dir=cache, progress=False)
     assert not np.array_equal(other.split, first.split)
-    reused = load_dataset(ham, 16, split_seed=7, splits_file=tmp_path / "splits.csv", cache_dir=cache,
-                          progress=False, val_fraction=0.3)
+    reused = load_dataset(ham, 16, SplitOptions(0.3, seed=7, splits_file=tmp_path / "splits.csv"),
+                          cache_dir=cache, progress=False)
     assert np.array_equal(reused.split, first.split)
 
 
@@ -111,7 +111,7 @@ def test_splits_file_must_match_the_dataset(ham, tmp_path, edit, message):
     header, *rows = path.read_text().splitlines()
     path.write_text("\n".join([header] + edit(rows)) + "\n")
     with pytest.raises(UserError, match=message) as info:
-        load_dataset(ham, 16, splits_file=path, cache_dir=cache, progress=False)
+        load_dataset(ham, 16, SplitOptions(splits_file=path), cache_dir=cache, progress=False)
     assert str(path) in str(info.value)
 
 
@@ -119,6 +119,6 @@ def test_splits_file_without_its_columns_or_absent(ham, tmp_path):
     path = tmp_path / "splits.csv"
     path.write_text("image,fold\nx,1\n")
     with pytest.raises(UserError, match=r"splits.csv: missing column\(s\) image_id, split"):
-        load_dataset(ham, 16, splits_file=path, cache_dir=tmp_path, progress=False)
+        load_dataset(ham, 16, SplitOptions(splits_file=path), cache_dir=tmp_path, progress=False)
     with pytest.raises(UserError, match="nope.csv: cannot read splits file"):
-        load_dataset(ham, 16, splits_file=tmp_path / "nope.csv", cache_dir=tmp_path, progress=False)
+        load_dataset(ham, 16, SplitOptions(splits_file=tmp_path / "nope.csv"), cache_dir=tmp_path, progress=False)
