@@ -39,6 +39,7 @@ import numpy as np
 from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
 from bench.sweep_runs import cell, mean_sd
 from core import atomic
+from core.config import IMAGE_SIZES, image_size_ok
 from core.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,8 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--runs", help="keep the run folders here (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
     args.variants = [BASELINE] + [v for v in dict.fromkeys(args.variants) if v != BASELINE]
-    if args.epochs < 1 or not 16 <= args.image_size <= 1024:
-        raise UserError("--epochs must be at least 1 and --image-size in [16, 1024]")
+    if args.epochs < 1 or not image_size_ok(args.image_size):
+        raise UserError("--epochs must be at least 1 and --image-size in [%d, %d]" % IMAGE_SIZES)
     return args
 
 

@@ -26,11 +26,17 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLINGS = ("uniform", "sqrt", "balanced")
-IMAGE_SIZES = (16, 1024)   # the smallest and largest image side, in pixels (config and core.data.load_dataset)
+IMAGE_SIZES = (16, 1024)   # the smallest and largest image side, in pixels: checked by image_size_ok only
 ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_large",
          "regnet_y_800mf")   # core/model.py builds each; the first is the default
 METADATA_METHODS = ("none", "concat", "film")
 SELECT_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_auc", "val_loss")
+
+
+def image_size_ok(size: object) -> bool:
+    """``size`` is an image side core supports: an integer in IMAGE_SIZES (TrainConfig and
+    core.data.load_dataset both ask here, each saying so in its own error's words)."""
+    return isinstance(size, int) and IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -130,7 +136,7 @@ class TrainConfig:
             ("effective_beta", 0 <= self.effective_beta < 1, "must be in [0, 1)"),
             ("sampling", self.sampling in SAMPLINGS, f"must be one of {SAMPLINGS}"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)"),
-            ("image_size", IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1], "must be in [%d, %d]" % IMAGE_SIZES),
+            ("image_size", image_size_ok(self.image_size), "must be in [%d, %d]" % IMAGE_SIZES),
             ("rotation_degrees", 0 <= self.rotation_degrees <= 180, "must be in [0, 180]"),
             ("crop_scale_min", 0.05 <= self.crop_scale_min <= 1, "must be in [0.05, 1]"),
             ("translate", 0 <= self.translate <= 0.5, "must be in [0, 0.5]"),

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core.config import IMAGE_SIZES
+from core.config import IMAGE_SIZES, image_size_ok
 from core.demo_data import GENERATOR, generate_demo
 from core.errors import UserError, run_cli
 from core.image_cache import decode_image, load_images
@@ -108,9 +108,8 @@ def load_dataset(path: str | Path | None, image_size: int, splits: SplitOptions 
     :class:`~core.splits.SplitOptions`). ``masks``: also read the lesion masks, where the dataset has
     them (False for training, which needs none). Bad input raises :class:`UserError` naming the file or row.
     """
-    low, high = IMAGE_SIZES
-    if not isinstance(image_size, int) or not low <= image_size <= high:
-        raise UserError(f"image size must be an integer in [{low}, {high}], got {image_size!r}")
+    if not image_size_ok(image_size):
+        raise UserError("image size must be an integer in [%d, %d], got %r" % (*IMAGE_SIZES, image_size))
     check_fractions(splits.val_fraction, splits.test_fraction)
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if path is None:
