@@ -3,8 +3,7 @@
 A reader (or a crash) never sees a half-written file under the final name: a write that fails (a full
 disk: a one-line error, core/state_files.py) leaves the previous version and removes its temporary file.
 A process killed mid-write leaves the temporary file; :func:`remove_stale_temps` clears those when the
-next run claims the folder. Also the one reader of the JSON files a user hands a command (config.json,
-best.json, a sweep's settings), with one-line errors.
+next run claims the folder. (Reading JSON back, with one-line errors, is core/state_files.py's.)
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from core.errors import UserError
 from core.state_files import writing
 
 
@@ -60,19 +58,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
-
-
-def read_json_object(path: str | os.PathLike, missing: str) -> dict[str, Any]:
-    """A JSON object from ``path``; absent (``"<path>: <missing>"``), unreadable or not an object: UserError."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: {missing}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from core.atomic import read_json_object
+from core.state_files import read_json_object
 from core.errors import UserError
 from core.splits import check_fractions
 

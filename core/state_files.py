@@ -7,6 +7,8 @@ them through here ends the command with ``error: <file>: <what is wrong>; <what 
 2 (core/errors.py) instead of a library's traceback:
 
 - :func:`load_torch`: a PyTorch file; :func:`read_json_state`: a JSON object (absent: None);
+  :func:`read_json_object`: a JSON object that must be there, also the one reader of the JSON files a
+  user hands a command (config.json, best.json, a sweep's settings);
   (a sweep's optuna.db and Ray state are checked by sweep/state_check.py, with :func:`file_size` and
   :func:`short_reason` from here);
 - :func:`reading`: any other reader, e.g. ``with reading(path, advice, KeyError): use(state["model"])``.
@@ -19,6 +21,7 @@ free space. :func:`check_output_dir` checks an output folder before any work sta
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -58,13 +61,24 @@ def _torch_reason(exc: Exception) -> str:
 
 def read_json_state(path: str | os.PathLike, advice: str) -> dict[str, Any] | None:
     """A JSON object a run wrote, or None where the file is absent; damaged: UserError with ``advice``."""
-    from core.atomic import read_json_object
-
     path = Path(path)
     if not path.exists():
         return None
     with reading(path, advice):
         return read_json_object(path, "no such file")
+
+
+def read_json_object(path: str | os.PathLike, missing: str) -> dict[str, Any]:
+    """A JSON object from ``path``; absent (``"<path>: <missing>"``), unreadable or not an object: UserError."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: {missing}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 @contextmanager

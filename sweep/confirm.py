@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from ray.tune.search import Searcher
 
-from core import atomic, filenames
+from core import atomic, filenames, state_files
 
 CONFIRM_FILE = filenames.CONFIRM_PLAN
 CONFIRM_FORMAT = "lesion-sweep/confirm"
@@ -70,7 +70,7 @@ def write_plan(sweep_dir: Path, runs: Sequence[Mapping[str, Any]], top: int, see
 def read_plan(sweep_dir: Path) -> list[dict[str, Any]] | None:
     """The saved plan, or None while the search has not finished."""
     path = sweep_dir / CONFIRM_FILE
-    return atomic.read_json_object(path, "no confirmation plan")["runs"] if path.is_file() else None
+    return state_files.read_json_object(path, "no confirmation plan")["runs"] if path.is_file() else None
 
 
 def still_to_run(runs: Sequence[Mapping[str, Any]], frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from core import atomic, filenames
+from core import atomic, filenames, state_files
 from core.errors import UserError, run_cli
 from core.filenames import BEST_TRIAL, FINAL_DIR
 from core.evaluation_report import STYLE, final_link, final_section, slot
@@ -143,7 +143,7 @@ def read_sweep(folder: str | Path) -> SweepFolder:
     best = None
     if (folder / "best.json").is_file():
         try:
-            best = atomic.read_json_object(folder / "best.json", "no such file")
+            best = state_files.read_json_object(folder / "best.json", "no such file")
         except UserError as exc:
             notes.append(str(exc))
     study = _read_study(folder, settings.get("name") or folder.name, notes)

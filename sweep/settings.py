@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from core import atomic, filenames
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError
-from core.state_files import reading
+from core.state_files import read_json_object, reading
 from sweep.schedule import DEFAULT_GRACE_PERIOD, DEFAULT_REDUCTION_FACTOR, Asha
 from sweep.space import SearchSpace
 
@@ -155,7 +155,7 @@ def save_settings(settings: SweepSettings, space_text: str, base: TrainConfig, d
 
 
 def read_settings_file(folder: Path, missing: str) -> dict[str, Any]:
-    doc = atomic.read_json_object(folder / SETTINGS_FILE, missing)
+    doc = read_json_object(folder / SETTINGS_FILE, missing)
     if doc.get("format") != SETTINGS_FORMAT:
         raise UserError(f"{folder / SETTINGS_FILE}: not a sweep settings file")
     return doc

@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from core import filenames
-from core.atomic import read_json_object
+from core.state_files import read_json_object
 from core.config import TrainConfig
 from core.data import dataset_fingerprint
 from core.errors import UserError
