@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,19 +29,29 @@ from sweep.trainable import NODE_FILE
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TrialTerms:
+    """The sweep-wide facts a trial's record is judged by (the same for every trial of one sweep)."""
+
+    metric: str       # the metric the sweep optimises, e.g. "val_balanced_accuracy"
+    mode: str         # "max" or "min"
+    max_epochs: int   # a trial that ran this many epochs completed; fewer: stopped early
+    base_seed: int    # the seed of a trial whose parameters hold none
+
+
 class TrialRecorder(tune.Callback):
     """Writes each trial's record when it starts and ends, and the trials table after every end.
 
     ``role`` is "search" for the search's trials and "confirm" for the confirmation runs (sweep/confirm.py).
     """
 
-    def __init__(self, sweep_dir: Path, param_names: Sequence[str], metric: str, mode: str, max_epochs: int,
-                 base_seed: int, role: str = "search", remote: Any = None):
+    def __init__(self, sweep_dir: Path, param_names: Sequence[str], terms: TrialTerms, role: str = "search",
+                 remote: Any = None):
         self.sweep_dir = Path(sweep_dir)
         self.remote = remote              # sweep.storage.SweepStorage of a sweep in a bucket, else None
         self.param_names = tuple(param_names)
-        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
-        self.base_seed, self.role = base_seed, role
+        self.metric, self.mode, self.max_epochs = terms.metric, terms.mode, terms.max_epochs
+        self.base_seed, self.role = terms.base_seed, role
 
     # --- Tune callback hooks (run in the driver) --------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -82,10 +82,10 @@ class SweepRun:
         return self.settings.sweep_dir
 
     def recorder(self, role: str) -> TrialRecorder:
-        from sweep.recorder import TrialRecorder
+        from sweep.recorder import TrialRecorder, TrialTerms
 
-        return TrialRecorder(self.folder, self.space.names, self.settings.metric, self.settings.mode,
-                             self.base.epochs, self.base.seed, role=role, remote=self.remote)
+        terms = TrialTerms(self.settings.metric, self.settings.mode, self.base.epochs, self.base.seed)
+        return TrialRecorder(self.folder, self.space.names, terms, role=role, remote=self.remote)
 
 
 def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | None = None,
