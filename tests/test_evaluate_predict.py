@@ -310,3 +310,11 @@ def test_positive_class_that_is_not_a_class_is_one_line(setup, tmp_path: Path, c
                       "--positive-class", "melanoma"], capsys)
     assert "--positive-class melanoma: not a class of the model" in err and "akiec, bcc" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_commands_offer_the_grad_cam_methods_core_gradcam_has() -> None:
+    """core/cli.py states the methods itself so that --help does not import Captum; they must stay the same."""
+    from core.cli import GRADCAM_METHODS
+    from core.gradcam import DEFAULT_METHOD, METHODS
+
+    assert GRADCAM_METHODS == METHODS and DEFAULT_METHOD in GRADCAM_METHODS
