@@ -78,8 +78,7 @@ class ModelService:
     def _predict_batch(self, images: np.ndarray, tta: bool, metadata: np.ndarray | None) -> np.ndarray:
         if self.onnx is not None and not tta and metadata is None:
             return self.onnx.predict(images, self.loaded.temperature(False))
-        extra = {} if metadata is None else {"metadata": metadata}   # core.inference's contract (issue 22)
-        return self.loaded.predict(images, tta=tta, **extra)
+        return self.loaded.predict(images, tta=tta, metadata=metadata)
 
     def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
         """The model's encoding of one validated record; None for an image-only model (fields ignored)."""
