@@ -95,7 +95,7 @@ class MetadataNet(nn.Module):
         """Logits of images ``x`` with encoded metadata ``meta`` [B, width]; None: every field unknown."""
         pooled = self.backbone(x)
         if meta is None:
-            meta = self.unknown.expand(len(x), -1)
+            meta = self.unknown.expand(x.shape[0], -1)  # x.shape, not len(x): the ONNX export keeps the batch dynamic
         m = self.meta_mlp(meta.to(pooled.dtype))
         if self.spec["method"] == "film":
             scale, shift = self.film(m).chunk(2, dim=1)

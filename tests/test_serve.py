@@ -24,6 +24,7 @@ from PIL import Image
 from core.calibration import apply_temperature
 from core.errors import run_cli
 from core.image_cache import decode_image
+from core.metadata import validate_record
 from serve.app import create_app
 from serve.service import ModelService, ServeOptions
 from tests.serve_fixtures import TEMPERATURE, bomb_png, image_bytes, write_model
@@ -382,6 +383,26 @@ def test_onnx_backend_gives_torchs_probabilities(model_file: Path, service: Mode
         assert np.allclose([body["probabilities"][c] for c in body["classes"]], expected, atol=1e-4)
         assert body["calibration"]["temperature"] == TEMPERATURE
         assert post_image(client, data, tta="true").json()["calibration"]["tta"] is True  # TTA: torch
+    finally:
+        onnx.close()
+
+
+def test_onnx_backend_for_a_metadata_model_answers_as_torch_with_and_without_fields(module_tmp: Path) -> None:
+    """No fields: the ONNX graph (exported with every field unknown); fields: torch with them. Both as core does."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    path = write_model(module_tmp / "meta-onnx" / "model.pt", image_size=SIZE, metadata="concat", seed=2)
+    onnx = ModelService.load(path, ServeOptions(device="cpu", backend="onnx"))
+    try:
+        client, data, answers = TestClient(create_app(onnx)), image_bytes(seed=11), []
+        image = decode_image(io.BytesIO(data), SIZE)[None]
+        for fields in ({}, {"age": "70", "sex": "female", "site": "face"}):
+            record = {"age": None, "sex": None, "site": None, **fields}
+            encoded = onnx.loaded.encode([validate_record(record)]) if fields else None
+            expected = onnx.loaded.predict(image, metadata=encoded)[0]
+            body = post_image(client, data, **fields).json()
+            assert np.allclose([body["probabilities"][c] for c in body["classes"]], expected, atol=1e-4), fields
+            answers.append(body["probabilities"])
+        assert answers[0] != answers[1]  # the fields reached the model
     finally:
         onnx.close()
 
