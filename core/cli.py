@@ -14,7 +14,7 @@ from core.bootstrap import DEFAULT_RESAMPLES
 from core.clinical import ClinicalOptions
 from core.config import DEVICES
 from core.errors import UserError
-from core.model import GRADCAM_LAYERS
+from core.model import ALL_GRADCAM_LAYERS
 
 if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
     from core.gradcam import GradcamOptions
@@ -34,9 +34,11 @@ def add_gallery_options(parser: argparse.ArgumentParser) -> None:
 
 def add_gradcam_options(parser: argparse.ArgumentParser) -> None:
     """--gradcam-layer and --gradcam-method (core.evaluate, core.final_train, core.predict)."""
-    parser.add_argument("--gradcam-layer", choices=GRADCAM_LAYERS,
-                        help="residual stage Grad-CAM looks at (default: chosen by the model's image size, "
-                             "see core.gradcam.choose_layer)")
+    parser.add_argument("--gradcam-layer", choices=ALL_GRADCAM_LAYERS, metavar="LAYER",
+                        help="the layer Grad-CAM looks at: a ResNet's layer2, layer3 or layer4; features[-1] "
+                             "(EfficientNet, MobileNetV3, ConvNeXt: their only choice); trunk_output (RegNet: "
+                             "its only choice). Default: chosen by the model's arch and image size (see "
+                             "core.gradcam.choose_layer)")
     parser.add_argument("--gradcam-method", choices=GRADCAM_METHODS,
                         help="heat maps by Captum LayerGradCam ('gradcam') or GuidedGradCam ('guided': guided "
                              "backpropagation times Grad-CAM, pixel-level); default: core.gradcam.DEFAULT_METHOD")

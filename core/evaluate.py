@@ -38,6 +38,7 @@ from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, Report
                              write_evaluation)
 from core.inference import LoadedModel, load_for_inference
 from core.metrics import headline, map_labels
+from core.model import check_gradcam_layer
 from core.operating_points import positive_index
 from core.state_files import check_output_dir
 
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = clinical_options(args)
     loaded = load_for_inference(args.checkpoint, args.device)
     positive_index(loaded.class_names, options.positive_class)  # a class the model lacks fails before any work
+    if args.gallery > 0:
+        check_gradcam_layer(loaded.arch, args.gradcam_layer)   # so does a Grad-CAM layer its arch lacks
     images = _images(args, loaded)
     data = images.data
     log.info("evaluating %s on %d images of %s (%s split%s)", args.checkpoint, len(images.idx), data.root,

@@ -159,7 +159,8 @@ def explainable(scored: ScoredImages) -> Explainable:
 
     data, idx, scores = scored.images.data, scored.images.idx, scored.scores
     masks = {} if data.masks is None else {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
-    return Explainable(scored.pixels, scores.labels, scores.probs, data.image_ids[idx], scores.class_names, **masks)
+    return Explainable(scored.pixels, scores.labels, scores.probs, data.image_ids[idx], scores.class_names, **masks,
+                       metadata=scored.loaded.encode_dataset(data, idx))  # None for an image-only model
 
 
 def metrics_document(scores: PredictionScores, source: Mapping[str, Any], training: Mapping[str, Any] | None = None,

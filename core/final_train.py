@@ -55,7 +55,7 @@ from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, Report
 from core.figures import curves_figure
 from core.inference import LoadedModel, load_for_inference
 from core.metrics import headline
-from core.model import save_model_file
+from core.model import check_gradcam_layer, save_model_file
 from core.operating_points import positive_index
 from core.evaluation_report import show_in_parent_page
 from core.state_files import check_output_dir, read_json_state, reading
@@ -127,6 +127,8 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     cfg = TrainConfig.from_dict({"epochs": best.config.epochs if options.epochs is None else options.epochs},
                                 base=best.config).with_overrides(options.overrides)
     _warn_epoch_mismatch(cfg.epochs, best.config.epochs)
+    if options.gallery_per_class > 0:  # a layer the arch lacks fails now, not after the training
+        check_gradcam_layer(cfg.arch, options.gradcam_layer)
     check_data(best)
     out = check_output_dir(best.folder / filenames.FINAL_DIR if options.out_dir is None else options.out_dir, "--out")
     train_splits = ("train", "val") if options.train_on_val else ("train",)

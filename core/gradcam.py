@@ -14,8 +14,10 @@ Two methods (``--gradcam-method``):
 
 The layer follows the model's arch (core/model.py ``gradcam_layers``): a ResNet's residual stages
 (layer2..layer4, chosen as above); EfficientNet, MobileNetV3 and ConvNeXt their last feature stage
-(``features[-1]``); RegNet its ``trunk_output``. A metadata model's maps are of its image branch with the
-metadata unknown.
+(``features[-1]``); RegNet its ``trunk_output``. A metadata model (core/model.py ``MetadataNet``) is explained
+with each image's own encoded metadata (``metadata=``, Captum's ``additional_forward_args``): the map is of the
+image branch, but the class it explains and the weights Grad-CAM gives the channels are those of the model as it
+predicted, age, sex and site included (left out: every field unknown, as ``LoadedModel.predict`` does).
 
 ``--gradcam-layer`` overrides the stage of either (a layer the arch lacks is an error naming those it has). Captum registers its hooks for each ``attribute``
 call and removes them when the call ends, so the model is left as it was.
@@ -41,7 +43,7 @@ from torch import nn
 
 from core.augment import normalize
 from core.figures import GalleryItem, gradcam_gallery_figure
-from core.model import GRADCAM_LAYERS, STAGE_STRIDES, arch_of, gradcam_layer, gradcam_layers
+from core.model import GRADCAM_LAYERS, STAGE_STRIDES, arch_of, gradcam_layer, gradcam_layers, metadata_spec_of
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ CAPTUM_NAMES = {"gradcam": "LayerGradCam", "guided": "GuidedGradCam"}
 # peaked inside the lesion in at least 80% of the images.
 DEFAULT_METHOD = "guided"
 MIN_MAP_SIDE = 7   # plain Grad-CAM: the deepest stage whose map has at least this many cells a side
+BATCH_SIZE = 64    # images per Captum call: bounds the memory of the hooks' saved activations
 
 
 def choose_layer(image_size: int, method: str = DEFAULT_METHOD, arch: str = "resnet18") -> str:
@@ -86,13 +89,15 @@ def stage_side(image_size: int, layer: str) -> int:
 
 
 def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targets: Sequence[int],
-                 device: str | torch.device = "cpu", batch_size: int = 64, layer: str | None = None,
-                 method: str = DEFAULT_METHOD) -> np.ndarray:
+                 device: str | torch.device = "cpu", layer: str | None = None, method: str = DEFAULT_METHOD,
+                 metadata: np.ndarray | None = None) -> np.ndarray:
     """Heat maps [N, H, W] in [0, 1] (each scaled by its maximum) for class ``targets[i]`` of image ``i``.
 
     ``layer``: the stage to look at; None chooses by image size and the model's arch (:func:`choose_layer`).
     ``method``: "gradcam" (LayerGradCam, bilinearly upsampled) or "guided" (GuidedGradCam: guided
     backpropagation times the nearest-upsampled Grad-CAM, absolute values summed over the colours).
+    ``metadata``: the images' encoded clinical metadata [N, D] for a metadata model (None: every field
+    unknown); an image-only model ignores it.
     """
     from captum.attr import GuidedGradCam
 
@@ -102,6 +107,10 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
     images = torch.as_tensor(np.asarray(images_uint8)) if not isinstance(images_uint8, torch.Tensor) else images_uint8
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
+    if metadata_spec_of(model) is None:
+        metadata = None
+    elif metadata is not None and len(metadata) != len(images):
+        raise ValueError(f"{len(images)} images but {len(metadata)} metadata rows")
     model = model.to(device).eval()
     stage = gradcam_layer(model, layer or choose_layer(int(images.shape[-1]), method, arch_of(model)))
     cam = LayerGradCam(model, stage) if method == "gradcam" else GuidedGradCam(model, stage)
@@ -110,13 +119,15 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
     with torch.enable_grad(), warnings.catch_warnings():  # callers may sit inside no_grad; these need gradients
         # GuidedBackprop says, each call, that it hooks the ReLUs for the call's duration: nothing to act on
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
-        for start in range(0, len(images), batch_size):
-            x = normalize(images[start:start + batch_size].to(device)).requires_grad_()
-            target = torch.as_tensor(list(targets[start:start + batch_size]), dtype=torch.long, device=device)
+        for start in range(0, len(images), BATCH_SIZE):
+            x = normalize(images[start:start + BATCH_SIZE].to(device)).requires_grad_()
+            target = torch.as_tensor(list(targets[start:start + BATCH_SIZE]), dtype=torch.long, device=device)
+            extra = None if metadata is None else \
+                (torch.as_tensor(np.asarray(metadata[start:start + BATCH_SIZE]), dtype=torch.float32, device=device),)
             if method == "guided":
-                heat = cam.attribute(x, target=target).detach().abs().sum(1)
+                heat = cam.attribute(x, target=target, additional_forward_args=extra).detach().abs().sum(1)
             else:
-                attribution = cam.attribute(x, target=target, relu_attributions=True)
+                attribution = cam.attribute(x, target=target, additional_forward_args=extra, relu_attributions=True)
                 if start == 0 and attribution.shape[-2:] == (1, 1):
                     log.warning("at %d px the chosen stage's map is 1x1, so Grad-CAM cannot localise "
                                 "anything (each heat map is flat); use images of 48 px or more", size[0])
@@ -241,6 +252,10 @@ class Explainable:
     class_names: Sequence[str]
     masks: np.ndarray | None = None    # (N, H, W) lesion masks, where ``has_mask``; None: no masks
     has_mask: np.ndarray | None = None
+    metadata: np.ndarray | None = None  # (N, D) the encoded clinical metadata a metadata model predicted with
+
+    def metadata_of(self, indices: Sequence[int]) -> np.ndarray | None:
+        return None if self.metadata is None else np.asarray(self.metadata)[list(indices)]
 
     @property
     def masked(self) -> np.ndarray:
@@ -282,7 +297,8 @@ def write_galleries(model: nn.Module, ev: Explainable, out_dir: str | os.PathLik
     missing = [i for i in order if i not in maps]
     if missing:
         maps.update(zip(missing, gradcam_maps(model, ev.images_uint8[missing], [int(pred[i]) for i in missing], device,
-                                              layer=options.layer, method=options.method)))
+                                              layer=options.layer, method=options.method,
+                                              metadata=ev.metadata_of(missing))))
     galleries: dict[str, str] = {}
     for c, indices in chosen.items():
         if not indices:
@@ -336,7 +352,8 @@ def explain_evaluation(model: nn.Module, ev: Explainable, out_dir: str | os.Path
     needed = sorted(set(shown) | set(scored.tolist()))
     pred = ev.probs.argmax(1)
     log.info("%s on %s: %d images (%d with a lesion mask)", CAPTUM_NAMES[method], layer, len(needed), len(scored))
-    made = gradcam_maps(model, ev.images_uint8[needed], pred[needed].tolist(), device, layer=layer, method=method)
+    made = gradcam_maps(model, ev.images_uint8[needed], pred[needed].tolist(), device, layer=layer, method=method,
+                        metadata=ev.metadata_of(needed))
     maps = dict(zip(needed, made))
     galleries = write_galleries(model, ev, out_dir, device, dataclasses.replace(options, layer=layer), maps=maps)
     basis = scored if len(scored) else np.array(shown, dtype=np.int64)

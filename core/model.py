@@ -95,7 +95,7 @@ class MetadataNet(nn.Module):
         """Logits of images ``x`` with encoded metadata ``meta`` [B, width]; None: every field unknown."""
         pooled = self.backbone(x)
         if meta is None:
-            meta = self.unknown.expand(len(x), -1)
+            meta = self.unknown.expand(x.shape[0], -1)  # x.shape, not len(x): the ONNX export keeps the batch dynamic
         m = self.meta_mlp(meta.to(pooled.dtype))
         if self.spec["method"] == "film":
             scale, shift = self.film(m).chunk(2, dim=1)
@@ -195,6 +195,10 @@ TRUNK_LAYER = "trunk_output"     # RegNet
 STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32, FEATURE_LAYER: 32, TRUNK_LAYER: 32}
 
 
+# Every layer name --gradcam-layer accepts; which of them a model has depends on its arch (gradcam_layers).
+ALL_GRADCAM_LAYERS = (*GRADCAM_LAYERS, FEATURE_LAYER, TRUNK_LAYER)
+
+
 def gradcam_layers(arch: str) -> tuple[str, ...]:
     """The layers Grad-CAM may look at in ``arch``, the default (the last) last."""
     if arch.startswith("resnet"):
@@ -207,15 +211,21 @@ def gradcam_layer(model: nn.Module, name: str | None = None) -> nn.Module:
 
     A layer the arch lacks (``layer3`` of a ConvNeXt) is a UserError naming the ones it has.
     """
-    arch, backbone = arch_of(model), backbone_of(model)
+    backbone = backbone_of(model)
+    name = check_gradcam_layer(arch_of(model), name)
+    if name == FEATURE_LAYER:
+        return backbone.features[-1]
+    return getattr(backbone, name)
+
+
+def check_gradcam_layer(arch: str, name: str | None) -> str:
+    """``name`` (None: the arch's default) if ``arch`` has it; else a UserError naming the layers it has."""
     allowed = gradcam_layers(arch)
     name = name or allowed[-1]
     if name not in allowed:
         raise UserError(f"Grad-CAM layer '{name}': {NAMES[arch]} ({arch}) has no such layer; its Grad-CAM "
                         f"layer{'s are' if len(allowed) > 1 else ' is'} {', '.join(allowed)}")
-    if name == FEATURE_LAYER:
-        return backbone.features[-1]
-    return getattr(backbone, name)
+    return name
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

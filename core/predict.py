@@ -1,7 +1,7 @@
 """Class probabilities of a trained model for image files, optionally with Grad-CAM overlays.
 
     python -m core.predict results/<sweep>/final/model.pt lesion1.jpg lesion2.png [--json] [--gradcam DIR] [--tta]
-        [--masks MASK_DIR] [--gradcam-layer layer2|layer3|layer4]
+        [--masks MASK_DIR] [--gradcam-layer LAYER] [--age 55 --sex female --site back]
 
 Images are decoded at the model's image size and normalised exactly as in training. Probabilities are
 calibrated with the temperature core.final_train fitted on the validation split and stored in model.pt
@@ -37,6 +37,7 @@ from core.image_cache import decode_image
 from core.inference import LoadedModel, load_for_inference
 from core.masks import read_masks
 from core.metadata import SEXES, SITES, validate_record
+from core.model import check_gradcam_layer
 from core.state_files import check_output_dir
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.masks and not args.gradcam:
         raise UserError("--masks scores Grad-CAM maps: give --gradcam DIR as well")
     loaded = load_for_inference(args.checkpoint, args.device)
+    if args.gradcam:
+        check_gradcam_layer(loaded.arch, args.gradcam_layer)  # a layer the model's arch lacks fails before any work
     size = int(loaded.meta["image_size"])
     # Every image is read before any work, so a bad one fails the command at once, by name.
     images = np.stack([decode_image(path, size) for path in args.images])
     masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
-    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration,
-                           metadata=encoded_metadata(loaded, record, len(images)))
+    metadata = encoded_metadata(loaded, record, len(images))
+    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration, metadata=metadata)
     temperature = loaded.temperature(args.tta)
     log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
              "not calibrated (--no-calibration)" if args.no_calibration else
              "not calibrated: the model file holds no temperature" if temperature is None else
              f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
     rows = predictions_json(args.images, probs, list(loaded.class_names))
-    scores = _overlays(args, loaded, images, probs, masks, rows) if args.gradcam else None
+    scores = _overlays(args, loaded, (images, metadata), probs, masks, rows) if args.gradcam else None
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -150,15 +153,15 @@ def encoded_metadata(loaded: LoadedModel, record: dict | None, n: int) -> np.nda
     return loaded.encode([record] * n)
 
 
-def _overlays(args: argparse.Namespace, loaded: LoadedModel, images: np.ndarray, probs: np.ndarray,
-              masks: Sequence[np.ndarray | None], rows: list[dict]) -> str | None:
+def _overlays(args: argparse.Namespace, loaded: LoadedModel, inputs: tuple[np.ndarray, np.ndarray | None],
+              probs: np.ndarray, masks: Sequence[np.ndarray | None], rows: list[dict]) -> str | None:
     """Each image's overlay of the predicted class's map into --gradcam, noted in its row; with --masks, the
-    line that scores the maps against the masks."""
+    line that scores the maps against the masks. ``inputs``: the images and the metadata they were predicted with."""
     from core.gradcam import DEFAULT_METHOD, gradcam_maps, save_overlay
 
-    out = Path(args.gradcam)
+    out, (images, metadata) = Path(args.gradcam), inputs
     maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device,
-                        layer=args.gradcam_layer, method=args.gradcam_method or DEFAULT_METHOD)
+                        layer=args.gradcam_layer, method=args.gradcam_method or DEFAULT_METHOD, metadata=metadata)
     for image, heat, name, mask, row in zip(images, maps, overlay_names(args.images), masks, rows):
         save_overlay(image, heat, out / name, mask=mask)
         row["gradcam"] = {"overlay": str(out / name), **score_one_map(heat, mask)}

@@ -125,11 +125,12 @@ def _add_routes(app: FastAPI) -> None:
         data = await file.read()
         image = await run_in_threadpool(decode_upload, data, name, service.image_size)
         decoded = time.perf_counter()
-        probs = (await service.probabilities(image[None], tta, service.encode(record)))[0]
+        encoded = service.encode(record)
+        probs = (await service.probabilities(image[None], tta, encoded))[0]
         predicted = time.perf_counter()
         body = prediction_body(service, probs, tta, name, record)
         if explain:
-            body["explain"] = await run_in_threadpool(service.explain, image, int(probs.argmax()))
+            body["explain"] = await run_in_threadpool(service.explain, image, int(probs.argmax()), encoded)
         body["timing_ms"] = {"decode": 1000 * (decoded - started), "predict": 1000 * (predicted - decoded),
                              "total": 1000 * (time.perf_counter() - started)}
         return body

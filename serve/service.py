@@ -97,14 +97,17 @@ class ModelService:
     def temperature(self, tta: bool) -> float | None:
         return self.loaded.temperature(tta)
 
-    def explain(self, image: np.ndarray, target: int) -> dict[str, Any]:
-        """Guided Grad-CAM of class ``target`` for one uint8 image [3,S,S]: heat map and overlay as base64 PNGs."""
+    def explain(self, image: np.ndarray, target: int, metadata: np.ndarray | None = None) -> dict[str, Any]:
+        """Guided Grad-CAM of class ``target`` for one uint8 image [3,S,S] (with its encoded metadata [1, D], as
+        predicted): heat map and overlay as base64 PNGs."""
         from core.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
 
         started = time.perf_counter()
         with self._explain_lock:
-            heat = gradcam_maps(self._explainer, image[None], [target], self.loaded.device, method=DEFAULT_METHOD)[0]
-        return {"method": CAPTUM_NAMES[DEFAULT_METHOD], "layer": choose_layer(self.image_size, DEFAULT_METHOD),
+            heat = gradcam_maps(self._explainer, image[None], [target], self.loaded.device, method=DEFAULT_METHOD,
+                                metadata=metadata)[0]
+        return {"method": CAPTUM_NAMES[DEFAULT_METHOD],
+                "layer": choose_layer(self.image_size, DEFAULT_METHOD, self.loaded.arch),
                 "target": self.class_names[target],
                 "heatmap_png": _png_base64((np.clip(heat, 0, 1) * 255).astype(np.uint8)),
                 "overlay_png": _png_base64(overlay(image, heat)), "ms": 1000 * (time.perf_counter() - started)}

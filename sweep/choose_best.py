@@ -19,6 +19,7 @@ from core.config import TrainConfig
 from sweep.confirm import ConfirmedConfig, best_record
 from sweep.outputs import read_trial
 from sweep.settings import SweepSettings
+from sweep.space import config_values
 
 
 def choose_and_write(settings: SweepSettings, frame: pd.DataFrame, confirmed: Sequence[ConfirmedConfig],
@@ -32,7 +33,7 @@ def choose_and_write(settings: SweepSettings, frame: pd.DataFrame, confirmed: Se
     trial_id = confirmed[0].trial_id if confirmed else ranked.iloc[0]["trial_id"]
     row = ranked[ranked["trial_id"] == trial_id].iloc[0]
     params = read_trial(sweep_dir, trial_id)["params"]
-    config = TrainConfig.from_dict(params, base=base)  # as the trial built it (sweep/trainable.py)
+    config = TrainConfig.from_dict(config_values(params), base=base)  # as the trial built it (sweep/trainable.py)
     checkpoint = Path(filenames.TRIALS_DIR) / trial_id / filenames.BEST_CHECKPOINT
     runs = confirmed[0].runs if confirmed else ({"trial_id": trial_id, "epochs_run": int(row["epochs_run"])},)
     how = {"name": settings.name, "space": str(settings.space), "trials": settings.trials,

@@ -131,7 +131,7 @@ def base_config(space: SearchSpace, settings: SweepSettings) -> TrainConfig:
     """The fixed part of every trial's config: defaults, then the space's base, then --set, then --max-epochs."""
     cfg = TrainConfig.from_dict(space.base)
     cfg = cfg.with_overrides(settings.overrides)
-    searched = [o.partition("=")[0].strip() for o in settings.overrides if o.partition("=")[0].strip() in space.names]
+    searched = [o.partition("=")[0].strip() for o in settings.overrides if o.partition("=")[0].strip() in space.keys]
     if searched:
         raise UserError(f"--set {searched[0]}=...: '{searched[0]}' is searched by {space.source}; "
                         f"drop it from --set or from the space")

@@ -27,6 +27,19 @@ DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 NOT_SEARCHABLE = ("image_size", "val_fraction", "test_fraction", "split_seed")
 _TOP_KEYS = ("description", "base", "params", "start_points", "asha")
 DEFAULTS_POINT = "defaults"       # a start point: every searched key at its base value
+# ``lr@convnext``: config key ``lr`` under a range of its own, for the trials its ``when`` picks (per-arch ranges).
+# Optuna keeps one distribution per parameter name, so each range is a parameter of its own name.
+CASE_MARK = "@"
+
+
+def config_key(name: str) -> str:
+    """The config key a searched parameter sets: ``lr`` for ``lr`` and for ``lr@convnext``."""
+    return name.partition(CASE_MARK)[0]
+
+
+def config_values(sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's sampled values by config key (``lr@convnext`` -> ``lr``), as its config takes them."""
+    return {config_key(name): value for name, value in sampled.items()}
 _PARAM_FIELDS = {
     "loguniform": ("dist", "low", "high", "when"),
     "uniform": ("dist", "low", "high", "step", "when"),
@@ -37,7 +50,10 @@ _PARAM_FIELDS = {
 
 @dataclass(frozen=True)
 class Param:
-    """One searched config key and its distribution; ``when`` maps parent keys to allowed values."""
+    """One searched config key and its distribution; ``when`` maps parent keys to allowed values.
+
+    ``name`` is the config key, or ``KEY@LABEL`` for one of several ranges of the same key (the parameter's
+    name in Optuna and trials.csv); :attr:`key` is the config key either way."""
 
     name: str
     dist: str
@@ -47,6 +63,10 @@ class Param:
     log: bool = False
     choices: tuple[Any, ...] = ()
     when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return config_key(self.name)
 
     def active(self, values: Mapping[str, Any]) -> bool:
         """Whether this parameter is sampled, given the values sampled before it."""
@@ -114,6 +134,11 @@ class SearchSpace:
     def names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The config keys the space searches (a key with ranges per case once)."""
+        return tuple(dict.fromkeys(p.key for p in self.params))
+
     def sample(self, trial: Any) -> dict[str, Any]:
         """Define-by-run for OptunaSearch: the sampled values of the active parameters."""
         values: dict[str, Any] = {}
@@ -136,7 +161,7 @@ class SearchSpace:
         for param in self.params:
             for value in _corner_values(param):
                 try:
-                    TrainConfig.from_dict({param.name: value}, base=base)
+                    TrainConfig.from_dict({param.key: value}, base=base)
                 except UserError as exc:
                     raise UserError(f"{self.source}: parameter '{param.name}' can take {value!r}, "
                                     f"which the config refuses: {exc}") from None
@@ -184,8 +209,9 @@ def parse_space(text: str, source: str = "<space>") -> SearchSpace:
     params: list[Param] = []
     for name, spec in raw_params.items():
         params.append(_parse_param(str(name), spec, source, {p.name: p for p in params}))
-        if name in base:
-            raise UserError(f"{source}: key '{name}' is both fixed in 'base' and searched in 'params'")
+        if params[-1].key in base:
+            raise UserError(f"{source}: key '{params[-1].key}' is both fixed in 'base' and searched in 'params'")
+    _check_cases(params, source)
     start_points = _parse_start_points(doc.get("start_points"), params, base, source)
     space = SearchSpace(source=source, description=description.strip(), base=base, params=tuple(params),
                         start_points=start_points, asha=_parse_asha(doc.get("asha"), source))
@@ -205,13 +231,16 @@ def _parse_base(raw: Any, source: str) -> dict[str, Any]:
 
 
 def _parse_param(name: str, spec: Any, source: str, earlier: Mapping[str, Param]) -> Param:
-    where = f"{source}: parameter '{name}'"
+    where, key, label = f"{source}: parameter '{name}'", *(name.split(CASE_MARK, 1) + [None])[:2]
+    if label is not None and not (label.replace("_", "").replace("-", "").isalnum() and label.isascii()):
+        raise UserError(f"{where}: after '{CASE_MARK}' give a label of letters, digits, '_' or '-' "
+                        f"(e.g. {key}{CASE_MARK}convnext: a range of '{key}' of its own, with a 'when')")
     try:
-        kind = field_type(name)
+        kind = field_type(key)
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
-    if name in NOT_SEARCHABLE:
-        raise UserError(f"{where}: '{name}' cannot be searched (the data is decoded and split once per sweep); "
+    if key in NOT_SEARCHABLE:
+        raise UserError(f"{where}: '{key}' cannot be searched (the data is decoded and split once per sweep); "
                         f"fix it under 'base' or with --set")
     if not isinstance(spec, dict) or "dist" not in spec:
         raise UserError(f"{where}: expected a mapping with 'dist' (one of {DISTRIBUTIONS})")
@@ -228,16 +257,16 @@ def _parse_param(name: str, spec: Any, source: str, earlier: Mapping[str, Param]
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise UserError(f"{where}: 'choices' must be a non-empty list")
-        values = tuple(_coerce(name, c, source, "choices") for c in choices)
+        values = tuple(_coerce(key, c, source, "choices") for c in choices)
         if len(set(map(repr, values))) != len(values):
             raise UserError(f"{where}: 'choices' lists a value twice")
         return Param(name, dist, choices=values, when=when)
 
     if kind not in (int, float):
-        raise UserError(f"{where}: a {dist} distribution needs a numeric key, but '{name}' is a "
+        raise UserError(f"{where}: a {dist} distribution needs a numeric key, but '{key}' is a "
                         f"{kind.__name__} (use categorical)")
     if dist in ("uniform", "loguniform") and kind is int:
-        raise UserError(f"{where}: '{name}' is an integer key: use dist 'int'")
+        raise UserError(f"{where}: '{key}' is an integer key: use dist 'int'")
     for key in ("low", "high"):
         if key not in spec:
             raise UserError(f"{where}: '{key}' is missing")
@@ -260,6 +289,21 @@ def _parse_param(name: str, spec: Any, source: str, earlier: Mapping[str, Param]
     if step is not None and not 0 < step <= high - low:
         raise UserError(f"{where}: 'step' ({step}) must be in (0, high - low]")
     return Param(name, dist, low=low, high=high, step=step, log=log or dist == "loguniform", when=when)
+
+
+def _check_cases(params: Sequence[Param], source: str) -> None:
+    """Parameters that set the same config key (``lr`` and ``lr@convnext``) must never be sampled together:
+    both need a ``when`` on one categorical parameter, with no allowed value in common."""
+    for i, first in enumerate(params):
+        for second in params[i + 1:]:
+            if first.key != second.key:
+                continue
+            theirs = dict(second.when)
+            if not any(parent in theirs and not set(allowed) & set(theirs[parent]) for parent, allowed in first.when):
+                raise UserError(f"{source}: parameters '{first.name}' and '{second.name}' both set '{first.key}' and "
+                                f"can be sampled in the same trial: give each a 'when' on the same categorical "
+                                f"parameter with no value in common (e.g. {{arch: [resnet18]}} and "
+                                f"{{arch: [convnext_tiny]}})")
 
 
 def _parse_when(raw: Any, where: str, earlier: Mapping[str, Param]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
@@ -301,9 +345,9 @@ def _parse_start_points(raw: Any, params: Sequence[Param], base: Mapping[str, An
             values: dict[str, Any] = {}
             for param in params:  # each searched key at its base value, where its conditions allow it
                 if param.active(values):
-                    values[param.name] = getattr(base_config, param.name)
+                    values[param.name] = getattr(base_config, param.key)
         elif isinstance(item, dict) and item:
-            values = {str(k): _coerce(str(k), v, source, f"start point {number}") for k, v in item.items()}
+            values = {str(k): _coerce(config_key(str(k)), v, source, f"start point {number}") for k, v in item.items()}
         else:
             raise UserError(f"{where}: expected a mapping of searched key -> value, or '{DEFAULTS_POINT}'")
         _check_point(values, params, where)

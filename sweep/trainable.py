@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from core import atomic, filenames
 from core.config import TrainConfig
 from sweep.confirm import CONFIRMS_KEY
+from sweep.space import config_values
 from sweep.storage import TrialFiles
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class TrialSetup:
 
 def trial_config(sampled: Mapping[str, Any], setup: TrialSetup) -> TrainConfig:
     """The trial's complete config: the fixed base with the sampled values (and a confirmation run's seed) on top."""
-    values = {k: v for k, v in sampled.items() if k != CONFIRMS_KEY}  # which search trial a run repeats
+    values = config_values({k: v for k, v in sampled.items() if k != CONFIRMS_KEY})  # which search trial a run repeats
     return TrainConfig.from_dict(values, base=TrainConfig.from_dict(setup.base))
 
 

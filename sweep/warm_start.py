@@ -88,7 +88,7 @@ def _check_fingerprint(folder: Path, doc: Mapping[str, Any], data: str | None, w
 def _check_base(old: Mapping[str, Any], new: Mapping[str, Any], space: SearchSpace, where: str) -> None:
     defaults = TrainConfig().to_dict()  # a key added to the config since that sweep: it ran with the default
     for key, value in new.items():
-        if key in space.names or key in EXECUTION_KEYS or key == "select_metric":
+        if key in space.keys or key in EXECUTION_KEYS or key == "select_metric":
             continue
         before = old.get(key, defaults[key])
         if before != value:

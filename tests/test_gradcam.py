@@ -33,10 +33,13 @@ def _hook_count(model: torch.nn.Module) -> int:
                + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
 
 
-def test_maps_have_the_image_size_and_hooks_are_released(model: torch.nn.Module) -> None:
+def test_maps_have_the_image_size_and_hooks_are_released(model: torch.nn.Module, monkeypatch) -> None:
+    import core.gradcam
+
+    monkeypatch.setattr(core.gradcam, "BATCH_SIZE", 2)
     images = _images(5, 64)
     before = _hook_count(model)
-    maps = gradcam_maps(model, images, [0, 1, 2, 0, 1], batch_size=2)  # batches of 2, 2 and 1
+    maps = gradcam_maps(model, images, [0, 1, 2, 0, 1])  # batches of 2, 2 and 1
     assert maps.shape == (5, 64, 64) and maps.dtype == np.float32
     assert np.all(maps >= 0) and np.all(maps <= 1)
     assert all(np.isclose(m.max(), 1.0) or m.max() == 0 for m in maps)
@@ -201,13 +204,15 @@ def test_explain_evaluation_scores_masked_images_and_draws_galleries(model: torc
     assert off.document is None and off.galleries == {} and not list(tmp_path.glob("gradcam*"))
 
 
-def test_guided_maps_match_captum_and_release_their_hooks(model: torch.nn.Module) -> None:
+def test_guided_maps_match_captum_and_release_their_hooks(model: torch.nn.Module, monkeypatch) -> None:
     from captum.attr import GuidedGradCam
 
+    import core.gradcam
     from core.augment import normalize
 
+    monkeypatch.setattr(core.gradcam, "BATCH_SIZE", 2)
     images = _images(3, 64, seed=5)
-    ours = gradcam_maps(model, images, [0, 1, 2], layer="layer3", method="guided", batch_size=2)
+    ours = gradcam_maps(model, images, [0, 1, 2], layer="layer3", method="guided")
     assert ours.shape == (3, 64, 64) and _hook_count(model) == 0 and all(p.grad is None for p in model.parameters())
     x = normalize(torch.as_tensor(images)).requires_grad_()
     with pytest.warns(UserWarning, match="backward hooks on ReLU"):  # ours keeps this notice quiet

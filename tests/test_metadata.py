@@ -191,21 +191,57 @@ def test_isic_2018_with_its_metadata_csv_is_encoded(tmp_path: Path) -> None:
     np.testing.assert_array_equal(rows, expected)
 
 
-def test_gradcam_and_evaluate_work_for_a_metadata_model(ham, trained, tmp_path, caplog) -> None:
+def test_gradcam_and_evaluate_work_for_a_metadata_model(ham, trained, tmp_path, caplog, monkeypatch) -> None:
     import json
 
+    import core.gradcam
     from core.evaluate import main
     from core.gradcam import gradcam_maps
 
     loaded = load_for_inference(trained, "cpu")
     maps = gradcam_maps(loaded.model, ham[1].images[:2], [0, 1], method="gradcam")
     assert maps.shape == (2, SIZE, SIZE) and np.isfinite(maps).all()
+    given = []  # the metadata the evaluation's Grad-CAM explains with: the images' own, not all unknown
+    monkeypatch.setattr(core.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["metadata"]) or gradcam_maps(*a, **k))
     with caplog.at_level("WARNING"), pytest.raises(SystemExit) as exit_:
-        run_cli(main, [str(trained), "--data", str(ham[0]), "--out", str(tmp_path / "eval"), "--gallery", "0",
+        run_cli(main, [str(trained), "--data", str(ham[0]), "--out", str(tmp_path / "eval"), "--gallery", "1",
                        "--bootstrap", "0", "--no-calibration"])
     assert exit_.value.code in (0, None) and "treated as unknown" not in caplog.text
+    assert len(given) == 1 and given[0].shape[1] == loaded.metadata_spec["width"]
+    assert not (given[0] == unknown_rows(len(given[0]), loaded.metadata_spec)).all()
     doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     test = ham[1].indices("test")
     probs = loaded.predict(ham[1].images[test], metadata=loaded.encode_dataset(ham[1], test), calibrated=False)
     accuracy = float((probs.argmax(1) == ham[1].labels[test]).mean())
     assert doc["test_accuracy"] == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "guided"])
+def test_gradcam_of_a_metadata_model_uses_each_images_metadata(method: str) -> None:
+    """The maps are Captum's for the model as it predicted (image and metadata), not with the metadata unknown."""
+    from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
+
+    from core.augment import normalize
+    from core.gradcam import gradcam_maps
+
+    torch.manual_seed(0)
+    model = build_model(3, "none", metadata=make_spec("film")).eval()
+    torch.nn.init.normal_(model.film.weight, std=0.5)  # FiLM starts as the identity: make the metadata matter
+    images = np.random.default_rng(1).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    meta = encode_records([{"age": 80, "sex": "male", "site": "face"}, {"age": 5, "sex": "female", "site": "foot"}],
+                          model.spec)
+    ours = gradcam_maps(model, images, [0, 2], layer="layer3", method=method, metadata=meta)
+    x, target, extra = normalize(torch.as_tensor(images)).requires_grad_(), torch.tensor([0, 2]), (torch.as_tensor(meta),)
+    if method == "guided":
+        heat = GuidedGradCam(model, model.backbone.layer3).attribute(x, target=target, additional_forward_args=extra)
+        heat = heat.detach().abs().sum(1).numpy()
+    else:
+        cam = LayerGradCam(model, model.backbone.layer3).attribute(x, target=target, additional_forward_args=extra,
+                                                                 relu_attributions=True)
+        heat = LayerAttribution.interpolate(cam, (64, 64), interpolate_mode="bilinear")[:, 0].detach().numpy()
+    peak = heat.reshape(2, -1).max(1)
+    np.testing.assert_allclose(ours, heat / np.where(peak > 0, peak, 1)[:, None, None], atol=1e-5)
+    unknown = gradcam_maps(model, images, [0, 2], layer="layer3", method=method)  # every field unknown
+    assert np.abs(ours - unknown).max() > 1e-3
+    with pytest.raises(ValueError, match="2 images but 1 metadata rows"):
+        gradcam_maps(model, images, [0, 2], method=method, metadata=meta[:1])

@@ -126,3 +126,24 @@ def test_a_file_without_arch_is_a_resnet18_and_an_unknown_arch_is_refused(tmp_pa
     torch.save(payload, path)
     with pytest.raises(UserError, match="arch 'alexnet'"):
         load_model_file(path)
+
+
+def test_predict_takes_the_layer_of_its_models_arch_and_names_the_others(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from core.errors import run_cli
+    from core.predict import main
+
+    cfg = TrainConfig(arch="mobilenet_v3_large", image_size=SIZE, pretrained="none")
+    save_model_file(tmp_path / "model.pt", build_model(3, "none", cfg.arch).eval(), ("a", "b", "c"), cfg.to_dict(),
+                    {"epoch": 1})
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    args = [str(tmp_path / "model.pt"), str(tmp_path / "x.png"), "--gradcam", str(tmp_path / "maps")]
+    with pytest.raises(SystemExit) as bad:
+        run_cli(main, [*args, "--gradcam-layer", "layer3"])
+    err = capsys.readouterr().err.strip()
+    assert bad.value.code == 2 and "\n" not in err and "Traceback" not in err
+    assert err.startswith("error: Grad-CAM layer 'layer3'") and "its Grad-CAM layer is features[-1]" in err
+    assert not (tmp_path / "maps").exists() or not list((tmp_path / "maps").iterdir())  # failed before any work
+    assert main([*args, "--gradcam-layer", "features[-1]"]) == 0
+    assert (tmp_path / "maps" / "x_gradcam.png").is_file()

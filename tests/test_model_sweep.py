@@ -4,6 +4,7 @@ real core.train in Ray trials (the space's base shrunk with --set: 32 px, 1 epoc
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -39,5 +40,9 @@ def test_two_trials_over_the_models_space(tmp_path: Path) -> None:
     start = next(row for row in rows if row["optuna_trial"] == "0")  # rows are best first
     assert start["arch"] == "resnet18" and start["metadata"] == "none"   # the start point: the defaults
     for row in rows:
-        assert row["arch"] and row["metadata"] in ("none", "concat", "film") and float(row["lr"]) > 0
+        lrs = [row[name] for name in ("lr", "lr@convnext", "lr@mobile") if row[name] != ""]  # the arch's range only
+        assert row["arch"] and row["metadata"] in ("none", "concat", "film") and len(lrs) == 1 and float(lrs[0]) > 0
         assert (row["metadata_dropout"] == "") == (row["metadata"] == "none")  # sampled only with metadata
+    best = json.loads((tmp_path / "results" / "models" / "best.json").read_text())
+    chosen = next(row for row in rows if row["trial_id"] == best["trial_id"])
+    assert best["config"]["lr"] == pytest.approx(float(next(v for k, v in chosen.items() if k.startswith("lr") and v)))

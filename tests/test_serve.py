@@ -24,6 +24,7 @@ from PIL import Image
 from core.calibration import apply_temperature
 from core.errors import run_cli
 from core.image_cache import decode_image
+from core.metadata import validate_record
 from serve.app import create_app
 from serve.service import ModelService, ServeOptions
 from tests.serve_fixtures import TEMPERATURE, bomb_png, image_bytes, write_model
@@ -133,7 +134,9 @@ def test_metadata_fields_validated_and_ignored_by_an_image_only_model(client: Te
 
 
 
-def test_a_metadata_model_uses_the_fields_as_core_inference_does(module_tmp: Path) -> None:
+def test_a_metadata_model_uses_the_fields_as_core_inference_does(module_tmp: Path, monkeypatch) -> None:
+    import core.gradcam
+
     path = write_model(module_tmp / "meta" / "model.pt", image_size=SIZE, metadata="concat", seed=1)
     service = ModelService.load(path, ServeOptions(device="cpu"))
     try:
@@ -148,6 +151,11 @@ def test_a_metadata_model_uses_the_fields_as_core_inference_does(module_tmp: Pat
         np.testing.assert_allclose(got, expected, atol=1e-5)
         unknown = post_image(client, data).json()
         assert unknown["probabilities"] != body["probabilities"]  # the fields reach the model
+        given, maps = [], core.gradcam.gradcam_maps  # and Grad-CAM explains the model as it predicted, with them
+        monkeypatch.setattr(core.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["metadata"]) or maps(*a, **k))
+        explained = post_image(client, data, age="60", sex="male", site="back", explain="true").json()
+        assert explained["explain"]["overlay_png"] and explained["explain"]["layer"] == "layer4"
+        np.testing.assert_array_equal(given[0], service.loaded.encode([record]))
     finally:
         service.close()
 
@@ -375,6 +383,26 @@ def test_onnx_backend_gives_torchs_probabilities(model_file: Path, service: Mode
         assert np.allclose([body["probabilities"][c] for c in body["classes"]], expected, atol=1e-4)
         assert body["calibration"]["temperature"] == TEMPERATURE
         assert post_image(client, data, tta="true").json()["calibration"]["tta"] is True  # TTA: torch
+    finally:
+        onnx.close()
+
+
+def test_onnx_backend_for_a_metadata_model_answers_as_torch_with_and_without_fields(module_tmp: Path) -> None:
+    """No fields: the ONNX graph (exported with every field unknown); fields: torch with them. Both as core does."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    path = write_model(module_tmp / "meta-onnx" / "model.pt", image_size=SIZE, metadata="concat", seed=2)
+    onnx = ModelService.load(path, ServeOptions(device="cpu", backend="onnx"))
+    try:
+        client, data, answers = TestClient(create_app(onnx)), image_bytes(seed=11), []
+        image = decode_image(io.BytesIO(data), SIZE)[None]
+        for fields in ({}, {"age": "70", "sex": "female", "site": "face"}):
+            record = {"age": None, "sex": None, "site": None, **fields}
+            encoded = onnx.loaded.encode([validate_record(record)]) if fields else None
+            expected = onnx.loaded.predict(image, metadata=encoded)[0]
+            body = post_image(client, data, **fields).json()
+            assert np.allclose([body["probabilities"][c] for c in body["classes"]], expected, atol=1e-4), fields
+            answers.append(body["probabilities"])
+        assert answers[0] != answers[1]  # the fields reached the model
     finally:
         onnx.close()
 

@@ -98,6 +98,9 @@ def test_distributions_are_the_ones_optuna_records() -> None:
         assert all(p.contains(trial.params[p.name]) for p in space.params if p.name in trial.params)
 
 
+_ARCH = "params:\n  arch: {dist: categorical, choices: [resnet18, convnext_tiny]}\n"
+
+
 @pytest.mark.parametrize("text, named", [
     ("params:\n  learning_rate: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "learning_rate"),
     ("params:\n  lr: {dist: gaussian, low: 1.0e-4, high: 1.0e-2}\n", "gaussian"),
@@ -132,6 +135,16 @@ def test_distributions_are_the_ones_optuna_records() -> None:
     (_POINTS + "start_points: [{class_weighting: none, effective_beta: 0.99}]\n", "class_weighting='none'"),
     (_POINTS + "start_points: defaults\n", "'start_points' must be a list"),
     (_POINTS + "asha: {grace_period: 0}\n", "grace_period"),
+    (_ARCH + "  lr: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
+     "  lr@convnext: {dist: loguniform, low: 1.0e-5, high: 1.0e-3, when: {arch: convnext_tiny}}\n",
+     "'lr' and 'lr@convnext' both set 'lr'"),
+    (_ARCH + "  lr@a: {dist: loguniform, low: 1.0e-4, high: 1.0e-2, when: {arch: [resnet18, convnext_tiny]}}\n"
+     "  lr@b: {dist: loguniform, low: 1.0e-5, high: 1.0e-3, when: {arch: convnext_tiny}}\n", "can be sampled in the same"),
+    (_ARCH + "  lr@: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "after '@' give a label"),
+    (_ARCH + "  lrate@x: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "unknown config key 'lrate'"),
+    (_ARCH + "  label_smoothing@x: {dist: uniform, low: 0.0, high: 0.5, when: {arch: resnet18}}\n",
+     "'label_smoothing@x' can take 0.5"),
+    ("base:\n  lr: 0.1\n" + _ARCH + "  lr@x: {dist: loguniform, low: 1.0e-4, high: 1.0e-2}\n", "both fixed"),
 ])
 def test_bad_space_is_rejected_naming_the_key(text: str, named: str) -> None:
     with pytest.raises(UserError) as info:
@@ -155,3 +168,34 @@ def test_space_command_validates_files(tmp_path: Path, capsys: pytest.CaptureFix
     bad.write_text("params:\n  lr: {dist: loguniform, low: 1.0e-2, high: 1.0e-4}\n")
     with pytest.raises(UserError, match="bad.yaml: parameter 'lr'"):
         main([str(bad)])
+
+
+def test_a_range_per_arch_is_sampled_under_its_own_name_and_sets_the_one_key(tmp_path: Path) -> None:
+    """models.yaml's lr, lr@convnext and lr@mobile: TPE (as the sweep sets it up) samples exactly the range of the
+    trial's arch, and the trial's config, best.json's config and --set know one key, lr."""
+    from sweep import searcher
+    from sweep.space import config_values
+    from sweep.trainable import TrialSetup, trial_config
+
+    space = load_space(SPACES / "models.yaml")
+    ranges = {p.name: p for p in space.params if p.key == "lr"}
+    assert set(ranges) == {"lr", "lr@convnext", "lr@mobile"} and space.keys.count("lr") == 1
+    assert ranges["lr@convnext"].high < ranges["lr"].high < ranges["lr@mobile"].high
+    sampler = searcher.make_sampler("tpe", seed=0, slots=1, trials=30, conditional=True)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    setup = TrialSetup(base=TrainConfig.from_dict(space.base).to_dict(), trials_dir=str(tmp_path), cpus=1, gpus=0)
+    archs = set()
+    for _ in range(30):  # past the 10 random start-up trials: TPE's own proposals too
+        trial = study.ask()
+        values = space.sample(trial)
+        case = [name for name in ranges if name in values]
+        assert len(case) == 1 and ranges[case[0]].active(values) and ranges[case[0]].contains(values[case[0]])
+        config = trial_config(values, setup)
+        assert config.arch == values["arch"] and config.lr == values[case[0]] == config_values(values)["lr"]
+        archs.add(values["arch"])
+        study.tell(trial, config.lr * (2.0 if config.arch == "convnext_tiny" else 1.0))
+    assert len(archs) >= 4
+    with pytest.raises(UserError, match="'lr' is searched by"):
+        from sweep.settings import SweepSettings, base_config
+
+        base_config(space, SweepSettings(name="x", space=SPACES / "models.yaml", overrides=("lr=0.01",)))
