@@ -1,26 +1,38 @@
 """``sweep.run --storage s3://...`` against a real S3-compatible server (SeaweedFS on 127.0.0.1, tests/seaweedfs.py):
-the checks before any trial, one shared sweep whose trial files and outputs land in the bucket, ``--resume``
-from an empty results folder, and ``core.download`` + ``core.final_train`` from the bucket."""
+the checks before any trial; one shared sweep that meets a storage fault mid-sweep (the server is stopped while
+its trials run), stops with one line, and is finished by ``--resume`` from an empty results folder once the
+server is back; its trial files and outputs in the bucket; ``--resume`` without ``--name``; and
+``core.final_train`` of the bucket's best.json, its final/ uploaded beside the sweep."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from core.errors import UserError
+from sweep.run import REPO_ROOT
 from tests.seaweedfs import BUCKET, free_ports, s3  # noqa: F401  (s3: the session's server)
 
 pytestmark = pytest.mark.sweep
+# mobilenet_v3_large: the smallest backbone (22 MB against resnet18's 45 MB): the storage is what is tested, and
+# every epoch uploads best.pt and Ray's checkpoint (last.pt, about 3x the model).
 SPACE = """
-base: {image_size: 32, epochs: 1, warmup_epochs: 0.5, batch_size: 16, eval_batch_size: 64, pretrained: none}
+base: {arch: mobilenet_v3_large, image_size: 32, epochs: 2, warmup_epochs: 0.5, batch_size: 16, eval_batch_size: 64,
+       pretrained: none}
 params:
   lr: {dist: loguniform, low: 1.0e-3, high: 1.0e-2}
 """
 DRIVER_FILES = {"sweep.json", "space.yaml", "splits.csv", "optuna.db", "confirm.json", "trials.csv", "summary.txt",
                 "best.json", "report.html"}
+PREFIX = f"s3://{BUCKET}/sweeps"
 
 
 @pytest.fixture
@@ -46,19 +58,44 @@ def _args(inputs: tuple[Path, Path], results: Path, name: str, storage: str, end
             "--name", name, "--storage", storage, "--storage-endpoint", endpoint]
 
 
+@dataclass(frozen=True)
+class StoredSweep:
+    folder: Path                            # results/stored of the driver that finished it (--resume)
+    faulted: subprocess.CompletedProcess    # the first driver, stopped by the storage fault
+
+
 @pytest.fixture(scope="module")
-def stored_sweep(s3, inputs, module_tmp: Path):
-    """One sweep with --storage: 2 search trials and 1 confirmation run, each 1 epoch of 32 px."""
+def stored_sweep(s3, inputs, module_tmp: Path) -> StoredSweep:
+    """One sweep with --storage (2 search trials and 1 confirmation run, each 2 epochs of 32 px): SeaweedFS is
+    stopped as soon as a trial has uploaded its first epoch; once the first driver has stopped it is started again
+    (same data, same ports) and ``--resume`` (no --name: the prefix holds this sweep only) finishes the sweep from
+    an empty results folder."""
     from sweep.run import main
 
-    env = pytest.MonkeyPatch()
-    for key, value in s3.env.items():
-        env.setenv(key, value)
+    env = dict(os.environ, **s3.env, PYTHONPATH=str(REPO_ROOT), TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0")
+    driver = subprocess.Popen([sys.executable, "-m", "sweep.run",
+                               *_args(inputs, module_tmp / "first", "stored", PREFIX, s3.endpoint)],
+                              cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert main(_args(inputs, module_tmp / "results", "stored", f"s3://{BUCKET}/sweeps", s3.endpoint)) == 0
+        while driver.poll() is None and not any(n.endswith("/metrics.csv") for n in s3.files(f"{BUCKET}/sweeps/stored")):
+            time.sleep(0.1)
+        s3.stop()  # a trial is between its first epoch and its last
+        out, err = driver.communicate(timeout=180)
     finally:
-        env.undo()
-    return module_tmp / "results" / "stored"
+        if driver.poll() is None:
+            driver.kill()
+        if s3.process is None:
+            s3.start()
+    monkey = pytest.MonkeyPatch()
+    for key, value in s3.env.items():
+        monkey.setenv(key, value)
+    try:
+        assert main(["--resume", "--results", str(module_tmp / "results"), "--storage", PREFIX,
+                     "--storage-endpoint", s3.endpoint]) == 0
+    finally:
+        monkey.undo()
+    return StoredSweep(module_tmp / "results" / "stored", subprocess.CompletedProcess(driver.args, driver.returncode,
+                                                                                      out, err))
 
 
 def test_storage_problems_stop_before_any_trial(s3_env, inputs, tmp_path: Path,
@@ -80,11 +117,22 @@ def test_storage_problems_stop_before_any_trial(s3_env, inputs, tmp_path: Path,
     assert not (tmp_path / "results" / "bad" / "sweep.json").exists()  # nothing was started
 
 
-def test_trial_files_and_outputs_are_in_the_bucket(stored_sweep: Path, s3) -> None:
+def test_a_storage_fault_mid_sweep_stops_it_with_one_line(stored_sweep: StoredSweep) -> None:
+    faulted = stored_sweep.faulted
+    assert faulted.returncode == 2, faulted.stderr[-3000:]
+    errors = [line for line in faulted.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and faulted.stderr.rstrip().endswith(errors[0]), faulted.stderr[-3000:]
+    assert "Traceback" not in faulted.stderr, faulted.stderr[-3000:]
+    assert errors[0].startswith(f"error: {PREFIX}/stored: ")
+    assert errors[0].endswith(f"the sweep stopped: once the storage is back, python -m sweep.run --resume --name "
+                              f"stored --storage {PREFIX} continues it")
+
+
+def test_trial_files_and_outputs_are_in_the_bucket(stored_sweep: StoredSweep, s3) -> None:
     stored = s3.files(f"{BUCKET}/sweeps/stored")
     assert DRIVER_FILES <= set(stored)
-    rows = list(csv.DictReader(open(stored_sweep / "trials.csv")))
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    rows = list(csv.DictReader(open(stored_sweep.folder / "trials.csv")))
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}  # the faulted trials too
     for row in rows:
         trial = f"trials/{row['trial_id']}"
         for name in ("metrics.csv", "run.json", "config.json", "splits.csv", "best.pt", "node.json", "trial.json"):
@@ -94,36 +142,58 @@ def test_trial_files_and_outputs_are_in_the_bucket(stored_sweep: Path, s3) -> No
         assert json.loads(s3.filesystem().open_input_stream(f"{BUCKET}/sweeps/stored/{trial}/run.json")
                           .read())["status"] == "complete"
         # the driver's copy of the trial came from the bucket (it never downloads models), not a worker's folder
-        local = stored_sweep / trial
+        local = stored_sweep.folder / trial
         assert (local / "metrics.csv").is_file() and not (local / "best.pt").exists()
     assert any(n.startswith("ray/experiment_state-") for n in stored)
     assert any(n.startswith("ray-confirm/experiment_state-") for n in stored)
     assert not any(n.endswith("/last.pt") for n in stored)  # finished trials' resume state is dropped
-    assert (stored_sweep / "best.json").read_bytes() == \
+    assert (stored_sweep.folder / "best.json").read_bytes() == \
         s3.filesystem().open_input_stream(f"{BUCKET}/sweeps/stored/best.json").read()
 
 
-def test_a_new_sweep_refuses_a_prefix_holding_one(stored_sweep: Path, s3_env, inputs, tmp_path: Path) -> None:
+def test_a_new_sweep_refuses_a_prefix_holding_one(stored_sweep: StoredSweep, s3_env, inputs, tmp_path: Path) -> None:
     from sweep.run import main
 
-    with pytest.raises(UserError, match=f"s3://{BUCKET}/sweeps/stored already holds a sweep: --resume"):
-        main(_args(inputs, tmp_path / "elsewhere", "stored", f"s3://{BUCKET}/sweeps", s3_env.endpoint))
+    with pytest.raises(UserError, match=f"{PREFIX}/stored already holds a sweep: --resume"):
+        main(_args(inputs, tmp_path / "elsewhere", "stored", PREFIX, s3_env.endpoint))
 
 
-def test_resume_from_an_empty_results_folder(stored_sweep: Path, s3_env, tmp_path: Path,
+def test_resume_from_an_empty_results_folder(stored_sweep: StoredSweep, s3_env, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     from sweep.run import main
 
     fresh = tmp_path / "fresh"
-    assert main(["--resume", "--name", "stored", "--results", str(fresh), "--storage", f"s3://{BUCKET}/sweeps",
+    assert main(["--resume", "--name", "stored", "--results", str(fresh), "--storage", PREFIX,
                  "--storage-endpoint", s3_env.endpoint]) == 0
     out = capsys.readouterr().out
     assert "sweep 'stored': 2 of 2 trials (2 completed" in out
     assert DRIVER_FILES <= {p.name for p in (fresh / "stored").iterdir()}
-    assert (fresh / "stored" / "trials.csv").read_text() == (stored_sweep / "trials.csv").read_text()
+    assert (fresh / "stored" / "trials.csv").read_text() == (stored_sweep.folder / "trials.csv").read_text()
 
 
-def test_final_training_from_the_bucket(stored_sweep: Path, s3_env, tmp_path: Path) -> None:
+def test_resume_without_name_needs_exactly_one_sweep(s3_env, tmp_path: Path) -> None:
+    from sweep.run import main
+
+    fs = s3_env.filesystem()
+    for name in ("one", "two"):
+        with fs.open_output_stream(f"{BUCKET}/several/{name}/sweep.json") as f:
+            f.write(b"{}")
+    with fs.open_output_stream(f"{BUCKET}/several/notes/readme.txt") as f:  # a folder that is not a sweep
+        f.write(b"x")
+
+    def error(prefix: str) -> str:
+        with pytest.raises(UserError) as caught:
+            main(["--resume", "--results", str(tmp_path), "--storage", prefix, "--storage-endpoint",
+                  s3_env.endpoint])
+        return str(caught.value)
+
+    assert error(f"s3://{BUCKET}/several") == \
+        f"--resume --storage s3://{BUCKET}/several: it holds 2 sweeps (one, two); give --name"
+    assert error(f"s3://{BUCKET}/nothing-here") == \
+        f"--resume --storage s3://{BUCKET}/nothing-here: it holds no sweep; give --name"
+
+
+def test_final_training_from_the_bucket(stored_sweep: StoredSweep, s3_env, tmp_path: Path) -> None:
     from core.download import main as download
     from core.final_train import main as final_train
 
