@@ -193,16 +193,44 @@ def test_resume_without_name_needs_exactly_one_sweep(s3_env, tmp_path: Path) -> 
         f"--resume --storage s3://{BUCKET}/nothing-here: it holds no sweep; give --name"
 
 
-def test_final_training_from_the_bucket(stored_sweep: StoredSweep, s3_env, tmp_path: Path) -> None:
+def test_final_training_of_the_buckets_best_json(stored_sweep: StoredSweep, s3_env, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     from core.download import main as download
     from core.final_train import main as final_train
 
+    sweep = f"{PREFIX}/stored"
+    assert final_train([f"{sweep}/best.json", "--storage-endpoint", s3_env.endpoint, "--epochs", "1",
+                        "--bootstrap", "20", "--gallery", "1"]) == 0
+    assert f"report: {sweep}/final/report.md" in capsys.readouterr().out
+    final = s3_env.files(f"{BUCKET}/sweeps/stored/final")
+    assert {"model.pt", "metrics.json", "report.md", "report.html", "run.json", "metrics.csv"} <= set(final)
+    assert "last.pt" not in final
+    page = s3_env.filesystem().open_input_stream(f"{BUCKET}/sweeps/stored/report.html").read().decode()
+    assert (stored_sweep.folder / "report.html").read_text() != page  # the sweep's page gained the final model
+    # what core.download brings (the models stay unless asked for) is what a local final training reads
     local = tmp_path / "stored"
-    assert download([f"s3://{BUCKET}/sweeps/stored", str(local), "--storage-endpoint", s3_env.endpoint]) == 0
+    assert download([sweep, str(local), "--storage-endpoint", s3_env.endpoint]) == 0
     assert (local / "best.json").is_file() and not list(local.glob("trials/*/*.pt"))
-    assert final_train([str(local / "best.json"), "--epochs", "1", "--bootstrap", "20"]) == 0
-    assert (local / "final" / "metrics.json").is_file()
+    assert json.loads((local / "final" / "metrics.json").read_text())["n_images"] > 0
     one = tmp_path / "one"
-    assert download([f"s3://{BUCKET}/sweeps/stored/best.json", str(one), "--storage-endpoint",
-                     s3_env.endpoint]) == 0
+    assert download([f"{sweep}/best.json", str(one), "--storage-endpoint", s3_env.endpoint]) == 0
     assert (one / "best.json").read_bytes() == (local / "best.json").read_bytes()
+
+
+def test_final_training_upload_puts_the_marker_last(s3_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A half-finished upload must not look complete: an older final/ goes first, metrics.json comes last."""
+    from core.final_storage import upload_final
+    from core.storage import Store, open_store
+
+    out = tmp_path / "final"
+    out.mkdir()
+    for name in ("model.pt", "report.md", "metrics.json", "last.pt"):
+        (out / name).write_text(name)
+    sweep = open_store(f"s3://{BUCKET}/marker/sweep", s3_env.endpoint)
+    sweep.child("final").upload_file(out / "report.md", "stale.txt")  # an earlier final/'s file
+    sent, upload = [], Store.upload_file
+    monkeypatch.setattr(Store, "upload_file", lambda self, local, rel: sent.append(f"{self.uri}/{rel}")
+                        or upload(self, local, rel))
+    upload_final(out, sweep, tmp_path)
+    assert sent[-1] == f"{sweep.uri}/final/metrics.json"
+    assert set(s3_env.files(f"{BUCKET}/marker/sweep/final")) == {"model.pt", "report.md", "metrics.json"}

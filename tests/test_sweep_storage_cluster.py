@@ -15,9 +15,15 @@ import pytest
 
 from sweep.run import REPO_ROOT
 from tests.seaweedfs import BUCKET, s3  # noqa: F401
-from tests.test_sweep_cluster import SPACE, _free_port, _stop_group, ray_tmpdir  # noqa: F401
+from tests.test_sweep_cluster import _free_port, _stop_group, ray_tmpdir  # noqa: F401
 
 pytestmark = pytest.mark.sweep
+# the smallest backbone (tests/test_sweep_storage.py): each trial uploads its model and Ray's checkpoint
+SPACE = """
+base: {arch: mobilenet_v3_large, image_size: 32, epochs: 1, batch_size: 16, eval_batch_size: 64, pretrained: none}
+params:
+  lr: {dist: loguniform, low: 1.0e-3, high: 1.0e-2}
+"""
 
 
 def _ray_start(args: list[str], folder: Path, env: dict[str, str]) -> subprocess.Popen:
