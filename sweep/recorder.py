@@ -111,9 +111,11 @@ class TrialRecorder(tune.Callback):
         if self.remote:
             self.remote.push_trial_record(self.sweep_dir, trial_id)
             self.remote.push_driver(self.sweep_dir)
-        if not storage_fault(error):  # else --resume trains it again from its checkpoint: that stays
-            self._drop_resume_state(run_dir, trial_id)
         log.info("trial %s %s after %d epoch(s)%s", trial_id, status, epochs, f": {error}" if error else "")
+        if not storage_fault(error):
+            self._drop_resume_state(run_dir, trial_id)
+        elif self.remote:  # the sweep stops (one line); --resume trains the trial on from its checkpoint, kept
+            self.remote.stop_for(trial_id, error)
         return record
 
     def _drop_resume_state(self, run_dir: Path, trial_id: str) -> None:

@@ -158,6 +158,12 @@ class SweepStorage:
         self.push_driver(folder)
 
     @_noted
+    def stop_for(self, trial_id: str, error: str) -> None:
+        """A trial failed because the storage did (even if the driver reaches it again): the sweep stops here, so
+        that --resume trains it on; a sweep that went on would end its search without it."""
+        raise StorageError(f"{self.uri}: trial {trial_id} failed on the storage ({error})")
+
+    @_noted
     def drop_trial(self, trial_id: str) -> None:
         self.store.delete(f"{TRIALS}/{trial_id}")
 

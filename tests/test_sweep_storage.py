@@ -55,7 +55,7 @@ def inputs(module_tmp: Path) -> tuple[Path, Path]:
 
 def _args(inputs: tuple[Path, Path], results: Path, name: str, storage: str, endpoint: str) -> list[str]:
     data, space = inputs
-    return ["--gpus", "0", "--cpus-per-trial", "1", "--trials", "2", "--confirm-top", "1", "--confirm-seeds", "1",
+    return ["--gpus", "0", "--cpus-per-trial", "1", "--trials", "1", "--confirm-top", "1", "--confirm-seeds", "1",
             "--scheduler", "none", "--space", str(space), "--data", str(data), "--results", str(results),
             "--name", name, "--storage", storage, "--storage-endpoint", endpoint]
 
@@ -69,8 +69,8 @@ class StoredSweep:
 
 @pytest.fixture(scope="module")
 def stored_sweep(s3, inputs, module_tmp: Path) -> StoredSweep:
-    """One sweep with --storage (2 search trials and 1 confirmation run, each 2 epochs of 32 px): SeaweedFS is
-    stopped as soon as a trial has uploaded its first epoch; once the first driver has stopped it is started again
+    """One sweep with --storage (1 search trial and 1 confirmation run, each 2 epochs of 32 px): SeaweedFS is
+    stopped as soon as the trial has uploaded its first epoch; once the first driver has stopped it is started again
     (same data, same ports) and ``--resume`` (no --name: the prefix holds this sweep only) finishes the sweep from
     an empty results folder."""
     from sweep.run import main
@@ -82,7 +82,7 @@ def stored_sweep(s3, inputs, module_tmp: Path) -> StoredSweep:
     try:
         while driver.poll() is None and not any(n.endswith("/metrics.csv") for n in s3.files(f"{BUCKET}/sweeps/stored")):
             time.sleep(0.1)
-        s3.stop()  # a trial is between its first epoch and its last
+        s3.stop()  # the trial is between its first epoch and its last
         out, err = driver.communicate(timeout=180)
     finally:
         if driver.poll() is None:
@@ -141,7 +141,7 @@ def test_trial_files_and_outputs_are_in_the_bucket(stored_sweep: StoredSweep, s3
     stored = s3.files(f"{BUCKET}/sweeps/stored")
     assert DRIVER_FILES <= set(stored)
     rows = list(csv.DictReader(open(stored_sweep.folder / "trials.csv")))
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}  # the faulted trials too
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}  # the faulted trial too
     for row in rows:
         trial = f"trials/{row['trial_id']}"
         for name in ("metrics.csv", "run.json", "config.json", "splits.csv", "best.pt", "node.json", "trial.json"):
@@ -168,7 +168,7 @@ def test_a_new_sweep_refuses_a_prefix_holding_one(stored_sweep: StoredSweep, s3_
 
 
 def test_resume_finished_it_from_an_empty_results_folder(stored_sweep: StoredSweep) -> None:
-    assert "sweep 'stored': 2 of 2 trials (2 completed, 0 stopped early, 0 failed)" in stored_sweep.resumed
+    assert "sweep 'stored': 1 of 1 trials (1 completed, 0 stopped early, 0 failed)" in stored_sweep.resumed
     assert DRIVER_FILES <= {p.name for p in stored_sweep.folder.iterdir()}
 
 
@@ -262,3 +262,21 @@ def test_resume_reruns_only_the_trials_that_storage_failed(tmp_path: Path) -> No
     assert {t for t in errors if (tmp_path / "trials" / t / "last.pt").exists()} == {"net", "ray"}
     # the trial that failed for itself, failing again at once, keeps its first error as its record says
     assert error_message(FailedBefore("ValueError: lr must be > 0")) == "ValueError: lr must be > 0"
+
+
+def test_a_trial_that_storage_failed_stops_the_sweep(s3_env, tmp_path: Path) -> None:
+    """Even where the driver reaches the storage again (a short outage, or only a worker's network failed): a sweep
+    that went on would end its search without the trial; stopped, its --resume trains it on."""
+    from core.storage import StorageError, open_store
+    from sweep.outputs import write_trial
+    from sweep.recorder import TrialRecorder, TrialTerms
+    from sweep.storage import SweepStorage
+
+    remote = SweepStorage(open_store(f"s3://{BUCKET}/stops", s3_env.endpoint))
+    recorder = TrialRecorder(tmp_path, ["lr"], TrialTerms("val_balanced_accuracy", "max", 2, 0), remote=remote)
+    write_trial(tmp_path, {"trial_id": "net", "params": {"lr": 0.1}, "started": 1.0})
+    (tmp_path / "trials" / "net" / "last.pt").write_bytes(b"resume state")
+    with pytest.raises(StorageError, match="trial net failed on the storage .StorageError: s3://b/p/s: cannot upload"):
+        recorder.finished("net", {"lr": 0.1}, {"epoch": 1}, STORAGE_ERRORS[0])
+    assert remote.failure is not None and (tmp_path / "trials" / "net" / "last.pt").exists()
+    assert json.loads(remote.store.read_bytes("trials/net/trial.json"))["status"] == "failed"  # recorded first

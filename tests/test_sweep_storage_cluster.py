@@ -9,6 +9,7 @@ import csv
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,9 @@ def test_two_nodes_without_a_shared_folder(s3, ray_tmpdir: Path, tmp_path: Path)
             sweep = subprocess.run([sys.executable, "-m", "sweep.run", *args, "--name", "two", *storage], cwd=REPO_ROOT,
                                    env=env, capture_output=True, text=True, timeout=300)
             assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-3000:]
-    finally:
-        for node in reversed(nodes):
-            _stop_group(node.pid)
+    finally:  # both at once: each may wait out its SIGTERM grace
+        with ThreadPoolExecutor() as stopping:
+            list(stopping.map(_stop_group, [node.pid for node in nodes]))
 
     stored = s3.files(f"{BUCKET}/cluster/two")
     rows = list(csv.DictReader(open(tmp_path / "fresh" / "two" / "trials.csv")))
