@@ -38,13 +38,17 @@ SETTINGS_FILE = "sweep.json"       # sweep/settings.py's name: a folder holding 
 TRIALS = "trials"
 RAY_FOLDERS = ("ray", "ray-confirm")
 WORKER_SKIPS = ("last.pt", ".checkpoint-*", ".checkpoint-*/*")   # resume state: Ray's checkpoint carries it
-TUNE_CONTROLLER_LOG = "ray.tune.execution.tune_controller"   # the logger of Ray Tune's "Trial task failed"
+# Ray's loggers that log a storage failure with its traceback: "Trial task failed", "Saving experiment state to
+# storage ... failed", "Caught exception when creating directory"
+RAY_STORAGE_LOGS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",
+                    "ray.train._internal.storage")
 DRIVER_SKIPS = ("*.pt",)           # what the driver never downloads of a trial (models: fetch them when needed)
 
 
 class _OneLineStorageFaults(logging.Filter):
-    """Ray Tune logs a failed trial with its traceback: for a storage failure, one line instead (the driver
-    then stops with its own one-line error, and --resume trains the trial on); other failures keep theirs."""
+    """Ray logs a failed trial, or a failed upload of its experiment state, with a traceback: for a storage
+    failure, one line instead (the driver then stops with its own one-line error, and --resume trains the trial
+    on); other failures keep theirs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -80,7 +84,8 @@ class SweepStorage:
         """Around a Tune run: a storage failure in a callback (Ray Tune re-raises it as a TuneError holding a
         traceback) ends it as one line saying how to go on."""
         quiet = _OneLineStorageFaults()
-        logging.getLogger(TUNE_CONTROLLER_LOG).addFilter(quiet)
+        for name in RAY_STORAGE_LOGS:
+            logging.getLogger(name).addFilter(quiet)
         try:
             yield
         except Exception:
@@ -90,7 +95,8 @@ class SweepStorage:
                                f"--resume --name {self.uri.rsplit('/', 1)[-1]} --storage "
                                f"{self.uri.rsplit('/', 1)[0]} continues it") from None
         finally:
-            logging.getLogger(TUNE_CONTROLLER_LOG).removeFilter(quiet)
+            for name in RAY_STORAGE_LOGS:
+                logging.getLogger(name).removeFilter(quiet)
 
     @classmethod
     def open(cls, uri: str, endpoint: str | None, name: str) -> "SweepStorage":
