@@ -20,11 +20,11 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from core import filenames
+from core.storage import storage_fault
 from sweep import hparams
 from sweep.outputs import (EXPERIMENTS, best_of, epoch_history, read_trial, read_trials, trials_dir, write_trial,
                             write_trials_csv)
 from sweep.confirm import CONFIRMS_KEY
-from core.storage import storage_fault
 from sweep.trainable import NODE_FILE, FailedBefore
 
 log = logging.getLogger(__name__)
