@@ -280,3 +280,35 @@ def test_a_trial_that_storage_failed_stops_the_sweep(s3_env, tmp_path: Path) -> 
         recorder.finished("net", {"lr": 0.1}, {"epoch": 1}, STORAGE_ERRORS[0])
     assert remote.failure is not None and (tmp_path / "trials" / "net" / "last.pt").exists()
     assert json.loads(remote.store.read_bytes("trials/net/trial.json"))["status"] == "failed"  # recorded first
+
+
+def test_resume_does_not_train_a_trial_that_failed_for_itself(inputs, tmp_path: Path) -> None:
+    """Ray reschedules every errored trial on --resume (resume_errored, for those the storage failed); one that
+    failed for itself fails again at once with its recorded error. Its weights file changes in between here, so a
+    trial that really ran again would fail with another error (or none)."""
+    import torch
+
+    from sweep.outputs import read_trials
+    from sweep.run import main
+
+    data, _ = inputs
+    weights = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for path in weights:
+        path.write_bytes(b"not a state dict")
+    space = tmp_path / "space.yaml"
+    space.write_text("base: {arch: mobilenet_v3_large, image_size: 32, epochs: 1, batch_size: 16}\nparams:\n"
+                     f"  pretrained: {{dist: categorical, choices: ['{weights[0]}', '{weights[1]}']}}\n")
+    args = ["--results", str(tmp_path / "results"), "--name", "broken"]
+    assert main(["--gpus", "0", "--cpus-per-trial", "1", "--trials", "1", "--confirm-top", "0", "--scheduler", "none",
+                 "--space", str(space), "--data", str(data), *args]) == 1  # no trial finished: no best.json
+    [first] = read_trials(tmp_path / "results" / "broken")
+    assert first["status"] == "failed" and "UserError" in first["error"]
+    for path in weights:
+        torch.save([1], path)  # another fault: "not a state_dict"
+    # as if the driver had been killed as the search ended (confirm.json marks that end; a resume past it never
+    # restores the search's Ray experiment)
+    (tmp_path / "results" / "broken" / "confirm.json").unlink()
+    assert main(["--resume", *args]) == 1
+    [again] = read_trials(tmp_path / "results" / "broken")
+    assert again["status"] == "failed" and again["error"] == first["error"]
+    assert again["ended"] > first["ended"]  # Ray did run it again (and it failed at once)
