@@ -282,7 +282,18 @@ def test_a_trial_that_storage_failed_stops_the_sweep(s3_env, tmp_path: Path) -> 
     assert json.loads(remote.store.read_bytes("trials/net/trial.json"))["status"] == "failed"  # recorded first
 
 
-def test_resume_does_not_train_a_trial_that_failed_for_itself(inputs, tmp_path: Path) -> None:
+@pytest.fixture
+def one_ray(monkeypatch: pytest.MonkeyPatch):
+    """One local Ray for the sweeps of a test (a sweep started where Ray runs uses it, and leaves it running)."""
+    import ray
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_resume_does_not_train_a_trial_that_failed_for_itself(inputs, one_ray, tmp_path: Path) -> None:
     """Ray reschedules every errored trial on --resume (resume_errored, for those the storage failed); one that
     failed for itself fails again at once with its recorded error. Its weights file changes in between here, so a
     trial that really ran again would fail with another error (or none)."""
