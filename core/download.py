@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from core.errors import UserError, run_cli
 from core.state_files import check_output_dir
@@ -28,8 +28,10 @@ SKIPPED = ("ray/*", "ray-confirm/*")          # Ray Tune's experiment state of a
 MODELS = "trials/*/*.pt"                      # each trial's best.pt in a sweep's folder
 
 
-def download(uri: str, dest: str | Path, endpoint: str | None = None, include_models: bool = False) -> int:
-    """Copy ``uri`` (a file or a folder) into ``dest``; the number of files."""
+def download(uri: str, dest: str | Path, endpoint: str | None = None, include_models: bool = False,
+             exclude: Iterable[str] = ()) -> int:
+    """Copy ``uri`` (a file or a folder) into ``dest``; the number of files. ``exclude``: more globs of a
+    folder's files (relative paths) to leave."""
     store = open_store(uri, endpoint)
     dest = check_output_dir(dest, "DEST")
     name = store.uri.rsplit("/", 1)[-1]
@@ -38,7 +40,7 @@ def download(uri: str, dest: str | Path, endpoint: str | None = None, include_mo
         parent.download_file(name, dest / name)
         return 1
     store.check()
-    skips = SKIPPED if include_models else (*SKIPPED, MODELS)
+    skips = (*SKIPPED, *exclude) if include_models else (*SKIPPED, MODELS, *exclude)
     count = store.download_tree("", dest, exclude=skips)
     if count == 0:
         raise UserError(f"{store.uri}: nothing there to download (no such file or folder)")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -59,6 +59,7 @@ from core.model import check_gradcam_layer, save_model_file
 from core.operating_points import positive_index
 from core.evaluation_report import show_in_parent_page
 from core.state_files import check_output_dir, read_json_state, reading
+from core.storage import is_uri
 from core.train import RunOptions, train
 
 if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
@@ -329,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m core.final_train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
         epilog="config keys (--set key=value):\n" + TrainConfig.describe())
-    parser.add_argument("best", metavar="BEST_JSON", help="a sweep's best.json (results/<sweep>/best.json)")
+    parser.add_argument("best", metavar="BEST_JSON", help="a sweep's best.json (results/<sweep>/best.json), or "
+                                                         "s3://bucket/prefix/<sweep>/best.json: final/ then goes "
+                                                         "into the bucket beside it (core/final_storage.py)")
     parser.add_argument("--epochs", type=int,
                         help="training epochs (default: the epochs the sweep's trials were tuned at)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -338,18 +341,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-on-val", action="store_true",
                         help="train on train+val and keep the last epoch (val no longer held out)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out holds a training")
+    parser.add_argument("--storage-endpoint", metavar="URL", help="with an s3:// BEST_JSON: URL of an "
+                                                                   "S3-compatible server (default: AWS_ENDPOINT_URL)")
     add_gallery_options(parser)
     add_threads_option(parser)
     add_evaluation_options(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
-    result = final_train(args.best, FinalOptions(
+    options = FinalOptions(
         epochs=args.epochs, overrides=tuple(args.overrides), out_dir=args.out, train_on_val=args.train_on_val,
         resume=not args.no_resume, gallery_per_class=args.gallery, gradcam_layer=args.gradcam_layer,
-        gradcam_method=args.gradcam_method, evaluation=clinical_options(args)))
+        gradcam_method=args.gradcam_method, evaluation=clinical_options(args))
+    if is_uri(args.best):
+        from core.final_storage import final_train_in_bucket
+
+        result, report = final_train_in_bucket(args.best, args.storage_endpoint, args.out,
+                                               lambda best, out: final_train(best, replace(options, out_dir=out)))
+        report = f"{report}/{filenames.REPORT}"
+    else:
+        result = final_train(args.best, options)
+        report = str(result.report)
     training = result.metrics["training"]
     print(f"test ({result.metrics['n_images']} images, epoch {training['chosen_epoch']}): {headline(result.metrics)}")
-    print(f"report: {result.report}")
+    print(f"report: {report}")
     return 0
 
 

@@ -42,6 +42,14 @@ class StorageError(UserError):
     """Object storage failed (unreachable, access denied, no bucket); the message is one line naming the URI."""
 
 
+def storage_fault(error: str | None) -> bool:
+    """Whether a trial's recorded error (sweep/recorder.py's one line) is a storage failure: a StorageError of
+    this module, or pyarrow's own (Ray's checkpoint upload) naming an AWS error. Such a trial did nothing wrong:
+    ``sweep.run --resume`` trains it again from its last checkpoint, unlike a trial that raised for itself."""
+    text = error or ""
+    return text.startswith(f"{StorageError.__name__}: ") or "AWS Error" in text
+
+
 def is_uri(text: str | os.PathLike | None) -> bool:
     return isinstance(text, str) and text.startswith(SCHEME)
 
@@ -92,6 +100,14 @@ class Store:
             found = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True))
         return sorted(str(PurePosixPath(f.path).relative_to(self.root)) for f in found
                       if f.type == pafs.FileType.File)
+
+    def folders(self, rel: str = "") -> list[str]:
+        """The names of the folders right below ``rel`` (sorted; one listing request, not a walk)."""
+        from pyarrow import fs as pafs
+
+        with self.failing(f"cannot list {rel or 'it'}"):
+            found = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True))
+        return sorted(PurePosixPath(f.path).name for f in found if f.type == pafs.FileType.Directory)
 
     def read_bytes(self, rel: str) -> bytes:
         with self.failing(f"cannot read {rel}"):

@@ -20,11 +20,12 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from core import filenames
+from core.storage import storage_fault
 from sweep import hparams
 from sweep.outputs import (EXPERIMENTS, best_of, epoch_history, read_trial, read_trials, trials_dir, write_trial,
                             write_trials_csv)
 from sweep.confirm import CONFIRMS_KEY
-from sweep.trainable import NODE_FILE
+from sweep.trainable import NODE_FILE, FailedBefore
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +111,22 @@ class TrialRecorder(tune.Callback):
         if self.remote:
             self.remote.push_trial_record(self.sweep_dir, trial_id)
             self.remote.push_driver(self.sweep_dir)
+        log.info("trial %s %s after %d epoch(s)%s", trial_id, status, epochs, f": {error}" if error else "")
+        if not storage_fault(error):
+            self._drop_resume_state(run_dir, trial_id)
+        elif self.remote:  # the sweep stops (one line); --resume trains the trial on from its checkpoint, kept
+            self.remote.stop_for(trial_id, error)
+        return record
+
+    def _drop_resume_state(self, run_dir: Path, trial_id: str) -> None:
+        """Resume state is only needed while a trial runs: drop it, and Ray's copies (about 3x the model
+        each); best.pt, the trial's best epoch, stays."""
+        if self.remote:
             self.remote.drop_resume_state(EXPERIMENTS[self.role], trial_id)
-        # Resume state is only needed while a trial runs: drop it, and Ray's copies (about 3x the model
-        # each); best.pt, the trial's best epoch, stays.
         (run_dir / filenames.LAST_CHECKPOINT).unlink(missing_ok=True)
         ray_copies = self.sweep_dir / EXPERIMENTS[self.role] / trial_id
         for copy in ray_copies.glob(f"checkpoint_*/{filenames.LAST_CHECKPOINT}"):
             copy.unlink(missing_ok=True)
-        log.info("trial %s %s after %d epoch(s)%s", trial_id, status, epochs, f": {error}" if error else "")
-        return record
 
     def reconcile(self, results: Any) -> Any:
         """Record trials whose end the callbacks missed (a driver killed at the wrong moment); the table."""
@@ -160,6 +168,8 @@ def error_message(error: Any) -> str:
         lines = [line for line in error.splitlines() if line.strip()]
         return _one_line(lines[-1] if lines else "unknown error")
     cause = getattr(error, "cause", None) or error
+    if isinstance(cause, FailedBefore):  # the error it failed with the first time, unchanged
+        return _one_line(str(cause))
     return _one_line(f"{type(cause).__name__}: {cause}")
 
 

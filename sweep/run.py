@@ -190,9 +190,17 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
             remote.push_driver(folder)
     setup = TrialSetup(base=base.to_dict(), trials_dir=str(folder / filenames.TRIALS_DIR),
                        cpus=resources.cpus_per_trial, gpus=resources.gpus_per_trial,
-                       storage=remote.store if remote else None)
+                       storage=remote.store if remote else None, failed=_failed_for_good(folder) if resume else {})
     trainable = tune.with_resources(tune.with_parameters(run_trial, data=data, setup=setup), resources.per_trial)
     return SweepRun(settings, space, base, resources, trainable, echo, remote), record
+
+
+def _failed_for_good(folder: Path) -> dict[str, str]:
+    """Trials recorded as failed for a reason of their own (not a storage failure): trial id -> error."""
+    from core.storage import storage_fault
+
+    return {r["trial_id"]: r["error"] for r in read_trials(folder)
+            if r.get("status") == "failed" and r.get("error") and not storage_fault(r["error"])}
 
 
 def _search(sweep: SweepRun, resume: bool, warm: WarmStart | None) -> Any:
@@ -264,8 +272,11 @@ def _fit(sweep: SweepRun, name: str, resume: bool, new_tuner: Callable[[], Any])
         experiment, where = sweep.remote.store.path(name), {"storage_filesystem": sweep.remote.store.fs}
     if resume and tune.Tuner.can_restore(experiment, **where):
         sweep.echo(f"resuming from {sweep.remote.store.child(name).uri if sweep.remote else experiment}")
+        # resume_errored: a trial that failed because the storage did goes on from its last checkpoint (in the
+        # bucket; restart_errored would train it from scratch); one that failed for itself fails again at once
+        # with its recorded error (TrialSetup.failed), so --resume never trains a broken config again.
         tuner = tune.Tuner.restore(experiment, trainable=sweep.trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False, **where)
+                                   resume_errored=True, **where)
     else:
         tuner = new_tuner()
     if tuner is None:
@@ -380,7 +391,8 @@ def parser() -> argparse.ArgumentParser:
                                      "sweep starts its own Ray on this machine")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep with its saved settings (finished trials are kept; an "
-                        "interrupted confirmation stage goes on)")
+                        "interrupted confirmation stage goes on; a trial that failed because the storage did "
+                        "goes on from its last checkpoint, one that failed for itself stays failed)")
     return p
 
 

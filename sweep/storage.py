@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from core.errors import UserError
-from core.storage import Store, StorageError, atomic_temp, excluded, open_store
+from core.storage import Store, StorageError, atomic_temp, excluded, open_store, storage_fault
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,25 @@ SETTINGS_FILE = "sweep.json"       # sweep/settings.py's name: a folder holding 
 TRIALS = "trials"
 RAY_FOLDERS = ("ray", "ray-confirm")
 WORKER_SKIPS = ("last.pt", ".checkpoint-*", ".checkpoint-*/*")   # resume state: Ray's checkpoint carries it
+# Ray's loggers that log a storage failure with its traceback: "Trial task failed", "Saving experiment state to
+# storage ... failed", "Caught exception when creating directory"
+RAY_STORAGE_LOGS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",
+                    "ray.train._internal.storage")
 DRIVER_SKIPS = ("*.pt",)           # what the driver never downloads of a trial (models: fetch them when needed)
+
+
+class _OneLineStorageFaults(logging.Filter):
+    """Ray logs a failed trial, or a failed upload of its experiment state, with a traceback: for a storage
+    failure, one line instead (the driver then stops with its own one-line error, and --resume trains the trial
+    on); other failures keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        cause = getattr(error, "cause", None) or error   # Ray's RayTaskError holds the trial's own exception
+        if cause is not None and storage_fault(f"{type(cause).__name__}: {cause}"):
+            record.msg, record.args = f"{record.getMessage()}: {' '.join(str(cause).split())}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _noted(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,6 +83,9 @@ class SweepStorage:
     def noting_failure(self) -> Iterator[None]:
         """Around a Tune run: a storage failure in a callback (Ray Tune re-raises it as a TuneError holding a
         traceback) ends it as one line saying how to go on."""
+        quiet = _OneLineStorageFaults()
+        for name in RAY_STORAGE_LOGS:
+            logging.getLogger(name).addFilter(quiet)
         try:
             yield
         except Exception:
@@ -73,6 +94,9 @@ class SweepStorage:
             raise StorageError(f"{self.failure}; the sweep stopped: once the storage is back, python -m sweep.run "
                                f"--resume --name {self.uri.rsplit('/', 1)[-1]} --storage "
                                f"{self.uri.rsplit('/', 1)[0]} continues it") from None
+        finally:
+            for name in RAY_STORAGE_LOGS:
+                logging.getLogger(name).removeFilter(quiet)
 
     @classmethod
     def open(cls, uri: str, endpoint: str | None, name: str) -> "SweepStorage":
@@ -140,6 +164,12 @@ class SweepStorage:
         self.push_driver(folder)
 
     @_noted
+    def stop_for(self, trial_id: str, error: str) -> None:
+        """A trial failed because the storage did (even if the driver reaches it again): the sweep stops here, so
+        that --resume trains it on; a sweep that went on would end its search without it."""
+        raise StorageError(f"{self.uri}: trial {trial_id} failed on the storage ({error})")
+
+    @_noted
     def drop_trial(self, trial_id: str) -> None:
         self.store.delete(f"{TRIALS}/{trial_id}")
 
@@ -153,8 +183,7 @@ class SweepStorage:
 
 def fetch_settings(uri: str, endpoint: str | None, name: str | None, results: Path) -> str:
     """``--resume --storage URI --name NAME``: the sweep's settings from the bucket into ``results/NAME/``."""
-    if not name:
-        raise UserError(f"--resume --storage {uri}: give --name, the sweep's folder in {uri}")
+    name = name or only_sweep(open_store(uri, endpoint))
     remote = SweepStorage.open(uri, endpoint, name)
     remote.store.check()
     if not remote.store.exists(SETTINGS_FILE):
@@ -162,6 +191,16 @@ def fetch_settings(uri: str, endpoint: str | None, name: str | None, results: Pa
                         f"and --name")
     remote.store.download_file(SETTINGS_FILE, results / name / SETTINGS_FILE)
     return name
+
+
+def only_sweep(store: Store) -> str:
+    """``--resume --storage URI`` without --name: the one sweep in ``URI`` (a folder holding sweep.json)."""
+    store.check()
+    found = [name for name in store.folders() if store.exists(f"{name}/{SETTINGS_FILE}")]
+    if len(found) != 1:
+        held = f"{len(found)} sweeps ({', '.join(found)})" if found else "no sweep"
+        raise UserError(f"--resume --storage {store.uri}: it holds {held}; give --name")
+    return found[0]
 
 
 class TrialFiles:

@@ -46,6 +46,12 @@ class TrialSetup:
     cpus: int                     # CPUs of one trial (torch threads)
     gpus: float                   # GPUs of one trial (0: train on the CPU)
     storage: Any = None           # core.storage.Store of the sweep in a bucket: the trial uploads its folder there
+    failed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # trial id -> error of a trial that
+    # failed for itself (a bug, a bad config) in an earlier run: --resume reruns errored trials, not these
+
+
+class FailedBefore(RuntimeError):
+    """A trial that failed for itself before ``--resume``: raised again at once, with its recorded error."""
 
 
 def trial_config(sampled: Mapping[str, Any], setup: TrialSetup) -> TrainConfig:
@@ -64,6 +70,8 @@ def run_trial(config: dict[str, Any], data: "Dataset", setup: TrialSetup) -> Non
     torch.set_num_threads(max(1, int(setup.cpus)))
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a "checkpoint created" line per epoch
     trial_id = tune.get_context().get_trial_id()
+    if trial_id in setup.failed:  # Ray reran it with the errored trials that storage failed: it stays failed
+        raise FailedBefore(setup.failed[trial_id])
     checkpoint = tune.get_checkpoint()
     files = TrialFiles(setup.storage, trial_id) if setup.storage is not None else None
     out = files.prepare(resuming=checkpoint is not None) if files else Path(setup.trials_dir) / trial_id

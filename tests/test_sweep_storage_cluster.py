@@ -9,15 +9,22 @@ import csv
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from sweep.run import REPO_ROOT
 from tests.seaweedfs import BUCKET, s3  # noqa: F401
-from tests.test_sweep_cluster import SPACE, _free_port, _stop_group, ray_tmpdir  # noqa: F401
+from tests.test_sweep_cluster import _free_port, _stop_group, ray_tmpdir  # noqa: F401
 
 pytestmark = pytest.mark.sweep
+# the smallest backbone (tests/test_sweep_storage.py): each trial uploads its model and Ray's checkpoint
+SPACE = """
+base: {arch: mobilenet_v3_large, image_size: 32, epochs: 1, batch_size: 16, eval_batch_size: 64, pretrained: none}
+params:
+  lr: {dist: loguniform, low: 1.0e-3, high: 1.0e-2}
+"""
 
 
 def _ray_start(args: list[str], folder: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -54,9 +61,9 @@ def test_two_nodes_without_a_shared_folder(s3, ray_tmpdir: Path, tmp_path: Path)
             sweep = subprocess.run([sys.executable, "-m", "sweep.run", *args, "--name", "two", *storage], cwd=REPO_ROOT,
                                    env=env, capture_output=True, text=True, timeout=300)
             assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-3000:]
-    finally:
-        for node in reversed(nodes):
-            _stop_group(node.pid)
+    finally:  # both at once: each may wait out its SIGTERM grace
+        with ThreadPoolExecutor() as stopping:
+            list(stopping.map(_stop_group, [node.pid for node in nodes]))
 
     stored = s3.files(f"{BUCKET}/cluster/two")
     rows = list(csv.DictReader(open(tmp_path / "fresh" / "two" / "trials.csv")))
