@@ -1,5 +1,5 @@
 """Test isolation: every test session gets its own dataset cache and torch hub folder; one torch thread; one
-local Ray shared by the tests that need no fresh one; and the grouping of `make test`'s two pytest-xdist workers.
+local Ray shared by the tests that need no fresh one (its modules run last).
 
 Nothing here reads ``../shared``; tests that use the real HAM10000 copy request ``ham10000_path``,
 which skips (with the reason) where the copy is absent.
@@ -28,31 +28,28 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sweep: runs sweep.run, so needs Ray and Optuna")
 
 
-# The modules that start Ray (a local instance, a cluster or sweep.run processes). Under `make test`
-# (pytest-xdist: `-n 2 --dist loadgroup`) they run one after another on one worker: two Ray instances at once
-# would compete for the machine's two cores, and some assertions need their trials' timing (four trials started
-# before the first ended; a sweep killed mid-trial). Every other module is a group of its own, so that its
-# module-scoped fixtures (a trained run, a sweep) are built once, on one worker.
-RAY_MODULES = {"test_bench_smoke", "test_model_sweep", "test_serve_ray", "test_sweep_cluster", "test_sweep_resume",
-               "test_sweep_run", "test_sweep_storage", "test_sweep_storage_cluster"}
+# The modules that use the shared local Ray (``local_ray`` below), found at collection.
+SHARED_RAY_MODULES: set[str] = set()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which appends the group to each test's id
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def _module(item: pytest.Item) -> str:
+    return Path(item.nodeid.split("::")[0]).stem
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if SWEEP_MISSING:
         skip = pytest.mark.skip(reason=f"not installed: {', '.join(SWEEP_MISSING)}")
         for item in items:
             if "sweep" in item.keywords:
                 item.add_marker(skip)
-    # The modules using the shared local Ray run last, so that it is never up while another module runs: those
-    # start their own Ray (sweep.run without --address), a cluster, or check that none runs in this process.
-    shared = {Path(item.nodeid.split("::")[0]).stem for item in items if "local_ray" in item.fixturenames}
-    items.sort(key=lambda item: Path(item.nodeid.split("::")[0]).stem in shared)  # stable: the order otherwise
-    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
-        for item in items:
-            if item.get_closest_marker("xdist_group") is None:
-                module = Path(item.nodeid.split("::")[0]).stem
-                item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module))
+    # The modules using the shared local Ray run one after another and last: it starts once, and seldom stands
+    # in the way of a module that starts its own Ray or a cluster (``_no_shared_ray`` stops it for those).
+    # Under `make test` (pytest-xdist, -n 2 --dist loadfile: each module whole on one worker, so that its
+    # module-scoped fixtures are built once) a worker starts it again only where another module came between.
+    # (--dist loadgroup, which could keep them on one worker, does nothing with pytest 9.2 and pytest-xdist 3.8:
+    # xdist marks a group in Node._nodeid, which pytest 9 no longer reads.)
+    SHARED_RAY_MODULES.update(_module(item) for item in items if "local_ray" in item.fixturenames)
+    items.sort(key=lambda item: _module(item) in SHARED_RAY_MODULES)  # stable: the order otherwise
 
 
 def pytest_report_header() -> list[str]:
@@ -83,19 +80,43 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def local_ray() -> Iterator[Any]:
-    """One local Ray (4 logical CPUs and 2 logical GPUs; trials train on the CPU) for every test that needs a Ray
-    but not a fresh one: a start takes 10-25 s on the 2-core machine. Its modules run last (see
-    pytest_collection_modifyitems) and it stops at the end of the session."""
+_SHARED_RAY: list[Any] = []  # the ray module while the shared local Ray runs
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Any:
+    """One local Ray (4 logical CPUs and 2 logical GPUs; trials train on the CPU) for the tests that need a Ray but
+    not a fresh one: a start takes 10-25 s on the 2-core machine. It runs until a module that does not use it
+    starts (``_no_shared_ray``) or the session ends."""
     import ray
 
-    # Trial processes import core/ and sweep/ from this checkout.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    assert not ray.is_initialized()
-    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    if _SHARED_RAY and not ray.is_initialized():  # a test shut it down
+        _SHARED_RAY.clear()
+    if not _SHARED_RAY:
+        # Trial processes import core/ and sweep/ from this checkout.
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        assert not ray.is_initialized()
+        ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+        _SHARED_RAY.append(ray)
+    return ray
+
+
+def _stop_shared_ray() -> None:
+    if _SHARED_RAY:
+        _SHARED_RAY.pop().shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_shared_ray(request: pytest.FixtureRequest) -> None:
+    """The shared Ray stops before a module that does not use it: such a module starts its own Ray (sweep.run
+    without --address would join this one), a cluster, or checks that none runs in this process. Autouse, so
+    set up before the module's other module-scoped fixtures (a sweep run in a fixture)."""
+    if request.module is not None and Path(request.module.__file__).stem not in SHARED_RAY_MODULES:
+        _stop_shared_ray()
+
+
+def pytest_sessionfinish() -> None:
+    _stop_shared_ray()
 
 
 @pytest.fixture(scope="module")
