@@ -69,9 +69,9 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> Iterator[None]:
     """One torch thread in the test process (and in the commands the tests run in it, unless they set --threads).
-    Why: the tests' models and images are tiny, so a second thread gains little even on an idle machine; and
-    `make test` runs two pytest workers on the two cores, where a second thread each only spins while the other
-    worker holds the core (on a busy 2-core machine, 1 thread made test_faults about 3x faster)."""
+    Why: `make test` runs two pytest workers on the two cores, where a second thread each would only compete with
+    the other worker (test_faults' note, which this replaces: on a busy 2-core machine, 1 thread made it about
+    3x faster)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -86,7 +86,7 @@ _SHARED_RAY: list[Any] = []  # the ray module while the shared local Ray runs
 @pytest.fixture(scope="module")
 def local_ray() -> Any:
     """One local Ray (4 logical CPUs and 2 logical GPUs; trials train on the CPU) for the tests that need a Ray but
-    not a fresh one: a start takes 10-25 s on the 2-core machine. It runs until a module that does not use it
+    not a fresh one: a start took 12-24 s on the loaded 2-core machine. It runs until a module that does not use it
     starts (``_no_shared_ray``) or the session ends."""
     import ray
 
