@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# Two pytest-xdist workers, one per core of the 2-core development machine; each test module runs whole on one
+# worker (--dist loadfile), so that its module-scoped fixtures (a trained run, a sweep) are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The quick sweep on the built-in demo dataset, then a short final training of its best trial.
 DEMO := demo-$(shell date +%Y%m%d-%H%M%S)

@@ -125,7 +125,14 @@ class Browser:
                 self._process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._process.kill()
-            self._profile.cleanup()
+            for attempt in range(10):
+                try:
+                    self._profile.cleanup()
+                    break
+                except OSError:  # Chromium's helper processes can still write to the profile for a moment after it
+                    if attempt == 9:  # exits ("Directory not empty: 'Default'", seen with two pytest workers)
+                        raise
+                    time.sleep(0.5)
 
     def __enter__(self) -> "Browser":
         return self

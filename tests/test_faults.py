@@ -43,16 +43,6 @@ SET = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={valu
 
 
 # --- shared set-up ---------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here and in the commands (--threads 1): these runs are tiny, and a second thread only
-    spins while other processes hold the cores. Restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(module_tmp: Path) -> dict[str, Path]:
     """Tiny demo data; a finished core.train run; a sweep folder (best.json, splits.csv) and its final training."""

@@ -18,7 +18,6 @@ from core.metadata import (FIELDS, SEXES, SITES, drop_fields, encode_dataset, en
 from core.model import build_model
 from core.train import RunOptions, train
 from tests.data_fixtures import make_imagefolder
-from tests.test_faults import _one_thread  # noqa: F401 (autouse: one torch thread, ~3x faster on a busy 2-core box)
 
 SIZE = 32
 QUIET = RunOptions(progress=False, tensorboard=False)

@@ -8,7 +8,6 @@ from torch import nn
 from core.augment import Mix, apply_mix, draw_mix, mix_rng, mix_targets, mixed_loss
 from core.config import TrainConfig
 from core.errors import UserError
-from tests.test_faults import _one_thread  # noqa: F401 (autouse: one torch thread, ~3x faster on a busy 2-core box)
 
 
 def _batch(b: int = 8, side: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,6 @@ from core.gradcam import choose_layer, gradcam_maps
 from core.inference import load_for_inference, predict_probs
 from core.model import build_model, gradcam_layer, load_model_file, save_model_file
 
-from tests.test_faults import _one_thread  # noqa: F401 (autouse: one torch thread, ~3x faster on a busy 2-core box)
 
 SIZE = 32  # ConvNeXt's three stride-2 downsamplings after its stride-4 stem need at least 32 px
 EXPECTED_LAYER = {"resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer4",

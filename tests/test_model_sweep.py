@@ -1,11 +1,11 @@
 """A 2-trial sweep over search_spaces/models.yaml (arch, metadata, mixup/CutMix) on tiny demo data, with the
-real core.train in Ray trials (the space's base shrunk with --set: 32 px, 1 epoch, no pretrained weights)."""
+real core.train in Ray trials (the space's base shrunk with --set: 32 px, 1 epoch, no pretrained weights), on the
+session's shared local Ray (conftest.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,23 +17,16 @@ pytestmark = pytest.mark.sweep
 MODELS = REPO_ROOT / "search_spaces" / "models.yaml"
 
 
-def test_two_trials_over_the_models_space(tmp_path: Path) -> None:
-    import ray
-
+def test_two_trials_over_the_models_space(local_ray, tmp_path: Path) -> None:
     from core.demo_data import generate_demo
 
     data = generate_demo(tmp_path / "data", n_lesions=24, image_size=32)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    try:
-        settings = SweepSettings(
-            name="models", results=str(tmp_path / "results"), space=str(MODELS), data=str(data), trials=2, gpus=0,
-            cpus_per_trial=1, scheduler="none", confirm_top=0, seed=1,
-            overrides=("image_size=32", "epochs=1", "warmup_epochs=0", "pretrained=none", "batch_size=16",
-                       "eval_batch_size=64", "device=cpu"))
-        run_sweep(settings, echo=lambda *_: None)
-    finally:
-        ray.shutdown()
+    settings = SweepSettings(
+        name="models", results=str(tmp_path / "results"), space=str(MODELS), data=str(data), trials=2, gpus=0,
+        cpus_per_trial=1, scheduler="none", confirm_top=0, seed=1,
+        overrides=("image_size=32", "epochs=1", "warmup_epochs=0", "pretrained=none", "batch_size=16",
+                   "eval_batch_size=64", "device=cpu"))
+    run_sweep(settings, echo=lambda *_: None)
     with open(tmp_path / "results" / "models" / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(row["status"] == "completed" for row in rows), rows

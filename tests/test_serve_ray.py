@@ -1,4 +1,5 @@
-"""One Ray Serve smoke test: the same app through ``serve.run`` on a local Ray, answered over HTTP, then shut down."""
+"""One Ray Serve smoke test: the same app through ``serve.run`` on a local Ray (the session's shared one,
+conftest.py), answered over HTTP, then shut down."""
 
 from __future__ import annotations
 
@@ -16,16 +17,13 @@ from tests.serve_fixtures import image_bytes, write_model
 serve = pytest.importorskip("ray.serve", reason="Ray Serve cannot be imported (pip install 'ray[serve]')")
 
 
-def test_the_app_runs_under_ray_serve(tmp_path: Path) -> None:
-    import ray
-
+def test_the_app_runs_under_ray_serve(local_ray, tmp_path: Path) -> None:
     from serve.ray_app import APP_NAME, build_application
 
     model = write_model(tmp_path / "model.pt", image_size=32)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(model, ServeOptions(device="cpu"), {"api_key": "k"}), name=APP_NAME,
@@ -40,5 +38,4 @@ def test_the_app_runs_under_ray_serve(tmp_path: Path) -> None:
         assert bad.status_code == 400 and bad.json()["error"].startswith("a.jpg: not an image")
         assert httpx.get(f"{base}/info", timeout=30).status_code == 401
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.shutdown()  # Ray itself stays: the session's shared one (conftest.py)

@@ -1,14 +1,14 @@
 """Sweeps on tiny generated data with the real core.train: outputs, failures, concurrency on logical GPUs;
 what Optuna is told, the confirmation stage and warm starts.
 
-One Ray instance (4 logical CPUs, 2 logical GPUs) serves the whole module; trials train on the CPU.
+One Ray instance (4 logical CPUs, 2 logical GPUs: the session's shared one, conftest.py) serves the whole module;
+trials train on the CPU.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -36,13 +36,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_session(local_ray):
+    """The session's shared local Ray (conftest.py: 4 logical CPUs, 2 logical GPUs)."""
+    return local_ray
 
 
 def _settings(tmp_path: Path, name: str, space: Path, data: Path, **kw) -> SweepSettings:
