@@ -62,6 +62,7 @@ class ScoredImages:
     pixels: np.ndarray            # uint8 [N, 3, S, S] of the evaluated images
     clinical: ClinicalResults
     scores: PredictionScores
+    metadata: np.ndarray | None = None  # their encoded clinical metadata (a metadata model), as predicted with
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,13 @@ class EvaluationOutputs:
 
 
 def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.ndarray, labels: np.ndarray,
-                tta: bool) -> EvaluatedSet:
+                tta: bool, encoded: np.ndarray | None) -> EvaluatedSet:
     """The raw probabilities of a model for ``pixels`` = ``data.images[idx]``.
 
-    ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well.
+    ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well;
+    ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes (else None).
     """
     views = (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,)
-    encoded = loaded.encode_dataset(data, idx)  # the clinical metadata a metadata model takes; else None
     raw = {view: loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
            for view in views}
     metadata = None if data.metadata is None else data.metadata.iloc[idx].reset_index(drop=True)
@@ -106,10 +107,12 @@ def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[s
                  options: ClinicalOptions) -> ScoredImages:
     """Predict, calibrate with model.pt's ``stored`` temperatures, clinical results and the headline metrics."""
     pixels = np.asarray(images.data.images[images.idx])
-    predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta)
+    encoded = loaded.encode_dataset(images.data, images.idx)  # once: the prediction and Grad-CAM both take it
+    predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded)
     clinical = clinical_results(predicted, loaded.class_names, stored, options)
     scores = score_predictions(images.labels, clinical.probs, loaded.class_names)
-    return ScoredImages(loaded=loaded, images=images, pixels=pixels, clinical=clinical, scores=scores)
+    return ScoredImages(loaded=loaded, images=images, pixels=pixels, clinical=clinical, scores=scores,
+                        metadata=encoded)
 
 
 def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs) -> dict[str, Any]:
@@ -160,7 +163,7 @@ def explainable(scored: ScoredImages) -> Explainable:
     data, idx, scores = scored.images.data, scored.images.idx, scored.scores
     masks = {} if data.masks is None else {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
     return Explainable(scored.pixels, scores.labels, scores.probs, data.image_ids[idx], scores.class_names, **masks,
-                       metadata=scored.loaded.encode_dataset(data, idx))  # None for an image-only model
+                       metadata=scored.metadata)  # None for an image-only model
 
 
 def metrics_document(scores: PredictionScores, source: Mapping[str, Any], training: Mapping[str, Any] | None = None,

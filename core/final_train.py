@@ -196,7 +196,8 @@ def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
         return not_fitted(reason)
     log.info("calibrating on the %d validation images (single view and TTA) and choosing operating thresholds",
              len(val_idx))
-    val = predict_set(loaded, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True)
+    val = predict_set(loaded, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True,
+                      encoded=loaded.encode_dataset(data, val_idx))
     return fit_on_val(val, data.class_names, positive_class)
 
 
