@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from core.errors import UserError
 from serve.batcher import Busy
-from core.metadata import AGE_RANGE, SEXES, SITES, validate_record
+from core.model.fields import AGE_RANGE, SEXES, SITES, validate_record
 from serve.guard import Guard
 from serve.kserve import kserve_router
 from serve.metrics import ServeMetrics

@@ -12,9 +12,9 @@ import pytest
 from data_fixtures import make_ham, make_imagefolder, make_isic
 from PIL import Image
 
-import core.masks
-from core.data import load_dataset
-from core.demo_data import MASKS_FOLDER
+import core.data.masks
+from core.data.dataset import load_dataset
+from core.data.demo_data import MASKS_FOLDER
 from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,8 +115,8 @@ def test_masks_are_decoded_once_and_again_when_one_changes(ham_template, tmp_pat
     root = shutil.copytree(ham_template, tmp_path / "ham")
     first = _load(root, tmp_path)
     calls = []
-    real = core.masks.decode_mask
-    monkeypatch.setattr(core.masks, "decode_mask", lambda *a: calls.append(a) or real(*a))
+    real = core.data.masks.decode_mask
+    monkeypatch.setattr(core.data.masks, "decode_mask", lambda *a: calls.append(a) or real(*a))
     np.testing.assert_array_equal(_load(root, tmp_path).masks, first.masks)
     assert calls == []
     mask = sorted((root / MASKS_FOLDER).iterdir())[0]
