@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from core.io.state_files import read_json_object
 from core.errors import UserError
+from core.metric_names import DEFAULT_METRIC, SELECT_METRICS
 
 CLASS_WEIGHTINGS = ("none", "inverse", "sqrt_inverse", "effective")
 OPTIMIZERS = ("adamw", "sgd")
@@ -27,9 +28,9 @@ DEVICES = ("auto", "cpu", "cuda")
 SAMPLINGS = ("uniform", "sqrt", "balanced")
 IMAGE_SIZES = (16, 1024)   # the smallest and largest image side, in pixels: checked by image_size_ok only
 ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_large",
-         "regnet_y_800mf")   # core/model/networks.py builds each; the first is the default
+         "regnet_y_800mf")   # core/model/networks.py builds each
+DEFAULT_ARCH = ARCHS[0]   # the default, and what a model file without an arch holds
 METADATA_METHODS = ("none", "concat", "film")
-SELECT_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_auc", "val_loss")
 
 
 def image_size_ok(size: object) -> bool:
@@ -115,7 +116,7 @@ class TrainConfig:
 
     # --- model --------------------------------------------------------------------------------
     arch: str = _doc("Backbone, from torchvision: " + ", ".join(ARCHS) + ". Its classifier is replaced by "
-                     "one for the dataset's classes; the model file records it.", default="resnet18")
+                     "one for the dataset's classes; the model file records it.", default=DEFAULT_ARCH)
     pretrained: str = _doc("Initial weights: 'imagenet' (torchvision's IMAGENET1K_V1 weights of the arch via the "
                            "torch hub cache), 'none', or a path to a state_dict file.", default="imagenet")
     metadata: str = _doc("Clinical metadata beside the image: 'none', 'concat' (age, sex and site through a small "
@@ -134,7 +135,7 @@ class TrainConfig:
     compile: bool = _doc("torch.compile the model (pays off on long GPU runs only).", default=False)
     eval_batch_size: int = _doc("Batch size for validation and test passes.", default=256)
     select_metric: str = _doc("Validation metric that picks the best checkpoint (loss is minimised, the "
-                              "rest maximised).", default="val_balanced_accuracy")
+                              "rest maximised).", default=DEFAULT_METRIC)
 
     def __post_init__(self) -> None:
         self._check_types()

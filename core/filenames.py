@@ -30,6 +30,12 @@ EVALUATION = "metrics.json"
 MODEL = "model.pt"
 REPORT = "report.md"
 REPORT_HTML = "report.html"
+CONFUSION_FIGURE = "confusion_matrix.png"        # an evaluation's figures (core/evaluation/pipeline.py)
+ROC_FIGURE = "roc_curves.png"
+RELIABILITY_FIGURE = "reliability_diagram.png"
+CURVES_FIGURE = "training_curves.png"            # final training's loss and metrics per epoch
+FINAL_SOURCE = "source.json"     # final/source.json: what core.final_train trained from (guards a resume)
+EPOCH_STATE = "epoch.json"       # a trial's metrics of its checkpointed epoch, beside last.pt (sweep/trainable.py)
 BEST_TRIAL = "best.json"
 FINAL_DIR = "final"            # core.final_train's default output folder, beside best.json
 # A sweep's folder (python -m sweep.run).

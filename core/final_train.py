@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # core.explain.gradcam imports Captum: only when Grad-CAM run
 
 log = logging.getLogger(__name__)
 
-SOURCE_FILE = "source.json"  # what this folder was trained from; guards a resume with other settings
+SOURCE_FILE = filenames.FINAL_SOURCE  # what this folder was trained from; guards a resume with other settings
 # On a GPU a 224 px epoch of HAM10000 trains in well under a second, about what writing best.pt and last.pt
 # takes: checkpoints every 30 s (and at the end) instead of every epoch; a resume repeats at most that much.
 CHECKPOINT_EVERY_S = 30.0
@@ -74,7 +74,7 @@ CHECKPOINT_EVERY_S = 30.0
 EPOCH_MISMATCH = 1.5
 # What to do when a file of an earlier final training in the folder is damaged.
 FINAL_ADVICE = "train again with --no-resume, or use another --out"
-CURVES_FIGURE = "training_curves.png"
+CURVES_FIGURE = filenames.CURVES_FIGURE
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from core.config import TrainConfig
 from core.device import Placement, dataset_to_device, resolve_device
 from core.training.ema import make_ema
 from core.errors import UserError, run_cli
+from core.metric_names import SELECT_METRICS
 from core.training.loop import Batches, Optimisation, train_one_epoch
 from core.model.forward import predict_split
 from core.model.fields import encode_dataset, make_spec
@@ -174,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = train(cfg, data, args.out, options=RunOptions(resume=not args.no_resume))
     best = result.best_metrics
     print(f"best epoch {result.best_epoch}/{result.epochs_run}: "
-          + ", ".join(f"{k}={best[k]:.4f}" for k in ("val_balanced_accuracy", "val_accuracy", "val_macro_f1",
-                                                       "val_auc", "val_loss")))
+          + ", ".join(f"{k}={best[k]:.4f}" for k in SELECT_METRICS))
     print(f"outputs in {result.out_dir} (run.json, metrics.csv, best.pt); tensorboard --logdir {result.out_dir}")
     return 0
 

@@ -14,9 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-log = logging.getLogger(__name__)
+from core import filenames
+from core.config import DEFAULT_ARCH
 
-METRICS_FILE = "metrics.json"
+log = logging.getLogger(__name__)
 
 
 def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "file": path.name,
         "written": dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "arch": meta.get("arch") or "resnet18",
+        "arch": meta.get("arch") or DEFAULT_ARCH,
         "classes": list(meta.get("class_names") or []),
         "image_size": int(meta.get("image_size") or config.get("image_size") or 0),
         "epoch": meta.get("epoch"),
@@ -37,7 +38,7 @@ def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
                         if calibration.get("temperature") else
                         {"skipped": calibration.get("skipped") or "the model file holds no temperature"}),
         "metadata_fields": meta.get("metadata") is not None,
-        "test": _test_figures(path.parent / METRICS_FILE),
+        "test": _test_figures(path.parent / filenames.EVALUATION),
     }
     return facts
 

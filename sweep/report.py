@@ -43,6 +43,7 @@ import pandas as pd
 from core.io import atomic, state_files
 from core import filenames
 from core.errors import UserError, run_cli
+from core.metric_names import DEFAULT_METRIC, finite_or_none
 from core.filenames import BEST_TRIAL, FINAL_DIR
 from core.evaluation.report import STYLE, final_link, final_section, slot
 from sweep.outputs import duration_text, read_trials, trials_frame
@@ -84,7 +85,7 @@ class SweepFolder:
 
     @property
     def metric(self) -> str:
-        return self.settings.get("metric") or "val_balanced_accuracy"
+        return self.settings.get("metric") or DEFAULT_METRIC
 
     @property
     def mode(self) -> str:
@@ -125,7 +126,7 @@ def read_sweep(folder: str | Path) -> SweepFolder:
         records = {r["trial_id"]: r for r in read_trials(folder)}
     except (OSError, ValueError, KeyError) as exc:  # a trial.json being replaced right now
         notes.append(f"trial records not all read: {exc}")
-    metric = settings.get("metric") or "val_balanced_accuracy"
+    metric = settings.get("metric") or DEFAULT_METRIC
     mode = metric_mode(metric)
     names = tuple(space.names) if space is not None else ()
     table = None
@@ -142,9 +143,9 @@ def read_sweep(folder: str | Path) -> SweepFolder:
     table = _with_state(table, records)
 
     best = None
-    if (folder / "best.json").is_file():
+    if (folder / BEST_TRIAL).is_file():
         try:
-            best = state_files.read_json_object(folder / "best.json", "no such file")
+            best = state_files.read_json_object(folder / BEST_TRIAL, "no such file")
         except UserError as exc:
             notes.append(str(exc))
     study = _read_study(folder, settings.get("name") or folder.name, notes)
@@ -269,7 +270,7 @@ def _facts_section(sweep: SweepFolder, now: float) -> str:
                                   f"fingerprint {best_data['fingerprint'][:12]}" if best_data.get("fingerprint")
                                   else "") if x)
     rows.append(("data", f"<code>{html.escape(str(data))}</code>" + (f" ({html.escape(extra)})" if extra else "")))
-    rows.append(("split", _split_text(sweep.folder / "splits.csv")))
+    rows.append(("split", _split_text(sweep.folder / filenames.SPLITS)))
     if sweep.space is not None:
         params = "".join(f"<li><code>{html.escape(p.name)}</code>: {html.escape(p.describe())}</li>"
                          for p in sweep.space.params)
@@ -459,7 +460,7 @@ def _trials_section(sweep: SweepFolder) -> str:
             elif label == "role":
                 cells.append(f"<td>{html.escape(row['role'])}</td>")
             elif key == "duration_s":
-                cells.append(_cell(_float(row.get(key)) / 60 if _float(row.get(key)) is not None else None, 1))
+                cells.append(_cell(finite_or_none(row.get(key)) / 60 if finite_or_none(row.get(key)) is not None else None, 1))
             elif key == "error":
                 text = _text(row.get("error"))
                 cells.append(f'<td class="error" title="{html.escape(text)}">{html.escape(text[:80])}</td>')
@@ -582,7 +583,7 @@ class Figures:
             except (OSError, ValueError):  # not written yet (a trial in its first epoch), or being replaced
                 continue
             frame = frame.dropna()
-            if state != "running" and _float(epochs_run) is not None:
+            if state != "running" and finite_or_none(epochs_run) is not None:
                 # A trial that the scheduler stopped may have finished an epoch Tune never received.
                 frame = frame[frame["epoch"] <= float(epochs_run)]
             if not frame.empty:
@@ -667,7 +668,7 @@ def _trial_link(trial_id: str) -> str:
 
 
 def _cell(value: Any, digits: int = 4) -> str:
-    number = _float(value)
+    number = finite_or_none(value)
     if number is not None:
         shown = f"{number:.{digits}f}" if not float(number).is_integer() or digits == 1 else f"{int(number)}"
         if abs(number) < 1e-3 and number != 0:
@@ -677,16 +678,6 @@ def _cell(value: Any, digits: int = 4) -> str:
     return f'<td data-v="{html.escape(text)}">{html.escape(text) if text else "-"}</td>'
 
 
-def _float(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -694,7 +685,7 @@ def _text(value: Any) -> str:
 
 
 def _num(value: Any) -> str:
-    number = _float(value)
+    number = finite_or_none(value)
     return "n/a" if number is None else f"{number:.4f}"
 
 

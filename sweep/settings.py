@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from core.io import atomic
 from core import filenames
-from core.config import SELECT_METRICS, TrainConfig
+from core.config import TrainConfig
+from core.metric_names import DEFAULT_METRIC, SELECT_METRICS, minimised
 from core.errors import UserError
 from core.io.state_files import read_json_object, reading
 from sweep.schedule import DEFAULT_GRACE_PERIOD, DEFAULT_REDUCTION_FACTOR, Asha
@@ -61,7 +62,7 @@ class SweepSettings:
     data: str | None = _option("dataset folder (HAM10000, ISIC 2018 or ImageFolder layout)", metavar="PATH",
                                shown="the built-in synthetic demo dataset")
     metric: str = _option("validation metric to optimise (maximised, a loss is minimised)",
-                          default="val_balanced_accuracy", choices=SELECT_METRICS)
+                          default=DEFAULT_METRIC, choices=SELECT_METRICS)
     max_epochs: int | None = _option("epochs per trial", shown="the config's epochs", metavar="N")
     scheduler: str = _option("early stopping of poor trials", default="asha", choices=SCHEDULERS)
     grace_period: int | None = _option("ASHA: epochs before a trial can be stopped", metavar="N",
@@ -125,7 +126,7 @@ class SweepSettings:
 
 def metric_mode(metric: str) -> str:
     """'min' for a loss, else 'max': which way a metric is better."""
-    return "min" if metric.endswith("loss") else "max"
+    return "min" if minimised(metric) else "max"
 
 
 def base_config(space: SearchSpace, settings: SweepSettings) -> TrainConfig:

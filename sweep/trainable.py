@@ -32,7 +32,7 @@ from sweep.storage import TrialFiles
 if TYPE_CHECKING:
     from core.data.dataset import Dataset
 
-EPOCH_FILE = "epoch.json"         # the metrics of the checkpointed epoch, beside core.train's last.pt
+EPOCH_FILE = filenames.EPOCH_STATE       # the metrics of the checkpointed epoch, beside core.train's last.pt
 NODE_FILE = filenames.TRIAL_NODE        # where the trial ran (written by the trial itself)
 
 log = logging.getLogger(__name__)

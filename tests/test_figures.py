@@ -66,7 +66,7 @@ def test_curves_figure_handles_missing_and_nan_values(tmp_path: Path, drawn: lis
     loss, accuracy, metrics = drawn[0].axes
     lines = {line.get_label(): line for line in metrics.lines}
     assert np.isnan(lines["macro F1"].get_ydata()[0]) and lines["macro F1"].get_ydata()[1] == pytest.approx(0.08)
-    assert np.isnan(lines["macro AUC"].get_ydata()[0]) and lines["macro AUC"].get_ydata()[4] == pytest.approx(0.7)
+    assert np.isnan(lines["macro ROC AUC"].get_ydata()[0]) and lines["macro ROC AUC"].get_ydata()[4] == pytest.approx(0.7)
     assert [line.get_label() for line in loss.lines] == ["train", "val", "chosen epoch 4"]
     assert all(ax.lines[-1].get_xdata()[0] == 4 for ax in (loss, accuracy, metrics))  # the chosen epoch marked
 

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from core.io.atomic import save_figure  # noqa: E402
+from core.metric_names import label  # noqa: E402
 from core.model.calibration import ECE_BINS, expected_calibration_error, reliability_bins  # noqa: E402
 
 DPI = 120
@@ -64,8 +65,7 @@ def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str], p
 _CURVE_PANELS = (
     ("loss", (("train_loss", "train"), ("val_loss", "val"))),
     ("accuracy", (("train_accuracy", "train"), ("val_accuracy", "val"))),
-    ("validation metrics", (("val_balanced_accuracy", "balanced accuracy"), ("val_macro_f1", "macro F1"),
-                            ("val_auc", "macro AUC"))),
+    ("validation metrics", tuple((key, label(key)) for key in ("val_balanced_accuracy", "val_macro_f1", "val_auc"))),
 )
 
 

@@ -16,6 +16,7 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
                              precision_recall_fscore_support, roc_auc_score)
 
 from core.errors import UserError
+from core.metric_names import METRICS
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, prefix: str,
@@ -97,12 +98,8 @@ def map_labels(data_classes: Sequence[str], model_classes: Sequence[str], labels
 
 def headline(metrics: Mapping[str, float | None]) -> str:
     """One console line of the main metrics."""
-    keys = ("test_balanced_accuracy", "test_accuracy", "test_macro_f1", "test_auc", "test_loss")
+    keys = [f"test_{m.name}" for m in METRICS]
     return ", ".join(f"{k.removeprefix('test_')}={_fmt(metrics.get(k))}" for k in keys)
-
-
-def finite_or_none(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)  # JSON has no NaN (an AUC with one class present)
 
 
 def _fmt(value: float | None) -> str:

@@ -28,7 +28,8 @@ from core.evaluation.sections import ClinicalOptions, ClinicalResults, Evaluated
 from core.data.dataset import Dataset
 from core.evaluation.figures import confusion_matrix_figure, reliability_figure, roc_figure
 from core.model.inference import SINGLE_MODE, TTA_MODE, LoadedModel
-from core.evaluation.metrics import PredictionScores, finite_or_none, score_predictions
+from core.evaluation.metrics import PredictionScores, score_predictions
+from core.metric_names import finite_or_none
 from core.evaluation.report import ReportInput, write_evaluation_report
 from core.evaluation.tables import headline_intervals, interval_note, report_tables
 
@@ -38,9 +39,8 @@ if TYPE_CHECKING:  # core.explain.gradcam imports Captum: only when Grad-CAM run
 log = logging.getLogger(__name__)
 
 EVALUATION_FORMAT = "lesion-sweep/evaluation"
-CONFUSION_FIGURE = "confusion_matrix.png"
-ROC_FIGURE = "roc_curves.png"
-RELIABILITY_FIGURE = "reliability_diagram.png"
+CONFUSION_FIGURE, ROC_FIGURE, RELIABILITY_FIGURE = (filenames.CONFUSION_FIGURE, filenames.ROC_FIGURE,
+                                                 filenames.RELIABILITY_FIGURE)
 
 
 @dataclass(frozen=True)

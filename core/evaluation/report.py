@@ -25,12 +25,11 @@ from typing import Any, Mapping, Sequence
 from core.explain import mask_scores
 from core import filenames
 from core.io.atomic import write_text
+from core.metric_names import METRICS
 
 log = logging.getLogger(__name__)
 
-HEADLINE_METRICS = (("test_balanced_accuracy", "balanced accuracy (mean recall)"), ("test_accuracy", "accuracy"),
-                    ("test_macro_f1", "macro F1"), ("test_auc", "macro ROC AUC (one vs rest)"),
-                    ("test_loss", "cross-entropy loss"))
+HEADLINE_METRICS = tuple((f"test_{m.name}", m.described) for m in METRICS)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from core.evaluation.sections import INTERVAL_KEYS
 from core.model.inference import TTA_MODE
 from core.evaluation.report import Table, with_interval
 from core.evaluation.subgroups import MIN_LESIONS
+from core.metric_names import label as metric_label
 
 
 def headline_intervals(document: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,8 +53,7 @@ def _lesion_table(document: Mapping[str, Any]) -> Table | None:
     if not lesion:
         return None
     image_iv, lesion_iv = document.get("intervals") or {}, lesion.get("intervals") or {}
-    labels = (("test_balanced_accuracy", "balanced accuracy"), ("test_accuracy", "accuracy"),
-              ("test_auc", "macro ROC AUC"), ("test_macro_f1", "macro F1"))
+    labels = [(key, metric_label(key)) for key in ("test_balanced_accuracy", "test_accuracy", "test_auc", "test_macro_f1")]
     rows = [[label, with_interval(document.get(key), image_iv.get(key)),
              with_interval(lesion.get(key), lesion_iv.get(key))] for key, label in labels]
     image_recall, lesion_recall = image_iv.get("recall") or {}, lesion_iv.get("recall") or {}
@@ -85,8 +85,7 @@ def _calibration_table(section: Mapping[str, Any] | None) -> Table | None:
 def _tta_table(section: Mapping[str, Any] | None) -> Table | None:
     if not section:
         return None
-    labels = (("test_balanced_accuracy", "balanced accuracy"), ("test_accuracy", "accuracy"),
-              ("test_auc", "macro ROC AUC"))
+    labels = [(key, metric_label(key)) for key in ("test_balanced_accuracy", "test_accuracy", "test_auc")]
     rows = [[label, with_interval(section["without"][key], section["without"].get(f"{key}_ci")),
              with_interval(section["with"][key], section["with"].get(f"{key}_ci")),
              _signed(section["difference"][key], section["difference"].get(f"{key}_ci"))] for key, label in labels]

@@ -41,6 +41,7 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
+from core.config import DEFAULT_ARCH
 from core.model.forward import normalize
 from core.explain.gallery import GalleryItem, gradcam_gallery_figure
 from core.model.networks import GRADCAM_LAYERS, STAGE_STRIDES, arch_of, gradcam_layer, gradcam_layers, metadata_spec_of
@@ -61,7 +62,7 @@ MIN_MAP_SIDE = 7   # plain Grad-CAM: the deepest stage whose map has at least th
 BATCH_SIZE = 64    # images per Captum call: bounds the memory of the hooks' saved activations
 
 
-def choose_layer(image_size: int, method: str = DEFAULT_METHOD, arch: str = "resnet18") -> str:
+def choose_layer(image_size: int, method: str = DEFAULT_METHOD, arch: str = DEFAULT_ARCH) -> str:
     """The layer a method looks at by default in ``arch``, at ``image_size`` px.
 
     An arch other than a ResNet has one Grad-CAM layer, its last feature stage. For a ResNet:

@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from core.metric_names import finite_or_none
+
 BIAS_ALARM = 0.5          # mean pairwise map correlation above which the maps are called alike
 CENTRED_SIGMA = 0.25      # of the image side
 TIE = 1e-5                # relative tolerance of "equal to the maximum"
@@ -85,7 +87,7 @@ def summarize(maps: np.ndarray, masks: np.ndarray) -> dict[str, float | int | No
         return {"n_images": 0, "energy_inside": None, "pointing": None, "map_correlation": None}
     return {"n_images": int(n), "energy_inside": float(energy_inside(maps, masks).mean()),
             "pointing": float(pointing_hits(maps, masks).mean()),
-            "map_correlation": _none_if_nan(mean_pairwise_correlation(maps))}
+            "map_correlation": finite_or_none(mean_pairwise_correlation(maps))}
 
 
 def baselines(masks: np.ndarray) -> dict[str, dict[str, float | int | None]]:
@@ -101,7 +103,7 @@ def baselines(masks: np.ndarray) -> dict[str, dict[str, float | int | None]]:
                              "energy_inside": float(energy_inside(gauss, masks).mean()) if n else None,
                              "pointing": float(pointing_hits(gauss, masks).mean()) if n else None,
                              "map_correlation": 1.0 if n > 1 else None},
-        "masks": {"n_images": int(n), "map_correlation": _none_if_nan(mean_pairwise_correlation(masks)) if n else None},
+        "masks": {"n_images": int(n), "map_correlation": finite_or_none(mean_pairwise_correlation(masks)) if n else None},
     }
 
 
@@ -183,10 +185,6 @@ def _num(value: float | None) -> str:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
-
-
-def _none_if_nan(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def score_one_map(heat: np.ndarray, mask: np.ndarray | None) -> dict[str, float | bool]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from core.model.calibration import apply_temperature
-from core.config import TrainConfig
+from core.config import DEFAULT_ARCH, TrainConfig
 from core.device import Placement, as_tensor, resolve_device
 from core.errors import UserError
 from core.model.forward import predict_split
@@ -49,7 +49,7 @@ class LoadedModel:
 
     @property
     def arch(self) -> str:
-        return str(self.meta.get("arch") or "resnet18")
+        return str(self.meta.get("arch") or DEFAULT_ARCH)
 
     @property
     def metadata_spec(self) -> dict | None:

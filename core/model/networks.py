@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from core.io.atomic import save_torch
-from core.config import ARCHS
+from core.config import ARCHS, DEFAULT_ARCH
 from core.errors import UserError
 from core.model.fields import unknown_rows
 from core.io.state_files import load_torch
@@ -38,7 +38,6 @@ MODEL_ADVICE = ("copy it again if it was copied, or write it again (core.final_t
                 "core.train best.pt)")
 MODEL_FORMAT = "lesion-sweep/model"
 MODEL_VERSION = 1
-ARCH = "resnet18"          # the default, and what a model file without 'arch' holds
 # Where each family keeps the linear layer that is replaced (a path of attributes / indices).
 HEADS = {"resnet18": ("fc",), "resnet34": ("fc",), "resnet50": ("fc",), "regnet_y_800mf": ("fc",),
          "efficientnet_b0": ("classifier", 1), "convnext_tiny": ("classifier", 2),
@@ -55,7 +54,7 @@ def check_arch(arch: str) -> str:
     return arch
 
 
-def build_model(num_classes: int, pretrained: str, arch: str = ARCH,
+def build_model(num_classes: int, pretrained: str, arch: str = DEFAULT_ARCH,
                 metadata: Mapping[str, Any] | None = None) -> nn.Module:
     """``arch`` with a ``num_classes``-way head; with a metadata spec, a :class:`MetadataNet` around it."""
     model = get_model(check_arch(arch), weights=None)
@@ -104,7 +103,7 @@ class MetadataNet(nn.Module):
 
 
 def arch_of(model: nn.Module) -> str:
-    return getattr(_unwrap(model), "lesion_arch", ARCH)
+    return getattr(_unwrap(model), "lesion_arch", DEFAULT_ARCH)
 
 
 def metadata_spec_of(model: nn.Module) -> dict[str, Any] | None:
@@ -256,7 +255,7 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu",
     payload = _torch_load(path, advice)
     if not isinstance(payload, Mapping) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a lesion-sweep model file (no format '{MODEL_FORMAT}')")
-    arch, spec = payload.get("arch", ARCH), payload.get("metadata")
+    arch, spec = payload.get("arch", DEFAULT_ARCH), payload.get("metadata")
     if payload.get("version") != MODEL_VERSION or arch not in ARCHS:
         raise UserError(f"{path}: unsupported model file version {payload.get('version')!r} / "
                         f"arch {arch!r}")

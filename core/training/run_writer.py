@@ -24,6 +24,7 @@ from core.io import atomic
 from core import filenames
 from core.config import TrainConfig
 from core.errors import UserError
+from core.metric_names import minimised
 from core.model.networks import save_model_file
 from core.data.splits import write_splits
 from core.io.state_files import load_torch, reading, writing
@@ -160,7 +161,7 @@ def better(new: dict[str, float], old: dict[str, float], metric: str) -> bool:
     a, b = new[metric], old[metric]
     if math.isnan(b):
         return not math.isnan(a)
-    return a < b if metric.endswith("loss") else a > b
+    return a < b if minimised(metric) else a > b
 
 
 def _claim(out: Path, cfg: TrainConfig, resume: bool) -> bool:
