@@ -56,6 +56,7 @@ from core.model.inference import LoadedModel, load_for_inference
 from core.evaluation.metrics import headline
 from core.model.networks import check_gradcam_layer, save_model_file
 from core.evaluation.operating_points import positive_index
+from core.progress import progress_bar
 from core.evaluation.report import show_in_parent_page
 from core.io.state_files import check_output_dir, read_json_state, reading
 from core.io.storage import is_uri
@@ -247,14 +248,13 @@ class EpochBar:
     """An outer progress bar over epochs showing the losses and validation metrics of the last one."""
 
     def __init__(self, epochs: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=epochs, desc="final training", unit="epoch", disable=not enabled, dynamic_ncols=True)
+        self.bar = progress_bar(total=epochs, desc="final training", unit="epoch", enabled=enabled)
 
     def on_epoch(self, metrics: dict[str, float]) -> None:
-        self.bar.n = int(metrics["epoch"])
         self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_loss=f"{metrics['val_loss']:.3f}",
-                             val_bacc=f"{metrics['val_balanced_accuracy']:.3f}", val_auc=f"{metrics['val_auc']:.3f}")
+                             val_bacc=f"{metrics['val_balanced_accuracy']:.3f}", val_auc=f"{metrics['val_auc']:.3f}",
+                             refresh=False)
+        self.bar.update(int(metrics["epoch"]) - self.bar.n)  # a resumed run starts past epoch 0
 
     def close(self) -> None:
         self.bar.close()

@@ -35,6 +35,7 @@ from core.model.fields import encode_dataset, make_spec
 from core.evaluation.metrics import classification_metrics
 from core.model.networks import build_model
 from core.training.optim import make_criterion, make_optimizer, make_scheduler
+from core.progress import progress_bar
 from core.training.run_writer import RunWriter
 from core.io.state_files import check_output_dir
 from core.training.sampling import epoch_order, image_draw_weights
@@ -144,9 +145,7 @@ def _train_counts(data: "Dataset", batches: Batches) -> np.ndarray:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False, dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, unit="step", enabled=enabled, leave=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

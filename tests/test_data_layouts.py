@@ -8,12 +8,12 @@ import shutil
 
 import numpy as np
 import pytest
-from data_fixtures import PALETTE, ham_labels, make_ham, make_imagefolder, make_isic, move_images
 
 import core.data.dataset
 from core.data.demo_data import generate_demo
 from core.data.layouts import HAM_CLASSES, read_layout
 from core.data.splits import assign_splits
+from tests.data_fixtures import PALETTE, ham_labels, make_ham, make_imagefolder, make_isic, move_images
 
 PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 

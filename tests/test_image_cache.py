@@ -6,12 +6,12 @@ import os
 
 import numpy as np
 import pytest
-from data_fixtures import make_imagefolder, write_image
 from PIL import Image
 
 import core.data.image_cache
 from core.data.dataset import SplitOptions, dataset_fingerprint, decode_image, load_dataset
 from core.data.image_cache import cache_file
+from tests.data_fixtures import make_imagefolder, write_image
 
 
 def _rgb_at(pixels: np.ndarray, y: int, x: int) -> np.ndarray:

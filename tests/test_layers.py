@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"core": {"sweep", "serve", "bench"}, "sweep": {"serve", "bench"}}
-FLOOR = {"errors", "filenames", "metric_names", "config", "device"}   # top-of-core modules every subpackage may import
+FLOOR = {"errors", "filenames", "metric_names", "progress", "config", "device"}  # top-of-core modules any subpackage may use
 CORE_ALLOWED = {
     "io": {"errors"},
     "data": FLOOR | {"io"},

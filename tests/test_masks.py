@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import make_ham, make_imagefolder, make_isic
 from PIL import Image
 
 import core.data.masks
 from core.data.dataset import load_dataset
 from core.data.demo_data import MASKS_FOLDER
 from core.errors import UserError
+from tests.data_fixtures import make_ham, make_imagefolder, make_isic
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16

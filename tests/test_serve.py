@@ -422,7 +422,7 @@ def test_model_facts_read_metrics_json_beside_the_model(model_file: Path, tmp_pa
     meta = {"class_names": ["a", "b"], "image_size": 64, "config": {"epochs": 12}, "epoch": 9}
     facts = model_facts(copy, meta)
     assert facts["test"]["balanced_accuracy"] == 0.496 and facts["test"]["balanced_accuracy_ci"] == [0.44, 0.55]
-    assert facts["test"]["data"] == {"path": "/data/HAM10000", "layout": "ham10000"}
+    assert facts["test"]["data"] == {"name": "HAM10000", "layout": "ham10000", "classes": None}  # no server path
     assert facts["calibration"] == {"skipped": "the model file holds no temperature"} and facts["arch"] == "resnet18"
     (tmp_path / "metrics.json").write_text("{cut sh")
     assert model_facts(copy, meta)["test"] is None  # a damaged metrics.json: no figures, still serving

@@ -48,7 +48,7 @@ def test_groups_below_the_minimum_lesion_count_are_listed_not_scored() -> None:
 
 def test_layouts_keep_the_other_metadata_columns(tmp_path) -> None:
     from core.data.layouts import read_layout
-    from data_fixtures import make_ham, make_imagefolder, make_isic
+    from tests.data_fixtures import make_ham, make_imagefolder, make_isic
 
     ham = read_layout(make_ham(tmp_path / "ham", n_lesions=12))
     table = pd.read_csv(tmp_path / "ham" / "HAM10000_metadata.csv", dtype=str).set_index("image_id")

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from core.io.atomic import atomic_path
 from core.device import usable_cpus
 from core.errors import UserError
+from core.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,11 @@ def decode_all(paths: Sequence[Path], image_size: int, *, progress: bool = True,
     if not paths:
         return out
     workers = workers or min(32, usable_cpus() + 2)
-    from tqdm import tqdm
-
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
     try:
         decoded = pool.map(lambda path: decode_image(path, image_size), paths, chunksize=1)
-        bar = tqdm(decoded, total=len(paths), disable=not progress, unit="img", mininterval=0.5,
-                   desc=f"decoding {len(paths)} images to {image_size}px")
+        bar = progress_bar(decoded, total=len(paths), enabled=progress, unit="img",
+                           desc=f"decoding {len(paths)} images to {image_size}px")
         for index, pixels in enumerate(bar):
             out[index] = pixels
     finally:
