@@ -25,10 +25,11 @@ from core.device import Placement, as_tensor, resolve_device
 from core.errors import UserError
 from core.loop import predict_split
 from core.metadata import encode_dataset, encode_records
-from core.model import MODEL_ADVICE, load_model_file
+from core.model import MODEL_ADVICE, model_from_payload, read_model_payload
 from core.tta import N_VIEWS, DihedralMean
 
 SINGLE_MODE, TTA_MODE = "single", "tta"  # keys of the temperatures stored in model.pt
+ENSEMBLE_FORMAT = "lesion-sweep/ensemble"  # an ensemble model file's format (core/ensemble_model.py)
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,26 @@ class LoadedModel:
 def load_for_inference(path: str | os.PathLike, device: str = "auto", advice: str = MODEL_ADVICE) -> LoadedModel:
     """Read a model file (model.pt, best.pt) onto ``device`` ('auto', 'cpu' or 'cuda'); ``advice``: what to do
     when it cannot be read."""
-    model, meta = load_model_file(path, advice=advice)
+    payload = read_model_payload(path, advice)
+    if is_ensemble_payload(payload):  # an ensemble file (core/ensemble_model.py): the same interface
+        from core.ensemble_model import ensemble_from_payload
+
+        return ensemble_from_payload(payload, path, device)  # type: ignore[return-value]
+    return loaded_from(*model_from_payload(payload, path), path, device)
+
+
+def loaded_from(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike, device: str) -> LoadedModel:
+    """A read model file (core.model.model_from_payload) ready for inference on ``device``."""
     try:
         cfg = replace(TrainConfig.from_dict(meta.get("config") or {}), device=device)
     except UserError as exc:
         raise UserError(f"{path}: the model's config is not valid here ({exc})") from None
     torch_device = resolve_device(cfg)
     return LoadedModel(model=model.to(torch_device), meta=meta, config=cfg, device=torch_device)
+
+
+def is_ensemble_payload(payload: Any) -> bool:
+    return isinstance(payload, Mapping) and payload.get("format") == ENSEMBLE_FORMAT
 
 
 def predict_probs(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, device: str | torch.device = "cpu",
