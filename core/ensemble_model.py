@@ -149,6 +149,20 @@ def mutual_information(member_probs: np.ndarray, weights: np.ndarray) -> np.ndar
     return np.maximum(entropy(mean) - np.tensordot(weights, entropy(member_probs), axes=1), 0.0)
 
 
+# The members' disagreement in words (mutual information, nats): below the first bound they agree; from the second
+# on they disagree enough that the answer should be read as uncertain. Two members that are each sure of a different
+# class reach log 2 = 0.69; these bounds are a reading aid, not a calibrated test.
+DISAGREEMENT_WORDS = ((0.05, "the ensemble's members agree"),
+                      (0.2, "the ensemble's members differ somewhat"),
+                      (float("inf"), "the ensemble's members disagree: read this answer as uncertain"))
+
+
+def describe_disagreement(value: float) -> str:
+    """The members' disagreement in words (DISAGREEMENT_WORDS), with its value."""
+    words = next(text for bound, text in DISAGREEMENT_WORDS if value < bound)
+    return f"{words} (mutual information {value:.3f} nats)"
+
+
 def resized(images_uint8: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
     """uint8 images [N, 3, S, S] at ``size`` px (bilinear, antialiased); unchanged when already that size."""
     if images_uint8.shape[-1] == size and images_uint8.shape[-2] == size:

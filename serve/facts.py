@@ -17,6 +17,7 @@ from typing import Any, Mapping
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+ENSEMBLE_DIR = "ensemble"   # an ensemble.pt's evaluation is in ensemble/ beside it (core/final_ensemble.py)
 
 
 def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,8 +38,10 @@ def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
                         if calibration.get("temperature") else
                         {"skipped": calibration.get("skipped") or "the model file holds no temperature"}),
         "metadata_fields": meta.get("metadata") is not None,
-        "test": _test_figures(path.parent / METRICS_FILE),
+        "test": _test_figures(path.parent / (ENSEMBLE_DIR if meta.get("members") else "") / METRICS_FILE),
     }
+    if meta.get("members"):  # an ensemble file (core/ensemble_model.py): its members and their weights
+        facts["ensemble"] = [{"name": m.get("name"), "weight": m.get("weight")} for m in meta["members"]]
     return facts
 
 

@@ -114,3 +114,136 @@ def test_a_damaged_or_missing_member_is_one_error_naming_it(members: dict[str, P
     with pytest.raises(UserError, match=f"ensemble member c: {tmp_path / 'gone.pt'}: no such"):
         save_ensemble_file(tmp_path / "e.pt", [("a", members["a"], 1), ("c", tmp_path / "gone.pt", 1)])
     assert not (tmp_path / "e.pt").exists()
+
+
+# --- end to end: a tiny sweep folder with two trained runs and its ensemble.json, then core.final_train ---------
+
+def _command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sweep(module_tmp: Path) -> Path:
+    """A sweep folder as sweep.run leaves it, written directly: two 1-epoch runs at 32 px (the second with
+    clinical fields), best.json naming the first, ensemble.json both (weights 2:1)."""
+    import shutil
+
+    from core.data import load_for_config
+    from core.demo_data import generate_demo
+    from core.ensemble_file import choice_document, write_ensemble_choice
+    from core.train import RunOptions, train
+
+    root = generate_demo(module_tmp / "data", n_lesions=24, image_size=32, seed=2)
+    folder = module_tmp / "sweep"
+    configs = {"t1": TrainConfig(epochs=1, image_size=32, pretrained="none", batch_size=8, warmup_epochs=0.0,
+                                 device="cpu"),
+               "t2": TrainConfig(epochs=1, image_size=32, pretrained="none", batch_size=8, warmup_epochs=0.0,
+                                 device="cpu", metadata="concat", seed=1)}
+    for trial, cfg in configs.items():
+        data = load_for_config(root, cfg, progress=False)
+        train(cfg, data, folder / "trials" / trial, options=RunOptions(progress=False, tensorboard=False))
+    assert (folder / "trials" / "t1" / "val_probs.npz").is_file()   # every run keeps its val probabilities
+    with np.load(folder / "trials" / "t1" / "val_probs.npz") as kept:
+        assert kept["probs"].shape == (len(data.indices("val")), 7) and (kept["labels"] == data.labels[data.indices("val")]).all()
+    shutil.copy(folder / "trials" / "t1" / "splits.csv", folder / "splits.csv")
+    best = {"format": "lesion-sweep/best", "version": 1, "config": configs["t1"].to_dict(),
+            "metric": {"name": "val_balanced_accuracy", "value": 0.2, "mode": "max"}, "trial_id": "t1",
+            "data": {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout},
+            "splits_file": "splits.csv", "checkpoint": "trials/t1/best.pt",
+            "code_version": {"package": "0.1.0", "git_commit": None, "git_dirty": None},
+            "created": "2026-01-01T00:00:00+00:00"}
+    (folder / "best.json").write_text(json.dumps(best))
+    members = [{"trial_id": t, "role": "search", "count": c, "weight": c / 3, "checkpoint": f"trials/{t}/best.pt"}
+               for t, c in (("t1", 2), ("t2", 1))]
+    write_ensemble_choice(folder / "ensemble.json", choice_document(
+        "val_balanced_accuracy", "max", 5, len(data.indices("val")),
+        [{"trial_id": "t1", "role": "search", "value": 0.2}, {"trial_id": "t2", "role": "search", "value": 0.1}],
+        members, [{"added": "t1", "value": 0.2}, {"added": "t2", "value": 0.25}, {"added": "t1", "value": 0.3}],
+        "reached --ensemble-size picks", 0.3))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def final(sweep: Path):
+    from core.clinical import ClinicalOptions
+    from core.final_train import FinalOptions, final_train
+
+    return final_train(sweep / "best.json", FinalOptions(gallery_per_class=1, progress=False,
+                                                         evaluation=ClinicalOptions(resamples=50)))
+
+
+def test_final_train_builds_the_ensemble_beside_the_single_model(sweep: Path, final) -> None:
+    from core.inference import load_for_inference
+
+    out = final.out_dir
+    ens = load_for_inference(out / "ensemble.pt", "cpu")
+    assert [m["name"] for m in ens.meta["members"]] == ["t1", "t2"] and ens.weights.tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert ens.temperature(False) is not None and ens.meta["operating_points"]["positive_class"] == "mel"
+    assert ens.metadata_spec is not None   # t2's clinical fields
+    ensemble_metrics = json.loads((out / "ensemble" / "metrics.json").read_text())
+    single_metrics = json.loads((out / "metrics.json").read_text())
+    assert ensemble_metrics["n_images"] == single_metrics["n_images"] > 0
+    comparison = json.loads((out / "ensemble_comparison.json").read_text())
+    row = comparison["metrics"]["balanced_accuracy"]
+    assert row["single"]["value"] == pytest.approx(single_metrics["test_balanced_accuracy"])
+    assert row["ensemble"]["value"] == pytest.approx(ensemble_metrics["test_balanced_accuracy"])
+    assert row["difference"]["value"] == pytest.approx(row["ensemble"]["value"] - row["single"]["value"])
+    assert set(comparison["metrics"]) == {"balanced_accuracy", "auc", "ece"} and row["difference"]["interval"]
+    report = (out / "report.md").read_text()
+    assert "**Ensemble** of 2 sweep runs" in report and "| ECE |" in report
+    assert (out / "ensemble" / "report.md").is_file() and list((out / "ensemble").glob("gradcam_*.png"))
+
+
+def test_evaluate_and_predict_take_the_ensemble_file(sweep: Path, final, tmp_path: Path) -> None:
+    out = final.out_dir
+    data = Path(json.loads((sweep / "best.json").read_text())["data"]["path"])
+    result = _command("core.evaluate", str(out / "ensemble.pt"), "--data", str(data), "--out", str(tmp_path / "ev"),
+                      "--splits", str(sweep / "splits.csv"), "--gallery", "0", "--bootstrap", "20")
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    ensemble_metrics = json.loads((out / "ensemble" / "metrics.json").read_text())
+    assert evaluated["test_balanced_accuracy"] == pytest.approx(ensemble_metrics["test_balanced_accuracy"])
+    images = sorted(data.rglob("*.jpg"))[:2]
+    result = _command("core.predict", str(out / "ensemble.pt"), *map(str, images), "--json", "--age", "40",
+                      "--gradcam", str(tmp_path / "cams"))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 2 and all(r["disagreement"]["mutual_information"] >= 0 for r in rows)
+    assert "members" in rows[0]["disagreement"]["words"] and len(list((tmp_path / "cams").glob("*.png"))) == 2
+
+
+def test_the_server_answers_with_the_members_disagreement(final) -> None:
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from serve.service import ModelService, ServeOptions
+    from tests.serve_fixtures import image_bytes
+
+    service = ModelService.load(final.out_dir / "ensemble.pt", ServeOptions(device="cpu"))
+    try:
+        client = TestClient(create_app(service, max_body=2 * 2**20))
+        body = client.post("/predict", files={"file": ("a.jpg", image_bytes(seed=3), "image/jpeg")},
+                           data={"age": "60", "sex": "male", "explain": "true"}).json()
+        assert sum(body["probabilities"].values()) == pytest.approx(1.0) and body["metadata"]["used"] is True
+        assert body["disagreement"]["mutual_information"] >= 0 and "members" in body["disagreement"]["words"]
+        assert body["explain"]["overlay_png"]
+        info = client.get("/info").json()
+        assert [m["name"] for m in info["ensemble"]] == ["t1", "t2"] and info["test"]["balanced_accuracy"] is not None
+    finally:
+        service.close()
+
+
+def test_a_damaged_member_stops_the_final_training_naming_it(sweep: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from core.errors import run_cli
+    from core.final_train import main
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("final"))
+    (copy / "trials" / "t2" / "best.pt").write_bytes(b"damaged")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, [str(copy / "best.json"), "--gallery", "0", "--bootstrap", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert f"error: ensemble member t2: {copy / 'trials' / 't2' / 'best.pt'}" in err.splitlines()[-1]
