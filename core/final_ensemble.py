@@ -71,8 +71,25 @@ def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: Sc
         return None
     members = [(m.trial_id, m.checkpoint, m.weight) for m in choice.members]
     log.info("building the ensemble of %d sweep runs (%s)", len(members), path)
+    model, document, scored = calibrated_ensemble(members, {"ensemble": _record(choice)}, path, best, cfg, data,
+                                                  options, progress)
+    data = scored.images.data
+    test_idx = data.indices("test")
+    if not np.array_equal(data.image_ids[test_idx], single.images.data.image_ids[single.images.idx]):
+        raise AssertionError("the ensemble's test images differ from the single model's")
+    comparison = compare(single.scores.labels, data.groups[test_idx], single.clinical.probs, scored.clinical.probs,
+                         resamples=options.resamples, seed=options.seed)
+    return FinalEnsemble(choice, model, document, scored, comparison)
+
+
+def calibrated_ensemble(members: list[tuple[str, Any, float]], extra: Mapping[str, Any], path: Path, best: BestFile,
+                        cfg: TrainConfig, data: Dataset, options: ClinicalOptions, progress: bool = False,
+                        ) -> tuple[EnsembleModel, dict[str, Any], ScoredImages]:
+    """An ensemble of the model files ``members`` ((name, file, weight)), its temperature and operating points
+    fitted on the averaged validation probabilities, scored once on the test split; ``path``: the file that
+    named the members (in errors). Returns the model, the ensemble file's contents and the test scores."""
     with reading(path, MEMBER_ADVICE):
-        document = ensemble_document(members, {"ensemble": _record(choice)}, advice=MEMBER_ADVICE)
+        document = ensemble_document(members, extra, advice=MEMBER_ADVICE)
     model = ensemble_from_payload(document, path, cfg.device)
     size = int(document["image_size"])
     if size != cfg.image_size:  # the members' largest size; the single model's data is at its own
@@ -88,11 +105,7 @@ def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: Sc
     test_idx = data.indices("test")
     scored = score_images(model, EvaluatedImages(data, test_idx, data.labels[test_idx], "test split"), fitted,
                           options)
-    if not np.array_equal(data.image_ids[test_idx], single.images.data.image_ids[single.images.idx]):
-        raise AssertionError("the ensemble's test images differ from the single model's")
-    comparison = compare(single.scores.labels, data.groups[test_idx], single.clinical.probs, scored.clinical.probs,
-                         resamples=options.resamples, seed=options.seed)
-    return FinalEnsemble(choice, model, document, scored, comparison)
+    return model, document, scored
 
 
 def write_ensemble(out: Path, ensemble: FinalEnsemble, gradcam: Any,
