@@ -39,7 +39,7 @@ from core.calibration import apply_temperature
 from core.config import TrainConfig
 from core.device import resolve_device
 from core.errors import UserError
-from core.inference import ENSEMBLE_FORMAT, SINGLE_MODE, TTA_MODE, LoadedModel, is_ensemble_payload, loaded_from
+from core.inference import ENSEMBLE_FORMAT, LoadedModel, is_ensemble_payload, loaded_from, stored_temperature
 from core.metadata import encode_dataset, encode_records
 from core.model import MODEL_ADVICE, arch_of, model_from_payload, read_model_payload
 
@@ -109,9 +109,7 @@ class EnsembleModel:
                                else encode_dataset(data, m.metadata_spec)[idx] for m in self.members], axis=1)
 
     def temperature(self, tta: bool = False) -> float | None:
-        stored = (self.meta.get("calibration") or {}).get("temperature") or {}
-        value = stored.get(TTA_MODE if tta else SINGLE_MODE)
-        return None if value is None else float(value)
+        return stored_temperature(self.meta, tta)
 
     def predict(self, images_uint8: np.ndarray | torch.Tensor, *, tta: bool = False, calibrated: bool = True,
                 metadata: np.ndarray | None = None) -> np.ndarray:

@@ -23,7 +23,9 @@ matrix; core/evaluation_pipeline.py), ``training_curves.png``, ``confusion_matri
 ``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the
 page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
 gains it as its final-model section). Running the command again resumes an interrupted training and
-re-evaluates a finished one. ``metrics.json`` is written last and removed when a run starts, so a folder
+re-evaluates a finished one. Where the sweep chose an ensemble (ensemble.json beside best.json), it is then
+built from its members' checkpoints, calibrated on val and evaluated on test beside the single model
+(core/final_ensemble.py: ``ensemble.pt``, ``ensemble/``, ``ensemble_comparison.json``). ``metrics.json`` is written last and removed when a run starts, so a folder
 holding one is complete. A damaged ``run.json`` or ``metrics.csv`` is written again from ``last.pt`` (with a
 warning); a damaged ``best.pt``, ``last.pt`` or ``source.json`` is a one-line error saying to train again with
 --no-resume.

@@ -76,9 +76,7 @@ class LoadedModel:
 
     def temperature(self, tta: bool = False) -> float | None:
         """The calibration temperature stored for single-view (or TTA) prediction; None when uncalibrated."""
-        stored = (self.meta.get("calibration") or {}).get("temperature") or {}
-        value = stored.get(TTA_MODE if tta else SINGLE_MODE)
-        return None if value is None else float(value)
+        return stored_temperature(self.meta, tta)
 
     def predict(self, images_uint8: np.ndarray | torch.Tensor, *, tta: bool = False, calibrated: bool = True,
                 metadata: np.ndarray | None = None) -> np.ndarray:
@@ -122,6 +120,13 @@ def loaded_from(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike,
         raise UserError(f"{path}: the model's config is not valid here ({exc})") from None
     torch_device = resolve_device(cfg)
     return LoadedModel(model=model.to(torch_device), meta=meta, config=cfg, device=torch_device)
+
+
+def stored_temperature(meta: Mapping[str, Any], tta: bool) -> float | None:
+    """The temperature a model file (or an ensemble file) stores for single-view (or TTA) prediction, or None."""
+    stored = (meta.get("calibration") or {}).get("temperature") or {}
+    value = stored.get(TTA_MODE if tta else SINGLE_MODE)
+    return None if value is None else float(value)
 
 
 def is_ensemble_payload(payload: Any) -> bool:

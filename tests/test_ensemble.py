@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,6 @@ from core.config import TrainConfig
 from core.errors import UserError
 from sweep.ensemble import STOP_NO_GAIN, STOP_SIZE, greedy_select
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 
@@ -118,10 +115,6 @@ def test_a_damaged_or_missing_member_is_one_error_naming_it(members: dict[str, P
 
 # --- end to end: a tiny sweep folder with two trained runs and its ensemble.json, then core.final_train ---------
 
-def _command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def sweep(module_tmp: Path) -> Path:
     """A sweep folder as sweep.run leaves it, written directly: two 1-epoch runs at 32 px (the second with
@@ -194,20 +187,21 @@ def test_final_train_builds_the_ensemble_beside_the_single_model(sweep: Path, fi
     assert (out / "ensemble" / "report.md").is_file() and list((out / "ensemble").glob("gradcam_*.png"))
 
 
-def test_evaluate_and_predict_take_the_ensemble_file(sweep: Path, final, tmp_path: Path) -> None:
+def test_evaluate_and_predict_take_the_ensemble_file(sweep: Path, final, tmp_path: Path, capsys) -> None:
+    from core import evaluate, predict
+
     out = final.out_dir
     data = Path(json.loads((sweep / "best.json").read_text())["data"]["path"])
-    result = _command("core.evaluate", str(out / "ensemble.pt"), "--data", str(data), "--out", str(tmp_path / "ev"),
-                      "--splits", str(sweep / "splits.csv"), "--gallery", "0", "--bootstrap", "20")
-    assert result.returncode == 0, result.stderr
+    assert evaluate.main([str(out / "ensemble.pt"), "--data", str(data), "--out", str(tmp_path / "ev"),
+                          "--splits", str(sweep / "splits.csv"), "--gallery", "0", "--bootstrap", "20"]) == 0
     evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     ensemble_metrics = json.loads((out / "ensemble" / "metrics.json").read_text())
     assert evaluated["test_balanced_accuracy"] == pytest.approx(ensemble_metrics["test_balanced_accuracy"])
     images = sorted(data.rglob("*.jpg"))[:2]
-    result = _command("core.predict", str(out / "ensemble.pt"), *map(str, images), "--json", "--age", "40",
-                      "--gradcam", str(tmp_path / "cams"))
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    capsys.readouterr()
+    assert predict.main([str(out / "ensemble.pt"), *map(str, images), "--json", "--age", "40",
+                         "--gradcam", str(tmp_path / "cams")]) == 0
+    rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 and all(r["disagreement"]["mutual_information"] >= 0 for r in rows)
     assert "members" in rows[0]["disagreement"]["words"] and len(list((tmp_path / "cams").glob("*.png"))) == 2
 
