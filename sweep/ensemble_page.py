@@ -34,7 +34,9 @@ def ensemble_section(folder: Path, settings: dict) -> str:
             (f"best run alone ({metric})", f"{choice.best_single_value:.4f} ({_link(choice.best_single_id)})"),
             (f"ensemble ({metric})", f"{choice.ensemble_value:.4f}"),
             ("model", f"<code>python -m core.final_train {html.escape(str(folder / filenames.BEST_TRIAL))}</code> builds "
-                      f"<code>{filenames.FINAL_DIR}/{filenames.ENSEMBLE_MODEL}</code> from the members' best.pt")]
+                      f"<code>{filenames.FINAL_DIR}/{filenames.ENSEMBLE_MODEL}</code> from the members' best.pt"
+             if choice.is_ensemble else "none: no run improved on the best run alone, so core.final_train trains "
+                                        "the single model only")]
     out = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
     out += "<h3>members</h3><table><tr><th>trial</th><th>role</th><th>picks</th><th>weight</th></tr>" + "".join(
         f"<tr><td>{_link(m.trial_id)}</td><td>{html.escape(m.role)}</td><td>{m.count}</td><td>{m.weight:.3f}</td></tr>"
