@@ -161,7 +161,7 @@ def final(sweep: Path):
     from core.clinical import ClinicalOptions
     from core.final_train import FinalOptions, final_train
 
-    return final_train(sweep / "best.json", FinalOptions(gallery_per_class=1, progress=False,
+    return final_train(sweep / "best.json", FinalOptions(gallery_per_class=0, progress=False,
                                                          evaluation=ClinicalOptions(resamples=50)))
 
 
@@ -184,7 +184,7 @@ def test_final_train_builds_the_ensemble_beside_the_single_model(sweep: Path, fi
     assert set(comparison["metrics"]) == {"balanced_accuracy", "auc", "ece"} and row["difference"]["interval"]
     report = (out / "report.md").read_text()
     assert "**Ensemble** of 2 sweep runs" in report and "| ECE |" in report
-    assert (out / "ensemble" / "report.md").is_file() and list((out / "ensemble").glob("gradcam_*.png"))
+    assert (out / "ensemble" / "report.md").is_file()   # Grad-CAM of an ensemble: core.predict --gradcam below
 
 
 def test_evaluate_and_predict_take_the_ensemble_file(sweep: Path, final, tmp_path: Path, capsys) -> None:
@@ -193,10 +193,11 @@ def test_evaluate_and_predict_take_the_ensemble_file(sweep: Path, final, tmp_pat
     out = final.out_dir
     data = Path(json.loads((sweep / "best.json").read_text())["data"]["path"])
     assert evaluate.main([str(out / "ensemble.pt"), "--data", str(data), "--out", str(tmp_path / "ev"),
-                          "--splits", str(sweep / "splits.csv"), "--gallery", "0", "--bootstrap", "20"]) == 0
+                          "--splits", str(sweep / "splits.csv"), "--gallery", "1", "--bootstrap", "20"]) == 0
     evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     ensemble_metrics = json.loads((out / "ensemble" / "metrics.json").read_text())
     assert evaluated["test_balanced_accuracy"] == pytest.approx(ensemble_metrics["test_balanced_accuracy"])
+    assert evaluated["gradcam"]["n_maps"] > 0 and list((tmp_path / "ev").glob("gradcam_*.png"))  # members' maps
     images = sorted(data.rglob("*.jpg"))[:2]
     capsys.readouterr()
     assert predict.main([str(out / "ensemble.pt"), *map(str, images), "--json", "--age", "40",
