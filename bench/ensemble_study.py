@@ -12,6 +12,8 @@ probabilities of:
   ensemble   the greedy ensemble (final/ensemble.pt; members weighted by their picks)
   average    the plain average of every full-length run of the sweep (search trials not stopped, confirmation runs)
   seeds      the winning config's own runs alone (its search trial and confirmation runs: an ensemble of seeds)
+  greedy-nll the same greedy selection as the sweep's, on the validation loss (NLL) instead of the sweep's metric
+             (a smooth criterion: balanced accuracy of an argmax moves in steps, and often no addition moves it)
 
 each calibrated with its own temperature fitted on the validation split: balanced accuracy (plain argmax, and
 the "balanced" rule: probabilities divided by the training prior to the power 0.5 before the argmax), macro AUC
@@ -38,7 +40,7 @@ from core.errors import run_cli
 
 log = logging.getLogger(__name__)
 
-KINDS = ("single", "ensemble", "average", "seeds")
+KINDS = ("single", "ensemble", "average", "seeds", "greedy-nll")
 PRIOR_POWER = 0.5   # the balanced decision rule: p / prior**0.5, then argmax
 
 
@@ -83,6 +85,8 @@ def _parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the final training (default 2)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--results", help="keep the sweeps here (default: a temporary folder, removed)")
+    parser.add_argument("--reuse", action="store_true", help="with --results: a sweep whose final training is "
+                                                             "there is evaluated again, not run again")
     return parser.parse_args(argv)
 
 
@@ -94,6 +98,9 @@ def _one_sweep(args: Any, data_path: Path, seed: int, results_root: Path) -> dic
         trials=args.trials, max_epochs=args.epochs, gpus=0, cpus_per_trial=args.cpus_per_trial, seed=seed,
         confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds, ensemble_size=args.ensemble_size,
         overrides=(f"image_size={args.image_size}", "device=cpu", f"seed={seed}"))
+    folder = results_root / settings.name
+    if args.reuse and (folder / "final" / "metrics.json").is_file():  # swept and trained before: evaluate again
+        return {"seed": seed, "sweep_min": None, **evaluate_sweep(folder, args, train=False)}
     began = time.time()
     run = sweep_run(settings)
     swept = time.time() - began
@@ -101,7 +108,7 @@ def _one_sweep(args: Any, data_path: Path, seed: int, results_root: Path) -> dic
     return {"seed": seed, "sweep_min": round(swept / 60, 1), **evaluate_sweep(Path(run["sweep_dir"]), args)}
 
 
-def evaluate_sweep(folder: Path, args: Any) -> dict[str, Any]:
+def evaluate_sweep(folder: Path, args: Any, train: bool = True) -> dict[str, Any]:
     """final_train of the sweep, then the four kinds of model on the test split (see the module docstring)."""
     import pandas as pd
 
@@ -114,11 +121,13 @@ def evaluate_sweep(folder: Path, args: Any) -> dict[str, Any]:
     from core.final_ensemble import calibrated_ensemble
     from core.final_train import FinalOptions, final_train
     from core.inference import load_for_inference
-    from sweep.ensemble import full_length_runs
+    from sweep.ensemble import full_length_runs, greedy_select, read_val_probs
 
     began = time.time()
     options = ClinicalOptions(resamples=args.resamples)
-    final_train(folder / filenames.BEST_TRIAL, FinalOptions(gallery_per_class=0, progress=False, evaluation=options))
+    if train:
+        final_train(folder / filenames.BEST_TRIAL, FinalOptions(gallery_per_class=0, progress=False,
+                                                                evaluation=options))
     best = read_best(folder / filenames.BEST_TRIAL)
     data = load_for_config(best.data_path, best.config, splits_file=best.splits_file, progress=False)
     test = data.indices("test")
@@ -147,6 +156,16 @@ def evaluate_sweep(folder: Path, args: Any) -> dict[str, Any]:
             continue
         _, _, scored = calibrated_ensemble(files, {}, folder / filenames.TRIALS_CSV, best, best.config, data, options)
         probs[kind], members[kind] = scored.clinical.probs, ids
+    kept = [read_val_probs(folder / filenames.TRIALS_DIR / t) for t in full]
+    by_nll = greedy_select([k["probs"] for k in kept], kept[0]["labels"], "val_loss", args.ensemble_size)
+    picked = [(full[i], folder / filenames.TRIALS_DIR / full[i] / filenames.BEST_CHECKPOINT, float(by_nll.counts[i]))
+              for i in np.flatnonzero(by_nll.counts)]
+    if len(picked) > 1:
+        _, _, scored = calibrated_ensemble(picked, {}, folder / filenames.TRIALS_CSV, best, best.config, data, options)
+        probs["greedy-nll"] = scored.clinical.probs
+    else:
+        probs["greedy-nll"] = probs["single"]
+    members["greedy-nll"] = [f"{t} x{int(c)}" for t, _, c in picked]
     rows = {}
     for kind in KINDS:
         compared = compare(labels, groups, probs["single"], probs[kind], names=("single", kind),
@@ -194,7 +213,7 @@ def table(sweeps: Sequence[dict[str, Any]]) -> str:
                          f"{_cell(rule['minus_single'], True) if kind != 'single' else ''} | {_cell(row['auc'])} | "
                          f"{_cell(diff['auc'], True) if kind != 'single' else ''} | {_cell(row['ece'])} | "
                          f"{_cell(diff['ece'], True) if kind != 'single' else ''} |")
-    lines += ["", "mean over sweeps (differences: paired by sweep):"]
+    lines += ["", "mean over sweeps (differences: paired by sweep); members of each:"]
     for kind in KINDS:
         def mean(path: Sequence[str]) -> float:
             values = []
@@ -205,11 +224,12 @@ def table(sweeps: Sequence[dict[str, Any]]) -> str:
                 values.append(entry["value"])
             return statistics.fmean(values)
 
-        lines.append(f"  {kind:8s} bal acc {mean(['balanced_accuracy']):.3f} ({mean(['minus_single', 'balanced_accuracy']):+.3f}), "
+        lines.append(f"  {kind:10s} bal acc {mean(['balanced_accuracy']):.3f} ({mean(['minus_single', 'balanced_accuracy']):+.3f}), "
                      f"balanced rule {mean(['balanced_rule', 'balanced_accuracy']):.3f} "
                      f"({mean(['balanced_rule', 'minus_single']):+.3f}), macro AUC {mean(['auc']):.3f} "
                      f"({mean(['minus_single', 'auc']):+.3f}), ECE {mean(['ece']):.3f} ({mean(['minus_single', 'ece']):+.3f})")
     for sweep in sweeps:
+        lines.append(f"  seed {sweep['seed']}: " + "; ".join(f"{k}: {', '.join(r['members'])}" for k, r in sweep["rows"].items()))
         val = sweep["val"]
         if val:
             lines.append(f"  seed {sweep['seed']}: val {METRIC} best run {val['best_single']:.3f} -> ensemble "
