@@ -18,7 +18,7 @@ probabilities of:
 each calibrated with its own temperature fitted on the validation split: balanced accuracy (plain argmax, and
 the "balanced" rule: probabilities divided by the training prior to the power 0.5 before the argmax), macro AUC
 and ECE, each with its 95% interval over lesions, and each minus the single winner's, paired over lesions
-(core/ensemble_compare.py). Prints the table; ``--out`` writes every figure as JSON. Runs on
+(core/evaluation/ensemble_compare.py). Prints the table; ``--out`` writes every figure as JSON. Runs on
 ``../shared/data/ham10000-200x150`` when it is there, else on generated data, and says which.
 """
 
@@ -114,13 +114,13 @@ def evaluate_sweep(folder: Path, args: Any, train: bool = True) -> dict[str, Any
 
     from core import filenames
     from core.best_file import read_best
-    from core.clinical import ClinicalOptions
-    from core.data import load_for_config
-    from core.ensemble_compare import compare
+    from core.evaluation.sections import ClinicalOptions
+    from core.data.dataset import load_for_config
+    from core.evaluation.ensemble_compare import compare
     from core.ensemble_file import read_ensemble_choice
     from core.final_ensemble import calibrated_ensemble
     from core.final_train import FinalOptions, final_train
-    from core.inference import load_for_inference
+    from core.model.inference import load_for_inference
     from sweep.ensemble import full_length_runs, greedy_select, read_val_probs
 
     began = time.time()

@@ -9,7 +9,7 @@ then for each size starts, as its own process, each server:
 - ``torch``: ``python -m serve`` (micro-batched; the default backend),
 - ``onnx``: ``python -m serve --backend onnx``,
 - ``ensemble`` (only when named in ``--servers``): ``python -m serve`` on an ensemble file of
-  ``--ensemble-members`` such models (core/ensemble_model.py), its throughput beside one model's,
+  ``--ensemble-members`` such models (core/model/ensemble.py), its throughput beside one model's,
 - ``baseline``: the FastAPI endpoint a user would write first, calling the model once per request
   (``def`` endpoint, so FastAPI runs each in its thread pool; no batching), here ``--baseline-server``;
 
@@ -17,7 +17,7 @@ and sends each ``--requests`` uploads (200x150 JPEGs, as the HAM10000 copy's) fr
 clients, each cell stopped after ``--time-limit`` s; ``explain=true`` (Guided Grad-CAM) with the torch
 server. Then the soak: ``--soak`` mixed good and bad requests (bad: not an image, truncated, empty, wrong
 type, decompression bomb, age out of range, a bad KServe tensor) at 8 clients against the 64 px torch
-server: every status as expected, every good answer equal to core.inference's probabilities (1e-5),
+server: every status as expected, every good answer equal to core.model.inference's probabilities (1e-5),
 and the server's resident memory before and after. Prints a table; every error counted.
 """
 
@@ -49,8 +49,8 @@ def write_random_model(path: Path, image_size: int) -> Path:
     import torch
 
     from core.config import TrainConfig
-    from core.layouts import HAM_CLASSES
-    from core.model import build_model, save_model_file
+    from core.data.layouts import HAM_CLASSES
+    from core.model.networks import build_model, save_model_file
 
     torch.manual_seed(0)
     config = TrainConfig(image_size=image_size, pretrained="none", device="cpu").to_dict()
@@ -60,14 +60,14 @@ def write_random_model(path: Path, image_size: int) -> Path:
 
 
 def write_random_ensemble(path: Path, image_size: int, members: int) -> Path:
-    """An ensemble file (core/ensemble_model.py) of ``members`` random-init ResNet-18s at ``image_size``, equal
+    """An ensemble file (core/model/ensemble.py) of ``members`` random-init ResNet-18s at ``image_size``, equal
     weights, with a temperature: what the ``ensemble`` server serves."""
     import torch
 
     from core.config import TrainConfig
-    from core.ensemble_model import save_ensemble_file
-    from core.layouts import HAM_CLASSES
-    from core.model import build_model, save_model_file
+    from core.model.ensemble import save_ensemble_file
+    from core.data.layouts import HAM_CLASSES
+    from core.model.networks import build_model, save_model_file
 
     config = TrainConfig(image_size=image_size, pretrained="none", device="cpu").to_dict()
     files = []
@@ -94,8 +94,8 @@ def jpeg(seed: int, size: tuple[int, int] = (200, 150)) -> bytes:
 
 def baseline_app(model_path: str) -> Any:
     """What a user writes first: load the model, decode the upload, call the model, per request."""
-    from core.image_cache import decode_image
-    from core.inference import load_for_inference
+    from core.data.image_cache import decode_image
+    from core.model.inference import load_for_inference
 
     loaded = load_for_inference(model_path, "cpu")
     size = int(loaded.meta["image_size"])
@@ -272,8 +272,8 @@ async def soak(url: str, pid: int, model: Path, count: int, clients: int = 8) ->
     """``count`` mixed requests (60% good); every status as expected, every good answer correct."""
     import httpx
 
-    from core.image_cache import decode_image
-    from core.inference import load_for_inference
+    from core.data.image_cache import decode_image
+    from core.model.inference import load_for_inference
 
     loaded = load_for_inference(model, "cpu")
     size = int(loaded.meta["image_size"])

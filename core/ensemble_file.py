@@ -28,9 +28,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from core import atomic, filenames
+from core.io import atomic
+from core import filenames
 from core.errors import UserError
-from core.state_files import read_json_object, reading
+from core.io.state_files import read_json_object, reading
 
 CHOICE_FORMAT = "lesion-sweep/ensemble-choice"
 CHOICE_VERSION = 1

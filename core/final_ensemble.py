@@ -4,9 +4,9 @@ train split; nothing is trained again), calibrated and given operating points on
 probabilities, and evaluated once on the test split beside the single model.
 
 A library, called by core/final_train.py when the sweep wrote an ensemble.json with two or more members. Writes
-``final/ensemble.pt`` (core/ensemble_model.py; core.evaluate, core.predict and serve take it as a model file),
+``final/ensemble.pt`` (core/model/ensemble.py; core.evaluate, core.predict and serve take it as a model file),
 ``final/ensemble/`` (the ensemble's evaluation: metrics.json, report.md, figures, as for any model) and
-``final/ensemble_comparison.json`` (single and ensemble side by side, core/ensemble_compare.py), whose table
+``final/ensemble_comparison.json`` (single and ensemble side by side, core/evaluation/ensemble_compare.py), whose table
 the final report.md shows. A member whose file is missing or damaged is a one-line error naming it: an ensemble
 other than the one chosen on validation is never built silently.
 """
@@ -21,17 +21,17 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from core import filenames
-from core.atomic import save_torch, write_json
+from core.io.atomic import save_torch, write_json
 from core.best_file import SPLITS_ADVICE, BestFile
-from core.clinical import ClinicalOptions, fit_on_val
+from core.evaluation.sections import ClinicalOptions, fit_on_val
 from core.config import TrainConfig
-from core.data import Dataset, load_for_config
-from core.ensemble_compare import compare, comparison_table
+from core.data.dataset import Dataset, load_for_config
+from core.evaluation.ensemble_compare import compare, comparison_table
 from core.ensemble_file import EnsembleChoice, read_ensemble_choice
-from core.ensemble_model import EnsembleModel, ensemble_document, ensemble_from_payload
-from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
+from core.model.ensemble import EnsembleModel, ensemble_document, ensemble_from_payload
+from core.evaluation.pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
                                       predict_set, score_images, write_evaluation)
-from core.state_files import reading
+from core.io.state_files import reading
 
 log = logging.getLogger(__name__)
 

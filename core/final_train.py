@@ -14,19 +14,19 @@ for single-view and one for TTA prediction, and the thresholds of the positive c
 (``--positive-class``, default mel), all stored in model.pt for core.evaluate and core.predict. With
 ``--train-on-val`` nothing is held out, so nothing is fitted (never on training images). The test report
 adds 95% bootstrap intervals over lesions, lesion-level results, calibration before and after, TTA against
-no TTA (``--tta``), the operating points and results per metadata subgroup (core/clinical.py).
+no TTA (``--tta``), the operating points and results per metadata subgroup (core/evaluation/sections.py).
 
 Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py:
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
-chosen epoch, in core.model's format), ``metrics.json`` (test metrics, per class figures, confusion
-matrix; core/evaluation_pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
+chosen epoch, in core.model.networks's format), ``metrics.json`` (test metrics, per class figures, confusion
+matrix; core/evaluation/pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
 ``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the
 page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
 gains it as its final-model section). Running the command again resumes an interrupted training and
 re-evaluates a finished one. Where the sweep chose an ensemble (ensemble.json beside best.json), it is then
 built from its members' checkpoints, calibrated on val and evaluated on test beside the single model
-(core/final_ensemble.py: ``ensemble.pt``, ``ensemble/``, ``ensemble_comparison.json``). ``metrics.json`` is written last and removed when a run starts, so a folder
-holding one is complete. A damaged ``run.json`` or ``metrics.csv`` is written again from ``last.pt`` (with a
+(core/final_ensemble.py: ``ensemble.pt``, ``ensemble/``, ``ensemble_comparison.json``). ``metrics.json`` is
+written last and removed when a run starts, so a folder holding one is complete. A damaged ``run.json`` or ``metrics.csv`` is written again from ``last.pt`` (with a
 warning); a damaged ``best.pt``, ``last.pt`` or ``source.json`` is a one-line error saying to train again with
 --no-resume.
 """
@@ -44,28 +44,27 @@ import numpy as np
 import pandas as pd
 
 from core import filenames
-from core.atomic import remove_stale_temps, write_json
+from core.io.atomic import remove_stale_temps, write_json
 from core.best_file import SPLITS_ADVICE, BestFile, check_data, read_best
 from core.cli import (add_evaluation_options, add_gallery_options, add_threads_option, apply_threads,
                       clinical_options)
-from core.clinical import ClinicalOptions, fit_on_val, not_fitted
+from core.evaluation.sections import ClinicalOptions, fit_on_val, not_fitted
 from core.config import TrainConfig
-from core.data import Dataset, load_for_config
+from core.data.dataset import Dataset, load_for_config
 from core.errors import UserError, run_cli
-from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
-                             predict_set, score_images, write_evaluation)
-from core.figures import curves_figure
-from core.inference import LoadedModel, load_for_inference
-from core.metrics import headline
-from core.model import check_gradcam_layer, save_model_file
-from core.operating_points import positive_index
-from core.evaluation_report import show_in_parent_page
-from core.state_files import check_output_dir, read_json_state, reading
-from core.storage import is_uri
+from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source, predict_set, score_images, write_evaluation
+from core.evaluation.figures import curves_figure
+from core.model.inference import LoadedModel, load_for_inference
+from core.evaluation.metrics import headline
+from core.model.networks import check_gradcam_layer, save_model_file
+from core.evaluation.operating_points import positive_index
+from core.evaluation.report import show_in_parent_page
+from core.io.state_files import check_output_dir, read_json_state, reading
+from core.io.storage import is_uri
 from core.train import RunOptions, train
 
-if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
-    from core.gradcam import GradcamOptions
+if TYPE_CHECKING:  # core.explain.gradcam imports Captum: only when Grad-CAM runs
+    from core.explain.gradcam import GradcamOptions
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +90,13 @@ class FinalOptions:
     resume: bool = True
     gallery_per_class: int = 8
     progress: bool = True
-    gradcam_layer: str | None = None     # None: chosen by image size (core.gradcam.choose_layer)
-    gradcam_method: str | None = None    # None: core.gradcam.DEFAULT_METHOD
+    gradcam_layer: str | None = None     # None: chosen by image size (core.explain.gradcam.choose_layer)
+    gradcam_method: str | None = None    # None: core.explain.gradcam.DEFAULT_METHOD
     evaluation: ClinicalOptions = ClinicalOptions()   # TTA, calibration, positive class, bootstrap
 
     def gradcam(self) -> GradcamOptions:
-        """The Grad-CAM fields as a core.gradcam.GradcamOptions."""
-        from core.gradcam import DEFAULT_METHOD, GradcamOptions
+        """The Grad-CAM fields as a core.explain.gradcam.GradcamOptions."""
+        from core.explain.gradcam import DEFAULT_METHOD, GradcamOptions
 
         return GradcamOptions(self.gallery_per_class, self.gradcam_layer, self.gradcam_method or DEFAULT_METHOD)
 
@@ -178,7 +177,8 @@ def _write_outputs(run: FinalRun, scored: ScoredImages, fitted: Mapping[str, Any
     source = {"model": str((out / filenames.MODEL).resolve()), "split": "test", "data": data_source(run.data)}
     return write_evaluation(out, scored, EvaluationOutputs(
         source=source, gradcam=options.gradcam(), training=_training_section(run, str(scored.loaded.device)),
-        page=lambda document: _final_page(run, document, notes), figures=[("Loss and metrics per epoch", CURVES_FIGURE)]))
+        page=lambda document: _final_page(run, document, notes),
+        figures=[("Loss and metrics per epoch", CURVES_FIGURE)]))
 
 
 def _training_section(run: FinalRun, device: str) -> Callable[[], dict[str, Any]]:
@@ -290,7 +290,7 @@ def _final_page(run: FinalRun, document: Mapping[str, Any], extra_notes: Sequenc
                      + (f", an EMA of the weights (decay {cfg.ema_decay:g})" if cfg.ema_decay else "")),
         ("evaluated", f"{counts['test']} test images, never seen by the sweep; took {training['wall_s'] / 60:.1f} "
                       f"min in all"),
-        ("model file", "`model.pt` (load with `core.model.load_model_file`)"),
+        ("model file", "`model.pt` (load with `core.model.networks.load_model_file`)"),
     ]
     notes = ["Trained on train+val: the validation curves are measured on training images and say nothing of "
              "generalisation; the test metrics do."] if train_on_val else []

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from core.errors import UserError
 from serve.batcher import Busy
-from core.metadata import AGE_RANGE, SEXES, SITES, validate_record
+from core.model.fields import AGE_RANGE, SEXES, SITES, validate_record
 from serve.guard import Guard
 from serve.kserve import kserve_router
 from serve.metrics import ServeMetrics
@@ -130,8 +130,8 @@ def _add_routes(app: FastAPI) -> None:
         probs = probs[0]
         predicted = time.perf_counter()
         body = prediction_body(service, probs, tta, name, record)
-        if disagreement is not None:  # an ensemble file: its members' disagreement (core/ensemble_model.py)
-            from core.ensemble_model import describe_disagreement
+        if disagreement is not None:  # an ensemble file: its members' disagreement (core/model/ensemble.py)
+            from core.model.ensemble import describe_disagreement
 
             body["disagreement"] = {"mutual_information": float(disagreement[0]),
                                     "words": describe_disagreement(float(disagreement[0]))}

@@ -40,7 +40,7 @@ def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
         "metadata_fields": meta.get("metadata") is not None,
         "test": _test_figures(path.parent / (ENSEMBLE_DIR if meta.get("members") else "") / METRICS_FILE),
     }
-    if meta.get("members"):  # an ensemble file (core/ensemble_model.py): its members and their weights
+    if meta.get("members"):  # an ensemble file (core/model/ensemble.py): its members and their weights
         facts["ensemble"] = [{"name": m.get("name"), "weight": m.get("weight")} for m in meta["members"]]
     return facts
 

@@ -10,7 +10,7 @@
                                           "shape": [N, C], "data": [...]}], "parameters": {"classes": [...]}}
 
 The image tensor is what the model takes: RGB uint8, channels first, already S x S (decode and resize
-as core.image_cache.decode_image does); ``data`` flat (row-major) or nested. Probabilities are calibrated
+as core.data.image_cache.decode_image does); ``data`` flat (row-major) or nested. Probabilities are calibrated
 as on /predict.
 """
 

@@ -1,8 +1,8 @@
 """The model behind the routes: calibrated probabilities through the micro-batcher, Grad-CAM under a lock.
 
-Probabilities come from core.inference.LoadedModel.predict (the same normalisation, batching and stored
+Probabilities come from core.model.inference.LoadedModel.predict (the same normalisation, batching and stored
 temperature as core.predict), or with ``backend="onnx"`` from ONNX Runtime for single-view requests
-(serve/onnx_backend.py; TTA stays on torch). Grad-CAM (core.gradcam, Captum's Guided Grad-CAM) runs on
+(serve/onnx_backend.py; TTA stays on torch). Grad-CAM (core.explain.gradcam, Captum's Guided Grad-CAM) runs on
 its own copy of the network, one call at a time: Captum registers hooks on the module it explains for
 the duration of a call, which would touch the batcher's forward passes if they shared the module, and
 its hooks are not known to be thread-safe.
@@ -24,14 +24,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.errors import UserError
-from core.inference import LoadedModel, load_for_inference
+from core.model.inference import LoadedModel, load_for_inference
 from serve.batcher import MicroBatcher
 from serve.facts import model_facts
 from serve.verdicts import operating_verdicts
 
 log = logging.getLogger(__name__)
 
-OVERLAY_MIN_SIDE = 224   # overlays of small models are enlarged to this, as core.gradcam.save_overlay does
+OVERLAY_MIN_SIDE = 224   # overlays of small models are enlarged to this, as core.explain.gradcam.save_overlay does
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,12 @@ class ModelService:
 
     @property
     def is_ensemble(self) -> bool:
-        """An ensemble file (core/ensemble_model.py): its answers carry the members' disagreement."""
+        """An ensemble file (core/model/ensemble.py): its answers carry the members' disagreement."""
         return hasattr(self.loaded, "predict_detail")
 
-    async def probabilities_and_disagreement(self, images: np.ndarray, tta: bool = False,
-                                             metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    async def probabilities_and_disagreement(
+            self, images: np.ndarray, tta: bool = False,
+            metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`probabilities` and, for an ensemble, the members' disagreement per image [N] (else None)."""
         out = await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
         return (out[:, :-1], out[:, -1]) if self.is_ensemble else (out, None)
@@ -117,7 +118,7 @@ class ModelService:
     def explain(self, image: np.ndarray, target: int, metadata: np.ndarray | None = None) -> dict[str, Any]:
         """Guided Grad-CAM of class ``target`` for one uint8 image [3,S,S] (with its encoded metadata [1, D], as
         predicted): heat map and overlay as base64 PNGs."""
-        from core.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
+        from core.explain.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
 
         started = time.perf_counter()
         with self._explain_lock:

@@ -6,7 +6,7 @@ core/ensemble_file.py).
 Not a command; ``python -m sweep.run`` runs it after the confirmation stage (``--ensemble-size N``, default 5;
 1 turns it off). The candidates are the runs that trained to full length (search trials ASHA did not stop, and
 confirmation runs), each with its validation probabilities at its chosen epoch (``trials/<id>/val_probs.npz``,
-written beside best.pt by core/run_writer.py). The selection starts from the best run alone and adds, one pick
+written beside best.pt by core/training/run_writer.py). The selection starts from the best run alone and adds, one pick
 at a time, the run (again, if it is already in: with replacement) whose addition to the average gives the best
 validation value; it stops when no addition improves the value or after N picks. A member's weight is its
 count over N picks. Ties go to the run ranked higher (better value alone, then the earlier run), so a selection
@@ -25,7 +25,7 @@ import numpy as np
 
 from core import filenames
 from core.ensemble_file import choice_document, write_ensemble_choice
-from core.metrics import classification_metrics
+from core.evaluation.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 

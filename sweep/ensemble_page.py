@@ -33,7 +33,8 @@ def ensemble_section(folder: Path, settings: dict) -> str:
                           f"({doc['n_val_images']} images); {html.escape(doc['stopped'])}"),
             (f"best run alone ({metric})", f"{choice.best_single_value:.4f} ({_link(choice.best_single_id)})"),
             (f"ensemble ({metric})", f"{choice.ensemble_value:.4f}"),
-            ("model", f"<code>python -m core.final_train {html.escape(str(folder / filenames.BEST_TRIAL))}</code> builds "
+            ("model", f"<code>python -m core.final_train {html.escape(str(folder / filenames.BEST_TRIAL))}</code> "
+                      f"builds "
                       f"<code>{filenames.FINAL_DIR}/{filenames.ENSEMBLE_MODEL}</code> from the members' best.pt"
              if choice.is_ensemble else "none: no run improved on the best run alone, so core.final_train trains "
                                         "the single model only")]

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from core.config import TrainConfig
-from core.layouts import HAM_CLASSES
-from core.metadata import make_spec
-from core.model import build_model, save_model_file
-from core.operating_points import KINDS, TARGETS
+from core.data.layouts import HAM_CLASSES
+from core.model.fields import make_spec
+from core.model.networks import build_model, save_model_file
+from core.evaluation.operating_points import KINDS, TARGETS
 
 TEMPERATURE = 1.7   # far from 1, so that a test can tell calibrated from raw probabilities
 

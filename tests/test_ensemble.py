@@ -52,15 +52,15 @@ def test_greedy_stops_at_the_size_and_keeps_the_earlier_of_equals() -> None:
 @pytest.fixture(scope="module")
 def members(module_tmp: Path) -> dict[str, Path]:
     """Two tiny members: a ResNet-18 at 32 px, image only; one at 24 px with clinical fields (concat)."""
-    from core.metadata import make_spec
-    from core.model import build_model, save_model_file
+    from core.model.fields import make_spec
+    from core.model.networks import build_model, save_model_file
 
     torch.manual_seed(0)
     save_model_file(module_tmp / "a.pt", build_model(7, "none"), CLASSES,
                     TrainConfig(image_size=32, pretrained="none").to_dict(), {"epoch": 2})
     save_model_file(module_tmp / "b.pt", build_model(7, "none", metadata=make_spec("concat")), CLASSES,
                     TrainConfig(image_size=24, pretrained="none", metadata="concat").to_dict(), {"epoch": 3})
-    from core.ensemble_model import save_ensemble_file
+    from core.model.ensemble import save_ensemble_file
 
     save_ensemble_file(module_tmp / "ensemble.pt", [("a", module_tmp / "a.pt", 3), ("b", module_tmp / "b.pt", 1)],
                        {"calibration": {"temperature": {"single": 1.5}}})
@@ -69,9 +69,9 @@ def members(module_tmp: Path) -> dict[str, Path]:
 
 
 def test_ensemble_file_round_trips_and_averages_its_members(members: dict[str, Path]) -> None:
-    from core.calibration import apply_temperature
-    from core.ensemble_model import EnsembleModel, resized
-    from core.inference import load_for_inference
+    from core.model.calibration import apply_temperature
+    from core.model.ensemble import EnsembleModel, resized
+    from core.model.inference import load_for_inference
 
     ens = load_for_inference(members["ensemble"], "cpu")
     assert isinstance(ens, EnsembleModel) and ens.class_names == CLASSES and ens.meta["image_size"] == 32
@@ -93,7 +93,7 @@ def test_ensemble_file_round_trips_and_averages_its_members(members: dict[str, P
 
 
 def test_members_that_agree_do_not_disagree() -> None:
-    from core.ensemble_model import mutual_information
+    from core.model.ensemble import mutual_information
 
     p = np.array([[0.7, 0.3], [0.5, 0.5]])
     assert mutual_information(np.stack([p, p]), np.array([0.5, 0.5])) == pytest.approx([0, 0])
@@ -102,7 +102,7 @@ def test_members_that_agree_do_not_disagree() -> None:
 
 
 def test_a_damaged_or_missing_member_is_one_error_naming_it(members: dict[str, Path], tmp_path: Path) -> None:
-    from core.ensemble_model import save_ensemble_file
+    from core.model.ensemble import save_ensemble_file
 
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(members["b"].read_bytes()[:1000])
@@ -121,8 +121,8 @@ def sweep(module_tmp: Path) -> Path:
     clinical fields), best.json naming the first, ensemble.json both (weights 2:1)."""
     import shutil
 
-    from core.data import load_for_config
-    from core.demo_data import generate_demo
+    from core.data.dataset import load_for_config
+    from core.data.demo_data import generate_demo
     from core.ensemble_file import choice_document, write_ensemble_choice
     from core.train import RunOptions, train
 
@@ -158,7 +158,7 @@ def sweep(module_tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def final(sweep: Path):
-    from core.clinical import ClinicalOptions
+    from core.evaluation.sections import ClinicalOptions
     from core.final_train import FinalOptions, final_train
 
     return final_train(sweep / "best.json", FinalOptions(gallery_per_class=0, progress=False,
@@ -166,7 +166,7 @@ def final(sweep: Path):
 
 
 def test_final_train_builds_the_ensemble_beside_the_single_model(sweep: Path, final) -> None:
-    from core.inference import load_for_inference
+    from core.model.inference import load_for_inference
 
     out = final.out_dir
     ens = load_for_inference(out / "ensemble.pt", "cpu")
