@@ -8,6 +8,9 @@ A training run's folder (``python -m core.train``, a sweep trial, ``core.final_t
 - ``run.json``     the run's state: status running|complete, best epoch, best and last rows, data
 - ``best.pt``      the model of the best epoch by ``select_metric`` (a model file, core/model/networks.py)
 - ``last.pt``      the resume state (model, optimiser, scheduler, EMA, history)
+- ``val_probs.npz`` the validation split's probabilities at the epoch in best.pt: ``probs`` float32 [N, C],
+                   ``labels`` int64 [N], ``image_ids`` str [N] (the split's order), ``epoch``; what a sweep's
+                   ensemble is chosen on (core/ensemble_select.py)
 
 An evaluation's folder (``core.final_train``, ``core.evaluate``):
 
@@ -26,6 +29,7 @@ METRICS_CSV = "metrics.csv"
 RUN_STATE = "run.json"
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
+VAL_PROBS = "val_probs.npz"     # beside best.pt: its validation probabilities (core/training/run_writer.py)
 EVALUATION = "metrics.json"
 MODEL = "model.pt"
 REPORT = "report.md"
@@ -47,4 +51,7 @@ CONFIRM_PLAN = "confirm.json"    # the confirmation runs planned after the searc
 OPTUNA_DB = "optuna.db"          # the Optuna study (sweep/searcher.py)
 TRIALS_DIR = "trials"            # trials/<id>/: one training run per trial
 TRIAL_RECORD = "trial.json"      # trials/<id>/trial.json: parameters, status, error (sweep/recorder.py)
+ENSEMBLE_CHOICE = "ensemble.json"  # the ensemble a sweep chose on val (core/ensemble_file.py)
+ENSEMBLE_MODEL = "ensemble.pt"     # final/ensemble.pt: the ensemble model file (core/model/ensemble.py)
+ENSEMBLE_DIR = "ensemble"          # final/ensemble/: the ensemble's evaluation (core/final_ensemble.py)
 TRIAL_NODE = "node.json"         # trials/<id>/node.json: where the trial ran (sweep/trainable.py)

@@ -23,8 +23,10 @@ matrix; core/evaluation/pipeline.py), ``training_curves.png``, ``confusion_matri
 ``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the
 page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
 gains it as its final-model section). Running the command again resumes an interrupted training and
-re-evaluates a finished one. ``metrics.json`` is written last and removed when a run starts, so a folder
-holding one is complete. A damaged ``run.json`` or ``metrics.csv`` is written again from ``last.pt`` (with a
+re-evaluates a finished one. Where the sweep chose an ensemble (ensemble.json beside best.json), it is then
+built from its members' checkpoints, calibrated on val and evaluated on test beside the single model
+(core/final_ensemble.py: ``ensemble.pt``, ``ensemble/``, ``ensemble_comparison.json``). ``metrics.json`` is
+written last and removed when a run starts, so a folder holding one is complete. A damaged ``run.json`` or ``metrics.csv`` is written again from ``last.pt`` (with a
 warning); a damaged ``best.pt``, ``last.pt`` or ``source.json`` is a one-line error saying to train again with
 --no-resume.
 """
@@ -151,14 +153,22 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
              " (with and without TTA)" if options.evaluation.tta else "")
     scored = score_images(loaded, EvaluatedImages(data, test_idx, data.labels[test_idx], "test split"), fitted,
                           options.evaluation)
-    document = _write_outputs(run, scored, fitted, options)
+    # --- the sweep's ensemble (ensemble.json), side by side with the single model: core/final_ensemble.py ---
+    from core.final_ensemble import ensemble_page, prepare_ensemble, write_ensemble
+
+    ensemble = prepare_ensemble(best, cfg, data, scored, options.evaluation, options.progress)
+    document = _write_outputs(run, scored, fitted, options, ensemble.notes() if ensemble else [])
+    if ensemble is not None:
+        log.info("writing the ensemble's evaluation into %s", out / filenames.ENSEMBLE_DIR)
+        document["ensemble"] = write_ensemble(out, ensemble, options.gradcam(), ensemble_page(best, ensemble, out))
+    # --- end of the ensemble's part ---
     # The sweep's report.html (where it has a slot for final/) shows this model without being rendered again.
     show_in_parent_page(out, best.folder)
     return FinalResult(out_dir=out, metrics=document, report=out / filenames.REPORT)
 
 
 def _write_outputs(run: FinalRun, scored: ScoredImages, fitted: Mapping[str, Any],
-                   options: FinalOptions) -> dict[str, Any]:
+                   options: FinalOptions, notes: Sequence[str] = ()) -> dict[str, Any]:
     """model.pt (with what was fitted on val), the training curves, then the evaluation's folder."""
     out, chosen = run.out, run.history[run.chosen_epoch - 1]
     save_model_file(out / filenames.MODEL, scored.loaded.model, run.data.class_names, run.cfg.to_dict(),
@@ -168,7 +178,8 @@ def _write_outputs(run: FinalRun, scored: ScoredImages, fitted: Mapping[str, Any
     source = {"model": str((out / filenames.MODEL).resolve()), "split": "test", "data": data_source(run.data)}
     return write_evaluation(out, scored, EvaluationOutputs(
         source=source, gradcam=options.gradcam(), training=_training_section(run, str(scored.loaded.device)),
-        page=lambda document: _final_page(run, document), figures=[("Loss and metrics per epoch", CURVES_FIGURE)]))
+        page=lambda document: _final_page(run, document, notes),
+        figures=[("Loss and metrics per epoch", CURVES_FIGURE)]))
 
 
 def _training_section(run: FinalRun, device: str) -> Callable[[], dict[str, Any]]:
@@ -260,7 +271,7 @@ class EpochBar:
         self.bar.close()
 
 
-def _final_page(run: FinalRun, document: Mapping[str, Any]) -> ReportPage:
+def _final_page(run: FinalRun, document: Mapping[str, Any], extra_notes: Sequence[str] = ()) -> ReportPage:
     """report.md's title, facts, notes and commands, from the metrics.json document (so they never disagree)."""
     best, cfg, out = run.best, run.cfg, run.out
     training, data = document["training"], document["source"]["data"]
@@ -283,6 +294,7 @@ def _final_page(run: FinalRun, document: Mapping[str, Any]) -> ReportPage:
     ]
     notes = ["Trained on train+val: the validation curves are measured on training images and say nothing of "
              "generalisation; the test metrics do."] if train_on_val else []
+    notes += list(extra_notes)  # the ensemble's comparison (core/final_ensemble.py)
     model = out / filenames.MODEL
     return ReportPage(
         title=f"Final model of sweep {best.folder.name}", facts=facts, notes=notes, config=cfg.to_dict(),

@@ -98,11 +98,21 @@ def main(argv: Sequence[str] | None = None) -> int:
              "not calibrated: the model file holds no temperature" if temperature is None else
              f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
     rows = predictions_json(args.images, probs, list(loaded.class_names))
+    # --- an ensemble file (core/model/ensemble.py): each image's disagreement between the members ---
+    if hasattr(loaded, "disagreement"):
+        from core.model.ensemble import describe_disagreement
+
+        for row, value in zip(rows, loaded.disagreement(images, tta=args.tta, metadata=metadata)):
+            row["disagreement"] = {"mutual_information": float(value), "words": describe_disagreement(float(value))}
+    # --- end of the ensemble's part ---
     scores = _overlays(args, loaded, (images, metadata), probs, masks, rows) if args.gradcam else None
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(args.images, probs, list(loaded.class_names)))
+        for row in rows:  # an ensemble's members' disagreement, one line per image
+            if "disagreement" in row:
+                print(f"{row['image']}: {row['disagreement']['words']}")
         if scores:
             print(scores)
     return 0

@@ -115,7 +115,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_bacc=f"{metrics['val_balanced_accuracy']:.3f}")
         writer.epoch_done(metrics, saved, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                "scheduler": scheduler.state_dict(),
-                                               **({"ema": ema.state_dict()} if ema is not None else {})})
+                                               **({"ema": ema.state_dict()} if ema is not None else {})},
+                          val_probs)
         if on_epoch is not None:
             on_epoch(metrics)
     writer.close()

@@ -126,9 +126,15 @@ def _add_routes(app: FastAPI) -> None:
         image = await run_in_threadpool(decode_upload, data, name, service.image_size)
         decoded = time.perf_counter()
         encoded = service.encode(record)
-        probs = (await service.probabilities(image[None], tta, encoded))[0]
+        probs, disagreement = await service.probabilities_and_disagreement(image[None], tta, encoded)
+        probs = probs[0]
         predicted = time.perf_counter()
         body = prediction_body(service, probs, tta, name, record)
+        if disagreement is not None:  # an ensemble file: its members' disagreement (core/model/ensemble.py)
+            from core.model.ensemble import describe_disagreement
+
+            body["disagreement"] = {"mutual_information": float(disagreement[0]),
+                                    "words": describe_disagreement(float(disagreement[0]))}
         if explain:
             body["explain"] = await run_in_threadpool(service.explain, image, int(probs.argmax()), encoded)
         body["timing_ms"] = {"decode": 1000 * (decoded - started), "predict": 1000 * (predicted - decoded),

@@ -42,8 +42,11 @@ def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
                         if calibration.get("temperature") else
                         {"skipped": calibration.get("skipped") or "the model file holds no temperature"}),
         "metadata_fields": meta.get("metadata") is not None,
-        "test": _test_figures(path.parent / filenames.EVALUATION),
+        # an ensemble.pt's evaluation is in ensemble/ beside it (core/final_ensemble.py)
+        "test": _test_figures(path.parent / (filenames.ENSEMBLE_DIR if meta.get("members") else "") / filenames.EVALUATION),
     }
+    if meta.get("members"):  # an ensemble file (core/model/ensemble.py): its members and their weights
+        facts["ensemble"] = [{"name": m.get("name"), "weight": m.get("weight")} for m in meta["members"]]
     return facts
 
 

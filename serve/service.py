@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from core.errors import UserError
 from core.model.inference import LoadedModel, load_for_inference
 from serve.batcher import MicroBatcher
 from serve.facts import model_facts
@@ -54,6 +55,8 @@ class ModelService:
         self.metadata_spec: Mapping[str, Any] | None = loaded.meta.get("metadata")
         self.facts = {**model_facts(path, loaded.meta), "backend": options.backend, "device": str(loaded.device)}
         self.onnx = None
+        if options.backend == "onnx" and self.is_ensemble:
+            raise UserError(f"{path}: an ensemble file; --backend onnx serves a single model (use --backend torch)")
         if options.backend == "onnx":
             from serve.onnx_backend import OnnxProbabilities
 
@@ -78,7 +81,22 @@ class ModelService:
     def _predict_batch(self, images: np.ndarray, tta: bool, metadata: np.ndarray | None) -> np.ndarray:
         if self.onnx is not None and not tta and metadata is None:
             return self.onnx.predict(images, self.loaded.temperature(False))
+        if self.is_ensemble:  # one batch through every member; the members' disagreement as a last column
+            detail = self.loaded.predict_detail(images, tta=tta, metadata=metadata)  # type: ignore[attr-defined]
+            return np.concatenate([detail.probs, detail.disagreement[:, None]], axis=1)
         return self.loaded.predict(images, tta=tta, metadata=metadata)
+
+    @property
+    def is_ensemble(self) -> bool:
+        """An ensemble file (core/model/ensemble.py): its answers carry the members' disagreement."""
+        return hasattr(self.loaded, "predict_detail")
+
+    async def probabilities_and_disagreement(
+            self, images: np.ndarray, tta: bool = False,
+            metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`probabilities` and, for an ensemble, the members' disagreement per image [N] (else None)."""
+        out = await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
+        return (out[:, :-1], out[:, -1]) if self.is_ensemble else (out, None)
 
     def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
         """The model's encoding of one validated record; None for an image-only model (fields ignored)."""
@@ -89,7 +107,7 @@ class ModelService:
     async def probabilities(self, images: np.ndarray, tta: bool = False,
                             metadata: np.ndarray | None = None) -> np.ndarray:
         """Calibrated probabilities [N, C] of uint8 images [N, 3, S, S], batched with concurrent requests."""
-        return await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
+        return (await self.probabilities_and_disagreement(images, tta, metadata))[0]
 
     def verdicts(self, probs: np.ndarray, tta: bool) -> dict[str, Any]:
         return operating_verdicts(self.loaded.meta.get("operating_points"), self.class_names, probs, tta)

@@ -46,6 +46,7 @@ from core.errors import UserError, run_cli
 from core.metric_names import DEFAULT_METRIC, finite_or_none
 from core.filenames import BEST_TRIAL, FINAL_DIR
 from core.evaluation.report import STYLE, final_link, final_section, slot
+from sweep.ensemble_page import ensemble_section
 from sweep.outputs import duration_text, read_trials, trials_frame
 from sweep.settings import SETTINGS_FILE, SPACE_COPY, SweepSettings, flag, metric_mode, read_settings_file
 from sweep.space import parse_space
@@ -197,6 +198,7 @@ def render(sweep: SweepFolder, now: float | None = None) -> str:
     sections = [
         ("facts", "The sweep", _facts_section(sweep, now)),
         ("best", "Best trial", _best_section(sweep)),
+        ("ensemble", "Ensemble", ensemble_section(sweep.folder, sweep.settings)),   # sweep/ensemble_page.py
         ("history", "Optimisation history", figures.history()),
         ("importances", "Parameter importances", figures.importances()),
         ("parallel", "Parallel coordinates", figures.parallel()),

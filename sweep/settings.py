@@ -73,6 +73,9 @@ class SweepSettings:
     confirm_top: int = _option("after the search, train the K best configs again with new seeds (0: off)",
                                default=3, metavar="K")
     confirm_seeds: int = _option("new seeds per confirmed config", default=2, metavar="S")
+    ensemble_size: int = _option("after the confirmation, choose an ensemble of up to N picks among the full-length "
+                                 "runs, greedily on the validation split (ensemble.json; 1: off)", default=5,
+                                 metavar="N")
     warm_start: str | None = _option("add the finished trials of an earlier sweep (same data, metric and fixed "
                                      "config; same searched keys) to the study before the first suggestion",
                                      shown="none", metavar="SWEEP_DIR")
@@ -122,6 +125,8 @@ class SweepSettings:
         if self.confirm_top < 0 or self.confirm_seeds < 1:
             raise UserError(f"--confirm-top {self.confirm_top} / --confirm-seeds {self.confirm_seeds}: "
                             f"expected --confirm-top 0 or more and --confirm-seeds 1 or more")
+        if self.ensemble_size < 1:
+            raise UserError(f"--ensemble-size {self.ensemble_size}: must be at least 1 (1 turns the ensemble off)")
 
 
 def metric_mode(metric: str) -> str:

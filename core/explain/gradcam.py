@@ -102,6 +102,8 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
     """
     from captum.attr import GuidedGradCam
 
+    if hasattr(model, "parts"):  # an ensemble (core/model/ensemble.py EnsembleNet): its members' maps, averaged
+        return ensemble_maps(model, images_uint8, targets, device, layer, method, metadata)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     device = torch.device(device)
@@ -138,6 +140,28 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
     peak = out.reshape(len(out), -1).max(1) if len(out) else np.zeros(0)
     scale = np.where(peak > 0, peak, 1.0).astype(np.float32)
     return out / scale[:, None, None]
+
+
+def ensemble_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targets: Sequence[int],
+                  device: str | torch.device = "cpu", layer: str | None = None, method: str = DEFAULT_METHOD,
+                  metadata: np.ndarray | None = None) -> np.ndarray:
+    """An ensemble's maps: the weighted mean of its members' (each at its own image size and metadata columns,
+    brought back to the images' size), scaled by its maximum as :func:`gradcam_maps`'s are. ``layer`` applies to
+    the members whose arch has it; the others take their default."""
+    from core.model.ensemble import resized
+
+    size = tuple(np.shape(images_uint8)[-2:])
+    total = np.zeros((len(images_uint8), *size), dtype=np.float32)
+    for member, weight, side, cols in model.parts():
+        own = layer if layer in gradcam_layers(arch_of(member)) else None
+        heat = gradcam_maps(member, resized(images_uint8, side), targets, device, own, method,
+                            None if metadata is None else np.asarray(metadata)[:, cols])
+        if heat.shape[-2:] != size:
+            heat = torch.nn.functional.interpolate(torch.as_tensor(heat)[:, None], size=size, mode="bilinear",
+                                                   align_corners=False)[:, 0].numpy()
+        total += weight * heat
+    peak = total.reshape(len(total), -1).max(1) if len(total) else np.zeros(0)
+    return total / np.where(peak > 0, peak, 1.0).astype(np.float32)[:, None, None]
 
 
 def map_side(image_size: int) -> int:
@@ -347,7 +371,8 @@ def explain_evaluation(model: nn.Module, ev: Explainable, out_dir: str | os.Path
     size, method = int(ev.images_uint8.shape[-1]), options.method
     chosen_by = "--gradcam-layer" if options.layer else "image size"
     layer = options.layer or choose_layer(size, method, arch_of(model))
-    gradcam_layer(model, layer)  # a layer the arch lacks fails here, before any map is made
+    gradcam_layer(model.members[0] if hasattr(model, "parts") else model, layer)  # a layer the arch lacks fails
+    # here, before any map is made (an ensemble: its first member's arch chose it)
     scored = ev.masked
     shown = [i for indices in choose_examples(ev.labels, ev.probs, options.per_class).values() for i in indices]
     needed = sorted(set(shown) | set(scored.tolist()))

@@ -25,10 +25,11 @@ from core.device import Placement, as_tensor, resolve_device
 from core.errors import UserError
 from core.model.forward import predict_split
 from core.model.fields import encode_dataset, encode_records
-from core.model.networks import MODEL_ADVICE, load_model_file
+from core.model.networks import MODEL_ADVICE, model_from_payload, read_model_payload
 from core.model.tta import N_VIEWS, DihedralMean
 
 SINGLE_MODE, TTA_MODE = "single", "tta"  # keys of the temperatures stored in model.pt
+ENSEMBLE_FORMAT = "lesion-sweep/ensemble"  # an ensemble model file's format (core/model/ensemble.py)
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,7 @@ class LoadedModel:
 
     def temperature(self, tta: bool = False) -> float | None:
         """The calibration temperature stored for single-view (or TTA) prediction; None when uncalibrated."""
-        stored = (self.meta.get("calibration") or {}).get("temperature") or {}
-        value = stored.get(TTA_MODE if tta else SINGLE_MODE)
-        return None if value is None else float(value)
+        return stored_temperature(self.meta, tta)
 
     def predict(self, images_uint8: np.ndarray | torch.Tensor, *, tta: bool = False, calibrated: bool = True,
                 metadata: np.ndarray | None = None) -> np.ndarray:
@@ -105,13 +104,33 @@ class LoadedModel:
 def load_for_inference(path: str | os.PathLike, device: str = "auto", advice: str = MODEL_ADVICE) -> LoadedModel:
     """Read a model file (model.pt, best.pt) onto ``device`` ('auto', 'cpu' or 'cuda'); ``advice``: what to do
     when it cannot be read."""
-    model, meta = load_model_file(path, advice=advice)
+    payload = read_model_payload(path, advice)
+    if is_ensemble_payload(payload):  # an ensemble file (core/model/ensemble.py): the same interface
+        from core.model.ensemble import ensemble_from_payload
+
+        return ensemble_from_payload(payload, path, device)  # type: ignore[return-value]
+    return loaded_from(*model_from_payload(payload, path), path, device)
+
+
+def loaded_from(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike, device: str) -> LoadedModel:
+    """A read model file (core.model.networks.model_from_payload) ready for inference on ``device``."""
     try:
         cfg = replace(TrainConfig.from_dict(meta.get("config") or {}), device=device)
     except UserError as exc:
         raise UserError(f"{path}: the model's config is not valid here ({exc})") from None
     torch_device = resolve_device(cfg)
     return LoadedModel(model=model.to(torch_device), meta=meta, config=cfg, device=torch_device)
+
+
+def stored_temperature(meta: Mapping[str, Any], tta: bool) -> float | None:
+    """The temperature a model file (or an ensemble file) stores for single-view (or TTA) prediction, or None."""
+    stored = (meta.get("calibration") or {}).get("temperature") or {}
+    value = stored.get(TTA_MODE if tta else SINGLE_MODE)
+    return None if value is None else float(value)
+
+
+def is_ensemble_payload(payload: Any) -> bool:
+    return isinstance(payload, Mapping) and payload.get("format") == ENSEMBLE_FORMAT
 
 
 def predict_probs(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, device: str | torch.device = "cpu",

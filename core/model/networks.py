@@ -181,6 +181,11 @@ def _load_backbone_file(model: nn.Module, path: Path, arch: str) -> None:
     log.info("initial weights from %s", path)
 
 
+def read_model_payload(path: str | os.PathLike, advice: str = MODEL_ADVICE) -> Any:
+    """The raw contents of a model file (a single model's, or an ensemble's: core/model/ensemble.py)."""
+    return _torch_load(Path(path), advice)
+
+
 def _torch_load(path: Path, advice: str) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: no such weights file")
@@ -252,7 +257,12 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu",
     A file that cannot be read is a UserError ending with ``advice`` (what the user can do about it).
     """
     path = Path(path)
-    payload = _torch_load(path, advice)
+    return model_from_payload(_torch_load(path, advice), path, device)
+
+
+def model_from_payload(payload: Any, path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The model and metadata of a model file's contents (:func:`load_model_file`); ``path``: what to call it in
+    an error (an ensemble file's member: core/model/ensemble.py)."""
     if not isinstance(payload, Mapping) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a lesion-sweep model file (no format '{MODEL_FORMAT}')")
     arch, spec = payload.get("arch", DEFAULT_ARCH), payload.get("metadata")

@@ -49,7 +49,7 @@ class WriteOptions(Protocol):
 
 # What a run writes atomically (a killed run leaves their temporary files), and what to do about damage.
 RUN_FILES = (filenames.CONFIG, filenames.SPLITS, filenames.METRICS_CSV, filenames.RUN_STATE,
-             filenames.BEST_CHECKPOINT, filenames.LAST_CHECKPOINT)
+             filenames.BEST_CHECKPOINT, filenames.LAST_CHECKPOINT, filenames.VAL_PROBS)
 RESUME_ADVICE = "start the run over with --no-resume, or use another --out"
 
 
@@ -67,6 +67,7 @@ class RunWriter:
         self.best_epoch = self.start_epoch = self.best_written = 0
         self.first_step_at: float | None = None  # Unix time; lets a sweep benchmark measure start-up exactly
         self._best_weights: nn.Module | None = None
+        self._best_val_probs: Any = None  # the best epoch's val probabilities, written with best.pt (val_probs.npz)
         self._saved_at = time.monotonic()
         self._tb: Any = None
 
@@ -98,8 +99,10 @@ class RunWriter:
     def epoch_started(self) -> None:
         self.first_step_at = self.first_step_at or time.time()
 
-    def epoch_done(self, metrics: dict[str, float], evaluated: nn.Module, training_state: dict[str, Any]) -> None:
-        """Record an epoch: ``evaluated`` is the (uncompiled) model its val metrics are of (the EMA if any)."""
+    def epoch_done(self, metrics: dict[str, float], evaluated: nn.Module, training_state: dict[str, Any],
+                   val_probs: Any = None) -> None:
+        """Record an epoch: ``evaluated`` is the (uncompiled) model its val metrics are of (the EMA if any);
+        ``val_probs``: its validation probabilities [N, C], kept beside best.pt for a sweep's ensemble."""
         epoch = int(metrics["epoch"])
         self.history.append(metrics)
         if self._best_weights is None:
@@ -108,6 +111,7 @@ class RunWriter:
                                                                     self.cfg.select_metric):
             self.best_epoch = epoch
             self._best_weights.load_state_dict(evaluated.state_dict())
+            self._best_val_probs = val_probs
         last = epoch == self.cfg.epochs
         if last or time.monotonic() - self._saved_at >= self.options.checkpoint_every_s:
             self._save_checkpoints(epoch, training_state)
@@ -137,10 +141,22 @@ class RunWriter:
         if self.best_written != self.best_epoch:
             save_model_file(self.out / filenames.BEST_CHECKPOINT, self._best_weights, self.data.class_names,
                             self.cfg.to_dict(), {"epoch": self.best_epoch, "metrics": self.history[self.best_epoch - 1]})
+            self._write_val_probs()
             self.best_written = self.best_epoch
         atomic.save_torch({"epoch": epoch, **training_state, "history": self.history, "best_epoch": self.best_epoch},
                           self.out / filenames.LAST_CHECKPOINT)
         self._saved_at = time.monotonic()
+
+    def _write_val_probs(self) -> None:
+        """val_probs.npz beside best.pt (core/filenames.py): what a sweep chooses its ensemble on."""
+        if self._best_val_probs is None:
+            return
+        import numpy as np
+
+        val_idx = self.data.indices("val")
+        with atomic.atomic_path(self.out / filenames.VAL_PROBS) as tmp, open(tmp, "wb") as f:
+            np.savez(f, probs=np.asarray(self._best_val_probs, np.float32), labels=self.data.labels[val_idx],
+                     image_ids=np.asarray(self.data.image_ids[val_idx], dtype=str), epoch=self.best_epoch)
 
     def _write_run_files(self, complete: bool) -> None:
         import pandas as pd
