@@ -1,4 +1,4 @@
-"""``python -m core.data.dataset``: what a dataset holds, per split and class (core/data/dataset.py's command)."""
+"""``python -m core.data``: what a dataset holds, per split and class (core/data/dataset.py's command)."""
 
 from core.errors import run_cli
 from core.data.dataset import main
