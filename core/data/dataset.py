@@ -1,7 +1,7 @@
 """The data layer: any supported dataset folder -> decoded images, labels, lesion groups and splits.
 
-    python -m core.data.dataset --data PATH --image-size 64      # what is there, per split and class
-    python -m core.data.dataset                                   # the built-in synthetic demo dataset
+    python -m core.data --data PATH --image-size 64      # what is there, per split and class
+    python -m core.data                                   # the built-in synthetic demo dataset
 
 ``load_dataset`` is the one entry point. It detects the layout (core/data/layouts.py: HAM10000, ISIC 2018
 Task 3, ImageFolder), assigns lesion-grouped, class-stratified train/val/test splits (core/data/splits.py)
@@ -149,7 +149,7 @@ def dataset_fingerprint(path: str | Path | None, cache_dir: str | Path | None = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.data.dataset", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m core.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="dataset folder or CSV (default: the built-in synthetic demo)")
     parser.add_argument("--image-size", type=int, default=64, help="decode images to this square size")
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)

@@ -18,7 +18,7 @@ Layouts, detected from what is on disk, in this order:
 A path to a CSV file selects that CSV (useful where a folder holds several). Rows are sorted by
 image id, so the order of a metadata file does not matter.
 
-    python -m core.data.dataset --data PATH        # prints what was found
+    python -m core.data --data PATH        # prints what was found
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Lesion masks beside a dataset: found per layout, decoded once to the training size, cached like the images.
 
-    python -m core.data.dataset --data PATH --image-size 64      # says how many images have a mask
+    python -m core.data --data PATH --image-size 64      # says how many images have a mask
 
 Where masks are looked for (an image without one simply gets no Grad-CAM score):
 
