@@ -8,6 +8,7 @@ strings them together; nothing here writes a file.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,9 @@ import torch
 from torch import nn
 
 from core.augment import apply_mix, augment_batch, draw_mix, mix_rng, mixed_loss, normalize
+from core.box_head import capture_boxes
+from core.box_targets import box_loss
+from core.lesion_boxes import mask_boxes
 from core.config import TrainConfig
 from core.device import Placement, gather_batch
 from core.metadata import drop_fields
@@ -33,6 +37,8 @@ class Batches:
     placement: Placement
     metadata: torch.Tensor | None = None        # float32 [N, D] encoded metadata (core/metadata.py), or None
     metadata_spec: dict | None = None           # its encoding, for metadata dropout
+    masks: torch.Tensor | None = None           # uint8 [N, S, S] lesion masks for the box head (core/box_targets.py)
+    has_mask: torch.Tensor | None = None        # bool [N] on the device: image i has a mask
 
 
 @dataclass(frozen=True)
@@ -58,16 +64,27 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
     rng = mix_rng(cfg, generator)  # None without mixup/CutMix: the other draws stay as they were
     for step in range(batches.steps_per_epoch):
         idx = batches.train_idx[order[step * size:(step + 1) * size]]
-        x = augment_batch(gather_batch(batches.images, idx, where.device), cfg, generator)
+        images = gather_batch(batches.images, idx, where.device)
+        if batches.masks is None:
+            x, masks = augment_batch(images, cfg, generator), None
+        else:  # the masks move with their images (core/box_targets.py)
+            x, masks = augment_batch(images, cfg, generator, gather_batch(batches.masks, idx, where.device))
         y = batches.labels[idx]
         meta = _train_metadata(batches, idx, cfg, generator)
         mix = draw_mix(rng, cfg, x, generator) if rng is not None else None
         if mix is not None:
-            x, mix = apply_mix(x, mix, rng)
+            if masks is not None:  # mixed as the pixels are: a fourth channel through the same mix
+                mixed, mix = apply_mix(torch.cat([x, masks[:, None]], 1), mix, rng)
+                x, masks = mixed[:, :3], mixed[:, 3]
+            else:
+                x, mix = apply_mix(x, mix, rng)
             meta = None if meta is None else torch.lerp(meta[mix.perm], meta, mix.lam)
-        with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16):
+        with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16), \
+                (nullcontext([]) if masks is None else capture_boxes(opt.model)) as boxes:
             logits = forward(opt.model, x.contiguous(memory_format=where.memory_format), meta)
         loss = mixed_loss(opt.criterion, logits.float(), y, mix)
+        if masks is not None:
+            loss = loss + cfg.box_loss_weight * _box_loss(boxes[0], masks, batches.has_mask[idx], mix)
         opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         opt.optimizer.step()
@@ -83,6 +100,14 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
     elapsed = time.perf_counter() - started
     return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
             "train_images_per_s": seen / elapsed, "train_epoch_s": elapsed}
+
+
+def _box_loss(predicted: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor, mix) -> torch.Tensor:
+    """The box loss against the moved (and mixed) masks' boxes; images without a mask (or whose mix partner has
+    none, or whose lesion left the view) add none."""
+    target, nonempty = mask_boxes(masks)
+    valid = has_mask & nonempty if mix is None else has_mask & has_mask[mix.perm] & nonempty
+    return box_loss(predicted, target, valid)
 
 
 def _train_metadata(batches: Batches, idx: torch.Tensor, cfg: TrainConfig,

@@ -15,6 +15,7 @@ index and augmented on the device (core/loop.py), so no JPEG is read and no Data
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from core.config import TrainConfig
-from core.device import Placement, dataset_to_device, resolve_device
+from core.device import Placement, as_tensor, dataset_to_device, resolve_device
 from core.ema import make_ema
 from core.errors import UserError, run_cli
 from core.loop import Batches, Optimisation, predict_split, train_one_epoch
@@ -39,6 +40,8 @@ from core.sampling import epoch_order, image_draw_weights
 
 if TYPE_CHECKING:
     from core.data import Dataset
+
+log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict[str, float]], None]
 
@@ -82,7 +85,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
     batches = _batches(cfg, data, options.train_splits, device)
     val_idx = data.indices("val")
 
-    model = build_model(len(data.class_names), cfg.pretrained, cfg.arch, batches.metadata_spec)
+    model = build_model(len(data.class_names), cfg.pretrained, cfg.arch, batches.metadata_spec,
+                        box_head=batches.masks is not None)
     model = model.to(device, memory_format=batches.placement.memory_format)
     optimizer = make_optimizer(model, cfg)
     ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -131,10 +135,25 @@ def _batches(cfg: TrainConfig, data: "Dataset", train_splits: tuple[str, ...], d
     metadata = None if spec is None else torch.as_tensor(encode_dataset(data, spec), device=device)
     images, labels = dataset_to_device(data, device)
     batch_size = min(cfg.batch_size, len(train_idx))
+    masks, has_mask = box_masks(cfg, data, device)
     return Batches(images=images, labels=labels, train_idx=torch.as_tensor(train_idx, device=device),
                    batch_size=batch_size, steps_per_epoch=len(train_idx) // batch_size,
                    placement=Placement.of(device, cfg.precision, cfg.channels_last), metadata=metadata,
-                   metadata_spec=spec)
+                   metadata_spec=spec, masks=masks, has_mask=has_mask)
+
+
+def box_masks(cfg: TrainConfig, data: "Dataset", device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The lesion masks (beside the images) and which images have one, for the box head; (None, None) without a
+    box head, or (with a warning) for a dataset without masks, which then trains without one."""
+    if cfg.box_loss_weight <= 0:
+        return None, None
+    if data.masks is None:
+        log.warning("box_loss_weight=%g but %s has no lesion masks: training without the box head",
+                    cfg.box_loss_weight, data.root)
+        return None, None
+    images = as_tensor(data.masks)
+    masks = images.to(device) if device.type == "cuda" else images
+    return masks, torch.as_tensor(np.asarray(data.has_mask), dtype=torch.bool, device=device)
 
 
 def _train_counts(data: "Dataset", batches: Batches) -> np.ndarray:
@@ -169,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_for_config(args.data, cfg, splits_file=args.splits, masks=False)  # training needs no masks
+    data = load_for_config(args.data, cfg, splits_file=args.splits, masks=cfg.box_loss_weight > 0)  # the box head's
     result = train(cfg, data, args.out, options=RunOptions(resume=not args.no_resume))
     best = result.best_metrics
     print(f"best epoch {result.best_epoch}/{result.epochs_run}: "

@@ -1,0 +1,35 @@
+"""The box head's targets and loss: the box around each lesion mask, after the image's augmentation.
+
+    python -m core.train --data PATH --out DIR --set box_loss_weight=1
+
+A training step (core/loop.py) moves each batch's lesion masks with their images: the mask rides as a fourth
+channel through the very resampling of the flips, quarter turns, rotation, random resized crop and translation
+(core/augment.py ``augment_batch``; where the translation reflects the image at a border, the lesion's mirror
+image is lesion too), and through mixup and CutMix exactly as the pixels are mixed. The target is then
+torchvision's ``masks_to_boxes`` of the moved mask, lesion where it is above a half:
+
+- **mixup**: the mixed mask is ``lam`` times the image's own plus ``1 - lam`` times its partner's, so above a
+  half it is the mask of the image that weighs more: the target is that image's lesion box;
+- **CutMix**: the pasted rectangle carries the partner's mask with its pixels, so the target is the box around
+  what is lesion in the mixed image (the image's own lesion outside the rectangle, the partner's inside).
+
+An image without a mask (``has_mask`` False), a mixed image whose partner has none, or one whose lesion was
+cropped out of view adds no box loss. The loss is the mean over the rest of the L1 distance of the corners
+(fractions of the sides) plus torchvision's ``generalized_box_iou_loss`` (Rezatofighi et al. 2019); a batch
+without any such image adds zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import generalized_box_iou_loss
+
+
+def box_loss(predicted: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the ``valid`` rows of L1 (summed over the 4 coordinates) plus the GIoU loss; 0 without any."""
+    weight = valid.float()
+    l1 = (predicted.float() - target).abs().sum(1)
+    # where not valid the target is replaced by the prediction itself: finite, and weighted out below
+    safe = torch.where(valid[:, None], target, predicted.detach().float())
+    giou = generalized_box_iou_loss(predicted.float(), safe, reduction="none")
+    return ((l1 + giou) * weight).sum() / weight.sum().clamp_min(1.0)
