@@ -18,9 +18,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import box_convert
+
+from core.tta import N_VIEWS
 
 ATTRIBUTE = "box_head"   # the model's attribute (and state_dict prefix) holding the head
 
@@ -65,6 +68,17 @@ def capture_boxes(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         yield got
     finally:
         handle.remove()
+
+
+def view_boxes(got: list[torch.Tensor], tta: bool = False) -> np.ndarray | None:
+    """float32 [N, 4]: the boxes :func:`capture_boxes` collected, of the images as given; None when none was.
+
+    With TTA (core/tta.py) each pass ran the 8 views of its batch, view-major, the first view the images as
+    they are: its rows are the boxes of the images (a box of a turned view would be of the turned image).
+    """
+    if not got:
+        return None
+    return torch.cat([g[:len(g) // N_VIEWS] if tta else g for g in got]).detach().float().cpu().numpy()
 
 
 def _find_head(model: nn.Module) -> tuple[nn.Module, BoxHead] | None:

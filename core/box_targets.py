@@ -21,8 +21,29 @@ without any such image adds zero.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.ops import generalized_box_iou_loss
+
+from core.augment import Mix, apply_mix
+from core.lesion_boxes import mask_boxes
+
+
+def mix_with_masks(x: torch.Tensor, masks: torch.Tensor, mix: Mix,
+                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, Mix]:
+    """core.augment's ``apply_mix`` of a batch [B,3,S,S] with its moved masks [B,S,S] as a fourth channel, so that
+    the masks are mixed exactly as the pixels; returns the images, the masks and the mix."""
+    mixed, mix = apply_mix(torch.cat([x, masks[:, None]], 1), mix, rng)
+    return mixed[:, :3], mixed[:, 3], mix
+
+
+def batch_box_loss(predicted: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor,
+                   mix: Mix | None) -> torch.Tensor:
+    """The box loss against the moved (and mixed) masks' boxes; an image without a mask (or whose mix partner has
+    none, or whose lesion left the view) adds none."""
+    target, nonempty = mask_boxes(masks)
+    valid = has_mask & nonempty if mix is None else has_mask & has_mask[mix.perm] & nonempty
+    return box_loss(predicted, target, valid)
 
 
 def box_loss(predicted: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

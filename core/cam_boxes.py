@@ -17,7 +17,7 @@ with the largest region's box (the paper's V2 also tries the box of every other 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -28,6 +28,11 @@ FRACTIONS = tuple(round(f, 2) for f in np.arange(0.05, 1.0, 0.05))   # the candi
 DEFAULT_FRACTION = 0.2           # a model file without a fraction chosen on val (best.pt of core.train)
 MAX_BOX_ACC_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.0, 1.0, 0.01))
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def stored_fraction(meta: Mapping[str, Any]) -> float:
+    """The Grad-CAM box's fraction a model file stores (core.final_train chose it on val), else the default."""
+    return float(((meta.get("boxes") or {}).get("cam_fraction")) or DEFAULT_FRACTION)
 
 
 def largest_region(above: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ localisation scores (core/localisation.py).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,17 @@ def pixel_box(box: Sequence[float], width: int, height: int) -> list[float]:
     """A fractions box in pixels of a ``width`` x ``height`` image (edges, so x1 - x0 is the box's width)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     return [round(x0 * width, 1), round(y0 * height, 1), round(x1 * width, 1), round(y1 * height, 1)]
+
+
+def upright_size(source: Any) -> tuple[int, int]:
+    """``(width, height)`` of an image file (a path or a file object) as it is shown: turned by its EXIF
+    orientation, as core.image_cache.decode_image turns it before squashing it to the model's square."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        width, height = image.size
+        turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # the orientations that swap the sides
+    return (height, width) if turned else (width, height)
 
 
 def box_answer(box: Sequence[float] | None, width: int, height: int, source: str) -> dict | None:

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from core.cam_boxes import DEFAULT_FRACTION, cam_boxes, choose_fraction, max_box_acc
+from core.cam_boxes import DEFAULT_FRACTION, cam_boxes, choose_fraction, max_box_acc, stored_fraction
 from core.evaluation_report import Table
 from core.lesion_boxes import WHOLE_IMAGE, ious, mask_boxes
 
@@ -84,7 +84,7 @@ def localisation_section(masks: np.ndarray, head: np.ndarray | None, maps: np.nd
         boxes["head"] = box_scores(np.asarray(head)[keep], truth)
     extra: dict[str, Any] = {}
     if maps is not None:
-        fraction = float(fitted.get("cam_fraction") or DEFAULT_FRACTION)
+        fraction = stored_fraction({"boxes": fitted})
         boxes["gradcam"] = {**box_scores(cam_boxes(np.asarray(maps)[keep], fraction), truth), "fraction": fraction,
                             "fraction_chosen_on": fitted.get("cam_fraction_chosen_on") or "default (none stored)"}
         extra["max_box_acc"] = max_box_acc(np.asarray(maps)[keep], truth)

@@ -18,8 +18,7 @@ from torch import nn
 
 from core.augment import apply_mix, augment_batch, draw_mix, mix_rng, mixed_loss, normalize
 from core.box_head import capture_boxes
-from core.box_targets import box_loss
-from core.lesion_boxes import mask_boxes
+from core.box_targets import batch_box_loss, mix_with_masks
 from core.config import TrainConfig
 from core.device import Placement, gather_batch
 from core.metadata import drop_fields
@@ -59,6 +58,7 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
     opt.model.train()
     loss_sum = torch.zeros((), device=where.device)
     correct = torch.zeros((), device=where.device, dtype=torch.long)
+    box_sum = torch.zeros((), device=where.device)   # the box head's loss (L1 + GIoU), unweighted
     started = time.perf_counter()
     size = batches.batch_size
     rng = mix_rng(cfg, generator)  # None without mixup/CutMix: the other draws stay as they were
@@ -73,9 +73,8 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
         meta = _train_metadata(batches, idx, cfg, generator)
         mix = draw_mix(rng, cfg, x, generator) if rng is not None else None
         if mix is not None:
-            if masks is not None:  # mixed as the pixels are: a fourth channel through the same mix
-                mixed, mix = apply_mix(torch.cat([x, masks[:, None]], 1), mix, rng)
-                x, masks = mixed[:, :3], mixed[:, 3]
+            if masks is not None:  # mixed as the pixels are
+                x, masks, mix = mix_with_masks(x, masks, mix, rng)
             else:
                 x, mix = apply_mix(x, mix, rng)
             meta = None if meta is None else torch.lerp(meta[mix.perm], meta, mix.lam)
@@ -84,7 +83,9 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
             logits = forward(opt.model, x.contiguous(memory_format=where.memory_format), meta)
         loss = mixed_loss(opt.criterion, logits.float(), y, mix)
         if masks is not None:
-            loss = loss + cfg.box_loss_weight * _box_loss(boxes[0], masks, batches.has_mask[idx], mix)
+            box = batch_box_loss(boxes[0], masks, batches.has_mask[idx], mix)
+            box_sum += box.detach() * size
+            loss = loss + cfg.box_loss_weight * box
         opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         opt.optimizer.step()
@@ -98,16 +99,9 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
             progress.update(1)
     seen = batches.steps_per_epoch * size
     elapsed = time.perf_counter() - started
-    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
+    boxes = {"train_box_loss": box_sum.item() / seen} if batches.masks is not None else {}
+    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, **boxes,
             "train_images_per_s": seen / elapsed, "train_epoch_s": elapsed}
-
-
-def _box_loss(predicted: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor, mix) -> torch.Tensor:
-    """The box loss against the moved (and mixed) masks' boxes; images without a mask (or whose mix partner has
-    none, or whose lesion left the view) add none."""
-    target, nonempty = mask_boxes(masks)
-    valid = has_mask & nonempty if mix is None else has_mask & has_mask[mix.perm] & nonempty
-    return box_loss(predicted, target, valid)
 
 
 def _train_metadata(batches: Batches, idx: torch.Tensor, cfg: TrainConfig,
