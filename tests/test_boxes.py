@@ -202,3 +202,15 @@ def test_predict_json_answers_the_box_in_pixels_of_the_file(trained: dict, tmp_p
     assert box["source"] == "box head" and cam["source"] == "Grad-CAM" and box["image_size"] == [60, 30]
     x0, y0, x1, y1 = box["fractions"]
     assert box["pixels"] == pytest.approx([x0 * 60, y0 * 30, x1 * 60, y1 * 30], abs=0.06)
+
+
+def test_evaluate_scores_the_heads_box_from_the_prediction_pass(trained: dict, tmp_path: Path) -> None:
+    from core.evaluate import main
+
+    assert main([str(trained["run"] / "best.pt"), "--data", str(trained["root"]), "--out", str(tmp_path),
+                 "--gallery", "1", "--bootstrap", "0"]) == 0
+    section = json.loads((tmp_path / "metrics.json").read_text())["localisation"]
+    assert {"head", "gradcam", "whole_image"} <= set(section["boxes"])   # best.pt stores no centre prior
+    assert section["boxes"]["gradcam"]["fraction_chosen_on"].startswith("default")
+    assert 0 <= section["boxes"]["head"]["mean_iou"] <= 1 and (tmp_path / "boxes.png").is_file()
+    assert "| box head |" in (tmp_path / "report.md").read_text()
