@@ -54,20 +54,27 @@ def capture_boxes(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     ``model`` may be the model itself or a wrapper that calls it (core/tta.py's DihedralMean, an EMA's
     ``module``); a model without a box head collects nothing.
     """
-    found = _find_head(model)
-    got: list[torch.Tensor] = []
-    if found is None:
+    got, handle = start_capture(model)
+    try:
         yield got
-        return
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def start_capture(model: nn.Module) -> tuple[list[torch.Tensor], Any]:
+    """:func:`capture_boxes` without the block: ``(the list it fills, the hook's handle)``; ``handle.remove()``
+    ends it. A training run registers it once (core/train.py): a hook that came and went every step would make
+    torch.compile compile again and again. ``(list, None)`` for a model without a box head."""
+    got: list[torch.Tensor] = []
+    found = _find_head(model)
+    if found is None:
+        return got, None
     owner, head = found
     slot = owner
     for step in head.slot:
         slot = slot[step] if isinstance(step, int) else getattr(slot, step)
-    handle = slot.register_forward_pre_hook(lambda module, args: got.append(head(args[0])))
-    try:
-        yield got
-    finally:
-        handle.remove()
+    return got, slot.register_forward_pre_hook(lambda module, args: got.append(head(args[0])))
 
 
 def view_boxes(got: list[torch.Tensor], tta: bool = False) -> np.ndarray | None:

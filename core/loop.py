@@ -8,7 +8,6 @@ strings them together; nothing here writes a file.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ import torch
 from torch import nn
 
 from core.augment import apply_mix, augment_batch, draw_mix, mix_rng, mixed_loss, normalize
-from core.box_head import capture_boxes
 from core.box_targets import batch_box_loss, mix_with_masks
 from core.config import TrainConfig
 from core.device import Placement, gather_batch
@@ -49,6 +47,7 @@ class Optimisation:
     scheduler: Any
     criterion: nn.Module
     ema: Any = None                # torch.optim.swa_utils.AveragedModel or None
+    boxes: list | None = None      # the box head's outputs, appended by its hook (core/box_head.start_capture)
 
 
 def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cfg: TrainConfig,
@@ -78,12 +77,13 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
             else:
                 x, mix = apply_mix(x, mix, rng)
             meta = None if meta is None else torch.lerp(meta[mix.perm], meta, mix.lam)
-        with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16), \
-                (nullcontext([]) if masks is None else capture_boxes(opt.model)) as boxes:
+        if masks is not None:
+            opt.boxes.clear()   # (validation passes append theirs too)
+        with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16):
             logits = forward(opt.model, x.contiguous(memory_format=where.memory_format), meta)
         loss = mixed_loss(opt.criterion, logits.float(), y, mix)
         if masks is not None:
-            box = batch_box_loss(boxes[0], masks, batches.has_mask[idx], mix)
+            box = batch_box_loss(opt.boxes[-1], masks, batches.has_mask[idx], mix)
             box_sum += box.detach() * size
             loss = loss + cfg.box_loss_weight * box
         opt.optimizer.zero_grad(set_to_none=True)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from core.box_head import start_capture
 from core.config import TrainConfig
 from core.device import Placement, as_tensor, dataset_to_device, resolve_device
 from core.ema import make_ema
@@ -93,7 +94,10 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
     scheduler = make_scheduler(optimizer, cfg, batches.steps_per_epoch)
     start_epoch = writer.restore(model, optimizer, scheduler, ema)
     step_model = torch.compile(model) if cfg.compile else model
-    opt = Optimisation(step_model, optimizer, scheduler, make_criterion(cfg, _train_counts(data, batches), device), ema)
+    # the box head's output of each training step (core/box_head.py), its hook registered once for the run
+    boxes, box_hook = start_capture(model) if batches.masks is not None else (None, None)
+    opt = Optimisation(step_model, optimizer, scheduler, make_criterion(cfg, _train_counts(data, batches), device), ema,
+                       boxes)
     # The EMA, when there is one, is the model that is validated and saved.
     evaluated, saved = (ema.module, ema.module) if ema is not None else (step_model, model)
     draw_weights = image_draw_weights(batches.labels[batches.train_idx], cfg.sampling)
@@ -119,6 +123,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
                                                **({"ema": ema.state_dict()} if ema is not None else {})})
         if on_epoch is not None:
             on_epoch(metrics)
+    if box_hook is not None:
+        box_hook.remove()
     writer.close()
     history = writer.history
     return TrainResult(best_metrics=history[writer.best_epoch - 1], last_metrics=history[-1],
