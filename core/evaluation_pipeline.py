@@ -1,5 +1,6 @@
 """One evaluation of a model on labelled images, the pipeline core.final_train and core.evaluate both run:
-predict, calibrate, clinical results, metrics, figures, Grad-CAM, report.md/report.html and metrics.json.
+predict, calibrate, clinical results, metrics, figures, Grad-CAM, lesion boxes (core/localisation.py),
+report.md/report.html and metrics.json.
 
 A library, not a command. Two steps, so that core.final_train can store what the first found in model.pt
 before the second writes the folder::

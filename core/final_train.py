@@ -20,7 +20,9 @@ Writes into ``--out`` (default: ``final/`` beside best.json) the training run's 
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
 chosen epoch, in core.model's format), ``metrics.json`` (test metrics, per class figures, confusion
 matrix; core/evaluation_pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
-``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the
+``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``boxes.png`` (where
+the lesion is: core/localisation.py; model.pt then also stores the Grad-CAM box's threshold, chosen on val, and
+the training split's mean lesion box), ``report.md``, the
 page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
 gains it as its final-model section). Running the command again resumes an interrupted training and
 re-evaluates a finished one. ``metrics.json`` is written last and removed when a run starts, so a folder
