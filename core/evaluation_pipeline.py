@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -96,20 +95,16 @@ class EvaluationOutputs:
 
 
 def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.ndarray, labels: np.ndarray,
-                tta: bool, encoded: np.ndarray | None, boxes: list | None = None) -> EvaluatedSet:
+                tta: bool, encoded: np.ndarray | None) -> EvaluatedSet:
     """The raw probabilities of a model for ``pixels`` = ``data.images[idx]``.
 
-    ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well;
-    ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes (else None);
-    ``boxes``: a list that gets the box head's boxes [N, 4] of the single view's pass (a model with a head).
+    ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well (after the
+    single view); ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes
+    (else None).
     """
     views = (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,)
-    raw = {}
-    for view in views:
-        with capture_boxes(loaded.model) if boxes is not None and view == SINGLE_MODE else nullcontext([]) as got:
-            raw[view] = loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
-        if got:
-            boxes.append(torch.cat(got).float().cpu().numpy())
+    raw = {view: loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
+           for view in views}
     metadata = None if data.metadata is None else data.metadata.iloc[idx].reset_index(drop=True)
     return EvaluatedSet(labels=np.asarray(labels, dtype=np.int64), groups=data.groups[idx],
                         image_ids=data.image_ids[idx], metadata=metadata, raw=raw)
@@ -120,12 +115,14 @@ def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[s
     """Predict, calibrate with model.pt's ``stored`` temperatures, clinical results and the headline metrics."""
     pixels = np.asarray(images.data.images[images.idx])
     encoded = loaded.encode_dataset(images.data, images.idx)  # once: the prediction and Grad-CAM both take it
-    boxes: list = []
-    predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded, boxes)
+    with capture_boxes(loaded.model) as got:   # a box head's boxes, from the prediction's own pass
+        predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded)
+    # the single view runs first: its boxes are the first len(idx) rows (the TTA passes' views follow)
+    boxes = torch.cat(got)[:len(images.idx)].float().cpu().numpy() if got else None
     clinical = clinical_results(predicted, loaded.class_names, stored, options)
     scores = score_predictions(images.labels, clinical.probs, loaded.class_names)
     return ScoredImages(loaded=loaded, images=images, pixels=pixels, clinical=clinical, scores=scores,
-                        metadata=encoded, boxes=boxes[0] if boxes else None, box_fit=stored.get("boxes"))
+                        metadata=encoded, boxes=boxes, box_fit=stored.get("boxes"))
 
 
 def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs) -> dict[str, Any]:

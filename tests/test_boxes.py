@@ -214,3 +214,8 @@ def test_evaluate_scores_the_heads_box_from_the_prediction_pass(trained: dict, t
     assert section["boxes"]["gradcam"]["fraction_chosen_on"].startswith("default")
     assert 0 <= section["boxes"]["head"]["mean_iou"] <= 1 and (tmp_path / "boxes.png").is_file()
     assert "| box head |" in (tmp_path / "report.md").read_text()
+    # with TTA the head's boxes are still those of the images as given (the single view's pass)
+    assert main([str(trained["run"] / "best.pt"), "--data", str(trained["root"]), "--out", str(tmp_path / "tta"),
+                 "--gallery", "0", "--bootstrap", "0", "--tta"]) == 0
+    with_tta = json.loads((tmp_path / "tta" / "metrics.json").read_text())["localisation"]
+    assert with_tta["boxes"]["head"] == section["boxes"]["head"] and "gradcam" not in with_tta["boxes"]
