@@ -7,7 +7,7 @@ For each seed s (``--seeds``) the dataset is split by lesion with ``split_seed``
 ``--epochs`` epochs at ``--image-size`` px from scratch (``pretrained=none``), everything else the config's
 defaults: without the box head (``box_loss_weight=0``) and with it, once per ``--weights`` (its box_loss_weight).
 Each run's best.pt (best epoch by val balanced accuracy) is scored once on the test split: balanced accuracy,
-and on the test images with a lesion mask, as core.evaluate does (core/localisation.py): the mean IoU and the
+and on the test images with a lesion mask, as core.evaluate does (core/evaluation/localisation.py): the mean IoU and the
 share of images with IoU >= 0.3, 0.5 and 0.7 against the mask's box of the head's box, the Grad-CAM box (Guided
 Grad-CAM of the predicted class, its threshold chosen on the validation split), the centre prior (the mean box
 of the training split) and the whole image, and Grad-CAM's MaxBoxAcc. Per seed, the paired difference of balanced
@@ -35,7 +35,7 @@ import numpy as np
 from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
 from bench.model_study import verdict
 from bench.sweep_runs import cell, mean_sd
-from core import atomic
+from core.io import atomic
 from core.config import IMAGE_SIZES, image_size_ok
 from core.errors import UserError, run_cli
 
@@ -78,14 +78,14 @@ def run_one(weight: float, seed: int, args: Any, data_path: Path, root: Path) ->
     """Train with ``box_loss_weight`` = ``weight`` on split ``seed``; its best.pt scored on the test split."""
     import torch
 
-    from core.box_head import capture_boxes
+    from core.model.box_head import capture_boxes
     from core.config import TrainConfig
-    from core.data import load_for_config
-    from core.gradcam import CAPTUM_NAMES, DEFAULT_METHOD, gradcam_maps
-    from core.inference import load_for_inference
-    from core.lesion_boxes import mask_boxes
-    from core.localisation import centre_prior, fit_boxes, localisation_section
-    from core.metrics import classification_metrics
+    from core.data.dataset import load_for_config
+    from core.explain.gradcam import CAPTUM_NAMES, DEFAULT_METHOD, gradcam_maps
+    from core.model.inference import load_for_inference
+    from core.data.lesion_boxes import mask_boxes
+    from core.evaluation.localisation import centre_prior, fit_boxes, localisation_section
+    from core.evaluation.metrics import classification_metrics
     from core.train import RunOptions, train
 
     cfg = TrainConfig.from_dict({"image_size": args.image_size, "epochs": args.epochs, "seed": seed,

@@ -8,6 +8,8 @@ then for each size starts, as its own process, each server:
 
 - ``torch``: ``python -m serve`` (micro-batched; the default backend),
 - ``onnx``: ``python -m serve --backend onnx``,
+- ``ensemble`` (only when named in ``--servers``): ``python -m serve`` on an ensemble file of
+  ``--ensemble-members`` such models (core/model/ensemble.py), its throughput beside one model's,
 - ``baseline``: the FastAPI endpoint a user would write first, calling the model once per request
   (``def`` endpoint, so FastAPI runs each in its thread pool; no batching), here ``--baseline-server``;
 
@@ -15,7 +17,7 @@ and sends each ``--requests`` uploads (200x150 JPEGs, as the HAM10000 copy's) fr
 clients, each cell stopped after ``--time-limit`` s; ``explain=true`` (Guided Grad-CAM) with the torch
 server. Then the soak: ``--soak`` mixed good and bad requests (bad: not an image, truncated, empty, wrong
 type, decompression bomb, age out of range, a bad KServe tensor) at 8 clients against the 64 px torch
-server: every status as expected, every good answer equal to core.inference's probabilities (1e-5),
+server: every status as expected, every good answer equal to core.model.inference's probabilities (1e-5),
 and the server's resident memory before and after. Prints a table; every error counted.
 """
 
@@ -47,13 +49,33 @@ def write_random_model(path: Path, image_size: int) -> Path:
     import torch
 
     from core.config import TrainConfig
-    from core.layouts import HAM_CLASSES
-    from core.model import build_model, save_model_file
+    from core.data.layouts import HAM_CLASSES
+    from core.model.networks import build_model, save_model_file
 
     torch.manual_seed(0)
     config = TrainConfig(image_size=image_size, pretrained="none", device="cpu").to_dict()
     save_model_file(path, build_model(len(HAM_CLASSES), "none"), HAM_CLASSES, config,
                     {"calibration": {"fitted_on": "val", "temperature": {"single": 1.5, "tta": 1.5}}})
+    return path
+
+
+def write_random_ensemble(path: Path, image_size: int, members: int) -> Path:
+    """An ensemble file (core/model/ensemble.py) of ``members`` random-init ResNet-18s at ``image_size``, equal
+    weights, with a temperature: what the ``ensemble`` server serves."""
+    import torch
+
+    from core.config import TrainConfig
+    from core.model.ensemble import save_ensemble_file
+    from core.data.layouts import HAM_CLASSES
+    from core.model.networks import build_model, save_model_file
+
+    config = TrainConfig(image_size=image_size, pretrained="none", device="cpu").to_dict()
+    files = []
+    for k in range(members):
+        torch.manual_seed(k)
+        save_model_file(path.parent / f"member{k}.pt", build_model(len(HAM_CLASSES), "none"), HAM_CLASSES, config)
+        files.append((f"member{k}", path.parent / f"member{k}.pt", 1.0))
+    save_ensemble_file(path, files, {"calibration": {"fitted_on": "val", "temperature": {"single": 1.5, "tta": 1.5}}})
     return path
 
 
@@ -72,8 +94,8 @@ def jpeg(seed: int, size: tuple[int, int] = (200, 150)) -> bytes:
 
 def baseline_app(model_path: str) -> Any:
     """What a user writes first: load the model, decode the upload, call the model, per request."""
-    from core.image_cache import decode_image
-    from core.inference import load_for_inference
+    from core.data.image_cache import decode_image
+    from core.model.inference import load_for_inference
 
     loaded = load_for_inference(model_path, "cpu")
     size = int(loaded.meta["image_size"])
@@ -109,7 +131,7 @@ def server(kind: str, model: Path, log_dir: Path) -> Iterator[tuple[str, int]]:
         command = [sys.executable, "-m", "bench.serve_load", "--baseline-server", str(model), "--port", str(port)]
     else:
         command = [sys.executable, "-m", "serve", str(model), "--port", str(port), "--device", "cpu",
-                   "--backend", kind]
+                   "--backend", "torch" if kind == "ensemble" else kind]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log_file = open(log_dir / f"{kind}-{model.parent.name}.log", "w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -250,8 +272,8 @@ async def soak(url: str, pid: int, model: Path, count: int, clients: int = 8) ->
     """``count`` mixed requests (60% good); every status as expected, every good answer correct."""
     import httpx
 
-    from core.image_cache import decode_image
-    from core.inference import load_for_inference
+    from core.data.image_cache import decode_image
+    from core.model.inference import load_for_inference
 
     loaded = load_for_inference(model, "cpu")
     size = int(loaded.meta["image_size"])
@@ -296,7 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--servers", nargs="+", default=["torch", "onnx", "baseline"],
-                        choices=["torch", "onnx", "baseline"])
+                        choices=["torch", "onnx", "baseline", "ensemble"],
+                        help="ensemble: python -m serve on an ensemble file of --ensemble-members random models")
+    parser.add_argument("--ensemble-members", type=int, default=5, help="members of the ensemble server's file "
+                                                                          "(default 5, as --ensemble-size)")
     parser.add_argument("--requests", type=int, default=64, help="requests per cell (default 64)")
     parser.add_argument("--time-limit", type=float, default=20.0, help="seconds per cell at most (default 20)")
     parser.add_argument("--soak", type=int, default=2000, help="mixed requests of the soak (0: none)")
@@ -319,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = write_random_model(_mkdir(root / f"{size}px") / "model.pt", size)
             for kind in args.servers:
                 print(f"{size} px, {kind} server (load average {os.getloadavg()[0]:.1f})", flush=True)
-                with server(kind, model, root) as (url, _):
+                served = model if kind != "ensemble" else write_random_ensemble(
+                    root / f"{size}px" / "ensemble" / "ensemble.pt", size, args.ensemble_members)
+                with server(kind, served, root) as (url, _):
                     result["cells"] += [{"size": size, **row} for row in run_cells(url, kind, images, args)]
         if args.soak:
             model = root / f"{args.sizes[0]}px" / "model.pt"

@@ -14,10 +14,10 @@ the raw model); ``--tta`` averages the 8 flips and quarter turns and reports wit
 report adds 95% bootstrap intervals over lesions, lesion-level results, ECE and Brier score before and after
 calibration, the positive class's operating points at the thresholds stored in model.pt (chosen on the
 training data's validation split, never on the images evaluated here) and results per metadata subgroup
-(core/clinical.py).
+(core/evaluation/sections.py).
 
 The evaluation itself (predict, calibrate, clinical results, figures, Grad-CAM, report, metrics.json) is
-core/evaluation_pipeline.py, shared with core.final_train; this module is the command and what it evaluates.
+core/evaluation/pipeline.py, shared with core.final_train; this module is the command and what it evaluates.
 """
 
 from __future__ import annotations
@@ -32,15 +32,14 @@ import numpy as np
 from core import filenames
 from core.cli import (add_device_option, add_evaluation_options, add_gallery_options, add_threads_option,
                       apply_threads, clinical_options, gradcam_options)
-from core.data import SplitOptions, load_dataset
+from core.data.dataset import SplitOptions, load_dataset
 from core.errors import UserError, run_cli
-from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images,
-                             write_evaluation)
-from core.inference import LoadedModel, load_for_inference
-from core.metrics import headline, map_labels
-from core.model import check_gradcam_layer
-from core.operating_points import positive_index
-from core.state_files import check_output_dir
+from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images, write_evaluation
+from core.model.inference import LoadedModel, load_for_inference
+from core.evaluation.metrics import headline, map_labels
+from core.model.networks import check_gradcam_layer
+from core.evaluation.operating_points import positive_index
+from core.io.state_files import check_output_dir
 
 log = logging.getLogger(__name__)
 

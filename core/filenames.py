@@ -3,18 +3,21 @@
 A training run's folder (``python -m core.train``, a sweep trial, ``core.final_train``'s ``final/``):
 
 - ``config.json``  the resolved TrainConfig (core/config.py)
-- ``splits.csv``   image_id,label,group,split of every image (core/splits.py)
-- ``metrics.csv``  one row per epoch: the dict the training loop logs (core/loop.py)
+- ``splits.csv``   image_id,label,group,split of every image (core/data/splits.py)
+- ``metrics.csv``  one row per epoch: the dict the training loop logs (core/training/loop.py)
 - ``run.json``     the run's state: status running|complete, best epoch, best and last rows, data
-- ``best.pt``      the model of the best epoch by ``select_metric`` (a model file, core/model.py)
+- ``best.pt``      the model of the best epoch by ``select_metric`` (a model file, core/model/networks.py)
 - ``last.pt``      the resume state (model, optimiser, scheduler, EMA, history)
+- ``val_probs.npz`` the validation split's probabilities at the epoch in best.pt: ``probs`` float32 [N, C],
+                   ``labels`` int64 [N], ``image_ids`` str [N] (the split's order), ``epoch``; what a sweep's
+                   ensemble is chosen on (core/ensemble_select.py)
 
 An evaluation's folder (``core.final_train``, ``core.evaluate``):
 
-- ``metrics.json`` the evaluation document (format ``lesion-sweep/evaluation``, core/evaluation_pipeline.py)
+- ``metrics.json`` the evaluation document (format ``lesion-sweep/evaluation``, core/evaluation/pipeline.py)
 - ``model.pt``     the evaluated model, with its calibration and operating thresholds from val (final training only)
-- ``report.md``    the page to read first (core/evaluation_report.py)
-- ``report.html``  the same page as one file, its figures inside (core/evaluation_report.py)
+- ``report.md``    the page to read first (core/evaluation/report.py)
+- ``report.html``  the same page as one file, its figures inside (core/evaluation/report.py)
 
 A sweep's folder (sweep/outputs.py says what each holds) has its own ``report.html``: the sweep's page
 (sweep/report.py), and the names below ``FINAL_DIR``.
@@ -26,10 +29,17 @@ METRICS_CSV = "metrics.csv"
 RUN_STATE = "run.json"
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
+VAL_PROBS = "val_probs.npz"     # beside best.pt: its validation probabilities (core/training/run_writer.py)
 EVALUATION = "metrics.json"
 MODEL = "model.pt"
 REPORT = "report.md"
 REPORT_HTML = "report.html"
+CONFUSION_FIGURE = "confusion_matrix.png"        # an evaluation's figures (core/evaluation/pipeline.py)
+ROC_FIGURE = "roc_curves.png"
+RELIABILITY_FIGURE = "reliability_diagram.png"
+CURVES_FIGURE = "training_curves.png"            # final training's loss and metrics per epoch
+FINAL_SOURCE = "source.json"     # final/source.json: what core.final_train trained from (guards a resume)
+EPOCH_STATE = "epoch.json"       # a trial's metrics of its checkpointed epoch, beside last.pt (sweep/trainable.py)
 BEST_TRIAL = "best.json"
 FINAL_DIR = "final"            # core.final_train's default output folder, beside best.json
 # A sweep's folder (python -m sweep.run).
@@ -41,4 +51,7 @@ CONFIRM_PLAN = "confirm.json"    # the confirmation runs planned after the searc
 OPTUNA_DB = "optuna.db"          # the Optuna study (sweep/searcher.py)
 TRIALS_DIR = "trials"            # trials/<id>/: one training run per trial
 TRIAL_RECORD = "trial.json"      # trials/<id>/trial.json: parameters, status, error (sweep/recorder.py)
+ENSEMBLE_CHOICE = "ensemble.json"  # the ensemble a sweep chose on val (core/ensemble_file.py)
+ENSEMBLE_MODEL = "ensemble.pt"     # final/ensemble.pt: the ensemble model file (core/model/ensemble.py)
+ENSEMBLE_DIR = "ensemble"          # final/ensemble/: the ensemble's evaluation (core/final_ensemble.py)
 TRIAL_NODE = "node.json"         # trials/<id>/node.json: where the trial ran (sweep/trainable.py)

@@ -10,7 +10,7 @@ behind), then ``metrics.json`` (the completion marker, as in a local final/: a f
 then the sweep's report.html with its new final-model section. A run cut short leaves a ``final/`` without
 metrics.json, which reads as unfinished. The temporary folder goes once everything is uploaded (``--out DIR``
 keeps the outputs on this machine too). Endpoint and credentials as for ``sweep.run --storage``
-(core/storage.py).
+(core/io/storage.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable, TypeVar
 from core import filenames
 from core.download import download
 from core.errors import UserError
-from core.storage import Store, open_store
+from core.io.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,26 @@ def final_train_in_bucket(best_uri: str, endpoint: str | None, out_dir: str | Pa
     try:
         local = work / sweep.uri.rsplit("/", 1)[-1]
         download(sweep.uri, local, endpoint, exclude=(f"{filenames.FINAL_DIR}/*",))
+        fetch_ensemble_members(sweep, local)
         out = Path(out_dir) if out_dir is not None else local / filenames.FINAL_DIR
         result = train(local / filenames.BEST_TRIAL, out)
         upload_final(out, sweep, local)
         return result, sweep.child(filenames.FINAL_DIR).uri
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def fetch_ensemble_members(sweep: Store, local: Path) -> None:
+    """The models of the ensemble the sweep chose (ensemble.json), which the download leaves out: core.final_train
+    builds the ensemble from them (core/final_ensemble.py; one that is not in the bucket is an error there)."""
+    from core.ensemble_file import read_ensemble_choice
+
+    if not (local / filenames.ENSEMBLE_CHOICE).is_file():
+        return
+    for member in read_ensemble_choice(local / filenames.ENSEMBLE_CHOICE).members:
+        rel = member.checkpoint.relative_to(local.resolve()).as_posix()
+        if sweep.exists(rel):
+            sweep.download_file(rel, local / rel)
 
 
 def upload_final(out: Path, sweep: Store, local: Path) -> None:

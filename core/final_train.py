@@ -14,19 +14,21 @@ for single-view and one for TTA prediction, and the thresholds of the positive c
 (``--positive-class``, default mel), all stored in model.pt for core.evaluate and core.predict. With
 ``--train-on-val`` nothing is held out, so nothing is fitted (never on training images). The test report
 adds 95% bootstrap intervals over lesions, lesion-level results, calibration before and after, TTA against
-no TTA (``--tta``), the operating points and results per metadata subgroup (core/clinical.py).
+no TTA (``--tta``), the operating points and results per metadata subgroup (core/evaluation/sections.py).
 
 Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py:
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
-chosen epoch, in core.model's format), ``metrics.json`` (test metrics, per class figures, confusion
-matrix; core/evaluation_pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
+chosen epoch, in core.model.networks's format), ``metrics.json`` (test metrics, per class figures, confusion
+matrix; core/evaluation/pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
 ``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``boxes.png`` (where
-the lesion is: core/localisation.py; model.pt then also stores the Grad-CAM box's threshold, chosen on val, and
-the training split's mean lesion box), ``report.md``, the
+the lesion is: core/evaluation/localisation.py; model.pt then also stores the Grad-CAM box's threshold, chosen on
+val, and the training split's mean lesion box), ``report.md``, the
 page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
 gains it as its final-model section). Running the command again resumes an interrupted training and
-re-evaluates a finished one. ``metrics.json`` is written last and removed when a run starts, so a folder
-holding one is complete. A damaged ``run.json`` or ``metrics.csv`` is written again from ``last.pt`` (with a
+re-evaluates a finished one. Where the sweep chose an ensemble (ensemble.json beside best.json), it is then
+built from its members' checkpoints, calibrated on val and evaluated on test beside the single model
+(core/final_ensemble.py: ``ensemble.pt``, ``ensemble/``, ``ensemble_comparison.json``). ``metrics.json`` is
+written last and removed when a run starts, so a folder holding one is complete. A damaged ``run.json`` or ``metrics.csv`` is written again from ``last.pt`` (with a
 warning); a damaged ``best.pt``, ``last.pt`` or ``source.json`` is a one-line error saying to train again with
 --no-resume.
 """
@@ -44,32 +46,32 @@ import numpy as np
 import pandas as pd
 
 from core import filenames
-from core.atomic import remove_stale_temps, write_json
+from core.io.atomic import remove_stale_temps, write_json
 from core.best_file import SPLITS_ADVICE, BestFile, check_data, read_best
 from core.cli import (add_evaluation_options, add_gallery_options, add_threads_option, apply_threads,
                       clinical_options)
-from core.clinical import ClinicalOptions, fit_on_val, not_fitted
+from core.evaluation.sections import ClinicalOptions, fit_on_val, not_fitted
 from core.config import TrainConfig
-from core.data import Dataset, load_for_config
+from core.data.dataset import Dataset, load_for_config
 from core.errors import UserError, run_cli
-from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
-                             predict_set, score_images, write_evaluation)
-from core.figures import curves_figure
-from core.inference import LoadedModel, load_for_inference
-from core.metrics import headline
-from core.model import check_gradcam_layer, save_model_file
-from core.operating_points import positive_index
-from core.evaluation_report import show_in_parent_page
-from core.state_files import check_output_dir, read_json_state, reading
-from core.storage import is_uri
+from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source, predict_set, score_images, write_evaluation
+from core.evaluation.figures import curves_figure
+from core.model.inference import LoadedModel, load_for_inference
+from core.evaluation.metrics import headline
+from core.model.networks import check_gradcam_layer, save_model_file
+from core.evaluation.operating_points import positive_index
+from core.progress import progress_bar
+from core.evaluation.report import show_in_parent_page
+from core.io.state_files import check_output_dir, read_json_state, reading
+from core.io.storage import is_uri
 from core.train import RunOptions, train
 
-if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
-    from core.gradcam import GradcamOptions
+if TYPE_CHECKING:  # core.explain.gradcam imports Captum: only when Grad-CAM runs
+    from core.explain.gradcam import GradcamOptions
 
 log = logging.getLogger(__name__)
 
-SOURCE_FILE = "source.json"  # what this folder was trained from; guards a resume with other settings
+SOURCE_FILE = filenames.FINAL_SOURCE  # what this folder was trained from; guards a resume with other settings
 # On a GPU a 224 px epoch of HAM10000 trains in well under a second, about what writing best.pt and last.pt
 # takes: checkpoints every 30 s (and at the end) instead of every epoch; a resume repeats at most that much.
 CHECKPOINT_EVERY_S = 30.0
@@ -77,7 +79,7 @@ CHECKPOINT_EVERY_S = 30.0
 EPOCH_MISMATCH = 1.5
 # What to do when a file of an earlier final training in the folder is damaged.
 FINAL_ADVICE = "train again with --no-resume, or use another --out"
-CURVES_FIGURE = "training_curves.png"
+CURVES_FIGURE = filenames.CURVES_FIGURE
 
 
 @dataclass(frozen=True)
@@ -91,13 +93,13 @@ class FinalOptions:
     resume: bool = True
     gallery_per_class: int = 8
     progress: bool = True
-    gradcam_layer: str | None = None     # None: chosen by image size (core.gradcam.choose_layer)
-    gradcam_method: str | None = None    # None: core.gradcam.DEFAULT_METHOD
+    gradcam_layer: str | None = None     # None: chosen by image size (core.explain.gradcam.choose_layer)
+    gradcam_method: str | None = None    # None: core.explain.gradcam.DEFAULT_METHOD
     evaluation: ClinicalOptions = ClinicalOptions()   # TTA, calibration, positive class, bootstrap
 
     def gradcam(self) -> GradcamOptions:
-        """The Grad-CAM fields as a core.gradcam.GradcamOptions."""
-        from core.gradcam import DEFAULT_METHOD, GradcamOptions
+        """The Grad-CAM fields as a core.explain.gradcam.GradcamOptions."""
+        from core.explain.gradcam import DEFAULT_METHOD, GradcamOptions
 
         return GradcamOptions(self.gallery_per_class, self.gradcam_layer, self.gradcam_method or DEFAULT_METHOD)
 
@@ -154,14 +156,22 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
              " (with and without TTA)" if options.evaluation.tta else "")
     scored = score_images(loaded, EvaluatedImages(data, test_idx, data.labels[test_idx], "test split"), fitted,
                           options.evaluation)
-    document = _write_outputs(run, scored, fitted, options)
+    # --- the sweep's ensemble (ensemble.json), side by side with the single model: core/final_ensemble.py ---
+    from core.final_ensemble import ensemble_page, prepare_ensemble, write_ensemble
+
+    ensemble = prepare_ensemble(best, cfg, data, scored, options.evaluation, options.progress)
+    document = _write_outputs(run, scored, fitted, options, ensemble.notes() if ensemble else [])
+    if ensemble is not None:
+        log.info("writing the ensemble's evaluation into %s", out / filenames.ENSEMBLE_DIR)
+        document["ensemble"] = write_ensemble(out, ensemble, options.gradcam(), ensemble_page(best, ensemble, out))
+    # --- end of the ensemble's part ---
     # The sweep's report.html (where it has a slot for final/) shows this model without being rendered again.
     show_in_parent_page(out, best.folder)
     return FinalResult(out_dir=out, metrics=document, report=out / filenames.REPORT)
 
 
 def _write_outputs(run: FinalRun, scored: ScoredImages, fitted: Mapping[str, Any],
-                   options: FinalOptions) -> dict[str, Any]:
+                   options: FinalOptions, notes: Sequence[str] = ()) -> dict[str, Any]:
     """model.pt (with what was fitted on val), the training curves, then the evaluation's folder."""
     out, chosen = run.out, run.history[run.chosen_epoch - 1]
     save_model_file(out / filenames.MODEL, scored.loaded.model, run.data.class_names, run.cfg.to_dict(),
@@ -171,7 +181,8 @@ def _write_outputs(run: FinalRun, scored: ScoredImages, fitted: Mapping[str, Any
     source = {"model": str((out / filenames.MODEL).resolve()), "split": "test", "data": data_source(run.data)}
     return write_evaluation(out, scored, EvaluationOutputs(
         source=source, gradcam=options.gradcam(), training=_training_section(run, str(scored.loaded.device)),
-        page=lambda document: _final_page(run, document), figures=[("Loss and metrics per epoch", CURVES_FIGURE)]))
+        page=lambda document: _final_page(run, document, notes),
+        figures=[("Loss and metrics per epoch", CURVES_FIGURE)]))
 
 
 def _training_section(run: FinalRun, device: str) -> Callable[[], dict[str, Any]]:
@@ -204,13 +215,13 @@ def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
     return fit_on_val(val, data.class_names, positive_class)
 
 
-# --- lesion boxes (core/localisation.py): the Grad-CAM box's threshold chosen on val, the centre prior from train ---
+# --- lesion boxes (core/evaluation/localisation.py): the Grad-CAM box's threshold chosen on val, the centre prior from train ---
 def _fit_boxes(loaded: LoadedModel, data: Dataset, train_splits: tuple[str, ...],
                options: FinalOptions) -> dict[str, Any] | None:
     """model.pt's ``boxes``: the mean mask box of the training images (the centre prior) and the Grad-CAM box's
     threshold fraction, chosen on the validation images with a mask (the default where none is held out or
     Grad-CAM is off); None for a dataset without masks."""
-    from core.localisation import centre_prior, fit_boxes
+    from core.evaluation.localisation import centre_prior, fit_boxes
 
     if data.masks is None:
         return None
@@ -221,8 +232,8 @@ def _fit_boxes(loaded: LoadedModel, data: Dataset, train_splits: tuple[str, ...]
     rows = val_idx[np.asarray(data.has_mask)[val_idx]] if not options.train_on_val else val_idx[:0]
     if gradcam.per_class <= 0 or len(rows) == 0:
         return fit_boxes(None, None, prior, None)
-    from core.gradcam import CAPTUM_NAMES, gradcam_maps
-    from core.lesion_boxes import mask_boxes
+    from core.explain.gradcam import CAPTUM_NAMES, gradcam_maps
+    from core.data.lesion_boxes import mask_boxes
 
     images, encoded = np.asarray(data.images[rows]), loaded.encode_dataset(data, rows)
     predicted = loaded.predict(images, metadata=encoded).argmax(1).tolist()
@@ -281,20 +292,19 @@ class EpochBar:
     """An outer progress bar over epochs showing the losses and validation metrics of the last one."""
 
     def __init__(self, epochs: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=epochs, desc="final training", unit="epoch", disable=not enabled, dynamic_ncols=True)
+        self.bar = progress_bar(total=epochs, desc="final training", unit="epoch", enabled=enabled)
 
     def on_epoch(self, metrics: dict[str, float]) -> None:
-        self.bar.n = int(metrics["epoch"])
         self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_loss=f"{metrics['val_loss']:.3f}",
-                             val_bacc=f"{metrics['val_balanced_accuracy']:.3f}", val_auc=f"{metrics['val_auc']:.3f}")
+                             val_bacc=f"{metrics['val_balanced_accuracy']:.3f}", val_auc=f"{metrics['val_auc']:.3f}",
+                             refresh=False)
+        self.bar.update(int(metrics["epoch"]) - self.bar.n)  # a resumed run starts past epoch 0
 
     def close(self) -> None:
         self.bar.close()
 
 
-def _final_page(run: FinalRun, document: Mapping[str, Any]) -> ReportPage:
+def _final_page(run: FinalRun, document: Mapping[str, Any], extra_notes: Sequence[str] = ()) -> ReportPage:
     """report.md's title, facts, notes and commands, from the metrics.json document (so they never disagree)."""
     best, cfg, out = run.best, run.cfg, run.out
     training, data = document["training"], document["source"]["data"]
@@ -313,10 +323,11 @@ def _final_page(run: FinalRun, document: Mapping[str, Any]) -> ReportPage:
                      + (f", an EMA of the weights (decay {cfg.ema_decay:g})" if cfg.ema_decay else "")),
         ("evaluated", f"{counts['test']} test images, never seen by the sweep; took {training['wall_s'] / 60:.1f} "
                       f"min in all"),
-        ("model file", "`model.pt` (load with `core.model.load_model_file`)"),
+        ("model file", "`model.pt` (load with `core.model.networks.load_model_file`)"),
     ]
     notes = ["Trained on train+val: the validation curves are measured on training images and say nothing of "
              "generalisation; the test metrics do."] if train_on_val else []
+    notes += list(extra_notes)  # the ensemble's comparison (core/final_ensemble.py)
     model = out / filenames.MODEL
     return ReportPage(
         title=f"Final model of sweep {best.folder.name}", facts=facts, notes=notes, config=cfg.to_dict(),

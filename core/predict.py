@@ -11,14 +11,14 @@ each image (with the temperature fitted for that). The table (or
 DIR`` saves ``DIR/<image name>_gradcam.png``, the heat map of the predicted class over the image.
 With ``--masks MASK_DIR`` (holding ``<image name>_segmentation.png`` or ``<image name>.png``, the
 image's size) each map is also scored against the lesion mask, whose outline the overlay draws:
-the share of the map inside the lesion and whether its peak is (core/explain_scores.py).
+the share of the map inside the lesion and whether its peak is (core/explain/mask_scores.py).
 
 ``--json`` gives each image's lesion box (``box``: ``pixels`` of the image file as shown, x0, y0, x1, y1, and
 ``fractions`` of its sides): the box head's (a model trained with ``box_loss_weight`` > 0), else, with
-``--gradcam``, the Grad-CAM map's (core/cam_boxes.py, at the threshold stored in model.pt); else null.
+``--gradcam``, the Grad-CAM map's (core/explain/cam_boxes.py, at the threshold stored in model.pt); else null.
 
 This module is the command: reading the images, the table and the JSON it prints; the model is used through
-core/inference.py, Grad-CAM through core/gradcam.py.
+core/model/inference.py, Grad-CAM through core/explain/gradcam.py.
 
 A model trained with clinical metadata (config key ``metadata``) takes ``--age``, ``--sex`` and ``--site``
 (the same for every image given); a field left out counts as unknown (all of them: with a warning).
@@ -36,15 +36,15 @@ import numpy as np
 
 from core.cli import add_device_option, add_gradcam_options, add_prediction_options
 from core.errors import UserError, run_cli
-from core.box_head import capture_boxes, view_boxes
-from core.explain_scores import masks_summary_line, score_one_map
-from core.lesion_boxes import box_answer, upright_size
-from core.image_cache import decode_image
-from core.inference import LoadedModel, load_for_inference
-from core.masks import read_masks
-from core.metadata import SEXES, SITES, validate_record
-from core.model import check_gradcam_layer
-from core.state_files import check_output_dir
+from core.model.box_head import capture_boxes, view_boxes
+from core.explain.mask_scores import masks_summary_line, score_one_map
+from core.data.lesion_boxes import box_answer, upright_size
+from core.data.image_cache import decode_image
+from core.model.inference import LoadedModel, load_for_inference
+from core.data.masks import read_masks
+from core.model.fields import SEXES, SITES, validate_record
+from core.model.networks import check_gradcam_layer
+from core.io.state_files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
              "not calibrated: the model file holds no temperature" if temperature is None else
              f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
     rows = predictions_json(args.images, probs, list(loaded.class_names))
+    # --- an ensemble file (core/model/ensemble.py): each image's disagreement between the members ---
+    if hasattr(loaded, "disagreement"):
+        from core.model.ensemble import describe_disagreement
+
+        for row, value in zip(rows, loaded.disagreement(images, tta=args.tta, metadata=metadata)):
+            row["disagreement"] = {"mutual_information": float(value), "words": describe_disagreement(float(value))}
+    # --- end of the ensemble's part ---
     sizes = [upright_size(path) for path in args.images]
     for row, size, box in zip(rows, sizes, [None] * len(rows) if boxes is None else boxes):
         row["box"] = box_answer(box, *size, "box head")
@@ -114,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(args.images, probs, list(loaded.class_names)))
+        for row in rows:  # an ensemble's members' disagreement, one line per image
+            if "disagreement" in row:
+                print(f"{row['image']}: {row['disagreement']['words']}")
         if scores:
             print(scores)
     return 0
@@ -170,8 +180,8 @@ def _overlays(args: argparse.Namespace, loaded: LoadedModel, inputs: tuple[np.nd
     """Each image's overlay of the predicted class's map into --gradcam, noted in its row with the map's box (in
     pixels of the image; also the row's ``box`` where the model has no box head); with --masks, the line that
     scores the maps against the masks. ``inputs``: the images and the metadata they were predicted with."""
-    from core.cam_boxes import cam_boxes, stored_fraction
-    from core.gradcam import DEFAULT_METHOD, gradcam_maps, save_overlay
+    from core.explain.cam_boxes import cam_boxes, stored_fraction
+    from core.explain.gradcam import DEFAULT_METHOD, gradcam_maps, save_overlay
 
     out, (images, metadata) = Path(args.gradcam), inputs
     maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device,

@@ -5,11 +5,11 @@
 
 Writes ``config.json``, ``splits.csv``, ``metrics.csv`` (a row per epoch), ``run.json`` (the run's state),
 ``best.pt`` (the model file of the best epoch by ``select_metric``), ``last.pt`` (resume state) and
-TensorBoard scalars into ``--out`` (core/run_writer.py). Running the same command again resumes from
+TensorBoard scalars into ``--out`` (core/training/run_writer.py). Running the same command again resumes from
 ``last.pt``.
 
 The whole decoded dataset lives in memory (on the GPU when there is one); batches are gathered by
-index and augmented on the device (core/loop.py), so no JPEG is read and no DataLoader worker runs.
+index and augmented on the device (core/training/loop.py), so no JPEG is read and no DataLoader worker runs.
 """
 
 from __future__ import annotations
@@ -25,22 +25,25 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from core.box_head import start_capture
+from core.model.box_head import start_capture
 from core.config import TrainConfig
 from core.device import Placement, as_tensor, dataset_to_device, resolve_device
-from core.ema import make_ema
+from core.training.ema import make_ema
 from core.errors import UserError, run_cli
-from core.loop import Batches, Optimisation, predict_split, train_one_epoch
-from core.metadata import encode_dataset, make_spec
-from core.metrics import classification_metrics
-from core.model import build_model
-from core.optim import make_criterion, make_optimizer, make_scheduler
-from core.run_writer import RunWriter
-from core.state_files import check_output_dir
-from core.sampling import epoch_order, image_draw_weights
+from core.metric_names import SELECT_METRICS
+from core.training.loop import Batches, Optimisation, train_one_epoch
+from core.model.forward import predict_split
+from core.model.fields import encode_dataset, make_spec
+from core.evaluation.metrics import classification_metrics
+from core.model.networks import build_model
+from core.training.optim import make_criterion, make_optimizer, make_scheduler
+from core.progress import progress_bar
+from core.training.run_writer import RunWriter
+from core.io.state_files import check_output_dir
+from core.training.sampling import epoch_order, image_draw_weights
 
 if TYPE_CHECKING:
-    from core.data import Dataset
+    from core.data.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
     scheduler = make_scheduler(optimizer, cfg, batches.steps_per_epoch)
     start_epoch = writer.restore(model, optimizer, scheduler, ema)
     step_model = torch.compile(model) if cfg.compile else model
-    # the box head's output of each training step (core/box_head.py), its hook registered once for the run
+    # the box head's output of each training step (core/model/box_head.py), its hook registered once for the run
     boxes, box_hook = start_capture(model) if batches.masks is not None else (None, None)
     opt = Optimisation(step_model, optimizer, scheduler, make_criterion(cfg, _train_counts(data, batches), device), ema,
                        boxes)
@@ -120,7 +123,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_bacc=f"{metrics['val_balanced_accuracy']:.3f}")
         writer.epoch_done(metrics, saved, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                "scheduler": scheduler.state_dict(),
-                                               **({"ema": ema.state_dict()} if ema is not None else {})})
+                                               **({"ema": ema.state_dict()} if ema is not None else {})},
+                          val_probs)
         if on_epoch is not None:
             on_epoch(metrics)
     if box_hook is not None:
@@ -167,9 +171,7 @@ def _train_counts(data: "Dataset", batches: Batches) -> np.ndarray:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False, dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, unit="step", enabled=enabled, leave=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output_dir(args.out, "--out")
 
     cfg = (TrainConfig.load(args.config) if args.config else TrainConfig()).with_overrides(args.overrides)
-    from core.data import load_for_config  # after the config: a bad key fails before any data work
+    from core.data.dataset import load_for_config  # after the config: a bad key fails before any data work
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,8 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = train(cfg, data, args.out, options=RunOptions(resume=not args.no_resume))
     best = result.best_metrics
     print(f"best epoch {result.best_epoch}/{result.epochs_run}: "
-          + ", ".join(f"{k}={best[k]:.4f}" for k in ("val_balanced_accuracy", "val_accuracy", "val_macro_f1",
-                                                       "val_auc", "val_loss")))
+          + ", ".join(f"{k}={best[k]:.4f}" for k in SELECT_METRICS))
     print(f"outputs in {result.out_dir} (run.json, metrics.csv, best.pt); tensorboard --logdir {result.out_dir}")
     return 0
 

@@ -21,9 +21,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from core.errors import UserError
-from core.lesion_boxes import box_answer, upright_size
+from core.data.lesion_boxes import box_answer, upright_size
 from serve.batcher import Busy
-from core.metadata import AGE_RANGE, SEXES, SITES, validate_record
+from core.model.fields import AGE_RANGE, SEXES, SITES, validate_record
 from serve.guard import Guard
 from serve.kserve import kserve_router
 from serve.metrics import ServeMetrics
@@ -128,10 +128,15 @@ def _add_routes(app: FastAPI) -> None:
         image = await run_in_threadpool(decode_upload, data, name, service.image_size)
         decoded = time.perf_counter()
         encoded = service.encode(record)
-        probs, boxes = await service.predict(image[None], tta, encoded)
+        probs, disagreement, boxes = await service.predict(image[None], tta, encoded)
         probs = probs[0]
         predicted = time.perf_counter()
         body = prediction_body(service, probs, tta, name, record)
+        if disagreement is not None:  # an ensemble file: its members' disagreement (core/model/ensemble.py)
+            from core.model.ensemble import describe_disagreement
+
+            body["disagreement"] = {"mutual_information": float(disagreement[0]),
+                                    "words": describe_disagreement(float(disagreement[0]))}
         if explain:
             body["explain"] = await run_in_threadpool(service.explain, image, int(probs.argmax()), encoded)
         body.update(lesion_box(data, None if boxes is None else boxes[0], body.get("explain")))
@@ -140,7 +145,7 @@ def _add_routes(app: FastAPI) -> None:
         return body
 
 
-# --- the lesion box (core/box_head.py, core/cam_boxes.py): in pixels of the uploaded image and in fractions ---
+# --- the lesion box (core/model/box_head.py, core/explain/cam_boxes.py): in pixels of the uploaded image and in fractions ---
 def lesion_box(data: bytes, head: Any, explain: dict[str, Any] | None) -> dict[str, Any]:
     """/predict's ``box``: the box head's, else (with explain) the Grad-CAM map's, else null; the Grad-CAM box also
     in ``explain.box``. The upload decoded already, so its size is readable."""

@@ -4,6 +4,10 @@ model.pt (core.final_train) holds the classes, image size, config, chosen epoch,
 points; metrics.json (its test evaluation, when it is beside the model) says on what data it was trained
 and tested, and the test balanced accuracy with its bootstrap interval. The file's time stands for when
 it was trained: model.pt records no date of its own.
+
+Every answer of the server is seen by whoever reaches it (a public page): the facts name files by their
+name only, never by the server's paths (the data folder, a weights file, the model file), which the model
+file and metrics.json keep for the one who trained it.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-log = logging.getLogger(__name__)
+from core import filenames
+from core.config import DEFAULT_ARCH
 
-METRICS_FILE = "metrics.json"
+log = logging.getLogger(__name__)
 
 
 def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -27,18 +32,21 @@ def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "file": path.name,
         "written": dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "arch": meta.get("arch") or "resnet18",
+        "arch": meta.get("arch") or DEFAULT_ARCH,
         "classes": list(meta.get("class_names") or []),
         "image_size": int(meta.get("image_size") or config.get("image_size") or 0),
         "epoch": meta.get("epoch"),
         "epochs": config.get("epochs"),
-        "pretrained": config.get("pretrained"),
+        "pretrained": _initial_weights(config.get("pretrained")),
         "calibration": ({"temperature": calibration.get("temperature"), "fitted_on": calibration.get("fitted_on")}
                         if calibration.get("temperature") else
                         {"skipped": calibration.get("skipped") or "the model file holds no temperature"}),
         "metadata_fields": meta.get("metadata") is not None,
-        "test": _test_figures(path.parent / METRICS_FILE),
+        # an ensemble.pt's evaluation is in ensemble/ beside it (core/final_ensemble.py)
+        "test": _test_figures(path.parent / (filenames.ENSEMBLE_DIR if meta.get("members") else "") / filenames.EVALUATION),
     }
+    if meta.get("members"):  # an ensemble file (core/model/ensemble.py): its members and their weights
+        facts["ensemble"] = [{"name": m.get("name"), "weight": m.get("weight")} for m in meta["members"]]
     return facts
 
 
@@ -60,5 +68,18 @@ def _test_figures(path: Path) -> dict[str, Any] | None:
             "balanced_accuracy_ci": (document.get("intervals") or {}).get("test_balanced_accuracy"),
             "accuracy": document.get("test_accuracy"), "auc": document.get("test_auc"),
             "n_images": document.get("n_images"), "split": source.get("split"),
-            "data": {"path": data.get("path"), "layout": data.get("layout")},
+            "data": {"name": _name(data.get("path")), "layout": data.get("layout"),
+                     "classes": len(data.get("class_names") or []) or None},
             "split_sizes": training.get("split_sizes"), "epochs_run": training.get("epochs_run")}
+
+
+def _name(path: Any) -> str | None:
+    """The last part of a recorded path (a data set's folder name): what a visitor needs, not where it lies."""
+    return Path(str(path)).name or None if path else None
+
+
+def _initial_weights(pretrained: Any) -> Any:
+    """config.pretrained as shown: 'imagenet' and 'none' as they are, a state_dict file by its name only."""
+    if pretrained in (None, "imagenet", "none"):
+        return pretrained
+    return f"the weights file {_name(pretrained)}"

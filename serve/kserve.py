@@ -13,7 +13,7 @@ A model trained with the box head (config key ``box_loss_weight``) adds the outp
 in pixels of the S x S input) and ``box_fractions`` (the same as fractions of its sides), FP32 [N, 4].
 
 The image tensor is what the model takes: RGB uint8, channels first, already S x S (decode and resize
-as core.image_cache.decode_image does); ``data`` flat (row-major) or nested. Probabilities are calibrated
+as core.data.image_cache.decode_image does); ``data`` flat (row-major) or nested. Probabilities are calibrated
 as on /predict.
 """
 
@@ -70,7 +70,7 @@ def kserve_router() -> APIRouter:
         except ValueError:
             raise BadInput(400, "the body is not JSON (send an Open Inference Protocol request)") from None
         images, tta = parse_infer(body, service.image_size)
-        probs, boxes = await service.predict(images, tta)
+        probs, _, boxes = await service.predict(images, tta)
         response = {"model_name": name, "model_version": "1",
                     "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(probs.shape),
                                  "data": probs.astype(np.float32).ravel().tolist()},
@@ -84,7 +84,7 @@ def kserve_router() -> APIRouter:
     return router
 
 
-# --- the box head's lesion box (core/box_head.py): a model trained with one answers it beside the probabilities ---
+# --- the box head's lesion box (core/model/box_head.py): a model trained with one answers it beside the probabilities ---
 def box_outputs(boxes: np.ndarray | None, size: int) -> list[dict[str, Any]]:
     """The boxes [N, 4] (x0, y0, x1, y1) in pixels of the S x S input tensor and in fractions of its sides; none
     without a box head."""

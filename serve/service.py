@@ -1,14 +1,14 @@
 """The model behind the routes: calibrated probabilities through the micro-batcher, Grad-CAM under a lock.
 
-Probabilities come from core.inference.LoadedModel.predict (the same normalisation, batching and stored
+Probabilities come from core.model.inference.LoadedModel.predict (the same normalisation, batching and stored
 temperature as core.predict), or with ``backend="onnx"`` from ONNX Runtime for single-view requests
-(serve/onnx_backend.py; TTA stays on torch). Grad-CAM (core.gradcam, Captum's Guided Grad-CAM) runs on
+(serve/onnx_backend.py; TTA stays on torch). Grad-CAM (core.explain.gradcam, Captum's Guided Grad-CAM) runs on
 its own copy of the network, one call at a time: Captum registers hooks on the module it explains for
 the duration of a call, which would touch the batcher's forward passes if they shared the module, and
 its hooks are not known to be thread-safe.
 
-A model trained with the box head (core/box_head.py) gives its lesion box from the same forward pass as the
-probabilities (:meth:`ModelService.predict`); Grad-CAM's answer carries the map's box (core/cam_boxes.py).
+A model trained with the box head (core/model/box_head.py) gives its lesion box from the same forward pass as the
+probabilities (:meth:`ModelService.predict`); Grad-CAM's answer carries the map's box (core/explain/cam_boxes.py).
 """
 
 from __future__ import annotations
@@ -26,15 +26,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from core.box_head import box_head_of, capture_boxes, view_boxes
-from core.inference import LoadedModel, load_for_inference
+from core.errors import UserError
+from core.model.box_head import box_head_of, capture_boxes, view_boxes
+from core.model.inference import LoadedModel, load_for_inference
 from serve.batcher import MicroBatcher
 from serve.facts import model_facts
 from serve.verdicts import operating_verdicts
 
 log = logging.getLogger(__name__)
 
-OVERLAY_MIN_SIDE = 224   # overlays of small models are enlarged to this, as core.gradcam.save_overlay does
+OVERLAY_MIN_SIDE = 224   # overlays of small models are enlarged to this, as core.explain.gradcam.save_overlay does
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class ModelService:
         self.has_box_head = box_head_of(loaded.model) is not None
         self.facts = {**model_facts(path, loaded.meta), "backend": options.backend, "device": str(loaded.device)}
         self.onnx = None
+        if options.backend == "onnx" and self.is_ensemble:
+            raise UserError(f"{path}: an ensemble file; --backend onnx serves a single model (use --backend torch)")
         if options.backend == "onnx":
             from serve.onnx_backend import OnnxProbabilities
 
@@ -85,10 +88,25 @@ class ModelService:
         hands each request its rows; :meth:`predict` splits them)."""
         if self.onnx is not None and not tta and metadata is None:
             return self.onnx.predict(images, self.loaded.temperature(False))
-        with capture_boxes(self.loaded.model) as got:   # the box head's boxes, from the same forward pass
+        if self.is_ensemble:  # one batch through every member; the members' disagreement as a last column
+            detail = self.loaded.predict_detail(images, tta=tta, metadata=metadata)  # type: ignore[attr-defined]
+            return np.concatenate([detail.probs, detail.disagreement[:, None]], axis=1)
+        with capture_boxes(self.loaded.model) as got:   # a box head's boxes (4 more columns), same forward pass
             probs = self.loaded.predict(images, tta=tta, metadata=metadata)
         boxes = view_boxes(got, tta)
         return probs if boxes is None else np.concatenate([probs, boxes.astype(probs.dtype)], 1)
+
+    @property
+    def is_ensemble(self) -> bool:
+        """An ensemble file (core/model/ensemble.py): its answers carry the members' disagreement."""
+        return hasattr(self.loaded, "predict_detail")
+
+    async def probabilities_and_disagreement(
+            self, images: np.ndarray, tta: bool = False,
+            metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`probabilities` and, for an ensemble, the members' disagreement per image [N] (else None)."""
+        probs, disagreement, _ = await self.predict(images, tta, metadata)
+        return probs, disagreement
 
     def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
         """The model's encoding of one validated record; None for an image-only model (fields ignored)."""
@@ -99,14 +117,17 @@ class ModelService:
     async def probabilities(self, images: np.ndarray, tta: bool = False,
                             metadata: np.ndarray | None = None) -> np.ndarray:
         """Calibrated probabilities [N, C] of uint8 images [N, 3, S, S], batched with concurrent requests."""
-        return (await self.predict(images, tta, metadata))[0]
+        return (await self.probabilities_and_disagreement(images, tta, metadata))[0]
 
-    async def predict(self, images: np.ndarray, tta: bool = False,
-                      metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(probabilities [N, C], the box head's boxes [N, 4] as fractions or None without a head)``."""
+    async def predict(self, images: np.ndarray, tta: bool = False, metadata: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``(probabilities [N, C], an ensemble's disagreement [N] or None, the box head's boxes [N, 4] as
+        fractions or None without a head)``, from one pass."""
         out = await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
         classes = len(self.class_names)
-        return out[:, :classes], (out[:, classes:] if out.shape[1] > classes else None)
+        if self.is_ensemble:
+            return out[:, :classes], out[:, classes], None
+        return out[:, :classes], None, (out[:, classes:] if out.shape[1] > classes else None)
 
     def verdicts(self, probs: np.ndarray, tta: bool) -> dict[str, Any]:
         return operating_verdicts(self.loaded.meta.get("operating_points"), self.class_names, probs, tta)
@@ -117,8 +138,8 @@ class ModelService:
     def explain(self, image: np.ndarray, target: int, metadata: np.ndarray | None = None) -> dict[str, Any]:
         """Guided Grad-CAM of class ``target`` for one uint8 image [3,S,S] (with its encoded metadata [1, D], as
         predicted): heat map and overlay as base64 PNGs."""
-        from core.cam_boxes import cam_boxes, stored_fraction
-        from core.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
+        from core.explain.cam_boxes import cam_boxes, stored_fraction
+        from core.explain.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
 
         started = time.perf_counter()
         with self._explain_lock:

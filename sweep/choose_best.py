@@ -16,6 +16,7 @@ import pandas as pd
 from core import filenames
 from core.best_file import BestChoice, write_best
 from core.config import TrainConfig
+from core.metric_names import finite_or_none
 from sweep.confirm import ConfirmedConfig, best_record
 from sweep.outputs import read_trial
 from sweep.settings import SweepSettings
@@ -44,15 +45,9 @@ def choose_and_write(settings: SweepSettings, frame: pd.DataFrame, confirmed: Se
         checkpoint=str(checkpoint) if (sweep_dir / checkpoint).is_file() else None,
         trial_epochs={"budget": base.epochs, "runs": {r["trial_id"]: r["epochs_run"] for r in runs}},
         confirmation=best_record(confirmed[0], confirmed) if confirmed else None,
-        sweep={**how, "search_value": float(row[final]), "best_epoch_value": _maybe_float(row[f"{metric}_best"])},
+        sweep={**how, "search_value": float(row[final]), "best_epoch_value": finite_or_none(row[f"{metric}_best"])},
     ).document()
     write_best(sweep_dir / filenames.BEST_TRIAL, best)
     return best
 
 
-def _maybe_float(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None

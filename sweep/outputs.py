@@ -8,12 +8,13 @@ Not a command (``python -m sweep.run`` writes these). Layout::
       trials.csv        one row per trial: role (search / confirm), status, metric (final and best), epochs,
                         duration, parameters, seed, the search trial a confirmation run repeats, Optuna number
       confirm.json      the confirmation runs planned after the search (sweep/confirm.py)
+      ensemble.json     the ensemble of full-length runs chosen on val (sweep/ensemble.py; schema: core/ensemble_file.py)
       summary.txt       the summary printed at the end
       report.html       the page to look at (sweep/report.py; python -m sweep.report results/<sweep> rewrites
                         it): facts, Optuna's figures, learning curves, top trials, the final model
       optuna.db         the Optuna study (optuna-dashboard sqlite:///results/<sweep>/optuna.db)
       splits.csv        the train/val/test assignment every trial used
-      trials/<id>/      one core.train run per trial (config.json, metrics.csv, best.pt, TensorBoard
+      trials/<id>/      one core.train run per trial (config.json, metrics.csv, best.pt, val_probs.npz, TensorBoard
                         events) plus trial.json (parameters, status, error) and node.json (where it ran)
       ray/              Ray Tune's experiment state and trial checkpoints of the search (what --resume restores);
       ray-confirm/      the same for the confirmation stage
@@ -29,7 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from core import atomic, filenames
+from core.io import atomic
+from core import filenames
 from sweep.settings import SweepSettings
 
 TRIAL_FILE = filenames.TRIAL_RECORD

@@ -3,7 +3,7 @@
     python -m sweep.report results/<sweep>
 
 ``python -m sweep.run`` writes it at the end of every sweep and of every ``--resume``, and
-``python -m core.final_train`` fills its final-model slots when it ends (core/evaluation_report.py). Run the
+``python -m core.final_train`` fills its final-model slots when it ends (core/evaluation/report.py). Run the
 command to see a sweep that is still running (running trials are shown as such; files not yet
 written are skipped).
 
@@ -40,10 +40,13 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from core import atomic, filenames, state_files
+from core.io import atomic, state_files
+from core import filenames
 from core.errors import UserError, run_cli
+from core.metric_names import DEFAULT_METRIC, finite_or_none
 from core.filenames import BEST_TRIAL, FINAL_DIR
-from core.evaluation_report import STYLE, final_link, final_section, slot
+from core.evaluation.report import STYLE, final_link, final_section, slot
+from sweep.ensemble_page import ensemble_section
 from sweep.outputs import duration_text, read_trials, trials_frame
 from sweep.settings import SETTINGS_FILE, SPACE_COPY, SweepSettings, flag, metric_mode, read_settings_file
 from sweep.space import parse_space
@@ -83,7 +86,7 @@ class SweepFolder:
 
     @property
     def metric(self) -> str:
-        return self.settings.get("metric") or "val_balanced_accuracy"
+        return self.settings.get("metric") or DEFAULT_METRIC
 
     @property
     def mode(self) -> str:
@@ -124,7 +127,7 @@ def read_sweep(folder: str | Path) -> SweepFolder:
         records = {r["trial_id"]: r for r in read_trials(folder)}
     except (OSError, ValueError, KeyError) as exc:  # a trial.json being replaced right now
         notes.append(f"trial records not all read: {exc}")
-    metric = settings.get("metric") or "val_balanced_accuracy"
+    metric = settings.get("metric") or DEFAULT_METRIC
     mode = metric_mode(metric)
     names = tuple(space.names) if space is not None else ()
     table = None
@@ -141,9 +144,9 @@ def read_sweep(folder: str | Path) -> SweepFolder:
     table = _with_state(table, records)
 
     best = None
-    if (folder / "best.json").is_file():
+    if (folder / BEST_TRIAL).is_file():
         try:
-            best = state_files.read_json_object(folder / "best.json", "no such file")
+            best = state_files.read_json_object(folder / BEST_TRIAL, "no such file")
         except UserError as exc:
             notes.append(str(exc))
     study = _read_study(folder, settings.get("name") or folder.name, notes)
@@ -195,6 +198,7 @@ def render(sweep: SweepFolder, now: float | None = None) -> str:
     sections = [
         ("facts", "The sweep", _facts_section(sweep, now)),
         ("best", "Best trial", _best_section(sweep)),
+        ("ensemble", "Ensemble", ensemble_section(sweep.folder, sweep.settings)),   # sweep/ensemble_page.py
         ("history", "Optimisation history", figures.history()),
         ("importances", "Parameter importances", figures.importances()),
         ("parallel", "Parallel coordinates", figures.parallel()),
@@ -268,7 +272,7 @@ def _facts_section(sweep: SweepFolder, now: float) -> str:
                                   f"fingerprint {best_data['fingerprint'][:12]}" if best_data.get("fingerprint")
                                   else "") if x)
     rows.append(("data", f"<code>{html.escape(str(data))}</code>" + (f" ({html.escape(extra)})" if extra else "")))
-    rows.append(("split", _split_text(sweep.folder / "splits.csv")))
+    rows.append(("split", _split_text(sweep.folder / filenames.SPLITS)))
     if sweep.space is not None:
         params = "".join(f"<li><code>{html.escape(p.name)}</code>: {html.escape(p.describe())}</li>"
                          for p in sweep.space.params)
@@ -458,7 +462,7 @@ def _trials_section(sweep: SweepFolder) -> str:
             elif label == "role":
                 cells.append(f"<td>{html.escape(row['role'])}</td>")
             elif key == "duration_s":
-                cells.append(_cell(_float(row.get(key)) / 60 if _float(row.get(key)) is not None else None, 1))
+                cells.append(_cell(finite_or_none(row.get(key)) / 60 if finite_or_none(row.get(key)) is not None else None, 1))
             elif key == "error":
                 text = _text(row.get("error"))
                 cells.append(f'<td class="error" title="{html.escape(text)}">{html.escape(text[:80])}</td>')
@@ -476,7 +480,7 @@ def _trials_section(sweep: SweepFolder) -> str:
 
 
 def _final_section(sweep: SweepFolder) -> str:
-    """The final model's report, in the slot core.final_train fills when it ends (core/evaluation_report.py)."""
+    """The final model's report, in the slot core.final_train fills when it ends (core/evaluation/report.py)."""
     return slot("section", FINAL_DIR, final_section(sweep.folder / FINAL_DIR) or _no_final_report(sweep))
 
 
@@ -581,7 +585,7 @@ class Figures:
             except (OSError, ValueError):  # not written yet (a trial in its first epoch), or being replaced
                 continue
             frame = frame.dropna()
-            if state != "running" and _float(epochs_run) is not None:
+            if state != "running" and finite_or_none(epochs_run) is not None:
                 # A trial that the scheduler stopped may have finished an epoch Tune never received.
                 frame = frame[frame["epoch"] <= float(epochs_run)]
             if not frame.empty:
@@ -666,7 +670,7 @@ def _trial_link(trial_id: str) -> str:
 
 
 def _cell(value: Any, digits: int = 4) -> str:
-    number = _float(value)
+    number = finite_or_none(value)
     if number is not None:
         shown = f"{number:.{digits}f}" if not float(number).is_integer() or digits == 1 else f"{int(number)}"
         if abs(number) < 1e-3 and number != 0:
@@ -676,16 +680,6 @@ def _cell(value: Any, digits: int = 4) -> str:
     return f'<td data-v="{html.escape(text)}">{html.escape(text) if text else "-"}</td>'
 
 
-def _float(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -693,7 +687,7 @@ def _text(value: Any) -> str:
 
 
 def _num(value: Any) -> str:
-    number = _float(value)
+    number = finite_or_none(value)
     return "n/a" if number is None else f"{number:.4f}"
 
 

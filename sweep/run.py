@@ -32,13 +32,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import pandas as pd
 
-from core import atomic, filenames
+from core.io import atomic
+from core import filenames
 from core.best_file import SPLITS_ADVICE
 from core.config import TrainConfig
 from core.errors import UserError, run_cli
-from core.state_files import check_output_dir, reading
-from core.data import load_for_config
-from core.splits import write_splits
+from core.io.state_files import check_output_dir, reading
+from core.data.dataset import load_for_config
+from core.data.splits import write_splits
+from sweep.ensemble import summary_lines as ensemble_summary
 from sweep.outputs import EXPERIMENTS, read_trials, set_field, summary_text
 from sweep.report import refresh_sweep_page
 from sweep.resources import connect_ray, plan_on_ray
@@ -199,7 +201,7 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
 
 def _failed_for_good(folder: Path) -> dict[str, str]:
     """Trials recorded as failed for a reason of their own (not a storage failure): trial id -> error."""
-    from core.storage import storage_fault
+    from core.io.storage import storage_fault
 
     return {r["trial_id"]: r["error"] for r in read_trials(folder)
             if r.get("status") == "failed" and r.get("error") and not storage_fault(r["error"])}
@@ -343,15 +345,25 @@ def _finish(sweep: SweepRun, frame: pd.DataFrame, runs: list[dict[str, Any]], da
     configs = [c for c in configs if c.runs]
     study = searcher.load_study(folder, settings.name)
     best = choose_and_write(settings, frame, configs, sweep.base, data)
+    ensemble = _ensemble(sweep, frame) if best is not None else None
     summary = summary_text(settings, _shown(folder), frame, best, sweep.space.names, time.time() - started,
                            [confirm.summary_lines(configs, settings.metric, settings.confirm_seeds),
-                            _study_lines(study)])
+                            ensemble_summary(ensemble) if ensemble else [], _study_lines(study)])
     atomic.write_text(folder / filenames.SUMMARY, summary + "\n")
     refresh_sweep_page(folder)  # report.html; never fails the sweep (a warning instead)
     if sweep.remote:
         sweep.remote.push_records(folder)
     sweep.echo(summary)
     return SweepResult(sweep_dir=folder, best=best, summary=summary, trials=frame)
+
+
+def _ensemble(sweep: SweepRun, frame: pd.DataFrame) -> dict[str, Any] | None:
+    """ensemble.json: the greedy ensemble of the full-length runs (sweep/ensemble.py); None when off."""
+    from sweep.ensemble import choose_ensemble
+
+    settings = sweep.settings
+    return choose_ensemble(sweep.folder, frame, settings.metric, settings.mode, sweep.base.epochs,
+                           settings.ensemble_size, sweep.echo)
 
 
 def _study_lines(study: Any) -> list[str]:

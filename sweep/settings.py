@@ -12,10 +12,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-from core import atomic, filenames
-from core.config import SELECT_METRICS, TrainConfig
+from core.io import atomic
+from core import filenames
+from core.config import TrainConfig
+from core.metric_names import DEFAULT_METRIC, SELECT_METRICS, minimised
 from core.errors import UserError
-from core.state_files import read_json_object, reading
+from core.io.state_files import read_json_object, reading
 from sweep.schedule import DEFAULT_GRACE_PERIOD, DEFAULT_REDUCTION_FACTOR, Asha
 from sweep.space import SearchSpace
 
@@ -60,7 +62,7 @@ class SweepSettings:
     data: str | None = _option("dataset folder (HAM10000, ISIC 2018 or ImageFolder layout)", metavar="PATH",
                                shown="the built-in synthetic demo dataset")
     metric: str = _option("validation metric to optimise (maximised, a loss is minimised)",
-                          default="val_balanced_accuracy", choices=SELECT_METRICS)
+                          default=DEFAULT_METRIC, choices=SELECT_METRICS)
     max_epochs: int | None = _option("epochs per trial", shown="the config's epochs", metavar="N")
     scheduler: str = _option("early stopping of poor trials", default="asha", choices=SCHEDULERS)
     grace_period: int | None = _option("ASHA: epochs before a trial can be stopped", metavar="N",
@@ -71,6 +73,9 @@ class SweepSettings:
     confirm_top: int = _option("after the search, train the K best configs again with new seeds (0: off)",
                                default=3, metavar="K")
     confirm_seeds: int = _option("new seeds per confirmed config", default=2, metavar="S")
+    ensemble_size: int = _option("after the confirmation, choose an ensemble of up to N picks among the full-length "
+                                 "runs, greedily on the validation split (ensemble.json; 1: off)", default=5,
+                                 metavar="N")
     warm_start: str | None = _option("add the finished trials of an earlier sweep (same data, metric and fixed "
                                      "config; same searched keys) to the study before the first suggestion",
                                      shown="none", metavar="SWEEP_DIR")
@@ -120,11 +125,13 @@ class SweepSettings:
         if self.confirm_top < 0 or self.confirm_seeds < 1:
             raise UserError(f"--confirm-top {self.confirm_top} / --confirm-seeds {self.confirm_seeds}: "
                             f"expected --confirm-top 0 or more and --confirm-seeds 1 or more")
+        if self.ensemble_size < 1:
+            raise UserError(f"--ensemble-size {self.ensemble_size}: must be at least 1 (1 turns the ensemble off)")
 
 
 def metric_mode(metric: str) -> str:
     """'min' for a loss, else 'max': which way a metric is better."""
-    return "min" if metric.endswith("loss") else "max"
+    return "min" if minimised(metric) else "max"
 
 
 def base_config(space: SearchSpace, settings: SweepSettings) -> TrainConfig:
@@ -162,7 +169,7 @@ def read_settings_file(folder: Path, missing: str) -> dict[str, Any]:
 
 
 def load_settings(folder: Path) -> SweepSettings:
-    """The settings saved in ``folder``; a damaged sweep.json is a one-line error (core/state_files.py)."""
+    """The settings saved in ``folder``; a damaged sweep.json is a one-line error (core/io/state_files.py)."""
     with reading(folder / SETTINGS_FILE, "start a new sweep with another --name", KeyError, TypeError, ValueError):
         values = dict(read_settings_file(folder, "no sweep to resume here")["settings"])
         values["overrides"] = tuple(values.get("overrides") or ())

@@ -29,15 +29,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from core import filenames
 from core.errors import UserError
-from core.storage import Store, StorageError, atomic_temp, excluded, open_store, storage_fault
+from core.io.storage import Store, StorageError, atomic_temp, excluded, open_store, storage_fault
 
 log = logging.getLogger(__name__)
 
-SETTINGS_FILE = "sweep.json"       # sweep/settings.py's name: a folder holding it holds a sweep
-TRIALS = "trials"
+SETTINGS_FILE = filenames.SWEEP_SETTINGS    # a folder holding it holds a sweep
+TRIALS = filenames.TRIALS_DIR
 RAY_FOLDERS = ("ray", "ray-confirm")
-WORKER_SKIPS = ("last.pt", ".checkpoint-*", ".checkpoint-*/*")   # resume state: Ray's checkpoint carries it
+WORKER_SKIPS = (filenames.LAST_CHECKPOINT, ".checkpoint-*", ".checkpoint-*/*")   # resume state: Ray's checkpoint carries it
 # Ray's loggers that log a storage failure with its traceback: "Trial task failed", "Saving experiment state to
 # storage ... failed", "Caught exception when creating directory"
 RAY_STORAGE_LOGS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",
@@ -153,7 +154,7 @@ class SweepStorage:
         fetched = self._fetched.get(trial_id, set())
         for path in sorted(p for p in local.iterdir() if p.is_file()) if local.is_dir() else []:
             name = path.name
-            if (name not in fetched or name == "trial.json") and not atomic_temp(name) and not name.endswith(".pt"):
+            if (name not in fetched or name == filenames.TRIAL_RECORD) and not atomic_temp(name) and not name.endswith(".pt"):
                 self.store.upload_file(path, f"{TRIALS}/{trial_id}/{name}")
 
     @_noted

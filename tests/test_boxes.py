@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.augment import Mix, augment_batch, normalize
-from core.box_head import box_head_of, capture_boxes, view_boxes
-from core.box_targets import batch_box_loss, mix_with_masks
-from core.cam_boxes import cam_boxes, choose_fraction, max_box_acc
+from core.training.augment import Mix, augment_batch
+from core.model.forward import normalize
+from core.model.box_head import box_head_of, capture_boxes, view_boxes
+from core.training.box_targets import batch_box_loss, mix_with_masks
+from core.explain.cam_boxes import cam_boxes, choose_fraction, max_box_acc
 from core.config import TrainConfig
-from core.lesion_boxes import box_answer, mask_boxes
-from core.localisation import box_scores, localisation_section
+from core.data.lesion_boxes import box_answer, mask_boxes
+from core.evaluation.localisation import box_scores, localisation_section
 
 S = 32
 OFF = dict(hflip=False, vflip=False, rot90=False, rotation_degrees=0.0, crop_scale_min=1.0, translate=0.0,
@@ -93,8 +94,8 @@ def test_cutmix_and_mixup_targets() -> None:
 @pytest.fixture(scope="module")
 def trained(module_tmp: Path) -> dict:
     """One epoch with the box head on tiny demo data (with masks), mixup and CutMix on."""
-    from core.data import SplitOptions, load_dataset
-    from core.demo_data import generate_demo
+    from core.data.dataset import SplitOptions, load_dataset
+    from core.data.demo_data import generate_demo
     from core.train import RunOptions, train
 
     root = generate_demo(module_tmp / "data", n_lesions=21, image_size=S, seed=2)
@@ -106,7 +107,7 @@ def trained(module_tmp: Path) -> dict:
 
 
 def test_the_head_trains_and_its_model_file_round_trips(trained: dict) -> None:
-    from core.model import build_model, load_model_file
+    from core.model.networks import build_model, load_model_file
 
     assert trained["result"].history[0]["train_box_loss"] > 0
     model, _ = load_model_file(trained["run"] / "best.pt")
@@ -131,8 +132,8 @@ def test_the_head_trains_and_its_model_file_round_trips(trained: dict) -> None:
 
 
 def test_a_metadata_model_and_every_arch_family_have_the_head() -> None:
-    from core.metadata import make_spec
-    from core.model import build_model
+    from core.model.fields import make_spec
+    from core.model.networks import build_model
 
     x = torch.zeros(2, 3, S, S)
     for arch, metadata in (("resnet18", "film"), ("mobilenet_v3_large", None), ("convnext_tiny", None)):
@@ -143,9 +144,10 @@ def test_a_metadata_model_and_every_arch_family_have_the_head() -> None:
 
 
 def test_tta_keeps_the_plain_views_boxes() -> None:
-    from core.tta import DihedralMean
+    from core.model.networks import build_model
+    from core.model.tta import DihedralMean
 
-    model = __import__("core.model", fromlist=["build_model"]).build_model(3, "none", box_head=True).eval()
+    model = build_model(3, "none", box_head=True).eval()
     x = torch.rand(3, 3, S, S)
     with torch.no_grad(), capture_boxes(model) as plain:
         model(x)

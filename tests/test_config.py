@@ -27,7 +27,7 @@ def test_json_round_trip(tmp_path):
 
 
 def test_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().lr = 1.0
 
 

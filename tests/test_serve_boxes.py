@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the serving extras are not installed (pip install fastapi uvicorn ...)")
 from fastapi.testclient import TestClient
 
-from core.box_head import capture_boxes, view_boxes
-from core.image_cache import decode_image
+from core.model.box_head import capture_boxes, view_boxes
+from core.data.image_cache import decode_image
 from serve.app import create_app
 from serve.service import ModelService, ServeOptions
 from tests.serve_fixtures import image_bytes, write_model

@@ -30,7 +30,7 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     for option in ("--gpus", "--gpus-per-trial", "--cpus-per-trial", "--trials", "--space", "--data", "--metric",
                    "--max-epochs", "--scheduler", "--grace-period", "--reduction-factor", "--name", "--results",
                    "--address", "--resume", "--seed", "--set", "--sampler", "--confirm-top", "--confirm-seeds",
-                   "--warm-start", "--budget", "config keys"):
+                   "--ensemble-size", "--warm-start", "--budget", "config keys"):
         assert option in out, option
 
 

@@ -9,33 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from sweep.run import REPO_ROOT
+from tests.ray_processes import free_port, ray_tmpdir, stop_group  # noqa: F401  (ray_tmpdir: a fixture)
 
 SPACE = """
 base: {image_size: 32, epochs: 1, warmup_epochs: 0.5, batch_size: 16, eval_batch_size: 64, pretrained: none}
 params:
   lr: {dist: loguniform, low: 1.0e-3, high: 1.0e-2}
 """
-
-
-@pytest.fixture
-def ray_tmpdir(monkeypatch: pytest.MonkeyPatch):
-    folder = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    monkeypatch.setenv("RAY_TMPDIR", str(folder))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -60,7 +47,7 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path: Path, capsys: pytest.Capt
     """``python -m sweep.run --address HOST:PORT`` joins the cluster; one trial lands on each node."""
     import ray
 
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
     from sweep.run import main
 
     data = generate_demo(tmp_path / "data", n_lesions=30, image_size=32)
@@ -82,36 +69,14 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path: Path, capsys: pytest.Capt
     assert {r["node"]["node_id"] for r in records} == nodes  # one trial on each node
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_group(pgid: int) -> None:
-    """Stop the processes of one ``ray start`` (its own session: ``ray stop`` would stop every Ray here)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-
-
 def test_sweep_starts_its_own_ray_beside_a_ray_start_cluster(ray_tmpdir: Path, tmp_path: Path) -> None:
     """`ray start --head` records itself as the cluster a plain ray.init() joins (where the sweep used to die
     with "When connecting to an existing cluster, num_cpus and num_gpus must not be provided"); without
     --address the sweep says so and starts its own Ray."""
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
 
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0")
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={_free_port()}",
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={free_port()}",
                              "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -126,7 +91,7 @@ def test_sweep_starts_its_own_ray_beside_a_ray_start_cluster(ray_tmpdir: Path, t
                                 "--name", "beside"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                                timeout=300)
     finally:
-        _stop_group(head.pid)
+        stop_group(head.pid)
     assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
     assert f"notice: a Ray cluster is recorded on this machine ({address}); this sweep starts its own" in sweep.stdout
     assert "python -m core.final_train" in sweep.stdout

@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.synthetic_sweep import SweepShape, make_sweep
+from core.errors import UserError
 from sweep.report import REPORT_FILE, main, read_sweep, write_sweep_page
+from tests.synthetic_sweep import SweepShape, make_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +118,7 @@ def test_not_a_sweep_folder_is_one_line_error(tmp_path: Path) -> None:
         assert done.returncode == 2 and not done.stdout, done.stderr
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and str(target) in done.stderr
     (tmp_path / "sweep.json").write_text("[1, 2]")
-    with pytest.raises(Exception, match="expected a JSON object"):
+    with pytest.raises(UserError, match="expected a JSON object"):
         main([str(tmp_path)])
     assert not (tmp_path / REPORT_FILE).exists()
 
@@ -132,8 +133,8 @@ def test_refresh_sweep_page_never_raises(tmp_path: Path, caplog: pytest.LogCaptu
 def test_final_training_writes_report_html_and_adds_its_section(tmp_path: Path) -> None:
     """A tiny real core.final_train (demo data, 32 px, 1 epoch) from a generated sweep's best.json."""
     from core.config import TrainConfig
-    from core.data import load_for_config, write_splits
-    from core.demo_data import generate_demo
+    from core.data.dataset import load_for_config, write_splits
+    from core.data.demo_data import generate_demo
     from core.final_train import FinalOptions, final_train
 
     root = generate_demo(tmp_path / "data", n_lesions=30, image_size=32, seed=0)

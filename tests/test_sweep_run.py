@@ -30,7 +30,7 @@ params:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("data") / "tiny", n_lesions=30, image_size=32)
 
@@ -284,6 +284,31 @@ def test_confirmation_reruns_the_top_configs_and_ranks_by_the_mean(searched) -> 
     assert set(best["trial_epochs"]["runs"].values()) == {3}
     assert "confirmation: the top 2 config(s)" in report.summary
     assert ("lost its place" in report.summary) == (chosen != top2[0])
+
+
+def test_the_sweep_chooses_an_ensemble_of_its_full_length_runs_on_val(searched) -> None:
+    from core.ensemble_file import read_ensemble_choice
+    from sweep.ensemble import metric_value, read_val_probs
+
+    folder, report = searched
+    rows = _rows(folder)
+    full = {r["trial_id"] for r in rows if r["status"] == "completed" and r["epochs_run"] == "3"}
+    choice = read_ensemble_choice(folder / "ensemble.json")
+    doc = choice.document
+    assert {c["trial_id"] for c in doc["candidates"]} == full and len(full) >= 3   # search trials ASHA kept + confirms
+    best_loss = {r["trial_id"]: float(r["val_loss_best"]) for r in rows}
+    for candidate in doc["candidates"]:  # each run's own val value, from the probabilities kept beside its best.pt
+        assert candidate["value"] == pytest.approx(best_loss[candidate["trial_id"]], abs=1e-4)
+    assert doc["candidates"][0]["trial_id"] == choice.best_single_id == doc["steps"][0]["added"]
+    values = [s["value"] for s in doc["steps"]]
+    assert all(b < a for a, b in zip(values, values[1:])) and len(values) <= 5   # each pick lowers val_loss
+    kept = {t: read_val_probs(folder / "trials" / t) for t in full}
+    mixed = sum(m.weight * kept[m.trial_id]["probs"].astype(float) for m in choice.members)
+    labels = next(iter(kept.values()))["labels"]
+    assert metric_value(labels, mixed, "val_loss") == pytest.approx(choice.ensemble_value, abs=1e-6)
+    assert sum(m.count for m in choice.members) == len(values) and all(m.checkpoint.is_file() for m in choice.members)
+    assert "ensemble (ensemble.json)" in report.summary
+    assert 'id="ensemble"' in (folder / "report.html").read_text()
 
 
 def test_warm_start_adds_the_earlier_trials_and_refuses_another_space(searched, tiny_data: Path,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from sweep.run import REPO_ROOT
+from tests.ray_processes import free_port, ray_tmpdir, stop_group  # noqa: F401
 from tests.seaweedfs import BUCKET, s3  # noqa: F401
-from tests.test_sweep_cluster import _free_port, _stop_group, ray_tmpdir  # noqa: F401
 
 pytestmark = pytest.mark.sweep
 # the smallest backbone (tests/test_sweep_storage.py): each trial uploads its model and Ray's checkpoint
@@ -38,14 +38,14 @@ def _ray_start(args: list[str], folder: Path, env: dict[str, str]) -> subprocess
 
 
 def test_two_nodes_without_a_shared_folder(s3, ray_tmpdir: Path, tmp_path: Path) -> None:  # noqa: F811
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
 
     # RAY_AUTH_MODE: ray start --head enables token auth and keeps the token in ~/.ray, shared with any other
     # cluster of this user; these nodes listen on 127.0.0.1 only. Only in the children's environment: Ray reads
     # it once per process, and this test process starts local Rays for other tests.
     env = dict(os.environ, **s3.env, PYTHONPATH=str(REPO_ROOT), TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0",
                RAY_AUTH_MODE="disabled")
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     data = generate_demo(tmp_path / "data", n_lesions=30, image_size=32)
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
@@ -63,7 +63,7 @@ def test_two_nodes_without_a_shared_folder(s3, ray_tmpdir: Path, tmp_path: Path)
             assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-3000:]
     finally:  # both at once: each may wait out its SIGTERM grace
         with ThreadPoolExecutor() as stopping:
-            list(stopping.map(_stop_group, [node.pid for node in nodes]))
+            list(stopping.map(stop_group, [node.pid for node in nodes]))
 
     stored = s3.files(f"{BUCKET}/cluster/two")
     rows = list(csv.DictReader(open(tmp_path / "fresh" / "two" / "trials.csv")))

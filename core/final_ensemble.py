@@ -1,0 +1,145 @@
+"""core.final_train's second model: the ensemble the sweep chose on validation (ensemble.json beside best.json,
+core/ensemble_file.py), built from its members' own checkpoints (``trials/<id>/best.pt``: trained on the same
+train split; nothing is trained again), calibrated and given operating points on the averaged validation
+probabilities, and evaluated once on the test split beside the single model.
+
+A library, called by core/final_train.py when the sweep wrote an ensemble.json with two or more members. Writes
+``final/ensemble.pt`` (core/model/ensemble.py; core.evaluate, core.predict and serve take it as a model file),
+``final/ensemble/`` (the ensemble's evaluation: metrics.json, report.md, figures, as for any model) and
+``final/ensemble_comparison.json`` (single and ensemble side by side, core/evaluation/ensemble_compare.py), whose table
+the final report.md shows. A member whose file is missing or damaged is a one-line error naming it: an ensemble
+other than the one chosen on validation is never built silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from core import filenames
+from core.io.atomic import save_torch, write_json
+from core.best_file import SPLITS_ADVICE, BestFile
+from core.evaluation.sections import ClinicalOptions, fit_on_val
+from core.config import TrainConfig
+from core.data.dataset import Dataset, load_for_config
+from core.evaluation.ensemble_compare import compare, comparison_table
+from core.ensemble_file import EnsembleChoice, read_ensemble_choice
+from core.model.ensemble import EnsembleModel, ensemble_document, ensemble_from_payload
+from core.evaluation.pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
+                                      predict_set, score_images, write_evaluation)
+from core.io.state_files import reading
+
+log = logging.getLogger(__name__)
+
+COMPARISON_FILE = "ensemble_comparison.json"
+# A member's checkpoint that cannot be read: what to do.
+MEMBER_ADVICE = ("the sweep's trial folder must hold it (with --storage: core.download ... --include-models); "
+                 "or choose without the ensemble: delete ensemble.json beside best.json")
+
+
+@dataclass(frozen=True)
+class FinalEnsemble:
+    choice: EnsembleChoice
+    model: EnsembleModel
+    document: dict[str, Any]         # ensemble.pt's contents, fitted on val
+    scored: ScoredImages
+    comparison: dict[str, Any]
+
+    def notes(self) -> list[str]:
+        """The final report's lines on the ensemble: the comparison table and where its files are."""
+        members = ", ".join(f"{m.trial_id} (weight {m.weight:.2f})" for m in self.choice.members)
+        return [f"**Ensemble** of {len(self.choice.members)} sweep runs chosen greedily on validation "
+                f"({self.choice.metric_name} {self.choice.best_single_value:.4f} for the best run alone, "
+                f"{self.choice.ensemble_value:.4f} for the ensemble): {members}. Test split, the same images, "
+                f"95% intervals over lesions; `{filenames.ENSEMBLE_MODEL}`, evaluated in "
+                f"`{filenames.ENSEMBLE_DIR}/report.md`:\n\n" + "\n".join(comparison_table(self.comparison))]
+
+
+def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: ScoredImages,
+                     options: ClinicalOptions, progress: bool = True) -> FinalEnsemble | None:
+    """Build, calibrate and score the sweep's ensemble; None when the sweep chose none (or the best run alone)."""
+    path = best.folder / filenames.ENSEMBLE_CHOICE
+    if not path.is_file():
+        return None
+    choice = read_ensemble_choice(path)
+    if not choice.is_ensemble:
+        log.info("%s: no run improved on the best run alone on validation; no ensemble", path)
+        return None
+    members = [(m.trial_id, m.checkpoint, m.weight) for m in choice.members]
+    log.info("building the ensemble of %d sweep runs (%s)", len(members), path)
+    model, document, scored = calibrated_ensemble(members, {"ensemble": _record(choice)}, path, best, cfg, data,
+                                                  options, progress)
+    data = scored.images.data
+    test_idx = data.indices("test")
+    if not np.array_equal(data.image_ids[test_idx], single.images.data.image_ids[single.images.idx]):
+        raise AssertionError("the ensemble's test images differ from the single model's")
+    comparison = compare(single.scores.labels, data.groups[test_idx], single.clinical.probs, scored.clinical.probs,
+                         resamples=options.resamples, seed=options.seed)
+    return FinalEnsemble(choice, model, document, scored, comparison)
+
+
+def calibrated_ensemble(members: list[tuple[str, Any, float]], extra: Mapping[str, Any], path: Path, best: BestFile,
+                        cfg: TrainConfig, data: Dataset, options: ClinicalOptions, progress: bool = False,
+                        ) -> tuple[EnsembleModel, dict[str, Any], ScoredImages]:
+    """An ensemble of the model files ``members`` ((name, file, weight)), its temperature and operating points
+    fitted on the averaged validation probabilities, scored once on the test split; ``path``: the file that
+    named the members (in errors). Returns the model, the ensemble file's contents and the test scores."""
+    with reading(path, MEMBER_ADVICE):
+        document = ensemble_document(members, extra, advice=MEMBER_ADVICE)
+    model = ensemble_from_payload(document, path, cfg.device)
+    size = int(document["image_size"])
+    if size != cfg.image_size:  # the members' largest size; the single model's data is at its own
+        with reading(best.splits_file, SPLITS_ADVICE):
+            data = load_for_config(best.data_path, replace(cfg, image_size=size), splits_file=best.splits_file,
+                                   progress=progress)
+    val_idx = data.indices("val")
+    val = predict_set(model, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True,
+                      encoded=model.encode_dataset(data, val_idx))
+    fitted = fit_on_val(val, data.class_names, options.positive_class)
+    document.update(fitted)
+    model = replace(model, meta={**model.meta, **fitted})
+    test_idx = data.indices("test")
+    scored = score_images(model, EvaluatedImages(data, test_idx, data.labels[test_idx], "test split"), fitted,
+                          options)
+    return model, document, scored
+
+
+def write_ensemble(out: Path, ensemble: FinalEnsemble, gradcam: Any,
+                   page: Callable[[Mapping[str, Any]], ReportPage]) -> dict[str, Any]:
+    """ensemble.pt, the comparison, then the ensemble's evaluation folder; returns its metrics.json document."""
+    save_torch({**ensemble.document, "metrics": ensemble.scored.scores.metrics}, out / filenames.ENSEMBLE_MODEL)
+    write_json(out / COMPARISON_FILE, ensemble.comparison)
+    source = {"model": str((out / filenames.ENSEMBLE_MODEL).resolve()), "split": "test",
+              "data": data_source(ensemble.scored.images.data), "ensemble": _record(ensemble.choice)}
+    return write_evaluation(out / filenames.ENSEMBLE_DIR, ensemble.scored,
+                            EvaluationOutputs(source=source, gradcam=gradcam, page=page))
+
+
+def ensemble_page(best: BestFile, ensemble: FinalEnsemble, out: Path) -> Callable[[Mapping[str, Any]], ReportPage]:
+    """The ensemble report's own part."""
+    choice, model = ensemble.choice, out / filenames.ENSEMBLE_MODEL
+
+    def page(document: Mapping[str, Any]) -> ReportPage:
+        facts = [("source", f"`{choice.path.resolve()}`: {len(choice.members)} runs of sweep {best.folder.name}, "
+                            f"chosen greedily on validation ({choice.metric_name} {choice.ensemble_value:.4f}; best "
+                            f"run alone {choice.best_single_value:.4f})"),
+                 ("members", ", ".join(f"`{m.trial_id}` x{m.count} ({m.role})" for m in choice.members)),
+                 ("model file", f"`{model}` (core.evaluate, core.predict and serve take it as a model file)")]
+        return ReportPage(title=f"Ensemble of sweep {best.folder.name}", facts=facts,
+                          notes=["\n".join(["Single model against ensemble on the same test images:", "",
+                                            *comparison_table(ensemble.comparison)])],
+                          commands=[("Predict images with the ensemble",
+                                     f"python -m core.predict {model} IMAGE... --json")])
+    return page
+
+
+def _record(choice: EnsembleChoice) -> dict[str, Any]:
+    return {"chosen_in": str(choice.path.resolve()), "metric": choice.metric_name,
+            "best_single": {"trial_id": choice.best_single_id, "value": choice.best_single_value},
+            "value": choice.ensemble_value,
+            "members": [{"trial_id": m.trial_id, "role": m.role, "count": m.count, "weight": m.weight}
+                        for m in choice.members]}
