@@ -126,6 +126,11 @@ class TrainConfig:
     metadata_dropout: float = _doc("In training, each metadata field of each image is set to unknown with this "
                                    "probability, so that the model also works when a field is not known.",
                                    default=0.0)
+    box_loss_weight: float = _doc("A box head beside the classifier, on the pooled image features, learns where the "
+                                  "lesion is from the dataset's lesion masks (the box around each mask, moved with "
+                                  "the image by every augmentation; core/model/box_head.py): its loss (L1 plus GIoU) is "
+                                  "added with this weight. 0 turns the head off; a dataset without masks trains "
+                                  "without it (a warning).", default=0.0)
 
     # --- execution ----------------------------------------------------------------------------
     device: str = _doc("'auto' (CUDA when available), 'cpu' or 'cuda'.", default="auto")
@@ -164,6 +169,7 @@ class TrainConfig:
             ("arch", self.arch in ARCHS, f"must be one of {ARCHS}"),
             ("metadata", self.metadata in METADATA_METHODS, f"must be one of {METADATA_METHODS}"),
             ("metadata_dropout", 0 <= self.metadata_dropout <= 1, "must be in [0, 1]"),
+            ("box_loss_weight", 0 <= self.box_loss_weight <= 100, "must be in [0, 100]"),
             ("pretrained", bool(self.pretrained), "must be 'imagenet', 'none' or a file path"),
             ("device", self.device in DEVICES, f"must be one of {DEVICES}"),
             ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),

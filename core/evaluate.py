@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m core.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0],
         epilog="Writes metrics.json, confusion_matrix.png, roc_curves.png, reliability_diagram.png, "
-               "gradcam_<class>.png, gradcam/ and report.md into --out.\n\nexample:\n  python -m core.evaluate "
+               "gradcam_<class>.png, gradcam/, boxes.png and report.md into --out.\n\nexample:\n  python -m core.evaluate "
                "results/demo/final/model.pt --data ../isic2018-test --split all --out results/demo/external")
     parser.add_argument("checkpoint", help="a model file (model.pt of core.final_train, best.pt of core.train)")
     parser.add_argument("--data", required=True, help="dataset folder (or CSV) in a supported layout")

@@ -20,7 +20,9 @@ Writes into ``--out`` (default: ``final/`` beside best.json) the training run's 
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
 chosen epoch, in core.model.networks's format), ``metrics.json`` (test metrics, per class figures, confusion
 matrix; core/evaluation/pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
-``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the
+``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``boxes.png`` (where
+the lesion is: core/evaluation/localisation.py; model.pt then also stores the Grad-CAM box's threshold, chosen on
+val, and the training split's mean lesion box), ``report.md``, the
 page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
 gains it as its final-model section). Running the command again resumes an interrupted training and
 re-evaluates a finished one. Where the sweep chose an ensemble (ensemble.json beside best.json), it is then
@@ -149,6 +151,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     run = FinalRun(best, cfg, data, out, train_splits, history, chosen_epoch, started)
     loaded = load_for_inference(out / filenames.BEST_CHECKPOINT, cfg.device, advice=FINAL_ADVICE)
     fitted = _fit_on_val(loaded, data, options.train_on_val, options.evaluation.positive_class)
+    fitted["boxes"] = _fit_boxes(loaded, data, train_splits, options)
     log.info("evaluating epoch %d on the %d test images%s", chosen_epoch, len(test_idx),
              " (with and without TTA)" if options.evaluation.tta else "")
     scored = score_images(loaded, EvaluatedImages(data, test_idx, data.labels[test_idx], "test split"), fitted,
@@ -210,6 +213,36 @@ def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
     val = predict_set(loaded, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True,
                       encoded=loaded.encode_dataset(data, val_idx))
     return fit_on_val(val, data.class_names, positive_class)
+
+
+# --- lesion boxes (core/evaluation/localisation.py): the Grad-CAM box's threshold chosen on val, the centre prior from train ---
+def _fit_boxes(loaded: LoadedModel, data: Dataset, train_splits: tuple[str, ...],
+               options: FinalOptions) -> dict[str, Any] | None:
+    """model.pt's ``boxes``: the mean mask box of the training images (the centre prior) and the Grad-CAM box's
+    threshold fraction, chosen on the validation images with a mask (the default where none is held out or
+    Grad-CAM is off); None for a dataset without masks."""
+    from core.evaluation.localisation import centre_prior, fit_boxes
+
+    if data.masks is None:
+        return None
+    train_idx = np.concatenate([data.indices(s) for s in train_splits])
+    prior = centre_prior(np.asarray(data.masks[train_idx]), np.asarray(data.has_mask)[train_idx])
+    gradcam = options.gradcam()
+    val_idx = data.indices("val")
+    rows = val_idx[np.asarray(data.has_mask)[val_idx]] if not options.train_on_val else val_idx[:0]
+    if gradcam.per_class <= 0 or len(rows) == 0:
+        return fit_boxes(None, None, prior, None)
+    from core.explain.gradcam import CAPTUM_NAMES, gradcam_maps
+    from core.data.lesion_boxes import mask_boxes
+
+    images, encoded = np.asarray(data.images[rows]), loaded.encode_dataset(data, rows)
+    predicted = loaded.predict(images, metadata=encoded).argmax(1).tolist()
+    log.info("choosing the Grad-CAM box's threshold on the %d validation images with a lesion mask", len(rows))
+    maps = gradcam_maps(loaded.model, images, predicted, loaded.device, layer=gradcam.layer, method=gradcam.method,
+                        metadata=encoded)
+    truth, nonempty = mask_boxes(np.asarray(data.masks[rows]))
+    keep = nonempty.numpy()
+    return fit_boxes(maps[keep], truth.numpy()[keep], prior, CAPTUM_NAMES[gradcam.method])
 
 
 def _warn_epoch_mismatch(epochs: int, tuned_epochs: int) -> None:

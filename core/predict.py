@@ -13,6 +13,10 @@ With ``--masks MASK_DIR`` (holding ``<image name>_segmentation.png`` or ``<image
 image's size) each map is also scored against the lesion mask, whose outline the overlay draws:
 the share of the map inside the lesion and whether its peak is (core/explain/mask_scores.py).
 
+``--json`` gives each image's lesion box (``box``: ``pixels`` of the image file as shown, x0, y0, x1, y1, and
+``fractions`` of its sides): the box head's (a model trained with ``box_loss_weight`` > 0), else, with
+``--gradcam``, the Grad-CAM map's (core/explain/cam_boxes.py, at the threshold stored in model.pt); else null.
+
 This module is the command: reading the images, the table and the JSON it prints; the model is used through
 core/model/inference.py, Grad-CAM through core/explain/gradcam.py.
 
@@ -32,7 +36,9 @@ import numpy as np
 
 from core.cli import add_device_option, add_gradcam_options, add_prediction_options
 from core.errors import UserError, run_cli
+from core.model.box_head import capture_boxes, view_boxes
 from core.explain.mask_scores import masks_summary_line, score_one_map
+from core.data.lesion_boxes import box_answer, upright_size
 from core.data.image_cache import decode_image
 from core.model.inference import LoadedModel, load_for_inference
 from core.data.masks import read_masks
@@ -91,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = np.stack([decode_image(path, size) for path in args.images])
     masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
     metadata = encoded_metadata(loaded, record, len(images))
-    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration, metadata=metadata)
+    with capture_boxes(loaded.model) as got:  # the box head's boxes, from the same forward pass
+        probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration, metadata=metadata)
+    boxes = view_boxes(got, args.tta)
     temperature = loaded.temperature(args.tta)
     log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
              "not calibrated (--no-calibration)" if args.no_calibration else
@@ -105,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row, value in zip(rows, loaded.disagreement(images, tta=args.tta, metadata=metadata)):
             row["disagreement"] = {"mutual_information": float(value), "words": describe_disagreement(float(value))}
     # --- end of the ensemble's part ---
-    scores = _overlays(args, loaded, (images, metadata), probs, masks, rows) if args.gradcam else None
+    sizes = [upright_size(path) for path in args.images]
+    for row, size, box in zip(rows, sizes, [None] * len(rows) if boxes is None else boxes):
+        row["box"] = box_answer(box, *size, "box head")
+    scores = _overlays(args, loaded, (images, metadata), probs, masks, rows, sizes) if args.gradcam else None
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -164,17 +175,24 @@ def encoded_metadata(loaded: LoadedModel, record: dict | None, n: int) -> np.nda
 
 
 def _overlays(args: argparse.Namespace, loaded: LoadedModel, inputs: tuple[np.ndarray, np.ndarray | None],
-              probs: np.ndarray, masks: Sequence[np.ndarray | None], rows: list[dict]) -> str | None:
-    """Each image's overlay of the predicted class's map into --gradcam, noted in its row; with --masks, the
-    line that scores the maps against the masks. ``inputs``: the images and the metadata they were predicted with."""
+              probs: np.ndarray, masks: Sequence[np.ndarray | None], rows: list[dict],
+              sizes: Sequence[tuple[int, int]]) -> str | None:
+    """Each image's overlay of the predicted class's map into --gradcam, noted in its row with the map's box (in
+    pixels of the image; also the row's ``box`` where the model has no box head); with --masks, the line that
+    scores the maps against the masks. ``inputs``: the images and the metadata they were predicted with."""
+    from core.explain.cam_boxes import cam_boxes, stored_fraction
     from core.explain.gradcam import DEFAULT_METHOD, gradcam_maps, save_overlay
 
     out, (images, metadata) = Path(args.gradcam), inputs
     maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device,
                         layer=args.gradcam_layer, method=args.gradcam_method or DEFAULT_METHOD, metadata=metadata)
-    for image, heat, name, mask, row in zip(images, maps, overlay_names(args.images), masks, rows):
+    boxes = cam_boxes(maps, stored_fraction(loaded.meta))
+    for image, heat, name, mask, row, box, size in zip(images, maps, overlay_names(args.images), masks, rows, boxes,
+                                                       sizes):
         save_overlay(image, heat, out / name, mask=mask)
-        row["gradcam"] = {"overlay": str(out / name), **score_one_map(heat, mask)}
+        row["gradcam"] = {"overlay": str(out / name), **score_one_map(heat, mask),
+                          "box": box_answer(box, *size, "Grad-CAM")}
+        row["box"] = row["box"] or row["gradcam"]["box"]
     log.info("Grad-CAM overlays of the predicted classes in %s", out)
     return masks_summary_line(maps, masks) if args.masks else None
 

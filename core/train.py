@@ -15,6 +15,7 @@ index and augmented on the device (core/training/loop.py), so no JPEG is read an
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from core.model.box_head import start_capture
 from core.config import TrainConfig
-from core.device import Placement, dataset_to_device, resolve_device
+from core.device import Placement, as_tensor, dataset_to_device, resolve_device
 from core.training.ema import make_ema
 from core.errors import UserError, run_cli
 from core.metric_names import SELECT_METRICS
@@ -42,6 +44,8 @@ from core.training.sampling import epoch_order, image_draw_weights
 
 if TYPE_CHECKING:
     from core.data.dataset import Dataset
+
+log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict[str, float]], None]
 
@@ -85,14 +89,18 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
     batches = _batches(cfg, data, options.train_splits, device)
     val_idx = data.indices("val")
 
-    model = build_model(len(data.class_names), cfg.pretrained, cfg.arch, batches.metadata_spec)
+    model = build_model(len(data.class_names), cfg.pretrained, cfg.arch, batches.metadata_spec,
+                        box_head=batches.masks is not None)
     model = model.to(device, memory_format=batches.placement.memory_format)
     optimizer = make_optimizer(model, cfg)
     ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     scheduler = make_scheduler(optimizer, cfg, batches.steps_per_epoch)
     start_epoch = writer.restore(model, optimizer, scheduler, ema)
     step_model = torch.compile(model) if cfg.compile else model
-    opt = Optimisation(step_model, optimizer, scheduler, make_criterion(cfg, _train_counts(data, batches), device), ema)
+    # the box head's output of each training step (core/model/box_head.py), its hook registered once for the run
+    boxes, box_hook = start_capture(model) if batches.masks is not None else (None, None)
+    opt = Optimisation(step_model, optimizer, scheduler, make_criterion(cfg, _train_counts(data, batches), device), ema,
+                       boxes)
     # The EMA, when there is one, is the model that is validated and saved.
     evaluated, saved = (ema.module, ema.module) if ema is not None else (step_model, model)
     draw_weights = image_draw_weights(batches.labels[batches.train_idx], cfg.sampling)
@@ -119,6 +127,8 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
                           val_probs)
         if on_epoch is not None:
             on_epoch(metrics)
+    if box_hook is not None:
+        box_hook.remove()
     writer.close()
     history = writer.history
     return TrainResult(best_metrics=history[writer.best_epoch - 1], last_metrics=history[-1],
@@ -135,10 +145,25 @@ def _batches(cfg: TrainConfig, data: "Dataset", train_splits: tuple[str, ...], d
     metadata = None if spec is None else torch.as_tensor(encode_dataset(data, spec), device=device)
     images, labels = dataset_to_device(data, device)
     batch_size = min(cfg.batch_size, len(train_idx))
+    masks, has_mask = box_masks(cfg, data, device)
     return Batches(images=images, labels=labels, train_idx=torch.as_tensor(train_idx, device=device),
                    batch_size=batch_size, steps_per_epoch=len(train_idx) // batch_size,
                    placement=Placement.of(device, cfg.precision, cfg.channels_last), metadata=metadata,
-                   metadata_spec=spec)
+                   metadata_spec=spec, masks=masks, has_mask=has_mask)
+
+
+def box_masks(cfg: TrainConfig, data: "Dataset", device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The lesion masks (beside the images) and which images have one, for the box head; (None, None) without a
+    box head, or (with a warning) for a dataset without masks, which then trains without one."""
+    if cfg.box_loss_weight <= 0:
+        return None, None
+    if data.masks is None:
+        log.warning("box_loss_weight=%g but %s has no lesion masks: training without the box head",
+                    cfg.box_loss_weight, data.root)
+        return None, None
+    images = as_tensor(data.masks)
+    masks = images.to(device) if device.type == "cuda" else images
+    return masks, torch.as_tensor(np.asarray(data.has_mask), dtype=torch.bool, device=device)
 
 
 def _train_counts(data: "Dataset", batches: Batches) -> np.ndarray:
@@ -171,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_for_config(args.data, cfg, splits_file=args.splits, masks=False)  # training needs no masks
+    data = load_for_config(args.data, cfg, splits_file=args.splits, masks=cfg.box_loss_weight > 0)  # the box head's
     result = train(cfg, data, args.out, options=RunOptions(resume=not args.no_resume))
     best = result.best_metrics
     print(f"best epoch {result.best_epoch}/{result.epochs_run}: "

@@ -8,6 +8,7 @@ no route handles).
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from core.errors import UserError
+from core.data.lesion_boxes import box_answer, upright_size
 from serve.batcher import Busy
 from core.model.fields import AGE_RANGE, SEXES, SITES, validate_record
 from serve.guard import Guard
@@ -126,7 +128,7 @@ def _add_routes(app: FastAPI) -> None:
         image = await run_in_threadpool(decode_upload, data, name, service.image_size)
         decoded = time.perf_counter()
         encoded = service.encode(record)
-        probs, disagreement = await service.probabilities_and_disagreement(image[None], tta, encoded)
+        probs, disagreement, boxes = await service.predict(image[None], tta, encoded)
         probs = probs[0]
         predicted = time.perf_counter()
         body = prediction_body(service, probs, tta, name, record)
@@ -137,9 +139,21 @@ def _add_routes(app: FastAPI) -> None:
                                     "words": describe_disagreement(float(disagreement[0]))}
         if explain:
             body["explain"] = await run_in_threadpool(service.explain, image, int(probs.argmax()), encoded)
+        body.update(lesion_box(data, None if boxes is None else boxes[0], body.get("explain")))
         body["timing_ms"] = {"decode": 1000 * (decoded - started), "predict": 1000 * (predicted - decoded),
                              "total": 1000 * (time.perf_counter() - started)}
         return body
+
+
+# --- the lesion box (core/model/box_head.py, core/explain/cam_boxes.py): in pixels of the uploaded image and in fractions ---
+def lesion_box(data: bytes, head: Any, explain: dict[str, Any] | None) -> dict[str, Any]:
+    """/predict's ``box``: the box head's, else (with explain) the Grad-CAM map's, else null; the Grad-CAM box also
+    in ``explain.box``. The upload decoded already, so its size is readable."""
+    width, height = upright_size(io.BytesIO(data))
+    cam = None
+    if explain is not None:
+        explain["box"] = cam = box_answer(explain["box"], width, height, "Grad-CAM")
+    return {"box": box_answer(head, width, height, "box head") if head is not None else cam}
 
 
 def _record(age: str | None, sex: str | None, site: str | None) -> dict[str, Any]:

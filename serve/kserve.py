@@ -9,6 +9,9 @@
                                       -> {"outputs": [{"name": "probabilities", "datatype": "FP32",
                                           "shape": [N, C], "data": [...]}], "parameters": {"classes": [...]}}
 
+A model trained with the box head (config key ``box_loss_weight``) adds the outputs ``box_pixels`` (x0, y0, x1, y1
+in pixels of the S x S input) and ``box_fractions`` (the same as fractions of its sides), FP32 [N, 4].
+
 The image tensor is what the model takes: RGB uint8, channels first, already S x S (decode and resize
 as core.data.image_cache.decode_image does); ``data`` flat (row-major) or nested. Probabilities are calibrated
 as on /predict.
@@ -24,6 +27,7 @@ from fastapi import APIRouter, Request
 from serve.uploads import BadInput
 
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+BOX_OUTPUTS = ("box_pixels", "box_fractions")   # a model with a box head: x0, y0, x1, y1 per image
 MAX_INFER_IMAGES = 64
 
 
@@ -48,7 +52,9 @@ def kserve_router() -> APIRouter:
         size, classes = service.image_size, list(service.class_names)
         return {"name": name, "versions": ["1"], "platform": f"pytorch_{service.options.backend}",
                 "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 3, size, size]}],
-                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(classes)]}],
+                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(classes)]},
+                            *({"name": box, "datatype": "FP32", "shape": [-1, 4]} for box in BOX_OUTPUTS
+                              if service.has_box_head)],
                 "parameters": {"classes": classes, "calibrated": service.temperature(False) is not None,
                                "facts": service.facts}}
 
@@ -64,10 +70,11 @@ def kserve_router() -> APIRouter:
         except ValueError:
             raise BadInput(400, "the body is not JSON (send an Open Inference Protocol request)") from None
         images, tta = parse_infer(body, service.image_size)
-        probs = await service.probabilities(images, tta)
+        probs, _, boxes = await service.predict(images, tta)
         response = {"model_name": name, "model_version": "1",
                     "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(probs.shape),
-                                 "data": probs.astype(np.float32).ravel().tolist()}],
+                                 "data": probs.astype(np.float32).ravel().tolist()},
+                                *box_outputs(boxes, service.image_size)],
                     "parameters": {"classes": list(service.class_names), "tta": tta,
                                    "temperature": service.temperature(tta)}}
         if isinstance(body.get("id"), str):
@@ -75,6 +82,17 @@ def kserve_router() -> APIRouter:
         return response
 
     return router
+
+
+# --- the box head's lesion box (core/model/box_head.py): a model trained with one answers it beside the probabilities ---
+def box_outputs(boxes: np.ndarray | None, size: int) -> list[dict[str, Any]]:
+    """The boxes [N, 4] (x0, y0, x1, y1) in pixels of the S x S input tensor and in fractions of its sides; none
+    without a box head."""
+    if boxes is None:
+        return []
+    fractions = np.asarray(boxes, dtype=np.float32)
+    return [{"name": name, "datatype": "FP32", "shape": list(fractions.shape), "data": values.ravel().tolist()}
+            for name, values in zip(BOX_OUTPUTS, (fractions * size, fractions))]
 
 
 def _service(request: Request, name: str) -> Any:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from core.model.forward import IMAGENET_MEAN, IMAGENET_STD
+from core.model.box_head import capture_boxes, view_boxes
 from core.model.calibration import apply_temperature
 from core.errors import UserError
 
@@ -37,14 +38,17 @@ class _Probabilities(nn.Module):
         self.register_buffer("shift", torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(torch.addcmul(self.shift, images.float(), self.scale)), 1)
+        with capture_boxes(self.model) as got:   # a box head's boxes join the graph as 4 more columns
+            probs = torch.softmax(self.model(torch.addcmul(self.shift, images.float(), self.scale)), 1)
+        return torch.cat([probs, got[0]], 1) if got else probs
 
 
 class OnnxProbabilities:
     """An ONNX Runtime session giving the probabilities of uint8 images [N, 3, S, S]."""
 
-    def __init__(self, session: object) -> None:
+    def __init__(self, session: object, classes: int | None = None) -> None:
         self.session = session
+        self.classes = classes   # the probabilities' columns (the rest: a box head's box)
 
     @classmethod
     def export_and_check(cls, loaded: object, check_images: int = 4) -> "OnnxProbabilities":
@@ -66,7 +70,7 @@ class OnnxProbabilities:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), options,
                                                providers=["CPUExecutionProvider"])
-        backend = cls(session)
+        backend = cls(session, len(loaded.class_names))   # type: ignore[attr-defined]
         loaded.model.to(loaded.device)   # type: ignore[attr-defined]  # the export ran on the CPU
         backend.check(loaded, size, check_images)
         log.info("ONNX Runtime backend ready in %.1f s (probabilities within %g of torch's)",
@@ -77,12 +81,19 @@ class OnnxProbabilities:
         """Refuse to serve (UserError) where ONNX Runtime's probabilities differ from torch's by over TOLERANCE."""
         images = np.random.default_rng(0).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
         ours = self.predict(images, None)
-        theirs = loaded.predict(images, calibrated=False)   # type: ignore[attr-defined]
+        with capture_boxes(loaded.model) as got:   # type: ignore[attr-defined]
+            theirs = loaded.predict(images, calibrated=False)   # type: ignore[attr-defined]
+        if got:
+            theirs = np.concatenate([theirs, view_boxes(got)], 1)
         worst = float(np.abs(ours - theirs).max())
         if worst > TOLERANCE:
             raise UserError(f"--backend onnx: ONNX Runtime's probabilities differ from torch's by {worst:.2g} "
                             f"(over {TOLERANCE:g}); serve with --backend torch")
 
     def predict(self, images_uint8: np.ndarray, temperature: float | None) -> np.ndarray:
+        """Probabilities [N, C] (a model with a box head: its boxes as 4 more columns, which no temperature touches)."""
         probs = self.session.run(None, {"images": np.ascontiguousarray(images_uint8)})[0].astype(np.float64)   # type: ignore[attr-defined]
-        return probs if temperature is None else apply_temperature(probs, temperature)
+        if temperature is None:
+            return probs
+        classes = self.classes or probs.shape[1]
+        return np.concatenate([apply_temperature(probs[:, :classes], temperature), probs[:, classes:]], 1)

@@ -6,6 +6,9 @@ temperature as core.predict), or with ``backend="onnx"`` from ONNX Runtime for s
 its own copy of the network, one call at a time: Captum registers hooks on the module it explains for
 the duration of a call, which would touch the batcher's forward passes if they shared the module, and
 its hooks are not known to be thread-safe.
+
+A model trained with the box head (core/model/box_head.py) gives its lesion box from the same forward pass as the
+probabilities (:meth:`ModelService.predict`); Grad-CAM's answer carries the map's box (core/explain/cam_boxes.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from core.errors import UserError
+from core.model.box_head import box_head_of, capture_boxes, view_boxes
 from core.model.inference import LoadedModel, load_for_inference
 from serve.batcher import MicroBatcher
 from serve.facts import model_facts
@@ -53,6 +57,7 @@ class ModelService:
         self.class_names = loaded.class_names
         self.image_size = int(loaded.meta["image_size"])
         self.metadata_spec: Mapping[str, Any] | None = loaded.meta.get("metadata")
+        self.has_box_head = box_head_of(loaded.model) is not None
         self.facts = {**model_facts(path, loaded.meta), "backend": options.backend, "device": str(loaded.device)}
         self.onnx = None
         if options.backend == "onnx" and self.is_ensemble:
@@ -79,12 +84,17 @@ class ModelService:
         return self.batcher.alive
 
     def _predict_batch(self, images: np.ndarray, tta: bool, metadata: np.ndarray | None) -> np.ndarray:
+        """Probabilities [N, C], and for a model with a box head its boxes beside them: [N, C + 4] (the batcher
+        hands each request its rows; :meth:`predict` splits them)."""
         if self.onnx is not None and not tta and metadata is None:
             return self.onnx.predict(images, self.loaded.temperature(False))
         if self.is_ensemble:  # one batch through every member; the members' disagreement as a last column
             detail = self.loaded.predict_detail(images, tta=tta, metadata=metadata)  # type: ignore[attr-defined]
             return np.concatenate([detail.probs, detail.disagreement[:, None]], axis=1)
-        return self.loaded.predict(images, tta=tta, metadata=metadata)
+        with capture_boxes(self.loaded.model) as got:   # a box head's boxes (4 more columns), same forward pass
+            probs = self.loaded.predict(images, tta=tta, metadata=metadata)
+        boxes = view_boxes(got, tta)
+        return probs if boxes is None else np.concatenate([probs, boxes.astype(probs.dtype)], 1)
 
     @property
     def is_ensemble(self) -> bool:
@@ -95,8 +105,8 @@ class ModelService:
             self, images: np.ndarray, tta: bool = False,
             metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`probabilities` and, for an ensemble, the members' disagreement per image [N] (else None)."""
-        out = await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
-        return (out[:, :-1], out[:, -1]) if self.is_ensemble else (out, None)
+        probs, disagreement, _ = await self.predict(images, tta, metadata)
+        return probs, disagreement
 
     def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
         """The model's encoding of one validated record; None for an image-only model (fields ignored)."""
@@ -109,6 +119,16 @@ class ModelService:
         """Calibrated probabilities [N, C] of uint8 images [N, 3, S, S], batched with concurrent requests."""
         return (await self.probabilities_and_disagreement(images, tta, metadata))[0]
 
+    async def predict(self, images: np.ndarray, tta: bool = False, metadata: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``(probabilities [N, C], an ensemble's disagreement [N] or None, the box head's boxes [N, 4] as
+        fractions or None without a head)``, from one pass."""
+        out = await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
+        classes = len(self.class_names)
+        if self.is_ensemble:
+            return out[:, :classes], out[:, classes], None
+        return out[:, :classes], None, (out[:, classes:] if out.shape[1] > classes else None)
+
     def verdicts(self, probs: np.ndarray, tta: bool) -> dict[str, Any]:
         return operating_verdicts(self.loaded.meta.get("operating_points"), self.class_names, probs, tta)
 
@@ -118,13 +138,14 @@ class ModelService:
     def explain(self, image: np.ndarray, target: int, metadata: np.ndarray | None = None) -> dict[str, Any]:
         """Guided Grad-CAM of class ``target`` for one uint8 image [3,S,S] (with its encoded metadata [1, D], as
         predicted): heat map and overlay as base64 PNGs."""
+        from core.explain.cam_boxes import cam_boxes, stored_fraction
         from core.explain.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
 
         started = time.perf_counter()
         with self._explain_lock:
             heat = gradcam_maps(self._explainer, image[None], [target], self.loaded.device, method=DEFAULT_METHOD,
                                 metadata=metadata)[0]
-        return {"method": CAPTUM_NAMES[DEFAULT_METHOD],
+        return {"method": CAPTUM_NAMES[DEFAULT_METHOD], "box": cam_boxes(heat[None], stored_fraction(self.loaded.meta))[0],
                 "layer": choose_layer(self.image_size, DEFAULT_METHOD, self.loaded.arch),
                 "target": self.class_names[target],
                 "heatmap_png": _png_base64((np.clip(heat, 0, 1) * 255).astype(np.uint8)),

@@ -178,10 +178,12 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
     resources = plan_on_ray(settings)
     echo(f"sweep '{settings.name}' in {folder}: {settings.trials} trials, {len(space.params)} searched "
          f"parameters ({', '.join(space.names)}); {resources.describe()}")
-    # no lesion masks: trials only train, and the data goes to every trial through Ray's object store
+    # lesion masks only for the box head (box_loss_weight, fixed or searched): the data goes to every trial
+    # through Ray's object store, and the masks add a third of the images' bytes
+    boxes = base.box_loss_weight > 0 or "box_loss_weight" in space.keys
     with reading(folder / filenames.SPLITS, SPLITS_ADVICE):
         data = load_for_config(settings.data, base, splits_file=folder / filenames.SPLITS if resume else None,
-                               masks=False)
+                               masks=boxes)
     if settings.data is None:
         echo(f"notice: no --data given: using the built-in synthetic demo dataset ({data.root})")
     record = {"path": data.root, "fingerprint": data.fingerprint, "layout": data.layout}

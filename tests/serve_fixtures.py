@@ -23,12 +23,12 @@ TEMPERATURE = 1.7   # far from 1, so that a test can tell calibrated from raw pr
 
 
 def write_model(path: Path, image_size: int = 32, seed: int = 0, calibrated: bool = True,
-                metadata: str = "none", pretrained: str = "none") -> Path:
+                metadata: str = "none", pretrained: str = "none", box_head: bool = False) -> Path:
     """A ResNet-18 with random weights, saved as core.final_train saves model.pt (temperature, mel thresholds);
     ``metadata``: the clinical-metadata fusion (config key ``metadata``); ``pretrained``: what the config
-    records as the initial weights (the weights stay random)."""
+    records as the initial weights (the weights stay random); ``box_head``: with a lesion box head."""
     torch.manual_seed(seed)
-    model = build_model(len(HAM_CLASSES), "none", metadata=make_spec(metadata))
+    model = build_model(len(HAM_CLASSES), "none", metadata=make_spec(metadata), box_head=box_head)
     config = TrainConfig(image_size=image_size, pretrained=pretrained, device="cpu", metadata=metadata).to_dict()
     points = [{"kind": kind, "target": target, "threshold": 0.05 + 0.1 * i, "sensitivity": 0.9, "specificity": 0.5}
               for i, (kind, target) in enumerate((k, t) for k in KINDS for t in TARGETS)]

@@ -223,3 +223,28 @@ def test_differences_are_paired_by_seed() -> None:
     assert diff["per_seed"] == [0.31 - 0.30, 0.51 - 0.50, 0.41 - 0.40] and diff["verdict"] == "gain"
     assert summary["x"]["test_auc_diff"]["verdict"] == "no difference (within seed noise)"
     assert "test_balanced_accuracy_diff" not in summary["resnet18"]
+
+
+# bench/box_study.py: the issue's targets from the runs' figures, paired by seed; one seed is not judged.
+def test_box_study_targets_met_or_missed() -> None:
+    from bench import box_study
+
+    def run(weight, seed, bacc, head_iou, cam_iou):
+        scores = lambda iou: {"mean_iou": iou, "iou_0.3": 1.0, "iou_0.5": iou, "iou_0.7": iou - 0.2}  # noqa: E731
+        boxes = {"gradcam": scores(cam_iou), "centre_prior": scores(0.5), "whole_image": scores(0.37)}
+        if weight:
+            boxes["head"] = scores(head_iou)
+        return {"box_loss_weight": weight, "seed": seed, "test_balanced_accuracy": bacc, "test_auc": 0.8,
+                "localisation": {"boxes": boxes, "max_box_acc": {"max_box_acc": 0.6, "max_box_acc_v2": 0.5}}}
+
+    runs = [run(0.0, s, b, None, 0.55) for s, b in ((0, 0.40), (1, 0.42), (2, 0.41))]
+    runs += [run(1.0, s, b, 0.9, 0.45) for s, b in ((0, 0.20), (1, 0.22), (2, 0.21))]
+    found = box_study.targets(box_study.summarize(runs))
+    head = "head (box_loss_weight 1)"
+    assert found[f"{head}: head mean_iou >= 0.8"]["met"] and not found[f"{head}: head iou_0.7 >= 0.75"]["met"]
+    assert found[f"{head}: balanced accuracy not lower than without the head"]["met"] is False   # a paired loss
+    assert found["Grad-CAM box ahead of the centre prior (no head)"]["met"]
+    assert not found[f"Grad-CAM box ahead of the centre prior ({head})"]["met"]
+    one_seed = box_study.targets(box_study.summarize([runs[0], runs[3]]))
+    assert one_seed[f"{head}: balanced accuracy not lower than without the head"]["met"] is None
+    assert "| no head | gradcam |" in box_study.table(box_study.summarize(runs))

@@ -222,7 +222,7 @@ def test_predict_scores_maps_against_given_masks(setup: dict[str, Path], tmp_pat
     rows = json.loads(capsys.readouterr().out)
     assert all(0 <= row["gradcam"]["energy_inside"] <= 1 for row in rows[:2])
     assert all(isinstance(row["gradcam"]["pointing_hit"], bool) for row in rows[:2])
-    assert set(rows[2]["gradcam"]) == {"overlay"} and Path(rows[2]["gradcam"]["overlay"]).is_file()
+    assert set(rows[2]["gradcam"]) == {"overlay", "box"} and Path(rows[2]["gradcam"]["overlay"]).is_file()
     assert main([str(setup["model"]), *map(str, images), "--gradcam", str(tmp_path / "cams"), "--masks",
                  str(masks)]) == 0
     assert "Grad-CAM against 2 lesion masks: energy inside" in capsys.readouterr().out

@@ -141,6 +141,25 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
     assert "Calibration (TTA)</h2>" in page and "Operating points: mel vs the rest</h2>" in page
 
 
+def test_boxes_are_scored_against_the_masks_with_what_val_and_train_chose(sweep: Path, final) -> None:
+    """A model without the box head still localises: its Grad-CAM box (threshold chosen on val, stored in model.pt)
+    beside the centre prior (the training split's mean mask box) and the whole image."""
+    import torch
+
+    out = final.out_dir
+    stored = torch.load(out / "model.pt", weights_only=True)["boxes"]
+    assert stored["cam_fraction_chosen_on"] == "val" and 0 < stored["cam_fraction"] < 1
+    x0, y0, x1, y1 = stored["centre_prior"]
+    assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    section = final.metrics["localisation"]
+    assert set(section["boxes"]) == {"gradcam", "centre_prior", "whole_image"}   # no head: none of its box
+    assert section["boxes"]["gradcam"]["fraction"] == stored["cam_fraction"]
+    assert section["boxes"]["centre_prior"]["box"] == stored["centre_prior"]
+    assert 0 <= section["max_box_acc"]["max_box_acc"] <= 1
+    assert _is_png(out / "boxes.png") and "](boxes.png)" in (out / "report.md").read_text()
+    assert "Where is the lesion" in (out / "report.md").read_text()
+
+
 def test_calibration_and_thresholds_come_from_val_and_are_stored_in_the_model(sweep: Path, final) -> None:
     from core.model.calibration import apply_temperature, fit_temperature
     from core.data.dataset import SplitOptions, load_dataset

@@ -21,6 +21,7 @@ pytest.importorskip("fastapi", reason="the serving extras are not installed (pip
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from core.model.box_head import capture_boxes
 from core.model.calibration import apply_temperature
 from core.errors import run_cli
 from core.data.image_cache import decode_image
@@ -390,7 +391,8 @@ def test_onnx_backend_gives_torchs_probabilities(model_file: Path, service: Mode
 def test_onnx_backend_for_a_metadata_model_answers_as_torch_with_and_without_fields(module_tmp: Path) -> None:
     """No fields: the ONNX graph (exported with every field unknown); fields: torch with them. Both as core does."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    path = write_model(module_tmp / "meta-onnx" / "model.pt", image_size=SIZE, metadata="concat", seed=2)
+    path = write_model(module_tmp / "meta-onnx" / "model.pt", image_size=SIZE, metadata="concat", seed=2,
+                       box_head=True)   # the box head's box comes through the ONNX graph too
     onnx = ModelService.load(path, ServeOptions(device="cpu", backend="onnx"))
     try:
         client, data, answers = TestClient(create_app(onnx)), image_bytes(seed=11), []
@@ -398,9 +400,11 @@ def test_onnx_backend_for_a_metadata_model_answers_as_torch_with_and_without_fie
         for fields in ({}, {"age": "70", "sex": "female", "site": "face"}):
             record = {"age": None, "sex": None, "site": None, **fields}
             encoded = onnx.loaded.encode([validate_record(record)]) if fields else None
-            expected = onnx.loaded.predict(image, metadata=encoded)[0]
+            with capture_boxes(onnx.loaded.model) as boxes:
+                expected = onnx.loaded.predict(image, metadata=encoded)[0]
             body = post_image(client, data, **fields).json()
             assert np.allclose([body["probabilities"][c] for c in body["classes"]], expected, atol=1e-4), fields
+            assert np.allclose(body["box"]["fractions"], boxes[0][0].numpy(), atol=1e-4), fields
             answers.append(body["probabilities"])
         assert answers[0] != answers[1]  # the fields reached the model
     finally:

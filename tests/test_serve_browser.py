@@ -1,5 +1,5 @@
-"""The served page in a real browser: headless Chromium uploads an image, the bars and the Grad-CAM overlay appear,
-and no script error happens. Skipped, with the reason, where no Chromium is installed (Debian: ``apt-get install
+"""The served page in a real browser: headless Chromium uploads an image, the bars, the Grad-CAM overlay and the
+lesion box appear, and no script error happens. Skipped, with the reason, where no Chromium is installed (Debian: ``apt-get install
 chromium``; .ci/run installs it when it runs as root). Driven over the DevTools protocol (tests/chromium_cdp.py).
 """
 
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium on PATH (ap
 
 @pytest.fixture(scope="module")
 def server(module_tmp: Path):
-    service = ModelService.load(write_model(module_tmp / "model.pt", image_size=48), ServeOptions(device="cpu"))
+    service = ModelService.load(write_model(module_tmp / "model.pt", image_size=48, box_head=True),
+                                ServeOptions(device="cpu"))
     try:
         with running_server(create_app(service, api_key="k3y")) as url:
             yield url
@@ -47,6 +48,14 @@ def test_upload_shows_bars_verdicts_and_overlay_without_script_errors(server: st
         assert browser.wait_for("document.getElementById('overlay').complete && "
                                 "document.getElementById('overlay').naturalWidth") >= 224
         assert browser.evaluate("document.getElementById('preview').naturalWidth") == 200
+        # the box head's lesion box, drawn over the image where the answer puts it (fractions of its sides)
+        box = browser.evaluate("(() => { const b = document.getElementById('box'), i = document.getElementById("
+                               "'preview'); const r = b.getBoundingClientRect(), p = i.getBoundingClientRect(); "
+                               "return {hidden: b.hidden, source: b.dataset.source, left: (r.left - p.left) / p.width, "
+                               "width: r.width / p.width, top: (r.top - p.top) / p.height}; })()")
+        assert box["hidden"] is False and box["source"] == "box head"
+        assert 0 <= box["left"] < 1 and 0 < box["width"] <= 1 and 0 <= box["top"] < 1
+        assert "box head" in browser.evaluate("document.getElementById('box-caption').textContent")
         assert "calibrated" in browser.evaluate("document.getElementById('calibration').textContent")
         verdicts = browser.evaluate("document.getElementById('verdicts').textContent")
         assert "the threshold chosen for sensitivity 0.90" in verdicts

@@ -1,5 +1,6 @@
 """One evaluation of a model on labelled images, the pipeline core.final_train and core.evaluate both run:
-predict, calibrate, clinical results, metrics, figures, Grad-CAM, report.md/report.html and metrics.json.
+predict, calibrate, clinical results, metrics, figures, Grad-CAM, lesion boxes (core/evaluation/localisation.py),
+report.md/report.html and metrics.json.
 
 A library, not a command. Two steps, so that core.final_train can store what the first found in model.pt
 before the second writes the folder::
@@ -21,9 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from core import filenames
 from core.io.atomic import write_json
+from core.evaluation import localisation
+from core.model.box_head import capture_boxes
+from core.explain.cam_boxes import cam_boxes
 from core.evaluation.sections import ClinicalOptions, ClinicalResults, EvaluatedSet, clinical_results
 from core.data.dataset import Dataset
 from core.evaluation.figures import confusion_matrix_figure, reliability_figure, roc_figure
@@ -63,6 +68,8 @@ class ScoredImages:
     clinical: ClinicalResults
     scores: PredictionScores
     metadata: np.ndarray | None = None  # their encoded clinical metadata (a metadata model), as predicted with
+    boxes: np.ndarray | None = None     # the box head's boxes [N, 4] (fractions), None without a head
+    box_fit: Mapping[str, Any] | None = None  # model.pt's "boxes" (Grad-CAM fraction, centre prior; core/evaluation/localisation.py)
 
 
 @dataclass(frozen=True)
@@ -92,8 +99,9 @@ def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.
                 tta: bool, encoded: np.ndarray | None) -> EvaluatedSet:
     """The raw probabilities of a model for ``pixels`` = ``data.images[idx]``.
 
-    ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well;
-    ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes (else None).
+    ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well (after the
+    single view); ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes
+    (else None).
     """
     views = (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,)
     raw = {view: loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
@@ -108,11 +116,14 @@ def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[s
     """Predict, calibrate with model.pt's ``stored`` temperatures, clinical results and the headline metrics."""
     pixels = np.asarray(images.data.images[images.idx])
     encoded = loaded.encode_dataset(images.data, images.idx)  # once: the prediction and Grad-CAM both take it
-    predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded)
+    with capture_boxes(loaded.model) as got:   # a box head's boxes, from the prediction's own pass
+        predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded)
+    # the single view runs first: its boxes are the first len(idx) rows (the TTA passes' views follow)
+    boxes = torch.cat(got)[:len(images.idx)].float().cpu().numpy() if got else None
     clinical = clinical_results(predicted, loaded.class_names, stored, options)
     scores = score_predictions(images.labels, clinical.probs, loaded.class_names)
     return ScoredImages(loaded=loaded, images=images, pixels=pixels, clinical=clinical, scores=scores,
-                        metadata=encoded)
+                        metadata=encoded, boxes=boxes, box_fit=stored.get("boxes"))
 
 
 def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs) -> dict[str, Any]:
@@ -127,15 +138,20 @@ def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs
         log.info("Grad-CAM galleries (%d examples per class)", outputs.gradcam.per_class)
     explained = explain_evaluation(scored.loaded.model, explainable(scored), out, scored.loaded.device,
                                    outputs.gradcam)
+    localised = localise(out, scored, explained.masked_maps)
+    if localised is not None:
+        figures.append(("Boxes: the lesion masks' and the predicted ones", localisation.FIGURE))
     document = metrics_document(scored.scores, outputs.source,
                                 training=outputs.training() if outputs.training else None,
                                 gradcam=explained.document, clinical=scored.clinical.sections)
+    document["localisation"] = localised
     page = outputs.page(document)
     write_evaluation_report(out / filenames.REPORT, ReportInput(
         title=page.title, facts=page.facts, metrics=scored.scores.metrics, per_class=scored.scores.per_class,
         figures=figures, galleries=explained.galleries, config=page.config, notes=[*page.notes, *explained.notes],
         gradcam=explained.document, intervals=headline_intervals(document), interval_note=interval_note(document),
-        tables=report_tables(document), commands=page.commands))
+        tables=[*report_tables(document), *filter(None, [localisation.localisation_table(localised)])],
+        commands=page.commands))
     write_json(out / filenames.EVALUATION, document)
     return document
 
@@ -153,6 +169,31 @@ def write_figures(out: Path, scored: ScoredImages) -> list[tuple[str, str]]:
                            title=f"Reliability diagram, {what}")
     return [("Confusion matrix", CONFUSION_FIGURE), ("ROC curves", ROC_FIGURE),
             ("Reliability diagram (before and after calibration)", RELIABILITY_FIGURE)]
+
+
+def localise(out: Path, scored: ScoredImages, maps: np.ndarray | None) -> dict[str, Any] | None:
+    """metrics.json's ``localisation`` (core/evaluation/localisation.py) on the evaluated images with a lesion mask, and
+    ``boxes.png``; None where none has a mask. ``maps``: the Grad-CAM maps of those images (None: no Grad-CAM)."""
+    data, idx = scored.images.data, scored.images.idx
+    if data.masks is None or not np.asarray(data.has_mask)[idx].any():
+        return None
+    rows = np.flatnonzero(np.asarray(data.has_mask)[idx])
+    masks = np.asarray(data.masks[idx[rows]])
+    head = None if scored.boxes is None else scored.boxes[rows]
+    section = localisation.localisation_section(masks, head, maps, scored.box_fit)
+    if section is None:
+        return None
+    shown = rows[np.linspace(0, len(rows) - 1, min(len(rows), localisation.FIGURE_IMAGES)).astype(int)]
+    at = np.searchsorted(rows, shown)
+    drawn = {} if head is None else {"head": head[at]}
+    if maps is not None:
+        fraction = section["boxes"]["gradcam"]["fraction"]
+        drawn["gradcam"] = cam_boxes(maps[at], fraction)
+    names, pred = scored.scores.class_names, scored.scores.probs.argmax(1)
+    titles = [f"{data.image_ids[idx[i]]}\n{names[scored.scores.labels[i]]} -> {names[pred[i]]}" for i in shown]
+    localisation.box_figure(scored.pixels[shown], np.asarray(data.masks[idx[shown]]), drawn, titles,
+                            out / localisation.FIGURE)
+    return section
 
 
 def explainable(scored: ScoredImages) -> Explainable:

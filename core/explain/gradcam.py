@@ -350,6 +350,7 @@ class Explained:
     galleries: dict[str, str]          # class name -> gallery file, relative to the output folder
     document: dict[str, Any] | None    # None when no Grad-CAM was made (no galleries asked for)
     notes: tuple[str, ...] = ()        # warnings for report.md (maps too coarse to say much)
+    masked_maps: np.ndarray | None = None   # the maps of the images with a lesion mask (``ev.masked``'s order)
 
 
 def explain_evaluation(model: nn.Module, ev: Explainable, out_dir: str | os.PathLike,
@@ -400,7 +401,8 @@ def explain_evaluation(model: nn.Module, ev: Explainable, out_dir: str | os.Path
         "lesion_masks": lesions,
     }
     coarse = coarse_map_note(size, layer) if method == "gradcam" else None
-    return Explained(galleries, document, (coarse,) if coarse else ())
+    return Explained(galleries, document, (coarse,) if coarse else (),
+                     np.stack([maps[i] for i in scored]) if len(scored) else None)
 
 
 def _hwc(image: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from core.io.atomic import save_torch
+from core.model.box_head import ATTRIBUTE as BOX_HEAD, BoxHead
 from core.config import ARCHS, DEFAULT_ARCH
 from core.errors import UserError
 from core.model.fields import unknown_rows
@@ -55,8 +56,9 @@ def check_arch(arch: str) -> str:
 
 
 def build_model(num_classes: int, pretrained: str, arch: str = DEFAULT_ARCH,
-                metadata: Mapping[str, Any] | None = None) -> nn.Module:
-    """``arch`` with a ``num_classes``-way head; with a metadata spec, a :class:`MetadataNet` around it."""
+                metadata: Mapping[str, Any] | None = None, box_head: bool = False) -> nn.Module:
+    """``arch`` with a ``num_classes``-way head; with a metadata spec, a :class:`MetadataNet` around it;
+    ``box_head``: with a core.model.box_head.BoxHead on the classifier layer's input."""
     model = get_model(check_arch(arch), weights=None)
     if pretrained == "imagenet":
         model.load_state_dict(_imagenet_state_dict(arch))
@@ -66,9 +68,14 @@ def build_model(num_classes: int, pretrained: str, arch: str = DEFAULT_ARCH,
     features = _get(parent, key).in_features
     if metadata is not None:
         _set(parent, key, nn.Identity())
-        return MetadataNet(model, features, dict(metadata), num_classes, arch)
+        net = MetadataNet(model, features, dict(metadata), num_classes, arch)
+        if box_head:
+            setattr(net, BOX_HEAD, BoxHead(features, ("backbone", *HEADS[arch])))
+        return net
     _set(parent, key, nn.Linear(features, num_classes))
     model.lesion_arch = arch  # a plain attribute, not in the state_dict: the file stays torchvision's
+    if box_head:  # its weights are the state_dict's box_head.*, the only keys a torchvision model lacks
+        setattr(model, BOX_HEAD, BoxHead(features, HEADS[arch]))
     return model
 
 
@@ -164,7 +171,8 @@ def _load_backbone_file(model: nn.Module, path: Path, arch: str) -> None:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()
+             if not k.startswith(BOX_HEAD + ".")}  # a box head is made anew, as the classifier is
     if any(k.startswith("backbone.") for k in state):  # a metadata model's file: its backbone only
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head = _head_prefix(arch)
@@ -272,7 +280,9 @@ def model_from_payload(payload: Any, path: str | os.PathLike, device: str | torc
     if spec is not None and (not isinstance(spec, Mapping) or "width" not in spec or "method" not in spec):
         raise UserError(f"{path}: unreadable metadata encoding {spec!r}")
     class_names = list(payload.get("class_names") or [])
-    model = build_model(len(class_names), "none", arch, spec)
+    state = payload.get("state_dict")
+    boxes = isinstance(state, Mapping) and any(str(k).startswith(BOX_HEAD + ".") for k in state)
+    model = build_model(len(class_names), "none", arch, spec, box_head=boxes)
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError, TypeError) as exc:

@@ -24,17 +24,30 @@ import torch.nn.functional as F
 from core.config import TrainConfig
 from core.model.forward import IMAGENET_MEAN, IMAGENET_STD, constant, standardization
 
-def augment_batch(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
+                  masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Augment uint8 images [B,3,S,S] with per-sample parameters; returns normalised float32.
 
     ``generator`` must live on ``x``'s device, so no random numbers cross between host and device.
+    ``masks`` (uint8 [B,S,S], 1 = lesion): moved exactly as their images, as a fourth channel of the same
+    resampling; then returns ``(images, masks float [B,S,S] in [0, 1])`` (lesion where above a half). The
+    random draws are the same with or without them.
     """
     b = x.shape[0]
     x = x.float()  # [0, 255]: every step below is linear in it until the colour clamp
+    if masks is not None:
+        x = torch.cat([x, masks[:, None].float() * 255], 1)
     theta = _affine_params(b, cfg, generator, x.device)
     if theta is not None:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if masks is not None:
+        moved = x[:, 3] / 255
+        return _colour(x[:, :3].contiguous(), cfg, generator), moved
+    return _colour(x, cfg, generator)
+
+
+def _colour(x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     if cfg.color_jitter > 0:
         return _color_jitter(x, cfg.color_jitter, generator)
     scale, shift = standardization(x.device)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from core.training.augment import apply_mix, augment_batch, draw_mix, mix_rng, mixed_loss
+from core.training.box_targets import batch_box_loss, mix_with_masks
 from core.model.forward import forward
 from core.config import TrainConfig
 from core.device import Placement, gather_batch
@@ -33,6 +34,8 @@ class Batches:
     placement: Placement
     metadata: torch.Tensor | None = None        # float32 [N, D] encoded metadata (core/model/fields.py), or None
     metadata_spec: dict | None = None           # its encoding, for metadata dropout
+    masks: torch.Tensor | None = None           # uint8 [N, S, S] lesion masks for the box head (core/training/box_targets.py)
+    has_mask: torch.Tensor | None = None        # bool [N] on the device: image i has a mask
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Optimisation:
     scheduler: Any
     criterion: nn.Module
     ema: Any = None                # torch.optim.swa_utils.AveragedModel or None
+    boxes: list | None = None      # the box head's outputs, appended by its hook (core/box_head.start_capture)
 
 
 def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cfg: TrainConfig,
@@ -53,21 +57,35 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
     opt.model.train()
     loss_sum = torch.zeros((), device=where.device)
     correct = torch.zeros((), device=where.device, dtype=torch.long)
+    box_sum = torch.zeros((), device=where.device)   # the box head's loss (L1 + GIoU), unweighted
     started = time.perf_counter()
     size = batches.batch_size
     rng = mix_rng(cfg, generator)  # None without mixup/CutMix: the other draws stay as they were
     for step in range(batches.steps_per_epoch):
         idx = batches.train_idx[order[step * size:(step + 1) * size]]
-        x = augment_batch(gather_batch(batches.images, idx, where.device), cfg, generator)
+        images = gather_batch(batches.images, idx, where.device)
+        if batches.masks is None:
+            x, masks = augment_batch(images, cfg, generator), None
+        else:  # the masks move with their images (core/training/box_targets.py)
+            x, masks = augment_batch(images, cfg, generator, gather_batch(batches.masks, idx, where.device))
         y = batches.labels[idx]
         meta = _train_metadata(batches, idx, cfg, generator)
         mix = draw_mix(rng, cfg, x, generator) if rng is not None else None
         if mix is not None:
-            x, mix = apply_mix(x, mix, rng)
+            if masks is not None:  # mixed as the pixels are
+                x, masks, mix = mix_with_masks(x, masks, mix, rng)
+            else:
+                x, mix = apply_mix(x, mix, rng)
             meta = None if meta is None else torch.lerp(meta[mix.perm], meta, mix.lam)
+        if masks is not None:
+            opt.boxes.clear()   # (validation passes append theirs too)
         with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16):
             logits = forward(opt.model, x.contiguous(memory_format=where.memory_format), meta)
         loss = mixed_loss(opt.criterion, logits.float(), y, mix)
+        if masks is not None:
+            box = batch_box_loss(opt.boxes[-1], masks, batches.has_mask[idx], mix)
+            box_sum += box.detach() * size
+            loss = loss + cfg.box_loss_weight * box
         opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         opt.optimizer.step()
@@ -81,7 +99,8 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
             progress.update(1)
     seen = batches.steps_per_epoch * size
     elapsed = time.perf_counter() - started
-    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
+    boxes = {"train_box_loss": box_sum.item() / seen} if batches.masks is not None else {}
+    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, **boxes,
             "train_images_per_s": seen / elapsed, "train_epoch_s": elapsed}
 
 
