@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -31,6 +32,8 @@ from core.inference import SINGLE_MODE, TTA_MODE, LoadedModel
 from core.metrics import PredictionScores, finite_or_none, score_predictions
 from core.evaluation_report import ReportInput, write_evaluation_report
 from core.evaluation_tables import headline_intervals, interval_note, report_tables
+from core.ood import Captured, capture
+from core.ood_evaluation import RISK_COVERAGE_FIGURE, Evaluated, risk_coverage_figure, trust_sections, trust_tables
 
 if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
     from core.gradcam import Explainable, GradcamOptions
@@ -63,6 +66,8 @@ class ScoredImages:
     clinical: ClinicalResults
     scores: PredictionScores
     metadata: np.ndarray | None = None  # their encoded clinical metadata (a metadata model), as predicted with
+    captured: Captured = field(default_factory=Captured)  # the single view's features and logits (core/ood.py)
+    stored: Mapping[str, Any] = field(default_factory=dict)  # what model.pt stores (ood, abstention, ...)
 
 
 @dataclass(frozen=True)
@@ -86,18 +91,22 @@ class EvaluationOutputs:
     training: Callable[[], Mapping[str, Any]] | None = None  # metrics.json's "training" (core.final_train),
     #                                                           made just before the document, so its wall_s is all
     figures: Sequence[tuple[str, str]] = ()             # (caption, file) already in the folder, shown first
+    coverage: float | None = None                       # the abstention rule's coverage (None: model.pt's)
 
 
 def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.ndarray, labels: np.ndarray,
-                tta: bool, encoded: np.ndarray | None) -> EvaluatedSet:
+                tta: bool, encoded: np.ndarray | None, seen: Captured | None = None) -> EvaluatedSet:
     """The raw probabilities of a model for ``pixels`` = ``data.images[idx]``.
 
     ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well;
-    ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes (else None).
+    ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes (else None);
+    ``seen``: where the single view's penultimate features and logits go (core/ood.py), from the same pass.
     """
     views = (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,)
-    raw = {view: loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
-           for view in views}
+    raw = {}
+    for view in views:
+        with capture(loaded.model, into=seen) if seen is not None and view == SINGLE_MODE else nullcontext():
+            raw[view] = loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
     metadata = None if data.metadata is None else data.metadata.iloc[idx].reset_index(drop=True)
     return EvaluatedSet(labels=np.asarray(labels, dtype=np.int64), groups=data.groups[idx],
                         image_ids=data.image_ids[idx], metadata=metadata, raw=raw)
@@ -108,11 +117,12 @@ def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[s
     """Predict, calibrate with model.pt's ``stored`` temperatures, clinical results and the headline metrics."""
     pixels = np.asarray(images.data.images[images.idx])
     encoded = loaded.encode_dataset(images.data, images.idx)  # once: the prediction and Grad-CAM both take it
-    predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded)
+    seen = Captured()
+    predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded, seen)
     clinical = clinical_results(predicted, loaded.class_names, stored, options)
     scores = score_predictions(images.labels, clinical.probs, loaded.class_names)
     return ScoredImages(loaded=loaded, images=images, pixels=pixels, clinical=clinical, scores=scores,
-                        metadata=encoded)
+                        metadata=encoded, captured=seen, stored=stored)
 
 
 def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs) -> dict[str, Any]:
@@ -127,15 +137,17 @@ def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs
         log.info("Grad-CAM galleries (%d examples per class)", outputs.gradcam.per_class)
     explained = explain_evaluation(scored.loaded.model, explainable(scored), out, scored.loaded.device,
                                    outputs.gradcam)
+    trust = trust_of(scored, outputs.coverage)
+    figures += trust_figure(out, trust, scored.images.what)
     document = metrics_document(scored.scores, outputs.source,
                                 training=outputs.training() if outputs.training else None,
-                                gradcam=explained.document, clinical=scored.clinical.sections)
+                                gradcam=explained.document, clinical={**scored.clinical.sections, **trust})
     page = outputs.page(document)
     write_evaluation_report(out / filenames.REPORT, ReportInput(
         title=page.title, facts=page.facts, metrics=scored.scores.metrics, per_class=scored.scores.per_class,
         figures=figures, galleries=explained.galleries, config=page.config, notes=[*page.notes, *explained.notes],
         gradcam=explained.document, intervals=headline_intervals(document), interval_note=interval_note(document),
-        tables=report_tables(document), commands=page.commands))
+        tables=[*report_tables(document), *trust_tables(document)], commands=page.commands))
     write_json(out / filenames.EVALUATION, document)
     return document
 
@@ -153,6 +165,21 @@ def write_figures(out: Path, scored: ScoredImages) -> list[tuple[str, str]]:
                            title=f"Reliability diagram, {what}")
     return [("Confusion matrix", CONFUSION_FIGURE), ("ROC curves", ROC_FIGURE),
             ("Reliability diagram (before and after calibration)", RELIABILITY_FIGURE)]
+
+
+# --- when not to trust the answer (core/ood_evaluation.py) ---------------------------------------------------
+
+def trust_of(scored: ScoredImages, coverage: float | None) -> dict[str, Any]:
+    """metrics.json's ``ood`` and ``abstention`` sections, with what model.pt stores."""
+    images = Evaluated(pixels=scored.pixels, labels=scored.scores.labels, probs=scored.clinical.probs,
+                       features=scored.captured.features, logits=scored.captured.logits, metadata=scored.metadata)
+    tta = scored.clinical.sections["prediction"]["view"] == TTA_MODE
+    return trust_sections(scored.loaded, scored.stored, images, tta, coverage)
+
+
+def trust_figure(out: Path, trust: Mapping[str, Any], what: str) -> list[tuple[str, str]]:
+    risk_coverage_figure(trust["abstention"], out / RISK_COVERAGE_FIGURE, title=f"Risk-coverage, {what}")
+    return [("Risk-coverage: the risk of the answered images against the share answered", RISK_COVERAGE_FIGURE)]
 
 
 def explainable(scored: ScoredImages) -> Explainable:

@@ -44,8 +44,10 @@ import pandas as pd
 from core import filenames
 from core.atomic import remove_stale_temps, write_json
 from core.best_file import SPLITS_ADVICE, BestFile, check_data, read_best
-from core.cli import (add_evaluation_options, add_gallery_options, add_threads_option, apply_threads,
-                      clinical_options)
+from core.cli import (add_coverage_option, add_evaluation_options, add_gallery_options, add_threads_option,
+                      apply_threads, clinical_options, coverage_of)
+from core.abstain import DEFAULT_COVERAGE
+from core.checked_prediction import fit_checks
 from core.clinical import ClinicalOptions, fit_on_val, not_fitted
 from core.config import TrainConfig
 from core.data import Dataset, load_for_config
@@ -56,6 +58,7 @@ from core.figures import curves_figure
 from core.inference import LoadedModel, load_for_inference
 from core.metrics import headline
 from core.model import check_gradcam_layer, save_model_file
+from core.ood import Captured
 from core.operating_points import positive_index
 from core.evaluation_report import show_in_parent_page
 from core.state_files import check_output_dir, read_json_state, reading
@@ -92,6 +95,7 @@ class FinalOptions:
     gradcam_layer: str | None = None     # None: chosen by image size (core.gradcam.choose_layer)
     gradcam_method: str | None = None    # None: core.gradcam.DEFAULT_METHOD
     evaluation: ClinicalOptions = ClinicalOptions()   # TTA, calibration, positive class, bootstrap
+    coverage: float = DEFAULT_COVERAGE   # share of validation images the abstention rule answers (core/abstain.py)
 
     def gradcam(self) -> GradcamOptions:
         """The Grad-CAM fields as a core.gradcam.GradcamOptions."""
@@ -146,7 +150,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     history, chosen_epoch = _train_or_reuse(cfg, data, out, train_splits, options)
     run = FinalRun(best, cfg, data, out, train_splits, history, chosen_epoch, started)
     loaded = load_for_inference(out / filenames.BEST_CHECKPOINT, cfg.device, advice=FINAL_ADVICE)
-    fitted = _fit_on_val(loaded, data, options.train_on_val, options.evaluation.positive_class)
+    fitted = _fit_on_val(loaded, data, options.train_on_val, options.evaluation.positive_class, options.coverage)
     log.info("evaluating epoch %d on the %d test images%s", chosen_epoch, len(test_idx),
              " (with and without TTA)" if options.evaluation.tta else "")
     scored = score_images(loaded, EvaluatedImages(data, test_idx, data.labels[test_idx], "test split"), fitted,
@@ -186,7 +190,7 @@ def _training_section(run: FinalRun, device: str) -> Callable[[], dict[str, Any]
 
 
 def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
-                positive_class: str | None) -> dict[str, Any]:
+                positive_class: str | None, coverage: float = DEFAULT_COVERAGE) -> dict[str, Any]:
     """Calibration temperatures and operating thresholds chosen on the validation split (stored in model.pt)."""
     val_idx = data.indices("val")
     if train_on_val or len(val_idx) == 0:
@@ -196,9 +200,15 @@ def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
         return not_fitted(reason)
     log.info("calibrating on the %d validation images (single view and TTA) and choosing operating thresholds",
              len(val_idx))
+    seen = Captured()
     val = predict_set(loaded, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True,
-                      encoded=loaded.encode_dataset(data, val_idx))
-    return fit_on_val(val, data.class_names, positive_class)
+                      encoded=loaded.encode_dataset(data, val_idx), seen=seen)
+    fitted = fit_on_val(val, data.class_names, positive_class)
+    # the out-of-distribution statistics and the abstention rule, from the same pass (core/checked_prediction.py)
+    log.info("fitting the out-of-distribution check and the abstention rule (%.0f%% coverage) on the validation "
+             "split", 100 * coverage)
+    return {**fitted, **fit_checks(val.labels, dict(val.raw), fitted["calibration"]["temperature"], seen.features,
+                                   seen.logits, data.class_names, coverage)}
 
 
 def _warn_epoch_mismatch(epochs: int, tuned_epochs: int) -> None:
@@ -347,12 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_gallery_options(parser)
     add_threads_option(parser)
     add_evaluation_options(parser)
+    add_coverage_option(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     options = FinalOptions(
         epochs=args.epochs, overrides=tuple(args.overrides), out_dir=args.out, train_on_val=args.train_on_val,
         resume=not args.no_resume, gallery_per_class=args.gallery, gradcam_layer=args.gradcam_layer,
-        gradcam_method=args.gradcam_method, evaluation=clinical_options(args))
+        gradcam_method=args.gradcam_method, evaluation=clinical_options(args), coverage=coverage_of(args))
     if is_uri(args.best):
         from core.final_storage import final_train_in_bucket
 
