@@ -93,12 +93,13 @@ def logit_scores(logits: np.ndarray) -> dict[str, np.ndarray]:
 
 def mahalanobis(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """The smallest squared Mahalanobis distance of each row of ``features`` [N, D] to a class mean [K, D]."""
-    features = np.asarray(features, dtype=np.float64)
-    best = np.full(len(features), np.inf)
-    for mean in np.asarray(means, dtype=np.float64):
-        diff = features - mean
-        best = np.minimum(best, np.einsum("nd,de,ne->n", diff, precision, diff))
-    return best
+    features, means = np.asarray(features, dtype=np.float64), np.asarray(means, dtype=np.float64)
+    # (f - m) P (f - m) = f P f - 2 f P m + m P m: two matrix products for every class at once
+    projected = features @ precision
+    own = np.sum(projected * features, axis=1, keepdims=True)
+    cross = projected @ means.T
+    centre = np.sum((means @ precision) * means, axis=1)
+    return np.maximum(own - 2 * cross + centre, 0).min(axis=1)
 
 
 def all_scores(stored: Mapping[str, Any], features: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:

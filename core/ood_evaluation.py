@@ -66,8 +66,8 @@ def ood_results(loaded: LoadedModel, stored: Any, images: Evaluated) -> dict[str
     size = int(loaded.meta["image_size"])
     photos, _ = natural_photos(size)
     made, _ = synthetic(size)
-    far = {"natural_photos": _scores(loaded, stored, photos, None)[1],
-           "synthetic": _scores(loaded, stored, made, None)[1]}
+    far = {"natural_photos": predicted_scores(loaded, stored, photos, None)[1],
+           "synthetic": predicted_scores(loaded, stored, made, None)[1]}
     far["far_out"] = {name: np.concatenate([far["natural_photos"][name], far["synthetic"][name]])
                       for name in ood.SCORES}
     section: dict[str, Any] = {
@@ -75,14 +75,14 @@ def ood_results(loaded: LoadedModel, stored: Any, images: Evaluated) -> dict[str
         "pass_rate": stored.get("pass_rate"), "thresholds": dict(stored["thresholds"]),
         "evaluated_pass_rate": {name: float(np.mean(inside[name] <= stored["thresholds"][name]))
                                 for name in ood.SCORES},
-        "far_out": {key: _against(inside, values, stored) for key, values in far.items()}}
+        "far_out": {key: compare(inside, values, stored) for key, values in far.items()}}
     keep = slice(0, min(len(images.pixels), MAX_SHIFTED))
     section["shifted_lesions"] = {}
     for shift in SHIFTS:
         meta = None if images.metadata is None else images.metadata[keep]
-        probs, scores = _scores(loaded, stored, shifted(images.pixels[keep], shift), meta)
+        probs, scores = predicted_scores(loaded, stored, shifted(images.pixels[keep], shift), meta)
         section["shifted_lesions"][shift] = {
-            **_against({k: v[keep] for k, v in inside.items()}, scores, stored),
+            **compare({k: v[keep] for k, v in inside.items()}, scores, stored),
             "balanced_accuracy": _balanced_accuracy(images.labels[keep], probs),
             "balanced_accuracy_unshifted": _balanced_accuracy(images.labels[keep], images.probs[keep])}
     section["best_score"] = {group: _best(rows) for group, rows in
@@ -91,14 +91,14 @@ def ood_results(loaded: LoadedModel, stored: Any, images: Evaluated) -> dict[str
     return section
 
 
-def _scores(loaded: LoadedModel, stored: Mapping[str, Any], pixels: np.ndarray,
+def predicted_scores(loaded: LoadedModel, stored: Mapping[str, Any], pixels: np.ndarray,
             metadata: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     with ood.capture(loaded.model) as seen:
         probs = loaded.predict(pixels, metadata=metadata)
     return probs, ood.all_scores(stored, seen.features, seen.logits)
 
 
-def _against(inside: Mapping[str, np.ndarray], outside: Mapping[str, np.ndarray],
+def compare(inside: Mapping[str, np.ndarray], outside: Mapping[str, np.ndarray],
              stored: Mapping[str, Any]) -> dict[str, Any]:
     """AUROC and FPR@95 of each score, in-distribution (negatives) against out (positives)."""
     rows = {}
