@@ -13,6 +13,12 @@ With ``--masks MASK_DIR`` (holding ``<image name>_segmentation.png`` or ``<image
 image's size) each map is also scored against the lesion mask, whose outline the overlay draws:
 the share of the map inside the lesion and whether its peak is (core/explain_scores.py).
 
+Each image is also checked (core/checked_prediction.py): ``ood`` says whether it looks like the training images
+(the out-of-distribution score and threshold fitted on the validation split, from the same forward pass) and
+``abstain`` whether the model answers (``--coverage``: the share of validation images answered, default the
+model file's, 90%); the table's notes name the images not answered and why. A model file without the statistics
+says "no out-of-distribution check in this model file".
+
 This module is the command: reading the images, the table and the JSON it prints; the model is used through
 core/inference.py, Grad-CAM through core/gradcam.py.
 
@@ -30,7 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
-from core.cli import add_device_option, add_gradcam_options, add_prediction_options
+from core.checked_prediction import predict_checked
+from core.cli import add_coverage_option, add_device_option, add_gradcam_options, add_prediction_options, coverage_of
 from core.errors import UserError, run_cli
 from core.explain_scores import masks_summary_line, score_one_map
 from core.image_cache import decode_image
@@ -64,6 +71,15 @@ def predictions_json(paths: Sequence[str], probs: np.ndarray, class_names: Seque
             for path, p in zip(paths, probs)]
 
 
+def check_lines(paths: Sequence[str], checked: Sequence[dict]) -> str:
+    """Under the table: each image the model abstains on, and why; or that the model file has no check."""
+    lines = [f"{path}: not answered: {check['abstain']['detail']}" for path, check in zip(paths, checked)
+             if check["abstain"]["abstained"]]
+    if checked and checked[0]["ood"]["in_distribution"] is None:
+        lines.append(checked[0]["ood"]["note"])
+    return "\n".join(lines) if lines else "every image answered (like the training images, confident enough)"
+
+
 def overlay_names(paths: Sequence[str]) -> list[str]:
     """``<stem>_gradcam.png`` per image; images of the same name from different folders get a number."""
     names: list[str] = []
@@ -91,18 +107,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = np.stack([decode_image(path, size) for path in args.images])
     masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
     metadata = encoded_metadata(loaded, record, len(images))
-    probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration, metadata=metadata)
+    probs, checked = predict_checked(loaded, images, tta=args.tta, calibrated=not args.no_calibration,
+                                     metadata=metadata, coverage=coverage_of(args))
     temperature = loaded.temperature(args.tta)
     log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
              "not calibrated (--no-calibration)" if args.no_calibration else
              "not calibrated: the model file holds no temperature" if temperature is None else
              f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
     rows = predictions_json(args.images, probs, list(loaded.class_names))
+    for row, check in zip(rows, checked):   # "ood" and "abstain" (core/checked_prediction.py)
+        row.update(check)
     scores = _overlays(args, loaded, (images, metadata), probs, masks, rows) if args.gradcam else None
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(args.images, probs, list(loaded.class_names)))
+        print(check_lines(args.images, checked))
         if scores:
             print(scores)
     return 0
@@ -123,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     add_gradcam_options(parser)
     add_device_option(parser)
     add_prediction_options(parser)
+    add_coverage_option(parser, default=None)
     add_metadata_options(parser)
     return parser
 
