@@ -116,7 +116,8 @@ def _add_routes(app: FastAPI) -> None:
     async def predict(request: Request, file: UploadFile = File(..., description="a dermoscopic image"),
                       tta: bool = Form(False), explain: bool = Form(False), age: str | None = Form(None),
                       sex: str | None = Form(None), site: str | None = Form(None)) -> dict[str, Any]:
-        """Calibrated class probabilities, operating-point verdicts and (explain=true) Guided Grad-CAM of one image."""
+        """Calibrated class probabilities, operating-point verdicts, whether the image looks like the training
+        images ("ood") and whether the model answers ("abstain"), and (explain=true) Guided Grad-CAM of one image."""
         started = time.perf_counter()
         service: ModelService = request.app.state.service
         name = display_name(file.filename)
@@ -126,9 +127,11 @@ def _add_routes(app: FastAPI) -> None:
         image = await run_in_threadpool(decode_upload, data, name, service.image_size)
         decoded = time.perf_counter()
         encoded = service.encode(record)
-        probs = (await service.probabilities(image[None], tta, encoded))[0]
+        checked = await service.checked(image[None], tta, encoded)
+        probs = checked.probs[0]
         predicted = time.perf_counter()
         body = prediction_body(service, probs, tta, name, record)
+        body.update(checked.checks[0])   # "ood" and "abstain" (core/checked_prediction.py)
         if explain:
             body["explain"] = await run_in_threadpool(service.explain, image, int(probs.argmax()), encoded)
         body["timing_ms"] = {"decode": 1000 * (decoded - started), "predict": 1000 * (predicted - decoded),

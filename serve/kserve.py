@@ -7,7 +7,9 @@
     POST /v2/models/<name>/infer      {"inputs": [{"name": "image", "datatype": "UINT8",
                                         "shape": [N, 3, S, S], "data": [...]}], "parameters": {"tta": false}}
                                       -> {"outputs": [{"name": "probabilities", "datatype": "FP32",
-                                          "shape": [N, C], "data": [...]}], "parameters": {"classes": [...]}}
+                                          "shape": [N, C], "data": [...]}], "parameters": {"classes": [...],
+                                          "ood": [{"score", "threshold", "in_distribution", ...} per image],
+                                          "abstain": [{"abstained", "reason", ...} per image]}}
 
 The image tensor is what the model takes: RGB uint8, channels first, already S x S (decode and resize
 as core.image_cache.decode_image does); ``data`` flat (row-major) or nested. Probabilities are calibrated
@@ -64,12 +66,16 @@ def kserve_router() -> APIRouter:
         except ValueError:
             raise BadInput(400, "the body is not JSON (send an Open Inference Protocol request)") from None
         images, tta = parse_infer(body, service.image_size)
-        probs = await service.probabilities(images, tta)
+        checked = await service.checked(images, tta)
+        probs = checked.probs
         response = {"model_name": name, "model_version": "1",
                     "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(probs.shape),
                                  "data": probs.astype(np.float32).ravel().tolist()}],
                     "parameters": {"classes": list(service.class_names), "tta": tta,
-                                   "temperature": service.temperature(tta)}}
+                                   "temperature": service.temperature(tta),
+                                   # per image, as on /predict (core/checked_prediction.py)
+                                   "ood": [c["ood"] for c in checked.checks],
+                                   "abstain": [c["abstain"] for c in checked.checks]}}
         if isinstance(body.get("id"), str):
             response["id"] = body["id"]
         return response

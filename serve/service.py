@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from core.checked_prediction import predict_checked
 from core.inference import LoadedModel, load_for_inference
 from serve.batcher import MicroBatcher
 from serve.facts import model_facts
@@ -42,6 +43,7 @@ class ServeOptions:
     max_batch: int = 32          # most images the batcher runs as one forward pass
     max_wait_ms: float = 0.0     # how long the batcher waits for more requests after the first (0: never)
     max_queue: int = 256         # requests waiting for the model beyond which new ones get 503
+    coverage: float | None = None  # the abstention rule's share answered (None: the model file's, core/abstain.py)
 
 
 class ModelService:
@@ -49,6 +51,7 @@ class ModelService:
 
     def __init__(self, loaded: LoadedModel, path: str | Path, options: ServeOptions = ServeOptions()) -> None:
         self.loaded, self.path, self.options = loaded, Path(path), options
+        self.coverage = options.coverage
         self.class_names = loaded.class_names
         self.image_size = int(loaded.meta["image_size"])
         self.metadata_spec: Mapping[str, Any] | None = loaded.meta.get("metadata")
@@ -75,10 +78,12 @@ class ModelService:
     def batcher_alive(self) -> bool:
         return self.batcher.alive
 
-    def _predict_batch(self, images: np.ndarray, tta: bool, metadata: np.ndarray | None) -> np.ndarray:
+    def _predict_batch(self, images: np.ndarray, tta: bool, metadata: np.ndarray | None) -> CheckedBatch:
         if self.onnx is not None and not tta and metadata is None:
-            return self.onnx.predict(images, self.loaded.temperature(False))
-        return self.loaded.predict(images, tta=tta, metadata=metadata)
+            probs = self.onnx.predict(images, self.loaded.temperature(False))
+            return CheckedBatch(probs, onnx_checks(self.loaded.meta, probs, self.coverage))
+        probs, checks = predict_checked(self.loaded, images, tta=tta, metadata=metadata, coverage=self.coverage)
+        return CheckedBatch(probs, checks)
 
     def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
         """The model's encoding of one validated record; None for an image-only model (fields ignored)."""
@@ -89,6 +94,11 @@ class ModelService:
     async def probabilities(self, images: np.ndarray, tta: bool = False,
                             metadata: np.ndarray | None = None) -> np.ndarray:
         """Calibrated probabilities [N, C] of uint8 images [N, 3, S, S], batched with concurrent requests."""
+        return (await self.checked(images, tta, metadata)).probs
+
+    async def checked(self, images: np.ndarray, tta: bool = False,
+                      metadata: np.ndarray | None = None) -> CheckedBatch:
+        """The probabilities and each image's checks (``ood``, ``abstain``: core/checked_prediction.py)."""
         return await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
 
     def verdicts(self, probs: np.ndarray, tta: bool) -> dict[str, Any]:
@@ -111,6 +121,33 @@ class ModelService:
                 "target": self.class_names[target],
                 "heatmap_png": _png_base64((np.clip(heat, 0, 1) * 255).astype(np.uint8)),
                 "overlay_png": _png_base64(overlay(image, heat)), "ms": 1000 * (time.perf_counter() - started)}
+
+
+# --- when not to trust the answer: each image's checks travel with its probabilities through the batcher -------
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """Probabilities [N, C] and each image's ``{"ood", "abstain"}``; sliced by the batcher per request."""
+
+    probs: np.ndarray
+    checks: list
+
+    def __getitem__(self, rows: slice) -> "CheckedBatch":
+        return CheckedBatch(self.probs[rows], self.checks[rows])
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+
+def onnx_checks(meta: Mapping[str, Any], probs: np.ndarray, coverage: float | None) -> list[dict[str, Any]]:
+    """ONNX Runtime gives probabilities only: no out-of-distribution score; the abstention rule still applies."""
+    from core import abstain
+
+    note = "not checked: --backend onnx gives probabilities only (serve with --backend torch for the check)"
+    unknown = [{"score": None, "threshold": None, "in_distribution": None, "method": None, "note": note}
+               for _ in range(len(probs))]
+    decided = abstain.decide(meta.get("abstention"), probs, "single", unknown, coverage)
+    return [{"ood": o, "abstain": a} for o, a in zip(unknown, decided)]
 
 
 def _png_base64(pixels: np.ndarray) -> str:
