@@ -11,10 +11,13 @@ config's own ``epochs``): a config tuned for short runs is not retrained for a l
 
 Before the test split is touched, the chosen model is calibrated on the validation split: a temperature
 for single-view and one for TTA prediction, and the thresholds of the positive class's operating points
-(``--positive-class``, default mel), all stored in model.pt for core.evaluate and core.predict. With
+(``--positive-class``, default mel), the out-of-distribution check (core/ood.py) and the abstention rule for
+``--coverage`` (core/abstain.py), all stored in model.pt for core.evaluate and core.predict. With
 ``--train-on-val`` nothing is held out, so nothing is fitted (never on training images). The test report
 adds 95% bootstrap intervals over lesions, lesion-level results, calibration before and after, TTA against
-no TTA (``--tta``), the operating points and results per metadata subgroup (core/clinical.py).
+no TTA (``--tta``), the operating points and results per metadata subgroup (core/clinical.py), and when not to
+trust the answer: far-out and shifted images against each out-of-distribution score, and the risk-coverage
+curve (core/ood_evaluation.py, ``risk_coverage.png``).
 
 Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py:
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
