@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from pathlib import Path
@@ -38,7 +39,8 @@ def natural_photos(size: int) -> tuple[np.ndarray, list[str]]:
     return np.stack(images), names
 
 
-def _photos() -> list[tuple[str, np.ndarray]]:
+@functools.lru_cache(maxsize=1)   # read once per process: every evaluation scores them (about 3 s to read)
+def _photos() -> tuple[tuple[str, np.ndarray], ...]:
     """[H, W, 3] uint8 pictures: every PNG and JPEG in scikit-image's data folder, and scikit-learn's two."""
     import skimage.data
     from sklearn.datasets import load_sample_images
@@ -51,7 +53,9 @@ def _photos() -> list[tuple[str, np.ndarray]]:
             found.append((f"skimage.{path.stem}", _rgb(np.asarray(picture.convert("RGB")))))
     sample = load_sample_images()
     found += [(f"sklearn.{Path(path).stem}", _rgb(pixels)) for path, pixels in zip(sample.filenames, sample.images)]
-    return found
+    for _, pixels in found:
+        pixels.flags.writeable = False   # shared by every caller
+    return tuple(found)
 
 
 def _rgb(pixels: np.ndarray) -> np.ndarray:
