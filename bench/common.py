@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the data they run on, the machine they ran on, GPU utilisation.
 
 Not a command. The data is the real HAM10000 copy at ``../shared/data/ham10000-200x150`` when it is
-there, else a synthetic dataset from ``core.demo_data.generate_demo`` (generated once into the dataset
+there, else a synthetic dataset from ``core.data.demo_data.generate_demo`` (generated once into the dataset
 cache folder); every result says which.
 """
 
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from core import atomic
+from core.io import atomic
 from core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,14 @@ def write_result(result: dict, out: str | None) -> None:
 @dataclass(frozen=True)
 class BenchData:
     path: Path
-    source: str   # "ham10000-200x150" (the real copy), "generated" (core.demo_data) or "given" (--data)
+    source: str   # "ham10000-200x150" (the real copy), "generated" (core.data.demo_data) or "given" (--data)
 
 
 def bench_data(path: str | None, *, demo_lesions: int, demo_image_size: int) -> BenchData:
     """``path`` when given, else the real HAM10000 copy when present, else generated demo data."""
-    from core.data import default_cache_dir
-    from core.demo_data import generate_demo
-    from core.layouts import DEMO_MARKER
+    from core.data.dataset import default_cache_dir
+    from core.data.demo_data import generate_demo
+    from core.data.layouts import DEMO_MARKER
 
     if path:
         given = Path(path).expanduser()

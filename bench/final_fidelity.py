@@ -17,7 +17,7 @@ winner with ``core.final_train`` as a user would:
 
 For each run: the winning trial's best epoch (its best.pt) val and TEST balanced accuracy, the final
 model's (its model.pt, the epoch final_train chose by val) val and TEST balanced accuracy, both scored on
-the test split through core.inference in the same way, the gap final - trial on test, and the final
+the test split through core.model.inference in the same way, the gap final - trial on test, and the final
 run's val swing: the mean |change| of val balanced accuracy between consecutive epochs (metrics.csv).
 Prints the table (mean +- sd over the seeds, paired differences, per-seed rows) and the targets
 (final test >= the winning trial's test, per method; (b) and (c) above (a)) as met or MISSED; with
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from core.config import TrainConfig
-    from core.data import load_for_config
+    from core.data.dataset import load_for_config
     from sweep.space import load_space
 
     torch.set_num_threads(args.threads)

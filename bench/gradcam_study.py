@@ -5,12 +5,12 @@
 
 For each model (``--model``, repeatable) and each method (``--methods``, comma-separated), the heat
 maps of the predicted class on every image of ``--split`` that has a lesion mask, scored by
-core/explain_scores.py: energy inside the lesion, pointing hits, mean pairwise map correlation (the
+core/explain/mask_scores.py: energy inside the lesion, pointing hits, mean pairwise map correlation (the
 position-bias alarm). The table gives the uniform and centred-Gaussian baselines and the masks' own
 correlation on the same images. Choose on ``--split val``; report ``--split test`` only for the
 choice made there (never tune to test).
 
-Methods (``<kind>:<layer>``, layers layer2|layer3|layer4; ``auto`` is core.gradcam.choose_layer's):
+Methods (``<kind>:<layer>``, layers layer2|layer3|layer4; ``auto`` is core.explain.gradcam.choose_layer's):
   gradcam:L      Captum LayerGradCam on stage L, bilinearly upsampled (the project's default, layer chosen by size)
   stages:L1+L2   mean of the max-normalised upsampled LayerGradCam maps of several stages
   product:L1+L2  their product (where the stages agree)
@@ -50,7 +50,7 @@ def layer_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lay
     """Raw LayerGradCam of normalised images x, upsampled to their size: [B, H, W] (ReLU'd)."""
     from captum.attr import LayerAttribution, LayerGradCam
 
-    from core.model import gradcam_layer
+    from core.model.networks import gradcam_layer
 
     attribution = LayerGradCam(model, gradcam_layer(model, layer)).attribute(x, target=target, relu_attributions=True)
     return LayerAttribution.interpolate(attribution, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0].detach()
@@ -102,7 +102,7 @@ def make_method(spec: str, image_size: int) -> tuple[str, Callable]:
 
 
 def _make_method(spec: str, image_size: int) -> tuple[str, Callable]:
-    from core.gradcam import choose_layer
+    from core.explain.gradcam import choose_layer
 
     kind, _, arg = spec.partition(":")
     default = choose_layer(image_size, "guided" if kind == "guided" else "gradcam")
@@ -123,7 +123,7 @@ def _make_method(spec: str, image_size: int) -> tuple[str, Callable]:
         def guided(model, x, t):
             from captum.attr import GuidedGradCam
 
-            from core.model import gradcam_layer
+            from core.model.networks import gradcam_layer
 
             attribution = GuidedGradCam(model, gradcam_layer(model, layer)).attribute(x, target=t)
             return attribution.detach().abs().sum(1)
@@ -165,7 +165,7 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def run_method(model: torch.nn.Module, fn: Callable, images: np.ndarray, targets: np.ndarray,
                batch_size: int = 64) -> np.ndarray:
-    from core.augment import normalize
+    from core.model.forward import normalize
 
     out = np.zeros((len(images), *images.shape[-2:]), dtype=np.float32)
     with torch.enable_grad():
@@ -180,7 +180,7 @@ def run_method(model: torch.nn.Module, fn: Callable, images: np.ndarray, targets
 def _load(spec: str) -> tuple[torch.nn.Module, dict]:
     """A model file, or ``random@SIZE``: an untrained ResNet-18 (seed 0), the sanity check of a method
     (Adebayo et al. 2018): a method whose maps score as well on it explains the image, not the model."""
-    from core.model import build_model, load_model_file
+    from core.model.networks import build_model, load_model_file
 
     if spec.startswith("random@"):
         torch.manual_seed(0)
@@ -207,10 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from core import explain_scores as es
-    from core.atomic import write_json
-    from core.data import SplitOptions, load_dataset
-    from core.inference import predict_probs
+    from core.explain import mask_scores as es
+    from core.io.atomic import write_json
+    from core.data.dataset import SplitOptions, load_dataset
+    from core.model.inference import predict_probs
 
     results = []
     data_cache: dict[int, object] = {}

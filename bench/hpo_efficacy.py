@@ -122,7 +122,7 @@ def budget_plans(args: Any, space: Any) -> dict[str, dict[str, int]]:
 
 def _run_all(args: Any, data_path: Path, base: Any, plans: dict[str, dict[str, int]],
              results_root: Path) -> list[dict[str, Any]]:
-    from core.data import load_for_config
+    from core.data.dataset import load_for_config
 
     data = load_for_config(str(data_path), base, progress=False)
     runs = []

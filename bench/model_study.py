@@ -14,7 +14,7 @@ ImageNet weights offline) with ``seed`` = s, everything else the config's defaul
   resnet18+mix        mixup_prob=0.5 and cutmix_prob=1.0: half the batches mixup, the other half CutMix
 
 Each run's best.pt (best epoch by val balanced accuracy) is scored once on the test split: balanced
-accuracy and macro AUC with 95% intervals from core/bootstrap.py's bootstrap over lesions, and the
+accuracy and macro AUC with 95% intervals from core/evaluation/bootstrap.py's bootstrap over lesions, and the
 training images/s (the median epoch's). Then, per variant, the paired difference against ResNet-18 on
 the same split and seed, its mean and sd over the seeds, and a verdict: "gain" or "loss" only where the
 95% paired-t interval of the mean difference excludes 0, else "no difference (within seed noise)".
@@ -38,7 +38,7 @@ import numpy as np
 
 from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
 from bench.sweep_runs import cell, mean_sd
-from core import atomic
+from core.io import atomic
 from core.config import IMAGE_SIZES, image_size_ok
 from core.errors import UserError, run_cli
 
@@ -103,11 +103,11 @@ def _result(argv: Sequence[str] | None, args: Any, source: Any, started: float, 
 
 def run_variant(variant: str, seed: int, args: Any, data_path: Path, root: Path) -> dict[str, Any]:
     """Train one variant on split ``seed`` with seed ``seed``; its best.pt scored on the test split."""
-    from core.bootstrap import LesionBootstrap
+    from core.evaluation.bootstrap import LesionBootstrap
     from core.config import TrainConfig
-    from core.data import load_for_config
-    from core.inference import load_for_inference
-    from core.metrics import classification_metrics
+    from core.data.dataset import load_for_config
+    from core.model.inference import load_for_inference
+    from core.evaluation.metrics import classification_metrics
     from core.train import RunOptions, train
 
     cfg = TrainConfig.from_dict({"image_size": args.image_size, "epochs": args.epochs, "seed": seed,

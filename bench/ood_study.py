@@ -6,8 +6,8 @@ For each seed s (``--seeds``) the dataset is split by lesion with ``split_seed``
 ``--epochs`` epochs at ``--image-size`` px from scratch (``pretrained=none``: no ImageNet weights offline):
 
 - the full model: its temperature, out-of-distribution statistics and abstention rule fitted on the validation
-  split as core.final_train fits them (core/checked_prediction.py ``fit_checks``), then the evaluation's
-  sections (core/ood_evaluation.py) on the test split: AUROC and FPR@95 of each score (Mahalanobis, max-softmax,
+  split as core.final_train fits them (core/model/checked_prediction.py ``fit_checks``), then the evaluation's
+  sections (core/evaluation/trust.py) on the test split: AUROC and FPR@95 of each score (Mahalanobis, max-softmax,
   energy) against the far-out sets (scikit-image's and scikit-learn's photos, synthetic images) and the shifted
   lesions (blurred, JPEG quality 10, colour-cast, rotated); and the balanced accuracy when the least sure 10% of
   test images are abstained on (the surest 90% answered) against all answered;
@@ -85,8 +85,8 @@ def _config(seed: int, args: Any) -> Any:
 
 
 def run_seed(seed: int, args: Any, data_path: Path, root: Path) -> dict[str, Any]:
-    from core.data import load_for_config
-    from core.ood_evaluation import trust_sections
+    from core.data.dataset import load_for_config
+    from core.evaluation.trust import trust_sections
 
     cfg = _config(seed, args)
     data = load_for_config(str(data_path), cfg, masks=False, progress=False)
@@ -105,8 +105,8 @@ def run_seed(seed: int, args: Any, data_path: Path, root: Path) -> dict[str, Any
     left = data.class_names.index(args.leave_out)
     sub = _without_class(data, left)
     near_loaded, near_fitted, near_test = _train_and_fit(cfg, sub, root / f"seed{seed}" / "near")
-    from core import ood
-    from core.ood_evaluation import compare, predicted_scores
+    from core.model import ood
+    from core.evaluation.trust import compare, predicted_scores
 
     unseen = np.asarray(data.images[data.labels == left])
     inside = ood.all_scores(near_fitted["ood"], near_test.features, near_test.logits)
@@ -125,11 +125,11 @@ def run_seed(seed: int, args: Any, data_path: Path, root: Path) -> dict[str, Any
 
 def _train_and_fit(cfg: Any, data: Any, out: Path) -> tuple[Any, dict[str, Any], Any]:
     """Train, then fit the temperature and the checks on val as core.final_train does; the test split predicted."""
-    from core import ood
-    from core.calibration import apply_temperature, fit_temperature
-    from core.checked_prediction import fit_checks
-    from core.inference import load_for_inference
-    from core.ood_evaluation import Evaluated
+    from core.model import ood
+    from core.model.calibration import apply_temperature, fit_temperature
+    from core.model.checked_prediction import fit_checks
+    from core.model.inference import load_for_inference
+    from core.evaluation.trust import Evaluated
     from core.train import RunOptions, train
 
     train(cfg, data, out, options=RunOptions(progress=False, tensorboard=False))
@@ -162,8 +162,8 @@ def _without_class(data: Any, left: int) -> Any:
 
 def request_cost(model_path: Path, fitted: dict[str, Any], args: Any) -> dict[str, Any]:
     """Median ms of a 1-image prediction without and with the captured features and the checks."""
-    from core.checked_prediction import predict_checked
-    from core.inference import load_for_inference
+    from core.model.checked_prediction import predict_checked
+    from core.model.inference import load_for_inference
 
     loaded = load_for_inference(model_path, "cpu")
     loaded.meta.update(fitted)

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from core import atomic, filenames
+from core.io import atomic
+from core import filenames
 from core.errors import UserError, run_cli
 from sweep.report import REPORT_FILE, read_sweep
 from sweep.report import render as render_page

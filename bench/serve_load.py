@@ -15,7 +15,7 @@ and sends each ``--requests`` uploads (200x150 JPEGs, as the HAM10000 copy's) fr
 clients, each cell stopped after ``--time-limit`` s; ``explain=true`` (Guided Grad-CAM) with the torch
 server. Then the soak: ``--soak`` mixed good and bad requests (bad: not an image, truncated, empty, wrong
 type, decompression bomb, age out of range, a bad KServe tensor) at 8 clients against the 64 px torch
-server: every status as expected, every good answer equal to core.inference's probabilities (1e-5),
+server: every status as expected, every good answer equal to core.model.inference's probabilities (1e-5),
 and the server's resident memory before and after. Prints a table; every error counted.
 """
 
@@ -47,8 +47,8 @@ def write_random_model(path: Path, image_size: int) -> Path:
     import torch
 
     from core.config import TrainConfig
-    from core.layouts import HAM_CLASSES
-    from core.model import build_model, save_model_file
+    from core.data.layouts import HAM_CLASSES
+    from core.model.networks import build_model, save_model_file
 
     torch.manual_seed(0)
     config = TrainConfig(image_size=image_size, pretrained="none", device="cpu").to_dict()
@@ -72,8 +72,8 @@ def jpeg(seed: int, size: tuple[int, int] = (200, 150)) -> bytes:
 
 def baseline_app(model_path: str) -> Any:
     """What a user writes first: load the model, decode the upload, call the model, per request."""
-    from core.image_cache import decode_image
-    from core.inference import load_for_inference
+    from core.data.image_cache import decode_image
+    from core.model.inference import load_for_inference
 
     loaded = load_for_inference(model_path, "cpu")
     size = int(loaded.meta["image_size"])
@@ -250,8 +250,8 @@ async def soak(url: str, pid: int, model: Path, count: int, clients: int = 8) ->
     """``count`` mixed requests (60% good); every status as expected, every good answer correct."""
     import httpx
 
-    from core.image_cache import decode_image
-    from core.inference import load_for_inference
+    from core.data.image_cache import decode_image
+    from core.model.inference import load_for_inference
 
     loaded = load_for_inference(model, "cpu")
     size = int(loaded.meta["image_size"])

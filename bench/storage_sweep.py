@@ -8,7 +8,7 @@ Prints (and writes to --json) three things:
 1. overhead: the same CPU sweep (demo data, ``pretrained=none``, ``--confirm-top 0``) once with a local
    ``--results`` only and once with ``--storage``: wall time of each, the bytes the server received (its volume
    files only grow, so objects overwritten or deleted during the sweep count) and the bytes stored at the end;
-2. the upload time of one ResNet-18 model file (best.pt's size) with core/storage.py, best of 3;
+2. the upload time of one ResNet-18 model file (best.pt's size) with core/io/storage.py, best of 3;
 3. the fault: a longer sweep whose server is stopped once the first trial's first epoch is in the bucket: how the
    sweep ends (exit status, last stderr line, seconds after the stop); then the server starts again (same data)
    and ``--resume`` runs from a fresh results folder: its exit status and the trials' statuses.
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (work / "weed").mkdir()
     server.start()
     try:
-        from core.demo_data import generate_demo
+        from core.data.demo_data import generate_demo
 
         data = generate_demo(work / "data", n_lesions=60, image_size=args.image_size)
         result: dict[str, Any] = {"uptime_before": _uptime()}
@@ -117,8 +117,8 @@ def _overhead(args: argparse.Namespace, server: SeaweedS3, data: Path, work: Pat
 def _checkpoint_upload(server: SeaweedS3, work: Path) -> dict[str, Any]:
     import torch
 
-    from core.model import build_model
-    from core.storage import open_store
+    from core.model.networks import build_model
+    from core.io.storage import open_store
 
     path = work / "resnet18.pt"
     torch.save(build_model(7, "none").state_dict(), path)

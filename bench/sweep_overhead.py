@@ -17,7 +17,7 @@ metrics.csv and run.json) to report:
   records in the trial's run.json);
 - trials per hour and, on a GPU, its mean utilisation while trials ran.
 
-Runs on ``../shared/data/ham10000-200x150`` when it is there, else on generated data (core.demo_data),
+Runs on ``../shared/data/ham10000-200x150`` when it is there, else on generated data (core.data.demo_data),
 and says which. ``--out`` writes the figures as JSON.
 """
 

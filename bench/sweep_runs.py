@@ -3,7 +3,7 @@
 Not a command; used by ``bench/hpo_efficacy.py`` and ``bench/final_fidelity.py``. Every sweep of a
 benchmark shares one local Ray (:func:`start_ray` / :func:`stop_ray`); a sweep's console output goes to
 ``<results>/<name>.log``. Test scores come from a model file (a run's ``best.pt`` or a final ``model.pt``)
-loaded through ``core.inference``, so every method's test figure is computed the same way.
+loaded through ``core.model.inference``, so every method's test figure is computed the same way.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def sweep_run(settings: Any, resume: bool = False) -> dict[str, Any]:
 
 def score_model(path: str | Path, data: Any) -> dict[str, Any]:
     """A model file on ``data``'s test split, with the epoch it was saved at and that epoch's val score."""
-    from core.inference import load_for_inference
-    from core.metrics import classification_metrics
+    from core.model.inference import load_for_inference
+    from core.evaluation.metrics import classification_metrics
 
     test = data.indices("test")
     model = load_for_inference(path, device="cpu")

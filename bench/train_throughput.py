@@ -3,15 +3,15 @@
     python -m bench.train_throughput --out bench-cpu.json                 # CPU: 64 px, batch 64
     python -m bench.train_throughput --device cuda --precision bf16 --out bench-gpu.json   # GPU: 224 px, batch 256
 
-Three pipelines train the same ResNet-18 (``core.model.build_model(C, "none")``) on the same images with
+Three pipelines train the same ResNet-18 (``core.model.networks.build_model(C, "none")``) on the same images with
 the same batch size, image size and optimiser, one after another in one process, ``--repeats`` rounds
 (the order turns each round, so machine load hits all alike); the median round is reported:
 
 - usual: a torch Dataset that opens each JPEG file with PIL and applies torchvision transforms
   (RandomResizedCrop, flips, quarter turns, RandomRotation, ColorJitter, ToTensor, Normalize) in
   DataLoader workers (``--workers``); fp32, contiguous tensors. ``--warmup`` steps, then ``--steps`` timed.
-- project: ``core.train.train`` itself, on those images decoded once to uint8 (``core.data``), held in
-  memory (on the GPU when it fits), augmented per sample on the device (``core.augment``), bf16 autocast
+- project: ``core.train.train`` itself, on those images decoded once to uint8 (``core.data.dataset``), held in
+  memory (on the GPU when it fits), augmented per sample on the device (``core.training.augment``), bf16 autocast
   and channels_last on CUDA (``--precision bf16`` on a CPU: bf16 autocast and channels_last). One warm-up epoch of ``--steps`` steps, then the ``train_images_per_s``
   that ``train`` measures itself over the timed epochs (validation and checkpoints are outside it).
 - compute: forward, backward and optimiser step on one fixed, pre-normalised batch already on the
@@ -19,7 +19,7 @@ the same batch size, image size and optimiser, one after another in one process,
 
 Prints the three figures, ``ratio`` (project / usual) and how far the project is below compute;
 ``--out`` writes them, per round and as medians, with the machine and the data, as JSON. Runs on
-``../shared/data/ham10000-200x150`` when it is there, else on generated data (core.demo_data), and says
+``../shared/data/ham10000-200x150`` when it is there, else on generated data (core.data.demo_data), and says
 which. With 200x150 JPEGs and 224 px both pipelines upscale.
 """
 
@@ -44,7 +44,7 @@ from torch import nn
 
 from bench.common import (GpuUtilization, Stopwatch, bench_data, bench_parser, command_line, machine_info, median,
                           write_result)
-from core.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from core.model.forward import IMAGENET_MEAN, IMAGENET_STD, normalize
 from core.config import TrainConfig
 from core.device import usable_cpus
 from core.errors import UserError, run_cli
@@ -59,7 +59,7 @@ BENCH_AUGMENTATION = {"rotation_degrees": 15.0}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    from core.data import load_dataset
+    from core.data.dataset import load_dataset
     from core.device import memory_format, resolve_device, use_bf16
 
     cfg = _bench_config(args)
@@ -175,7 +175,7 @@ def _bench_config(args: argparse.Namespace) -> TrainConfig:
 
 def _image_files(data) -> list[Path]:
     """The image file of each of ``data``'s images, in its order."""
-    from core.layouts import read_layout
+    from core.data.layouts import read_layout
 
     listing = read_layout(data.root)
     by_id = dict(zip(listing.image_ids, listing.paths))
@@ -235,9 +235,9 @@ class _ComputeOnly:
     """Training steps on one fixed batch already normalised on the device: no data path at all."""
 
     def __init__(self, data, cfg: TrainConfig, device: torch.device):
-        from core.model import build_model
+        from core.model.networks import build_model
         from core.device import memory_format, use_bf16
-        from core.optim import make_optimizer
+        from core.training.optim import make_optimizer
 
         self.device, self.bf16 = device, use_bf16(cfg.precision, device)
         layout = memory_format(cfg.channels_last, device, self.bf16)
@@ -291,7 +291,7 @@ class _Costs:
         self.generator = torch.Generator(device=device).manual_seed(0)
 
     def run(self, idx: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
-        from core.augment import augment_batch
+        from core.training.augment import augment_batch
         from core.device import gather_batch
 
         idx_device = torch.as_tensor(idx, device=self.device)
@@ -341,7 +341,7 @@ class _QuarterTurn:
 
 
 def usual_transform(cfg: TrainConfig):
-    """torchvision transforms doing what ``core.augment.augment_batch`` does with ``cfg``."""
+    """torchvision transforms doing what ``core.training.augment.augment_batch`` does with ``cfg``."""
     from torchvision import transforms as T
 
     size = cfg.image_size
@@ -365,8 +365,8 @@ def usual_transform(cfg: TrainConfig):
 class _UsualPipeline:
     def __init__(self, files: Sequence[Path], labels: np.ndarray, num_classes: int, cfg: TrainConfig,
                  device: torch.device, workers: int):
-        from core.model import build_model
-        from core.optim import make_optimizer
+        from core.model.networks import build_model
+        from core.training.optim import make_optimizer
 
         self.files, self.labels, self.cfg, self.device, self.workers = files, labels, cfg, device, workers
         self.transform = usual_transform(cfg)

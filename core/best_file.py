@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from core import filenames
-from core.atomic import atomic_path
+from core.io.atomic import atomic_path
 from core.config import TrainConfig
-from core.data import dataset_fingerprint
+from core.data.dataset import dataset_fingerprint
 from core.errors import UserError
-from core.state_files import read_json_object, reading
+from core.io.state_files import read_json_object, reading
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BEST_FORMAT = "lesion-sweep/best"

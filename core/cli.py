@@ -2,7 +2,7 @@
 
 core.final_train and core.evaluate take all of them; core.predict takes the Grad-CAM, device and prediction
 options. Choices come from where the values are defined: devices from core.config, Grad-CAM layers from
-core.model.
+core.model.networks.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from core.bootstrap import DEFAULT_RESAMPLES
-from core.clinical import ClinicalOptions
+from core.evaluation.bootstrap import DEFAULT_RESAMPLES
+from core.evaluation.sections import ClinicalOptions
 from core.config import DEVICES
 from core.errors import UserError
-from core.model import ALL_GRADCAM_LAYERS
+from core.model.networks import ALL_GRADCAM_LAYERS
 
-if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
-    from core.gradcam import GradcamOptions
+if TYPE_CHECKING:  # core.explain.gradcam imports Captum: only when Grad-CAM runs
+    from core.explain.gradcam import GradcamOptions
 
-# core.gradcam.METHODS, stated here too so that --help does not import Captum (tests/test_evaluate_predict.py
+# core.explain.gradcam.METHODS, stated here too so that --help does not import Captum (tests/test_evaluate_predict.py
 # checks that the two agree).
 GRADCAM_METHODS = ("gradcam", "guided")
 DEFAULT_GALLERY = 8
@@ -38,10 +38,10 @@ def add_gradcam_options(parser: argparse.ArgumentParser) -> None:
                         help="the layer Grad-CAM looks at: a ResNet's layer2, layer3 or layer4; features[-1] "
                              "(EfficientNet, MobileNetV3, ConvNeXt: their only choice); trunk_output (RegNet: "
                              "its only choice). Default: chosen by the model's arch and image size (see "
-                             "core.gradcam.choose_layer)")
+                             "core.explain.gradcam.choose_layer)")
     parser.add_argument("--gradcam-method", choices=GRADCAM_METHODS,
                         help="heat maps by Captum LayerGradCam ('gradcam') or GuidedGradCam ('guided': guided "
-                             "backpropagation times Grad-CAM, pixel-level); default: core.gradcam.DEFAULT_METHOD")
+                             "backpropagation times Grad-CAM, pixel-level); default: core.explain.gradcam.DEFAULT_METHOD")
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -89,15 +89,15 @@ def clinical_options(args: argparse.Namespace) -> ClinicalOptions:
 
 
 def gradcam_options(args: argparse.Namespace) -> GradcamOptions:
-    """--gallery, --gradcam-layer and --gradcam-method as a core.gradcam.GradcamOptions."""
-    from core.gradcam import DEFAULT_METHOD, GradcamOptions
+    """--gallery, --gradcam-layer and --gradcam-method as a core.explain.gradcam.GradcamOptions."""
+    from core.explain.gradcam import DEFAULT_METHOD, GradcamOptions
 
     return GradcamOptions(per_class=args.gallery, layer=args.gradcam_layer,
                           method=args.gradcam_method or DEFAULT_METHOD)
 
 
 def add_coverage_option(parser: argparse.ArgumentParser, default: float | None = 0.9) -> None:
-    """--coverage: the share of images the abstention rule answers (core/abstain.py; core.final_train chooses its
+    """--coverage: the share of images the abstention rule answers (core/model/abstain.py; core.final_train chooses its
     threshold on the validation split; core.evaluate, core.predict and the server may ask for another)."""
     parser.add_argument("--coverage", type=float, default=default, metavar="SHARE",
                         help="abstain on the least sure images so that this share of validation images is answered "
@@ -106,6 +106,6 @@ def add_coverage_option(parser: argparse.ArgumentParser, default: float | None =
 
 
 def coverage_of(args: argparse.Namespace) -> float | None:
-    from core.abstain import check_coverage
+    from core.model.abstain import check_coverage
 
     return None if args.coverage is None else check_coverage(args.coverage)

@@ -17,9 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from core.state_files import read_json_object
+from core.io.state_files import read_json_object
 from core.errors import UserError
-from core.splits import check_fractions
 
 CLASS_WEIGHTINGS = ("none", "inverse", "sqrt_inverse", "effective")
 OPTIMIZERS = ("adamw", "sgd")
@@ -28,19 +27,34 @@ DEVICES = ("auto", "cpu", "cuda")
 SAMPLINGS = ("uniform", "sqrt", "balanced")
 IMAGE_SIZES = (16, 1024)   # the smallest and largest image side, in pixels: checked by image_size_ok only
 ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny", "mobilenet_v3_large",
-         "regnet_y_800mf")   # core/model.py builds each; the first is the default
+         "regnet_y_800mf")   # core/model/networks.py builds each; the first is the default
 METADATA_METHODS = ("none", "concat", "film")
 SELECT_METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_f1", "val_auc", "val_loss")
 
 
 def image_size_ok(size: object) -> bool:
     """``size`` is an image side core supports: an integer in IMAGE_SIZES (TrainConfig and
-    core.data.load_dataset both ask here, each saying so in its own error's words)."""
+    core.data.dataset.load_dataset both ask here, each saying so in its own error's words)."""
     return isinstance(size, int) and IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]
 
 
 def _doc(text: str, **kw: Any) -> Any:
     return field(metadata={"doc": text}, **kw)
+
+
+# The split shares, stated once: their defaults and their rule (core/data/splits.py draws the splits).
+VAL_FRACTION = 0.15
+TEST_FRACTION = 0.15
+MAX_HELD_OUT = 0.9   # val + test stay below this: at least a tenth of the images is left for training
+
+
+def check_fractions(val_fraction: float, test_fraction: float, *, allow_zero_val: bool = False) -> None:
+    """Shares of the images: 0 < val < 1 (0 <= val where a split comes from elsewhere), 0 <= test < 1 and
+    val + test < MAX_HELD_OUT."""
+    low = 0 <= val_fraction if allow_zero_val else 0 < val_fraction
+    if not (low and val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < MAX_HELD_OUT):
+        raise UserError(f"split fractions val={val_fraction}, test={test_fraction}: need 0 < val < 1, "
+                        f"0 <= test < 1 and val + test < {MAX_HELD_OUT:g}")
 
 
 @dataclass(frozen=True)
@@ -72,9 +86,10 @@ class TrainConfig:
     # --- data ---------------------------------------------------------------------------------
     image_size: int = _doc("Side of the square training images, in pixels (images are decoded once "
                            "to this size).", default=128)
-    val_fraction: float = _doc("Fraction of lesions held out for validation.", default=0.15)
-    test_fraction: float = _doc("Fraction of lesions held out for the final test (never seen by a sweep).",
-                                default=0.15)
+    val_fraction: float = _doc("Share of the images held out for validation (whole lesions, stratified by "
+                               "class; rule: check_fractions).", default=VAL_FRACTION)
+    test_fraction: float = _doc("Share of the images held out for the final test (whole lesions; never seen by a "
+                                "sweep).", default=TEST_FRACTION)
     split_seed: int = _doc("Seed of the lesion-grouped, class-stratified split.", default=0)
 
     # --- augmentation (per sample, on the training device) ------------------------------------
@@ -157,8 +172,8 @@ class TrainConfig:
         for key, ok, why in checks:
             if not ok:
                 raise UserError(f"config key '{key}' = {getattr(self, key)!r}: {why}")
-        try:  # the split's own rule, keeping at least a tenth of the lesions for training
-            check_fractions(self.val_fraction, self.test_fraction, max_total=0.9)
+        try:
+            check_fractions(self.val_fraction, self.test_fraction)
         except UserError as exc:
             raise UserError(f"config keys 'val_fraction' = {self.val_fraction!r}, 'test_fraction' = "
                             f"{self.test_fraction!r}: {exc}") from None

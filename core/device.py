@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 
 class ImagesAndLabels(Protocol):
-    """What :func:`dataset_to_device` needs of a core.data.Dataset (a Protocol, so that this module, which
-    core.data's image cache imports, does not import core.data back)."""
+    """What :func:`dataset_to_device` needs of a core.data.dataset.Dataset (a Protocol, so that this module, which
+    core.data.dataset's image cache imports, does not import core.data.dataset back)."""
 
     @property
     def images(self) -> Any: ...     # uint8 [N, 3, S, S]

@@ -8,7 +8,7 @@
 A folder comes without Ray Tune's state (``ray/``, ``ray-confirm/``: ``sweep.run --resume --storage`` reads
 that from the bucket itself) and without its trials' model files (``trials/*/*.pt``, about 45 MB each) unless
 ``--include-models``; a single file keeps its name inside DEST. Endpoint and credentials as for
-``sweep.run --storage`` (core/storage.py): ``--storage-endpoint URL`` or ``AWS_ENDPOINT_URL``, and
+``sweep.run --storage`` (core/io/storage.py): ``--storage-endpoint URL`` or ``AWS_ENDPOINT_URL``, and
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``. Why a download instead of every command reading
 ``s3://``: core.final_train writes ``final/`` beside best.json and core.evaluate/core.predict read the model
 many times (and the coming server keeps it loaded), so a local copy is what they work on anyway.
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from core.errors import UserError, run_cli
-from core.state_files import check_output_dir
-from core.storage import open_store
+from core.io.state_files import check_output_dir
+from core.io.storage import open_store
 
 SKIPPED = ("ray/*", "ray-confirm/*")          # Ray Tune's experiment state of a sweep's stages
 MODELS = "trials/*/*.pt"                      # each trial's best.pt in a sweep's folder

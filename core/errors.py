@@ -3,7 +3,7 @@
 Every command's ``main`` is run through :func:`run_cli`, so bad input (a corrupt image, a malformed
 CSV, an unknown config key, a wrong path) ends as ``error: <message>`` on stderr with status 2 and
 no traceback. Bugs are not :class:`UserError` and keep their traceback. A full disk that no writer
-turned into a UserError itself (core/state_files.py does for every atomic write) is one line too.
+turned into a UserError itself (core/io/state_files.py does for every atomic write) is one line too.
 """
 
 from __future__ import annotations

@@ -14,12 +14,12 @@ the raw model); ``--tta`` averages the 8 flips and quarter turns and reports wit
 report adds 95% bootstrap intervals over lesions, lesion-level results, ECE and Brier score before and after
 calibration, the positive class's operating points at the thresholds stored in model.pt (chosen on the
 training data's validation split, never on the images evaluated here) and results per metadata subgroup
-(core/clinical.py), and when not to trust the answer: images unlike the training data and abstention
-(core/ood_evaluation.py; ``--fit-ood`` fits the check for a model file without it, core/ood_refit.py;
+(core/evaluation/sections.py), and when not to trust the answer: images unlike the training data and abstention
+(core/evaluation/trust.py; ``--fit-ood`` fits the check for a model file without it, core/evaluation/ood_refit.py;
 ``--coverage`` asks the abstention rule for another share answered).
 
 The evaluation itself (predict, calibrate, clinical results, figures, Grad-CAM, report, metrics.json) is
-core/evaluation_pipeline.py, shared with core.final_train; this module is the command and what it evaluates.
+core/evaluation/pipeline.py, shared with core.final_train; this module is the command and what it evaluates.
 """
 
 from __future__ import annotations
@@ -34,16 +34,15 @@ import numpy as np
 from core import filenames
 from core.cli import (add_coverage_option, add_device_option, add_evaluation_options, add_gallery_options,
                       add_threads_option, apply_threads, clinical_options, coverage_of, gradcam_options)
-from core.data import SplitOptions, load_dataset
+from core.data.dataset import SplitOptions, load_dataset
 from core.errors import UserError, run_cli
-from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images,
-                             write_evaluation)
-from core.inference import LoadedModel, load_for_inference
-from core.metrics import headline, map_labels
-from core.model import check_gradcam_layer
-from core.ood_refit import fit_for_file, splits_for_fit
-from core.operating_points import positive_index
-from core.state_files import check_output_dir
+from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images, write_evaluation
+from core.model.inference import LoadedModel, load_for_inference
+from core.evaluation.metrics import headline, map_labels
+from core.model.networks import check_gradcam_layer
+from core.evaluation.ood_refit import fit_for_file, splits_for_fit
+from core.evaluation.operating_points import positive_index
+from core.io.state_files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit-ood", action="store_true",
                         help="fit the out-of-distribution check and the abstention rule on the validation split of "
                              "the run's splits.csv (--splits, else the one beside the model file), for a model file "
-                             "without them; writes the model file with them into --out (core/ood_refit.py)")
+                             "without them; writes the model file with them into --out (core/evaluation/ood_refit.py)")
     return parser
 
 

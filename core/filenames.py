@@ -3,18 +3,18 @@
 A training run's folder (``python -m core.train``, a sweep trial, ``core.final_train``'s ``final/``):
 
 - ``config.json``  the resolved TrainConfig (core/config.py)
-- ``splits.csv``   image_id,label,group,split of every image (core/splits.py)
-- ``metrics.csv``  one row per epoch: the dict the training loop logs (core/loop.py)
+- ``splits.csv``   image_id,label,group,split of every image (core/data/splits.py)
+- ``metrics.csv``  one row per epoch: the dict the training loop logs (core/training/loop.py)
 - ``run.json``     the run's state: status running|complete, best epoch, best and last rows, data
-- ``best.pt``      the model of the best epoch by ``select_metric`` (a model file, core/model.py)
+- ``best.pt``      the model of the best epoch by ``select_metric`` (a model file, core/model/networks.py)
 - ``last.pt``      the resume state (model, optimiser, scheduler, EMA, history)
 
 An evaluation's folder (``core.final_train``, ``core.evaluate``):
 
-- ``metrics.json`` the evaluation document (format ``lesion-sweep/evaluation``, core/evaluation_pipeline.py)
+- ``metrics.json`` the evaluation document (format ``lesion-sweep/evaluation``, core/evaluation/pipeline.py)
 - ``model.pt``     the evaluated model, with its calibration and operating thresholds from val (final training only)
-- ``report.md``    the page to read first (core/evaluation_report.py)
-- ``report.html``  the same page as one file, its figures inside (core/evaluation_report.py)
+- ``report.md``    the page to read first (core/evaluation/report.py)
+- ``report.html``  the same page as one file, its figures inside (core/evaluation/report.py)
 
 A sweep's folder (sweep/outputs.py says what each holds) has its own ``report.html``: the sweep's page
 (sweep/report.py), and the names below ``FINAL_DIR``.

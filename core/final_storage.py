@@ -10,7 +10,7 @@ behind), then ``metrics.json`` (the completion marker, as in a local final/: a f
 then the sweep's report.html with its new final-model section. A run cut short leaves a ``final/`` without
 metrics.json, which reads as unfinished. The temporary folder goes once everything is uploaded (``--out DIR``
 keeps the outputs on this machine too). Endpoint and credentials as for ``sweep.run --storage``
-(core/storage.py).
+(core/io/storage.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable, TypeVar
 from core import filenames
 from core.download import download
 from core.errors import UserError
-from core.storage import Store, open_store
+from core.io.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 

@@ -11,18 +11,18 @@ config's own ``epochs``): a config tuned for short runs is not retrained for a l
 
 Before the test split is touched, the chosen model is calibrated on the validation split: a temperature
 for single-view and one for TTA prediction, and the thresholds of the positive class's operating points
-(``--positive-class``, default mel), the out-of-distribution check (core/ood.py) and the abstention rule for
-``--coverage`` (core/abstain.py), all stored in model.pt for core.evaluate and core.predict. With
+(``--positive-class``, default mel), the out-of-distribution check (core/model/ood.py) and the abstention rule for
+``--coverage`` (core/model/abstain.py), all stored in model.pt for core.evaluate and core.predict. With
 ``--train-on-val`` nothing is held out, so nothing is fitted (never on training images). The test report
 adds 95% bootstrap intervals over lesions, lesion-level results, calibration before and after, TTA against
-no TTA (``--tta``), the operating points and results per metadata subgroup (core/clinical.py), and when not to
+no TTA (``--tta``), the operating points and results per metadata subgroup (core/evaluation/sections.py), and when not to
 trust the answer: far-out and shifted images against each out-of-distribution score, and the risk-coverage
-curve (core/ood_evaluation.py, ``risk_coverage.png``).
+curve (core/evaluation/trust.py, ``risk_coverage.png``).
 
 Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py:
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
-chosen epoch, in core.model's format), ``metrics.json`` (test metrics, per class figures, confusion
-matrix; core/evaluation_pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
+chosen epoch, in core.model.networks's format), ``metrics.json`` (test metrics, per class figures, confusion
+matrix; core/evaluation/pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
 ``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``report.md``, the
 page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
 gains it as its final-model section). Running the command again resumes an interrupted training and
@@ -45,31 +45,30 @@ import numpy as np
 import pandas as pd
 
 from core import filenames
-from core.atomic import remove_stale_temps, write_json
+from core.io.atomic import remove_stale_temps, write_json
 from core.best_file import SPLITS_ADVICE, BestFile, check_data, read_best
 from core.cli import (add_coverage_option, add_evaluation_options, add_gallery_options, add_threads_option,
                       apply_threads, clinical_options, coverage_of)
-from core.abstain import DEFAULT_COVERAGE
-from core.checked_prediction import fit_checks
-from core.clinical import ClinicalOptions, fit_on_val, not_fitted
+from core.model.abstain import DEFAULT_COVERAGE
+from core.model.checked_prediction import fit_checks
+from core.evaluation.sections import ClinicalOptions, fit_on_val, not_fitted
 from core.config import TrainConfig
-from core.data import Dataset, load_for_config
+from core.data.dataset import Dataset, load_for_config
 from core.errors import UserError, run_cli
-from core.evaluation_pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
-                             predict_set, score_images, write_evaluation)
-from core.figures import curves_figure
-from core.inference import LoadedModel, load_for_inference
-from core.metrics import headline
-from core.model import check_gradcam_layer, save_model_file
-from core.ood import Captured
-from core.operating_points import positive_index
-from core.evaluation_report import show_in_parent_page
-from core.state_files import check_output_dir, read_json_state, reading
-from core.storage import is_uri
+from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source, predict_set, score_images, write_evaluation
+from core.evaluation.figures import curves_figure
+from core.model.inference import LoadedModel, load_for_inference
+from core.evaluation.metrics import headline
+from core.model.networks import check_gradcam_layer, save_model_file
+from core.model.ood import Captured
+from core.evaluation.operating_points import positive_index
+from core.evaluation.report import show_in_parent_page
+from core.io.state_files import check_output_dir, read_json_state, reading
+from core.io.storage import is_uri
 from core.train import RunOptions, train
 
-if TYPE_CHECKING:  # core.gradcam imports Captum: only when Grad-CAM runs
-    from core.gradcam import GradcamOptions
+if TYPE_CHECKING:  # core.explain.gradcam imports Captum: only when Grad-CAM runs
+    from core.explain.gradcam import GradcamOptions
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +94,14 @@ class FinalOptions:
     resume: bool = True
     gallery_per_class: int = 8
     progress: bool = True
-    gradcam_layer: str | None = None     # None: chosen by image size (core.gradcam.choose_layer)
-    gradcam_method: str | None = None    # None: core.gradcam.DEFAULT_METHOD
+    gradcam_layer: str | None = None     # None: chosen by image size (core.explain.gradcam.choose_layer)
+    gradcam_method: str | None = None    # None: core.explain.gradcam.DEFAULT_METHOD
     evaluation: ClinicalOptions = ClinicalOptions()   # TTA, calibration, positive class, bootstrap
-    coverage: float = DEFAULT_COVERAGE   # share of validation images the abstention rule answers (core/abstain.py)
+    coverage: float = DEFAULT_COVERAGE   # share of validation images the abstention rule answers (core/model/abstain.py)
 
     def gradcam(self) -> GradcamOptions:
-        """The Grad-CAM fields as a core.gradcam.GradcamOptions."""
-        from core.gradcam import DEFAULT_METHOD, GradcamOptions
+        """The Grad-CAM fields as a core.explain.gradcam.GradcamOptions."""
+        from core.explain.gradcam import DEFAULT_METHOD, GradcamOptions
 
         return GradcamOptions(self.gallery_per_class, self.gradcam_layer, self.gradcam_method or DEFAULT_METHOD)
 
@@ -207,7 +206,7 @@ def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
     val = predict_set(loaded, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True,
                       encoded=loaded.encode_dataset(data, val_idx), seen=seen)
     fitted = fit_on_val(val, data.class_names, positive_class)
-    # the out-of-distribution statistics and the abstention rule, from the same pass (core/checked_prediction.py)
+    # the out-of-distribution statistics and the abstention rule, from the same pass (core/model/checked_prediction.py)
     log.info("fitting the out-of-distribution check and the abstention rule (%.0f%% coverage) on the validation "
              "split", 100 * coverage)
     return {**fitted, **fit_checks(val.labels, dict(val.raw), fitted["calibration"]["temperature"], seen.features,
@@ -293,7 +292,7 @@ def _final_page(run: FinalRun, document: Mapping[str, Any]) -> ReportPage:
                      + (f", an EMA of the weights (decay {cfg.ema_decay:g})" if cfg.ema_decay else "")),
         ("evaluated", f"{counts['test']} test images, never seen by the sweep; took {training['wall_s'] / 60:.1f} "
                       f"min in all"),
-        ("model file", "`model.pt` (load with `core.model.load_model_file`)"),
+        ("model file", "`model.pt` (load with `core.model.networks.load_model_file`)"),
     ]
     notes = ["Trained on train+val: the validation curves are measured on training images and say nothing of "
              "generalisation; the test metrics do."] if train_on_val else []

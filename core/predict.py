@@ -11,16 +11,16 @@ each image (with the temperature fitted for that). The table (or
 DIR`` saves ``DIR/<image name>_gradcam.png``, the heat map of the predicted class over the image.
 With ``--masks MASK_DIR`` (holding ``<image name>_segmentation.png`` or ``<image name>.png``, the
 image's size) each map is also scored against the lesion mask, whose outline the overlay draws:
-the share of the map inside the lesion and whether its peak is (core/explain_scores.py).
+the share of the map inside the lesion and whether its peak is (core/explain/mask_scores.py).
 
-Each image is also checked (core/checked_prediction.py): ``ood`` says whether it looks like the training images
+Each image is also checked (core/model/checked_prediction.py): ``ood`` says whether it looks like the training images
 (the out-of-distribution score and threshold fitted on the validation split, from the same forward pass) and
 ``abstain`` whether the model answers (``--coverage``: the share of validation images answered, default the
 model file's, 90%); the table's notes name the images not answered and why. A model file without the statistics
 says "no out-of-distribution check in this model file".
 
 This module is the command: reading the images, the table and the JSON it prints; the model is used through
-core/inference.py, Grad-CAM through core/gradcam.py.
+core/model/inference.py, Grad-CAM through core/explain/gradcam.py.
 
 A model trained with clinical metadata (config key ``metadata``) takes ``--age``, ``--sex`` and ``--site``
 (the same for every image given); a field left out counts as unknown (all of them: with a warning).
@@ -36,16 +36,16 @@ from typing import Sequence
 
 import numpy as np
 
-from core.checked_prediction import predict_checked
+from core.model.checked_prediction import predict_checked
 from core.cli import add_coverage_option, add_device_option, add_gradcam_options, add_prediction_options, coverage_of
 from core.errors import UserError, run_cli
-from core.explain_scores import masks_summary_line, score_one_map
-from core.image_cache import decode_image
-from core.inference import LoadedModel, load_for_inference
-from core.masks import read_masks
-from core.metadata import SEXES, SITES, validate_record
-from core.model import check_gradcam_layer
-from core.state_files import check_output_dir
+from core.explain.mask_scores import masks_summary_line, score_one_map
+from core.data.image_cache import decode_image
+from core.model.inference import LoadedModel, load_for_inference
+from core.data.masks import read_masks
+from core.model.fields import SEXES, SITES, validate_record
+from core.model.networks import check_gradcam_layer
+from core.io.state_files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "not calibrated: the model file holds no temperature" if temperature is None else
              f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
     rows = predictions_json(args.images, probs, list(loaded.class_names))
-    for row, check in zip(rows, checked):   # "ood" and "abstain" (core/checked_prediction.py)
+    for row, check in zip(rows, checked):   # "ood" and "abstain" (core/model/checked_prediction.py)
         row.update(check)
     scores = _overlays(args, loaded, (images, metadata), probs, masks, rows) if args.gradcam else None
     if args.json:
@@ -178,7 +178,7 @@ def _overlays(args: argparse.Namespace, loaded: LoadedModel, inputs: tuple[np.nd
               probs: np.ndarray, masks: Sequence[np.ndarray | None], rows: list[dict]) -> str | None:
     """Each image's overlay of the predicted class's map into --gradcam, noted in its row; with --masks, the
     line that scores the maps against the masks. ``inputs``: the images and the metadata they were predicted with."""
-    from core.gradcam import DEFAULT_METHOD, gradcam_maps, save_overlay
+    from core.explain.gradcam import DEFAULT_METHOD, gradcam_maps, save_overlay
 
     out, (images, metadata) = Path(args.gradcam), inputs
     maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device,

@@ -5,11 +5,11 @@
 
 Writes ``config.json``, ``splits.csv``, ``metrics.csv`` (a row per epoch), ``run.json`` (the run's state),
 ``best.pt`` (the model file of the best epoch by ``select_metric``), ``last.pt`` (resume state) and
-TensorBoard scalars into ``--out`` (core/run_writer.py). Running the same command again resumes from
+TensorBoard scalars into ``--out`` (core/training/run_writer.py). Running the same command again resumes from
 ``last.pt``.
 
 The whole decoded dataset lives in memory (on the GPU when there is one); batches are gathered by
-index and augmented on the device (core/loop.py), so no JPEG is read and no DataLoader worker runs.
+index and augmented on the device (core/training/loop.py), so no JPEG is read and no DataLoader worker runs.
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ import torch
 
 from core.config import TrainConfig
 from core.device import Placement, dataset_to_device, resolve_device
-from core.ema import make_ema
+from core.training.ema import make_ema
 from core.errors import UserError, run_cli
-from core.loop import Batches, Optimisation, predict_split, train_one_epoch
-from core.metadata import encode_dataset, make_spec
-from core.metrics import classification_metrics
-from core.model import build_model
-from core.optim import make_criterion, make_optimizer, make_scheduler
-from core.run_writer import RunWriter
-from core.state_files import check_output_dir
-from core.sampling import epoch_order, image_draw_weights
+from core.training.loop import Batches, Optimisation, train_one_epoch
+from core.model.forward import predict_split
+from core.model.fields import encode_dataset, make_spec
+from core.evaluation.metrics import classification_metrics
+from core.model.networks import build_model
+from core.training.optim import make_criterion, make_optimizer, make_scheduler
+from core.training.run_writer import RunWriter
+from core.io.state_files import check_output_dir
+from core.training.sampling import epoch_order, image_draw_weights
 
 if TYPE_CHECKING:
-    from core.data import Dataset
+    from core.data.dataset import Dataset
 
 EpochCallback = Callable[[dict[str, float]], None]
 
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_output_dir(args.out, "--out")
 
     cfg = (TrainConfig.load(args.config) if args.config else TrainConfig()).with_overrides(args.overrides)
-    from core.data import load_for_config  # after the config: a bad key fails before any data work
+    from core.data.dataset import load_for_config  # after the config: a bad key fails before any data work
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,5 +4,5 @@
     python -m serve results/<sweep>/final/model.pt --ray [--replicas N] [--gpus-per-replica F] [--address auto]
 
 One FastAPI app (serve/app.py) either way; serve/README.md lists the routes. core/ knows nothing of the web:
-this package only calls core.inference, core.image_cache and core.gradcam.
+this package only calls core.model.inference, core.data.image_cache and core.explain.gradcam.
 """

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from core.errors import UserError
 from serve.batcher import Busy
-from core.metadata import AGE_RANGE, SEXES, SITES, validate_record
+from core.model.fields import AGE_RANGE, SEXES, SITES, validate_record
 from serve.guard import Guard
 from serve.kserve import kserve_router
 from serve.metrics import ServeMetrics
@@ -131,7 +131,7 @@ def _add_routes(app: FastAPI) -> None:
         probs = checked.probs[0]
         predicted = time.perf_counter()
         body = prediction_body(service, probs, tta, name, record)
-        body.update(checked.checks[0])   # "ood" and "abstain" (core/checked_prediction.py)
+        body.update(checked.checks[0])   # "ood" and "abstain" (core/model/checked_prediction.py)
         if explain:
             body["explain"] = await run_in_threadpool(service.explain, image, int(probs.argmax()), encoded)
         body["timing_ms"] = {"decode": 1000 * (decoded - started), "predict": 1000 * (predicted - decoded),

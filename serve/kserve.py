@@ -12,7 +12,7 @@
                                           "abstain": [{"abstained", "reason", ...} per image]}}
 
 The image tensor is what the model takes: RGB uint8, channels first, already S x S (decode and resize
-as core.image_cache.decode_image does); ``data`` flat (row-major) or nested. Probabilities are calibrated
+as core.data.image_cache.decode_image does); ``data`` flat (row-major) or nested. Probabilities are calibrated
 as on /predict.
 """
 
@@ -73,7 +73,7 @@ def kserve_router() -> APIRouter:
                                  "data": probs.astype(np.float32).ravel().tolist()}],
                     "parameters": {"classes": list(service.class_names), "tta": tta,
                                    "temperature": service.temperature(tta),
-                                   # per image, as on /predict (core/checked_prediction.py)
+                                   # per image, as on /predict (core/model/checked_prediction.py)
                                    "ood": [c["ood"] for c in checked.checks],
                                    "abstain": [c["abstain"] for c in checked.checks]}}
         if isinstance(body.get("id"), str):

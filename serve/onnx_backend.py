@@ -2,7 +2,7 @@
 
 torch.onnx.export(dynamo=True) (torch's current exporter) exports normalisation, network and softmax as one
 graph taking the uint8 images [N, 3, S, S] (N free); the stored temperature is applied after, as
-core.inference does. At start-up its probabilities are compared with torch's on a few random images and a
+core.model.inference does. At start-up its probabilities are compared with torch's on a few random images and a
 difference over 1e-4 refuses to start. TTA and Grad-CAM stay on torch.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.augment import IMAGENET_MEAN, IMAGENET_STD
-from core.calibration import apply_temperature
+from core.model.forward import IMAGENET_MEAN, IMAGENET_STD
+from core.model.calibration import apply_temperature
 from core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ TOLERANCE = 1e-4
 
 
 class _Probabilities(nn.Module):
-    """uint8 images -> softmax probabilities, normalised as core.augment.normalize does. Its constants are this
+    """uint8 images -> softmax probabilities, normalised as core.training.augment.normalize does. Its constants are this
     module's buffers: normalize's are cached per device, and exporting through it would cache a fake tensor."""
 
     def __init__(self, model: nn.Module) -> None:

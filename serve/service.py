@@ -1,8 +1,8 @@
 """The model behind the routes: calibrated probabilities through the micro-batcher, Grad-CAM under a lock.
 
-Probabilities come from core.inference.LoadedModel.predict (the same normalisation, batching and stored
+Probabilities come from core.model.inference.LoadedModel.predict (the same normalisation, batching and stored
 temperature as core.predict), or with ``backend="onnx"`` from ONNX Runtime for single-view requests
-(serve/onnx_backend.py; TTA stays on torch). Grad-CAM (core.gradcam, Captum's Guided Grad-CAM) runs on
+(serve/onnx_backend.py; TTA stays on torch). Grad-CAM (core.explain.gradcam, Captum's Guided Grad-CAM) runs on
 its own copy of the network, one call at a time: Captum registers hooks on the module it explains for
 the duration of a call, which would touch the batcher's forward passes if they shared the module, and
 its hooks are not known to be thread-safe.
@@ -23,15 +23,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from core.checked_prediction import predict_checked
-from core.inference import LoadedModel, load_for_inference
+from core.model.checked_prediction import predict_checked
+from core.model.inference import LoadedModel, load_for_inference
 from serve.batcher import MicroBatcher
 from serve.facts import model_facts
 from serve.verdicts import operating_verdicts
 
 log = logging.getLogger(__name__)
 
-OVERLAY_MIN_SIDE = 224   # overlays of small models are enlarged to this, as core.gradcam.save_overlay does
+OVERLAY_MIN_SIDE = 224   # overlays of small models are enlarged to this, as core.explain.gradcam.save_overlay does
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ServeOptions:
     max_batch: int = 32          # most images the batcher runs as one forward pass
     max_wait_ms: float = 0.0     # how long the batcher waits for more requests after the first (0: never)
     max_queue: int = 256         # requests waiting for the model beyond which new ones get 503
-    coverage: float | None = None  # the abstention rule's share answered (None: the model file's, core/abstain.py)
+    coverage: float | None = None  # the abstention rule's share answered (None: the model file's, core/model/abstain.py)
 
 
 class ModelService:
@@ -98,7 +98,7 @@ class ModelService:
 
     async def checked(self, images: np.ndarray, tta: bool = False,
                       metadata: np.ndarray | None = None) -> CheckedBatch:
-        """The probabilities and each image's checks (``ood``, ``abstain``: core/checked_prediction.py)."""
+        """The probabilities and each image's checks (``ood``, ``abstain``: core/model/checked_prediction.py)."""
         return await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
 
     def verdicts(self, probs: np.ndarray, tta: bool) -> dict[str, Any]:
@@ -110,7 +110,7 @@ class ModelService:
     def explain(self, image: np.ndarray, target: int, metadata: np.ndarray | None = None) -> dict[str, Any]:
         """Guided Grad-CAM of class ``target`` for one uint8 image [3,S,S] (with its encoded metadata [1, D], as
         predicted): heat map and overlay as base64 PNGs."""
-        from core.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
+        from core.explain.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
 
         started = time.perf_counter()
         with self._explain_lock:
@@ -141,7 +141,7 @@ class CheckedBatch:
 
 def onnx_checks(meta: Mapping[str, Any], probs: np.ndarray, coverage: float | None) -> list[dict[str, Any]]:
     """ONNX Runtime gives probabilities only: no out-of-distribution score; the abstention rule still applies."""
-    from core import abstain
+    from core.model import abstain
 
     note = "not checked: --backend onnx gives probabilities only (serve with --backend torch for the check)"
     unknown = [{"score": None, "threshold": None, "in_distribution": None, "method": None, "note": note}

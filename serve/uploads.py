@@ -1,7 +1,7 @@
 """An uploaded file's bytes -> the model's uint8 input [3, S, S], exactly as core.predict decodes a file.
 
 Bytes are checked before decoding (empty, pixel count from the header: a PNG "decompression bomb" declares
-billions of pixels in a few kB) and then decoded by core.image_cache.decode_image, the function
+billions of pixels in a few kB) and then decoded by core.data.image_cache.decode_image, the function
 core.predict and training use, so a served image and a predicted file give the same input. The client's
 file name is only ever echoed back, cleaned (:func:`display_name`); it never becomes a path.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import UserError
-from core.image_cache import decode_image
+from core.data.image_cache import decode_image
 
 # An image above this many pixels is refused before it is decoded. Dermoscopy cameras give at most about
 # 25 megapixels; PIL's own bomb guard (MAX_IMAGE_PIXELS, 89 MP) is process-wide, so it is left as it is.

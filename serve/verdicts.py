@@ -1,8 +1,8 @@
 """The positive class's probability (melanoma) against the operating points stored in model.pt, in words.
 
-core.final_train chooses thresholds on the validation split (core/operating_points.py) and stores them
+core.final_train chooses thresholds on the validation split (core/evaluation/operating_points.py) and stores them
 under ``operating_points.modes["<single|tta>/<calibrated|raw>"]``. An image is called positive when its
-probability is >= the threshold (the convention of core/operating_points.py). "specificity_at_sensitivity"
+probability is >= the threshold (the convention of core/evaluation/operating_points.py). "specificity_at_sensitivity"
 with target 0.90 is the threshold chosen for sensitivity 0.90.
 """
 

@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from ray.tune.search import Searcher
 
-from core import atomic, filenames, state_files
+from core.io import atomic, state_files
+from core import filenames
 
 CONFIRM_FILE = filenames.CONFIRM_PLAN
 CONFIRM_FORMAT = "lesion-sweep/confirm"

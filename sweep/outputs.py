@@ -29,7 +29,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from core import atomic, filenames
+from core.io import atomic
+from core import filenames
 from sweep.settings import SweepSettings
 
 TRIAL_FILE = filenames.TRIAL_RECORD

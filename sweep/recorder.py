@@ -20,7 +20,7 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from core import filenames
-from core.storage import storage_fault
+from core.io.storage import storage_fault
 from sweep import hparams
 from sweep.outputs import (EXPERIMENTS, best_of, epoch_history, read_trial, read_trials, trials_dir, write_trial,
                             write_trials_csv)

@@ -3,7 +3,7 @@
     python -m sweep.report results/<sweep>
 
 ``python -m sweep.run`` writes it at the end of every sweep and of every ``--resume``, and
-``python -m core.final_train`` fills its final-model slots when it ends (core/evaluation_report.py). Run the
+``python -m core.final_train`` fills its final-model slots when it ends (core/evaluation/report.py). Run the
 command to see a sweep that is still running (running trials are shown as such; files not yet
 written are skipped).
 
@@ -40,10 +40,11 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from core import atomic, filenames, state_files
+from core.io import atomic, state_files
+from core import filenames
 from core.errors import UserError, run_cli
 from core.filenames import BEST_TRIAL, FINAL_DIR
-from core.evaluation_report import STYLE, final_link, final_section, slot
+from core.evaluation.report import STYLE, final_link, final_section, slot
 from sweep.outputs import duration_text, read_trials, trials_frame
 from sweep.settings import SETTINGS_FILE, SPACE_COPY, SweepSettings, flag, metric_mode, read_settings_file
 from sweep.space import parse_space
@@ -476,7 +477,7 @@ def _trials_section(sweep: SweepFolder) -> str:
 
 
 def _final_section(sweep: SweepFolder) -> str:
-    """The final model's report, in the slot core.final_train fills when it ends (core/evaluation_report.py)."""
+    """The final model's report, in the slot core.final_train fills when it ends (core/evaluation/report.py)."""
     return slot("section", FINAL_DIR, final_section(sweep.folder / FINAL_DIR) or _no_final_report(sweep))
 
 

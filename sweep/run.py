@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import pandas as pd
 
-from core import atomic, filenames
+from core.io import atomic
+from core import filenames
 from core.best_file import SPLITS_ADVICE
 from core.config import TrainConfig
 from core.errors import UserError, run_cli
-from core.state_files import check_output_dir, reading
-from core.data import load_for_config
-from core.splits import write_splits
+from core.io.state_files import check_output_dir, reading
+from core.data.dataset import load_for_config
+from core.data.splits import write_splits
 from sweep.outputs import EXPERIMENTS, read_trials, set_field, summary_text
 from sweep.report import refresh_sweep_page
 from sweep.resources import connect_ray, plan_on_ray
@@ -197,7 +198,7 @@ def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base:
 
 def _failed_for_good(folder: Path) -> dict[str, str]:
     """Trials recorded as failed for a reason of their own (not a storage failure): trial id -> error."""
-    from core.storage import storage_fault
+    from core.io.storage import storage_fault
 
     return {r["trial_id"]: r["error"] for r in read_trials(folder)
             if r.get("status") == "failed" and r.get("error") and not storage_fault(r["error"])}

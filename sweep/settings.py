@@ -12,10 +12,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
-from core import atomic, filenames
+from core.io import atomic
+from core import filenames
 from core.config import SELECT_METRICS, TrainConfig
 from core.errors import UserError
-from core.state_files import read_json_object, reading
+from core.io.state_files import read_json_object, reading
 from sweep.schedule import DEFAULT_GRACE_PERIOD, DEFAULT_REDUCTION_FACTOR, Asha
 from sweep.space import SearchSpace
 
@@ -162,7 +163,7 @@ def read_settings_file(folder: Path, missing: str) -> dict[str, Any]:
 
 
 def load_settings(folder: Path) -> SweepSettings:
-    """The settings saved in ``folder``; a damaged sweep.json is a one-line error (core/state_files.py)."""
+    """The settings saved in ``folder``; a damaged sweep.json is a one-line error (core/io/state_files.py)."""
     with reading(folder / SETTINGS_FILE, "start a new sweep with another --name", KeyError, TypeError, ValueError):
         values = dict(read_settings_file(folder, "no sweep to resume here")["settings"])
         values["overrides"] = tuple(values.get("overrides") or ())

@@ -14,10 +14,10 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from core import atomic
+from core.io import atomic
 from core.errors import UserError
 from core.filenames import OPTUNA_DB
-from core.state_files import file_size, short_reason
+from core.io.state_files import file_size, short_reason
 from sweep.outputs import EXPERIMENTS
 
 # Ray Tune's experiment state in ray/ and ray-confirm/ (the newest of each, by name), checked before --resume

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from core.errors import UserError
-from core.storage import Store, StorageError, atomic_temp, excluded, open_store, storage_fault
+from core.io.storage import Store, StorageError, atomic_temp, excluded, open_store, storage_fault
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from core import atomic, filenames
+from core.io import atomic
+from core import filenames
 from core.config import TrainConfig
 from sweep.confirm import CONFIRMS_KEY
 from sweep.space import config_values
 from sweep.storage import TrialFiles
 
 if TYPE_CHECKING:
-    from core.data import Dataset
+    from core.data.dataset import Dataset
 
 EPOCH_FILE = "epoch.json"         # the metrics of the checkpointed epoch, beside core.train's last.pt
 NODE_FILE = filenames.TRIAL_NODE        # where the trial ran (written by the trial itself)
@@ -45,7 +46,7 @@ class TrialSetup:
     trials_dir: str               # results/<sweep>/trials
     cpus: int                     # CPUs of one trial (torch threads)
     gpus: float                   # GPUs of one trial (0: train on the CPU)
-    storage: Any = None           # core.storage.Store of the sweep in a bucket: the trial uploads its folder there
+    storage: Any = None           # core.io.storage.Store of the sweep in a bucket: the trial uploads its folder there
     failed: Mapping[str, str] = dataclasses.field(default_factory=dict)  # trial id -> error of a trial that
     # failed for itself (a bug, a bad config) in an earlier run: --resume reruns errored trials, not these
 

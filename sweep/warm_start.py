@@ -18,9 +18,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from core import filenames
-from core.state_files import read_json_object
+from core.io.state_files import read_json_object
 from core.config import TrainConfig
-from core.data import dataset_fingerprint
+from core.data.dataset import dataset_fingerprint
 from core.errors import UserError
 from sweep.settings import SETTINGS_FILE, SPACE_COPY, read_settings_file
 from sweep.space import SearchSpace, parse_space

@@ -9,8 +9,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from core.demo_data import generate_demo
-from core.layouts import DEMO_MARKER, HAM_CLASSES, ISIC_COLUMNS
+from core.data.demo_data import generate_demo
+from core.data.layouts import DEMO_MARKER, HAM_CLASSES, ISIC_COLUMNS
 
 PALETTE = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (200, 40, 200), (40, 200, 200),
            (120, 120, 120), (250, 250, 250), (10, 10, 10), (160, 90, 30)]

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from core.config import TrainConfig
-from core.layouts import HAM_CLASSES
-from core.metadata import make_spec
-from core.model import build_model, save_model_file
-from core.operating_points import KINDS, TARGETS
+from core.data.layouts import HAM_CLASSES
+from core.model.fields import make_spec
+from core.model.networks import build_model, save_model_file
+from core.evaluation.operating_points import KINDS, TARGETS
 
 TEMPERATURE = 1.7   # far from 1, so that a test can tell calibrated from raw probabilities
 
@@ -64,9 +64,9 @@ def lesion_like(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def fitted_checks(model: torch.nn.Module, image_size: int, temperature: float | None, n: int = 70) -> dict:
     """model.pt's ``ood`` and ``abstention`` fitted on ``n`` lesion_like images with labels 0..6 in turn."""
-    from core.checked_prediction import fit_checks
-    from core.inference import predict_probs
-    from core.ood import capture
+    from core.model.checked_prediction import fit_checks
+    from core.model.inference import predict_probs
+    from core.model.ood import capture
 
     images, labels = lesion_like(n, image_size, seed=99), np.arange(n) % len(HAM_CLASSES)
     with capture(model) as seen:

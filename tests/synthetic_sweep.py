@@ -20,7 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from core import atomic, filenames
+from core.io import atomic
+from core import filenames
 from core.best_file import BestChoice, write_best
 
 REPO = Path(__file__).resolve().parents[1]

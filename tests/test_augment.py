@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from core.augment import augment_batch, normalize
+from core.training.augment import augment_batch
+from core.model.forward import normalize
 from core.config import TrainConfig
 
 OFF = dict(hflip=False, vflip=False, rot90=False, rotation_degrees=0.0, crop_scale_min=1.0, color_jitter=0.0)

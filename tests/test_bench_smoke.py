@@ -14,7 +14,7 @@ from scipy import stats
 
 from bench.model_study import summarize, verdict
 from bench import final_fidelity, hpo_efficacy, report_size, sweep_overhead, train_throughput
-from core.demo_data import generate_demo
+from core.data.demo_data import generate_demo
 from core.filenames import REPORT_HTML
 
 

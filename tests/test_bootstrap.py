@@ -1,4 +1,4 @@
-"""core/bootstrap.py (intervals by resampling lesions) and core/lesions.py (one prediction per lesion)."""
+"""core/evaluation/bootstrap.py (intervals by resampling lesions) and core/evaluation/lesions.py (one prediction per lesion)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from core.bootstrap import LesionBootstrap, weighted_auc
-from core.lesions import by_lesion, has_lesion_ids
+from core.evaluation.bootstrap import LesionBootstrap, weighted_auc
+from core.evaluation.lesions import by_lesion, has_lesion_ids
 
 
 def _predictions(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""core/calibration.py: temperature scaling, ECE, Brier score, on generated probabilities."""
+"""core/model/calibration.py: temperature scaling, ECE, Brier score, on generated probabilities."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import pytest
 from scipy.special import softmax
 from sklearn.calibration import calibration_curve
 
-from core.calibration import (apply_temperature, brier_score, expected_calibration_error, fit_temperature,
-                              reliability_bins)
+from core.model.calibration import apply_temperature, brier_score, expected_calibration_error, fit_temperature, reliability_bins
 
 
 def test_temperature_scaling_recovers_a_known_temperature() -> None:

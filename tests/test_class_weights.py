@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.class_weights import class_weights
+from core.training.class_weights import class_weights
 
 
 def test_none():

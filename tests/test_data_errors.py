@@ -7,7 +7,7 @@ import shutil
 import pytest
 from data_fixtures import make_ham, make_imagefolder, make_isic, rng_image, write_image
 
-from core.data import SplitOptions, dataset_fingerprint, load_dataset
+from core.data.dataset import SplitOptions, dataset_fingerprint, load_dataset
 from core.errors import UserError
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from data_fixtures import PALETTE, ham_labels, make_ham, make_imagefolder, make_isic, move_images
 
-import core.data
-from core.demo_data import generate_demo
-from core.layouts import HAM_CLASSES, read_layout
-from core.splits import assign_splits
+import core.data.dataset
+from core.data.demo_data import generate_demo
+from core.data.layouts import HAM_CLASSES, read_layout
+from core.data.splits import assign_splits
 
 PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 
@@ -28,7 +28,7 @@ def _copy(template, tmp_path):
 
 
 def _load(path, tmp_path, **kw):
-    return core.data.load_dataset(path, 16, cache_dir=tmp_path / "cache", progress=False, **kw)
+    return core.data.dataset.load_dataset(path, 16, cache_dir=tmp_path / "cache", progress=False, **kw)
 
 
 def _check_ham_labels(data, root):
@@ -119,7 +119,7 @@ def test_imagefolder_with_predefined_splits_keeps_them(tmp_path):
 def test_imagefolder_missing_test_split_is_drawn_from_train(tmp_path):
     root = make_imagefolder(tmp_path / "folders", ["a", "b"], per_class=10, splits=("train",))
     make_imagefolder(root, ["a", "b"], per_class=2, splits=("valid",))
-    data = _load(root, tmp_path, splits=core.data.SplitOptions(test_fraction=0.3))
+    data = _load(root, tmp_path, splits=core.data.dataset.SplitOptions(test_fraction=0.3))
     from_valid = np.char.startswith(data.image_ids.astype(str), "valid/")
     assert set(data.split[from_valid]) == {"val"}  # the given val split is kept as it is
     assert set(data.split[~from_valid]) == {"train", "test"}  # test comes out of train/
@@ -140,16 +140,16 @@ def test_imagefolder_one_root_with_14_classes(tmp_path):
 
 
 def test_demo_dataset_is_the_default(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(core.data, "generate_demo", functools.partial(generate_demo, n_lesions=30, image_size=32))
-    with caplog.at_level(logging.INFO, logger="core.data"):
-        data = core.data.load_dataset(None, 16, cache_dir=tmp_path, progress=False)
+    monkeypatch.setattr(core.data.dataset, "generate_demo", functools.partial(generate_demo, n_lesions=30, image_size=32))
+    with caplog.at_level(logging.INFO, logger="core.data.dataset"):
+        data = core.data.dataset.load_dataset(None, 16, cache_dir=tmp_path, progress=False)
     assert data.layout == "demo" and data.class_names == HAM_CLASSES
     assert data.root == str(tmp_path / "demo-ham10000-v2")
     assert "no --data given: using the built-in synthetic demo dataset at" in caplog.text
     assert set(data.labels) == set(range(7)) and len(np.unique(data.groups)) == 30
-    again = core.data.load_dataset(None, 16, cache_dir=tmp_path, progress=False)  # not generated twice
+    again = core.data.dataset.load_dataset(None, 16, cache_dir=tmp_path, progress=False)  # not generated twice
     assert again.fingerprint == data.fingerprint
-    assert core.data.dataset_fingerprint(None, cache_dir=tmp_path) == data.fingerprint
+    assert core.data.dataset.dataset_fingerprint(None, cache_dir=tmp_path) == data.fingerprint
 
 
 def test_real_ham10000_copy_reads_and_splits_by_lesion(ham10000_path):

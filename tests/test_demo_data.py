@@ -10,12 +10,12 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
-import core.data
-from core import demo_data
-from core.data import SplitOptions, load_dataset
-from core.demo_data import class_counts, generate_demo
+import core.data.dataset
+from core.data.dataset import demo_data
+from core.data.dataset import SplitOptions, load_dataset
+from core.data.demo_data import class_counts, generate_demo
 from core.errors import UserError
-from core.layouts import DEMO_MARKER, HAM_CLASSES, read_layout
+from core.data.layouts import DEMO_MARKER, HAM_CLASSES, read_layout
 
 
 def _digest(root) -> str:
@@ -85,7 +85,7 @@ def test_png_format_and_target_folder_rules(tmp_path):
 def test_commands_print_what_they_made(tmp_path, capsys):
     assert demo_data.main([str(tmp_path / "cli"), "--lesions", "21", "--image-size", "16"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert core.data.main(["--data", str(tmp_path / "cli"), "--image-size", "16",
+    assert core.data.dataset.main(["--data", str(tmp_path / "cli"), "--image-size", "16",
                            "--cache-dir", str(tmp_path / "cache"), "--write-splits", str(tmp_path / "s.csv")]) == 0
     out = capsys.readouterr().out
     assert "demo dataset at" in out and "lesions in more than one split: 0" in out

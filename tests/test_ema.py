@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from core.ema import make_ema, warmed_decay
+from core.training.ema import make_ema, warmed_decay
 
 
 def test_ema_equals_the_closed_form_average_with_warm_up():

@@ -27,8 +27,8 @@ def _command(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def setup(module_tmp: Path) -> dict[str, Path]:
     """Tiny demo data and a model file of this project (weights need no training for these checks)."""
-    from core.demo_data import generate_demo
-    from core.model import build_model, save_model_file
+    from core.data.demo_data import generate_demo
+    from core.model.networks import build_model, save_model_file
 
     base = module_tmp
     data = generate_demo(base / "data", n_lesions=21, image_size=SIZE, seed=1)
@@ -102,7 +102,7 @@ def test_evaluate_a_whole_dataset(setup: dict[str, Path], tmp_path: Path) -> Non
 
 
 def test_evaluate_test_split_uses_the_models_split_settings(setup: dict[str, Path], tmp_path: Path) -> None:
-    from core.data import load_dataset
+    from core.data.dataset import load_dataset
     from core.evaluate import main
 
     main([str(setup["model"]), "--data", str(setup["data"]), "--out", str(tmp_path), "--gallery", "0"])
@@ -134,9 +134,9 @@ def test_evaluate_rejects_a_file_that_is_not_a_model(setup: dict[str, Path], tmp
 
 
 def test_predict_command_json_and_gradcam(setup: dict[str, Path], tmp_path: Path) -> None:
-    from core.data import load_dataset
-    from core.model import load_model_file
-    from core.inference import predict_probs
+    from core.data.dataset import load_dataset
+    from core.model.networks import load_model_file
+    from core.model.inference import predict_probs
 
     images = sorted(setup["data"].rglob("*.jpg"))[:3]
     result = _command("core.predict", str(setup["model"]), *map(str, images), "--json",
@@ -181,10 +181,10 @@ def test_predict_table_and_bad_images(setup: dict[str, Path], tmp_path: Path, ca
 
 
 def test_an_older_model_file_without_the_check_and_fit_ood(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
-    from core.data import load_dataset
+    from core.data.dataset import load_dataset
     from core.evaluate import main as evaluate
     from core.predict import main as predict
-    from core.splits import write_splits
+    from core.data.splits import write_splits
 
     image = str(sorted(setup["data"].rglob("*.jpg"))[0])
     assert predict([str(setup["model"]), image, "--json"]) == 0   # no statistics: it works and says so
@@ -245,7 +245,7 @@ def test_evaluate_scores_gradcam_against_the_demo_masks(setup: dict[str, Path], 
 
 
 def test_predict_scores_maps_against_given_masks(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
-    from core.demo_data import MASKS_FOLDER
+    from core.data.demo_data import MASKS_FOLDER
     from core.predict import main
 
     images = sorted(setup["data"].rglob("*.jpg"))[:3]
@@ -279,10 +279,10 @@ def calibrated_model(setup: dict[str, Path]) -> Path:
 
 
 def test_evaluate_applies_the_stored_temperature_and_thresholds(setup, calibrated_model: Path, tmp_path: Path) -> None:
-    from core.calibration import apply_temperature, negative_log_likelihood
-    from core.data import load_dataset
+    from core.model.calibration import apply_temperature, negative_log_likelihood
+    from core.data.dataset import load_dataset
     from core.evaluate import main
-    from core.inference import load_for_inference
+    from core.model.inference import load_for_inference
 
     data = load_dataset(setup["data"], SIZE, progress=False)
     raw = load_for_inference(calibrated_model, "cpu").predict(data.images, calibrated=False)
@@ -323,9 +323,9 @@ def test_evaluate_with_tta_reports_both(setup, calibrated_model: Path, tmp_path:
 
 
 def test_predict_with_tta_and_without_calibration(setup, calibrated_model: Path, capsys) -> None:
-    from core.calibration import apply_temperature
-    from core.image_cache import decode_image
-    from core.inference import load_for_inference
+    from core.model.calibration import apply_temperature
+    from core.data.image_cache import decode_image
+    from core.model.inference import load_for_inference
     from core.predict import main
 
     image = sorted(setup["data"].rglob("*.jpg"))[0]
@@ -351,6 +351,6 @@ def test_positive_class_that_is_not_a_class_is_one_line(setup, tmp_path: Path, c
 def test_the_commands_offer_the_grad_cam_methods_core_gradcam_has() -> None:
     """core/cli.py states the methods itself so that --help does not import Captum; they must stay the same."""
     from core.cli import GRADCAM_METHODS
-    from core.gradcam import DEFAULT_METHOD, METHODS
+    from core.explain.gradcam import DEFAULT_METHOD, METHODS
 
     assert GRADCAM_METHODS == METHODS and DEFAULT_METHOD in GRADCAM_METHODS

@@ -46,8 +46,8 @@ SET = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={valu
 @pytest.fixture(scope="module")
 def world(module_tmp: Path) -> dict[str, Path]:
     """Tiny demo data; a finished core.train run; a sweep folder (best.json, splits.csv) and its final training."""
-    from core.data import load_for_config
-    from core.demo_data import generate_demo
+    from core.data.dataset import load_for_config
+    from core.data.demo_data import generate_demo
     from core.final_train import FinalOptions, final_train
     from core.train import RunOptions, train
 
@@ -190,8 +190,8 @@ def test_damaged_model_file_for_evaluate_and_predict(world, tmp_path, capsys, da
 
 
 def test_damaged_image_cache_is_rebuilt_with_a_warning(world, tmp_path, caplog) -> None:
-    from core.data import load_for_config
-    from core.image_cache import cache_file
+    from core.data.dataset import load_for_config
+    from core.data.image_cache import cache_file
 
     cache = tmp_path / "cache"
     first = load_for_config(world["data"], CFG, cache_dir=cache, progress=False)
@@ -270,14 +270,14 @@ def tmpfs(where: Path, options: str) -> Iterator[Path]:
 @pytest.fixture
 def no_work(monkeypatch) -> None:
     """Reading a dataset or a model fails the test: an output place is checked before either."""
-    import core.data
-    import core.inference
+    import core.data.dataset
+    import core.model.inference
 
     def work(*args, **kwargs):
         raise AssertionError("work started before the output place was checked")
 
-    for module, name in ((core.data, "load_for_config"), (core.data, "load_dataset"),
-                         (core.inference, "load_for_inference")):
+    for module, name in ((core.data.dataset, "load_for_config"), (core.data.dataset, "load_dataset"),
+                         (core.model.inference, "load_for_inference")):
         monkeypatch.setattr(module, name, work)
 
 

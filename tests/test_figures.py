@@ -1,4 +1,4 @@
-"""core.figures and core.evaluation_report: the PNGs decode, show what they claim, and report.md links them."""
+"""core.evaluation.figures and core.evaluation.report: the PNGs decode, show what they claim, and report.md links them."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.figures import (GalleryItem, confusion_matrix_figure, curves_figure, gradcam_gallery_figure,
-                          roc_figure)
-from core.evaluation_report import ReportInput, render_report, write_evaluation_report
+from core.explain.gallery import GalleryItem, gradcam_gallery_figure
+from core.evaluation.figures import confusion_matrix_figure, curves_figure, roc_figure
+from core.evaluation.report import ReportInput, render_report, write_evaluation_report
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
@@ -23,8 +23,8 @@ def _png(path: Path) -> np.ndarray:
 
 @pytest.fixture
 def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Every matplotlib figure core.figures saves, kept open to read what it shows."""
-    import core.figures as figures
+    """Every matplotlib figure core.evaluation.figures saves, kept open to read what it shows."""
+    import core.evaluation.figures as figures
 
     kept: list = []
     save = figures.save_figure
@@ -134,7 +134,7 @@ def test_report_lists_metrics_classes_figures_and_config(tmp_path: Path) -> None
 
 def test_a_final_report_fills_the_slots_of_the_page_above_it_and_nothing_else(tmp_path: Path) -> None:
     """core.final_train's last step: the sweep page's final-model slots get the report, in place."""
-    from core.evaluation_report import final_link, show_in_parent_page, slot
+    from core.evaluation.report import final_link, show_in_parent_page, slot
 
     final = tmp_path / "final"
     write_evaluation_report(final / "report.md", ReportInput(

@@ -39,8 +39,8 @@ def _best_document(cfg: TrainConfig, data, value: float) -> dict:
 @pytest.fixture(scope="module")
 def sweep(module_tmp: Path) -> Path:
     """A sweep folder holding best.json, splits.csv and the trial, as sweep/ leaves it."""
-    from core.data import load_for_config
-    from core.demo_data import generate_demo
+    from core.data.dataset import load_for_config
+    from core.data.demo_data import generate_demo
     from core.train import RunOptions, train
 
     base = module_tmp
@@ -60,7 +60,7 @@ def sweep(module_tmp: Path) -> Path:
 def final(sweep: Path):
     from core.final_train import FinalOptions, final_train
 
-    from core.clinical import ClinicalOptions
+    from core.evaluation.sections import ClinicalOptions
 
     return final_train(sweep / "best.json", FinalOptions(epochs=FINAL_EPOCHS, overrides=("lr=3e-3",),
                                                          gallery_per_class=1, progress=False,
@@ -157,10 +157,10 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
 
 
 def test_calibration_and_thresholds_come_from_val_and_are_stored_in_the_model(sweep: Path, final) -> None:
-    from core.calibration import apply_temperature, fit_temperature
-    from core.data import SplitOptions, load_dataset
-    from core.inference import load_for_inference
-    from core.operating_points import choose_thresholds
+    from core.model.calibration import apply_temperature, fit_temperature
+    from core.data.dataset import SplitOptions, load_dataset
+    from core.model.inference import load_for_inference
+    from core.evaluation.operating_points import choose_thresholds
 
     loaded = load_for_inference(final.out_dir / "model.pt", "cpu")
     data = load_dataset(read_best(sweep / "best.json").data_path, SIZE, SplitOptions(splits_file=sweep / "splits.csv"),
@@ -206,10 +206,10 @@ def test_positive_class_that_is_not_a_class_fails_before_training(sweep: Path, t
 
 
 def test_gradcam_of_the_trained_model_is_image_sized_and_not_constant(sweep: Path, final) -> None:
-    from core.data import SplitOptions, load_dataset
-    from core.gradcam import gradcam_maps
-    from core.model import load_model_file
-    from core.inference import predict_probs
+    from core.data.dataset import SplitOptions, load_dataset
+    from core.explain.gradcam import gradcam_maps
+    from core.model.networks import load_model_file
+    from core.model.inference import predict_probs
 
     model, meta = load_model_file(final.out_dir / "model.pt")
     data = load_dataset(read_best(sweep / "best.json").data_path, meta["image_size"],
@@ -311,7 +311,7 @@ def test_unreadable_or_missing_best_json(tmp_path: Path, capsys) -> None:
 
 
 def test_dataset_gone_or_changed(sweep: Path, tmp_path: Path, capsys) -> None:
-    from core.data import dataset_fingerprint
+    from core.data.dataset import dataset_fingerprint
 
     copy = tmp_path / "data-copy"
     shutil.copytree(read_best(sweep / "best.json").data_path, copy)
@@ -362,7 +362,7 @@ def test_epoch_mismatch_is_said_only_beyond_one_and_a_half_times(epochs, tuned, 
 def test_ema_weights_are_the_ones_in_model_pt(sweep: Path, tmp_path: Path) -> None:
     """With ema_decay the final model.pt (and best.pt) is the EMA of the weights, not the raw last step's."""
     from core.final_train import FinalOptions, final_train
-    from core.model import load_model_file
+    from core.model.networks import load_model_file
 
     result = final_train(sweep / "best.json", FinalOptions(overrides=("ema_decay=0.9",), out_dir=tmp_path / "ema",
                                                            gallery_per_class=0, progress=False))

@@ -1,4 +1,4 @@
-"""core.gradcam: Captum Grad-CAM maps, overlays, example choice and galleries, on a resnet18 built here.
+"""core.explain.gradcam: Captum Grad-CAM maps, overlays, example choice and galleries, on a resnet18 built here.
 
 (The trained model's maps are checked in test_final_train.py, on the final training's model.)
 """
@@ -12,10 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.gradcam import (OUTLINE_COLOR, Explainable, GradcamOptions, choose_examples, choose_layer, coarse_map_note,
-                          explain_evaluation, gradcam_maps, map_side, outline, overlay, save_overlay, stage_side,
-                          write_galleries)
-from core.model import build_model
+from core.explain.gradcam import OUTLINE_COLOR, Explainable, GradcamOptions, choose_examples, choose_layer, coarse_map_note, explain_evaluation, gradcam_maps, map_side, outline, overlay, save_overlay, stage_side, write_galleries
+from core.model.networks import build_model
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +32,9 @@ def _hook_count(model: torch.nn.Module) -> int:
 
 
 def test_maps_have_the_image_size_and_hooks_are_released(model: torch.nn.Module, monkeypatch) -> None:
-    import core.gradcam
+    import core.explain.gradcam
 
-    monkeypatch.setattr(core.gradcam, "BATCH_SIZE", 2)
+    monkeypatch.setattr(core.explain.gradcam, "BATCH_SIZE", 2)
     images = _images(5, 64)
     before = _hook_count(model)
     maps = gradcam_maps(model, images, [0, 1, 2, 0, 1])  # batches of 2, 2 and 1
@@ -51,7 +49,7 @@ def test_maps_have_the_image_size_and_hooks_are_released(model: torch.nn.Module,
 def test_maps_match_captum_and_depend_on_the_target(model: torch.nn.Module) -> None:
     from captum.attr import LayerAttribution, LayerGradCam
 
-    from core.augment import normalize
+    from core.model.forward import normalize
 
     images = _images(2, 64, seed=1)
     ours = gradcam_maps(model, images, [1, 2], layer="layer4", method="gradcam")
@@ -207,10 +205,10 @@ def test_explain_evaluation_scores_masked_images_and_draws_galleries(model: torc
 def test_guided_maps_match_captum_and_release_their_hooks(model: torch.nn.Module, monkeypatch) -> None:
     from captum.attr import GuidedGradCam
 
-    import core.gradcam
-    from core.augment import normalize
+    import core.explain.gradcam
+    from core.model.forward import normalize
 
-    monkeypatch.setattr(core.gradcam, "BATCH_SIZE", 2)
+    monkeypatch.setattr(core.explain.gradcam, "BATCH_SIZE", 2)
     images = _images(3, 64, seed=5)
     ours = gradcam_maps(model, images, [0, 1, 2], layer="layer3", method="guided")
     assert ours.shape == (3, 64, 64) and _hook_count(model) == 0 and all(p.grad is None for p in model.parameters())

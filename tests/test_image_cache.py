@@ -9,9 +9,9 @@ import pytest
 from data_fixtures import make_imagefolder, write_image
 from PIL import Image
 
-import core.image_cache
-from core.data import SplitOptions, dataset_fingerprint, decode_image, load_dataset
-from core.image_cache import cache_file
+import core.data.image_cache
+from core.data.dataset import SplitOptions, dataset_fingerprint, decode_image, load_dataset
+from core.data.image_cache import cache_file
 
 
 def _rgb_at(pixels: np.ndarray, y: int, x: int) -> np.ndarray:
@@ -66,13 +66,13 @@ def folders(tmp_path):
 @pytest.fixture
 def count_decodes(monkeypatch):
     calls = []
-    original = core.image_cache.decode_image
+    original = core.data.image_cache.decode_image
 
     def counting(path, size):
         calls.append(path)
         return original(path, size)
 
-    monkeypatch.setattr(core.image_cache, "decode_image", counting)
+    monkeypatch.setattr(core.data.image_cache, "decode_image", counting)
     return calls
 
 

@@ -12,9 +12,9 @@ import pytest
 from data_fixtures import make_ham, make_imagefolder, make_isic
 from PIL import Image
 
-import core.masks
-from core.data import load_dataset
-from core.demo_data import MASKS_FOLDER
+import core.data.masks
+from core.data.dataset import load_dataset
+from core.data.demo_data import MASKS_FOLDER
 from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,8 +115,8 @@ def test_masks_are_decoded_once_and_again_when_one_changes(ham_template, tmp_pat
     root = shutil.copytree(ham_template, tmp_path / "ham")
     first = _load(root, tmp_path)
     calls = []
-    real = core.masks.decode_mask
-    monkeypatch.setattr(core.masks, "decode_mask", lambda *a: calls.append(a) or real(*a))
+    real = core.data.masks.decode_mask
+    monkeypatch.setattr(core.data.masks, "decode_mask", lambda *a: calls.append(a) or real(*a))
     np.testing.assert_array_equal(_load(root, tmp_path).masks, first.masks)
     assert calls == []
     mask = sorted((root / MASKS_FOLDER).iterdir())[0]
@@ -145,7 +145,7 @@ def test_bad_masks_are_one_line_errors_naming_the_file(ham_template, tmp_path, p
         _load(root, tmp_path)
     assert str(mask.name) in str(info.value) and "\n" not in str(info.value)
     if problem == "size":  # as a user meets it: one line, exit status 2
-        result = subprocess.run([sys.executable, "-m", "core.data", "--data", str(root), "--image-size", "16",
+        result = subprocess.run([sys.executable, "-m", "core.data.dataset", "--data", str(root), "--image-size", "16",
                                  "--cache-dir", str(tmp_path / "c2")], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"error: {mask}")
         assert "Traceback" not in result.stderr

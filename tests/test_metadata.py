@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from core.config import TrainConfig
-from core.data import SplitOptions, load_dataset
-from core.demo_data import generate_demo
+from core.data.dataset import SplitOptions, load_dataset
+from core.data.demo_data import generate_demo
 from core.errors import UserError, run_cli
-from core.inference import load_for_inference
-from core.metadata import (FIELDS, SEXES, SITES, drop_fields, encode_dataset, encode_records, make_spec,
-                           table_records, unknown_rows, validate_record)
-from core.model import build_model
+from core.model.inference import load_for_inference
+from core.model.fields import FIELDS, SEXES, SITES, drop_fields, encode_dataset, encode_records, make_spec, table_records, unknown_rows, validate_record
+from core.model.networks import build_model
 from core.train import RunOptions, train
 from tests.data_fixtures import make_imagefolder
 
@@ -129,7 +128,7 @@ def test_predict_takes_age_sex_site_and_refuses_bad_ones(ham, trained, tmp_path,
 
     import json
 
-    from core.image_cache import decode_image
+    from core.data.image_cache import decode_image
 
     images = sorted((ham[0] / "HAM10000_images_part_1").glob("*.jpg"))[:2]
     with pytest.raises(SystemExit) as exit_:
@@ -180,7 +179,7 @@ def test_isic_2018_with_its_metadata_csv_is_encoded(tmp_path: Path) -> None:
         "image,lesion_id,age_approx,sex,anatom_site_general\n"
         "ISIC_0000000,L1,45,female,posterior torso\nISIC_0000001,L2,,male,lower extremity\n"
         "ISIC_0000002,L3,70,,head/neck\n")
-    from core.layouts import read_layout
+    from core.data.layouts import read_layout
 
     listing = read_layout(root)  # the label table, with the metadata CSV's columns beside it
     assert listing.layout == "isic2018"
@@ -193,15 +192,15 @@ def test_isic_2018_with_its_metadata_csv_is_encoded(tmp_path: Path) -> None:
 def test_gradcam_and_evaluate_work_for_a_metadata_model(ham, trained, tmp_path, caplog, monkeypatch) -> None:
     import json
 
-    import core.gradcam
+    import core.explain.gradcam
     from core.evaluate import main
-    from core.gradcam import gradcam_maps
+    from core.explain.gradcam import gradcam_maps
 
     loaded = load_for_inference(trained, "cpu")
     maps = gradcam_maps(loaded.model, ham[1].images[:2], [0, 1], method="gradcam")
     assert maps.shape == (2, SIZE, SIZE) and np.isfinite(maps).all()
     given = []  # the metadata the evaluation's Grad-CAM explains with: the images' own, not all unknown
-    monkeypatch.setattr(core.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["metadata"]) or gradcam_maps(*a, **k))
+    monkeypatch.setattr(core.explain.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["metadata"]) or gradcam_maps(*a, **k))
     with caplog.at_level("WARNING"), pytest.raises(SystemExit) as exit_:
         run_cli(main, [str(trained), "--data", str(ham[0]), "--out", str(tmp_path / "eval"), "--gallery", "1",
                        "--bootstrap", "0", "--no-calibration"])
@@ -220,8 +219,8 @@ def test_gradcam_of_a_metadata_model_uses_each_images_metadata(method: str) -> N
     """The maps are Captum's for the model as it predicted (image and metadata), not with the metadata unknown."""
     from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
 
-    from core.augment import normalize
-    from core.gradcam import gradcam_maps
+    from core.model.forward import normalize
+    from core.explain.gradcam import gradcam_maps
 
     torch.manual_seed(0)
     model = build_model(3, "none", metadata=make_spec("film")).eval()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.metrics import classification_metrics, per_class_report
+from core.evaluation.metrics import classification_metrics, per_class_report
 
 
 def test_metrics_by_hand():

@@ -1,11 +1,11 @@
-"""Mixup and CutMix (core/augment.py): what they do to a batch, its labels' mass, the loss, and a training run."""
+"""Mixup and CutMix (core/training/augment.py): what they do to a batch, its labels' mass, the loss, and a training run."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from core.augment import Mix, apply_mix, draw_mix, mix_rng, mix_targets, mixed_loss
+from core.training.augment import Mix, apply_mix, draw_mix, mix_rng, mix_targets, mixed_loss
 from core.config import TrainConfig
 from core.errors import UserError
 
@@ -70,8 +70,8 @@ def test_probabilities_choose_mixup_then_cutmix_and_off_draws_nothing() -> None:
 
 
 def test_a_run_with_mixup_and_cutmix_trains(tmp_path) -> None:
-    from core.data import SplitOptions, load_dataset
-    from core.demo_data import generate_demo
+    from core.data.dataset import SplitOptions, load_dataset
+    from core.data.demo_data import generate_demo
     from core.train import RunOptions, train
 
     root = generate_demo(tmp_path / "data", n_lesions=24, image_size=32, seed=2)

@@ -6,7 +6,7 @@ from torchvision.models import resnet18
 
 from core.config import TrainConfig
 from core.errors import UserError
-from core.model import build_model, gradcam_layer, load_model_file, save_model_file
+from core.model.networks import build_model, gradcam_layer, load_model_file, save_model_file
 
 
 def _reference_state(seed=0):

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from core.config import ARCHS, TrainConfig
-from core.data import SplitOptions, load_dataset
-from core.demo_data import generate_demo
+from core.data.dataset import SplitOptions, load_dataset
+from core.data.demo_data import generate_demo
 from core.errors import UserError
-from core.gradcam import choose_layer, gradcam_maps
-from core.inference import load_for_inference, predict_probs
-from core.model import build_model, gradcam_layer, load_model_file, save_model_file
+from core.explain.gradcam import choose_layer, gradcam_maps
+from core.model.inference import load_for_inference, predict_probs
+from core.model.networks import build_model, gradcam_layer, load_model_file, save_model_file
 
 
 SIZE = 32  # ConvNeXt's three stride-2 downsamplings after its stride-4 stem need at least 32 px
@@ -33,10 +33,10 @@ def test_the_listed_archs_are_the_expected_set() -> None:
 
 
 def _two_steps(model: torch.nn.Module, data, cfg: TrainConfig) -> dict[str, float]:
-    """Two training steps of core/loop.py's epoch (augmentation, loss, optimiser, schedule) on the CPU."""
+    """Two training steps of core/training/loop.py's epoch (augmentation, loss, optimiser, schedule) on the CPU."""
     from core.device import Placement
-    from core.loop import Batches, Optimisation, train_one_epoch
-    from core.optim import make_criterion, make_optimizer, make_scheduler
+    from core.training.loop import Batches, Optimisation, train_one_epoch
+    from core.training.optim import make_criterion, make_optimizer, make_scheduler
 
     train_idx = torch.as_tensor(data.indices("train"))
     batches = Batches(images=torch.as_tensor(data.images), labels=torch.as_tensor(data.labels), train_idx=train_idx,

@@ -18,7 +18,7 @@ MODELS = REPO_ROOT / "search_spaces" / "models.yaml"
 
 
 def test_two_trials_over_the_models_space(local_ray, tmp_path: Path) -> None:
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
 
     data = generate_demo(tmp_path / "data", n_lesions=24, image_size=32)
     settings = SweepSettings(

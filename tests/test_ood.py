@@ -1,5 +1,5 @@
-"""When not to trust the answer: the out-of-distribution score (core/ood.py), the abstention rule (core/abstain.py),
-the far-out and shifted sets (core/ood_sets.py) and the risk-coverage figures (core/ood_evaluation.py).
+"""When not to trust the answer: the out-of-distribution score (core/model/ood.py), the abstention rule (core/model/abstain.py),
+the far-out and shifted sets (core/evaluation/ood_sets.py) and the risk-coverage figures (core/evaluation/trust.py).
 
 A random-init 32 px ResNet-18 (no training) fitted on generated lesion-like images (tests/serve_fixtures.py).
 """
@@ -13,11 +13,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from core import abstain, ood
-from core.checked_prediction import predict_checked
-from core.inference import load_for_inference, predict_probs
-from core.ood_evaluation import risk_coverage
-from core.ood_sets import SHIFTS, natural_photos, shifted, synthetic
+from core.model import abstain, ood
+from core.model.checked_prediction import predict_checked
+from core.model.inference import load_for_inference, predict_probs
+from core.evaluation.trust import risk_coverage
+from core.evaluation.ood_sets import SHIFTS, natural_photos, shifted, synthetic
 from tests.serve_fixtures import lesion_like, write_model
 
 SIZE = 32

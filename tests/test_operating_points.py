@@ -1,13 +1,13 @@
-"""core/operating_points.py: thresholds chosen on val, applied unchanged to test; the positive class."""
+"""core/evaluation/operating_points.py: thresholds chosen on val, applied unchanged to test; the positive class."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from core.bootstrap import LesionBootstrap
+from core.evaluation.bootstrap import LesionBootstrap
 from core.errors import UserError
-from core.operating_points import apply_thresholds, choose_thresholds, positive_index
+from core.evaluation.operating_points import apply_thresholds, choose_thresholds, positive_index
 
 
 def _scores(n: int, shift: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.sampling import class_draw_probabilities, epoch_order, image_draw_weights
+from core.training.sampling import class_draw_probabilities, epoch_order, image_draw_weights
 
 COUNTS = torch.tensor([400, 100, 0, 16])
 LABELS = torch.repeat_interleave(torch.arange(4), COUNTS)

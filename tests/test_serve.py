@@ -21,10 +21,10 @@ pytest.importorskip("fastapi", reason="the serving extras are not installed (pip
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from core.calibration import apply_temperature
+from core.model.calibration import apply_temperature
 from core.errors import run_cli
-from core.image_cache import decode_image
-from core.metadata import validate_record
+from core.data.image_cache import decode_image
+from core.model.fields import validate_record
 from serve.app import create_app
 from serve.service import ModelService, ServeOptions
 from tests.serve_fixtures import TEMPERATURE, bomb_png, image_bytes, write_model
@@ -135,7 +135,7 @@ def test_metadata_fields_validated_and_ignored_by_an_image_only_model(client: Te
 
 
 def test_a_metadata_model_uses_the_fields_as_core_inference_does(module_tmp: Path, monkeypatch) -> None:
-    import core.gradcam
+    import core.explain.gradcam
 
     path = write_model(module_tmp / "meta" / "model.pt", image_size=SIZE, metadata="concat", seed=1)
     service = ModelService.load(path, ServeOptions(device="cpu"))
@@ -151,8 +151,8 @@ def test_a_metadata_model_uses_the_fields_as_core_inference_does(module_tmp: Pat
         np.testing.assert_allclose(got, expected, atol=1e-5)
         unknown = post_image(client, data).json()
         assert unknown["probabilities"] != body["probabilities"]  # the fields reach the model
-        given, maps = [], core.gradcam.gradcam_maps  # and Grad-CAM explains the model as it predicted, with them
-        monkeypatch.setattr(core.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["metadata"]) or maps(*a, **k))
+        given, maps = [], core.explain.gradcam.gradcam_maps  # and Grad-CAM explains the model as it predicted, with them
+        monkeypatch.setattr(core.explain.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["metadata"]) or maps(*a, **k))
         explained = post_image(client, data, age="60", sex="male", site="back", explain="true").json()
         assert explained["explain"]["overlay_png"] and explained["explain"]["layer"] == "layer4"
         np.testing.assert_array_equal(given[0], service.loaded.encode([record]))

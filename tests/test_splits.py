@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from data_fixtures import make_ham
 
-from core.data import SplitOptions, load_dataset
-from core.splits import write_splits
+from core.data.dataset import SplitOptions, load_dataset
+from core.data.splits import write_splits
 from core.errors import UserError
-from core.splits import assign_splits
+from core.data.splits import assign_splits
 
 
 def _synthetic_table(seed: int = 0):

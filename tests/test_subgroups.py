@@ -1,11 +1,11 @@
-"""core/subgroups.py (results per metadata group, the minimum-size rule) and the metadata of core/layouts.py."""
+"""core/evaluation/subgroups.py (results per metadata group, the minimum-size rule) and the metadata of core/data/layouts.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from core.subgroups import MIN_LESIONS, subgroup_results, subgroup_variables
+from core.evaluation.subgroups import MIN_LESIONS, subgroup_results, subgroup_variables
 
 
 def test_subgroup_variables_band_ages_and_skip_ids() -> None:
@@ -47,7 +47,7 @@ def test_groups_below_the_minimum_lesion_count_are_listed_not_scored() -> None:
 
 
 def test_layouts_keep_the_other_metadata_columns(tmp_path) -> None:
-    from core.layouts import read_layout
+    from core.data.layouts import read_layout
     from data_fixtures import make_ham, make_imagefolder, make_isic
 
     ham = read_layout(make_ham(tmp_path / "ham", n_lesions=12))

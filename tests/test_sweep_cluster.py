@@ -60,7 +60,7 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path: Path, capsys: pytest.Capt
     """``python -m sweep.run --address HOST:PORT`` joins the cluster; one trial lands on each node."""
     import ray
 
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
     from sweep.run import main
 
     data = generate_demo(tmp_path / "data", n_lesions=30, image_size=32)
@@ -108,7 +108,7 @@ def test_sweep_starts_its_own_ray_beside_a_ray_start_cluster(ray_tmpdir: Path, t
     """`ray start --head` records itself as the cluster a plain ray.init() joins (where the sweep used to die
     with "When connecting to an existing cluster, num_cpus and num_gpus must not be provided"); without
     --address the sweep says so and starts its own Ray."""
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
 
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TQDM_DISABLE="1", RAY_USAGE_STATS_ENABLED="0")
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={_free_port()}",

@@ -132,8 +132,8 @@ def test_refresh_sweep_page_never_raises(tmp_path: Path, caplog: pytest.LogCaptu
 def test_final_training_writes_report_html_and_adds_its_section(tmp_path: Path) -> None:
     """A tiny real core.final_train (demo data, 32 px, 1 epoch) from a generated sweep's best.json."""
     from core.config import TrainConfig
-    from core.data import load_for_config, write_splits
-    from core.demo_data import generate_demo
+    from core.data.dataset import load_for_config, write_splits
+    from core.data.demo_data import generate_demo
     from core.final_train import FinalOptions, final_train
 
     root = generate_demo(tmp_path / "data", n_lesions=30, image_size=32, seed=0)

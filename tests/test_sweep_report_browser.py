@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests.browser import find_chromium, render
 from tests.synthetic_sweep import SweepShape, make_sweep
-from core.evaluation_report import ReportInput, write_evaluation_report
+from core.evaluation.report import ReportInput, write_evaluation_report
 from sweep.report import REPORT_FILE, write_sweep_page
 
 BROWSER = find_chromium()

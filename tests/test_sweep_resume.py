@@ -115,7 +115,7 @@ def _resumed_where_it_stopped(folder: Path, trial_id: str) -> None:
 
 
 def test_sigkilled_sweep_resumes(tmp_path: Path) -> None:
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
 
     data = generate_demo(tmp_path / "data", n_lesions=30, image_size=32)
     space = tmp_path / "space.yaml"

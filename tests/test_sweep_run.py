@@ -30,7 +30,7 @@ params:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("data") / "tiny", n_lesions=30, image_size=32)
 

@@ -46,7 +46,7 @@ def s3_env(s3, monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture(scope="module")
 def inputs(module_tmp: Path) -> tuple[Path, Path]:
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
 
     space = module_tmp / "space.yaml"
     space.write_text(SPACE)
@@ -221,7 +221,7 @@ def test_final_training_of_the_buckets_best_json(stored_sweep: StoredSweep, s3_e
 def test_final_training_upload_puts_the_marker_last(s3_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A half-finished upload must not look complete: an older final/ goes first, metrics.json comes last."""
     from core.final_storage import upload_final
-    from core.storage import Store, open_store
+    from core.io.storage import Store, open_store
 
     out = tmp_path / "final"
     out.mkdir()
@@ -267,7 +267,7 @@ def test_resume_reruns_only_the_trials_that_storage_failed(tmp_path: Path) -> No
 def test_a_trial_that_storage_failed_stops_the_sweep(s3_env, tmp_path: Path) -> None:
     """Even where the driver reaches the storage again (a short outage, or only a worker's network failed): a sweep
     that went on would end its search without the trial; stopped, its --resume trains it on."""
-    from core.storage import StorageError, open_store
+    from core.io.storage import StorageError, open_store
     from sweep.outputs import write_trial
     from sweep.recorder import TrialRecorder, TrialTerms
     from sweep.storage import SweepStorage

@@ -38,7 +38,7 @@ def _ray_start(args: list[str], folder: Path, env: dict[str, str]) -> subprocess
 
 
 def test_two_nodes_without_a_shared_folder(s3, ray_tmpdir: Path, tmp_path: Path) -> None:  # noqa: F811
-    from core.demo_data import generate_demo
+    from core.data.demo_data import generate_demo
 
     # RAY_AUTH_MODE: ray start --head enables token auth and keeps the token in ~/.ray, shared with any other
     # cluster of this user; these nodes listen on 127.0.0.1 only. Only in the children's environment: Ray reads

@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-import core.loop as loop_module
+import core.training.loop as loop_module
 import core.train as train_module
 from core.config import TrainConfig
-from core.data import load_dataset
-from core.demo_data import generate_demo
+from core.data.dataset import load_dataset
+from core.data.demo_data import generate_demo
 from core.errors import UserError
-from core.model import load_model_file
+from core.model.networks import load_model_file
 from core.device import memory_format
-from core.inference import predict_probs
+from core.model.inference import predict_probs
 from core.train import RunOptions, TrainingDiverged, train
 from tests.paths import REPO
 

@@ -1,4 +1,4 @@
-"""core/tta.py through core/inference.py: the mean softmax over the 8 dihedral views."""
+"""core/model/tta.py through core/model/inference.py: the mean softmax over the 8 dihedral views."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.inference import predict_probs
+from core.model.inference import predict_probs
 
 
 def _images(n: int = 5, size: int = 8) -> np.ndarray:

@@ -1,0 +1,218 @@
+"""One evaluation of a model on labelled images, the pipeline core.final_train and core.evaluate both run:
+predict, calibrate, clinical results, metrics, figures, Grad-CAM, report.md/report.html and metrics.json.
+
+A library, not a command. Two steps, so that core.final_train can store what the first found in model.pt
+before the second writes the folder::
+
+    scored = score_images(loaded, EvaluatedImages(data, idx, labels, "test split"), stored, options)
+    document = write_evaluation(out, scored, EvaluationOutputs(source=..., page=..., gradcam=...))
+
+Both commands' metrics.json (format ``lesion-sweep/evaluation``), figures and report.md are therefore the same;
+what differs (the report's title, facts and commands, core.final_train's ``training`` section and training
+curves) is passed in :class:`EvaluationOutputs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from core import filenames
+from core.io.atomic import write_json
+from core.evaluation.sections import ClinicalOptions, ClinicalResults, EvaluatedSet, clinical_results
+from core.data.dataset import Dataset
+from core.evaluation.figures import confusion_matrix_figure, reliability_figure, roc_figure
+from core.model.inference import SINGLE_MODE, TTA_MODE, LoadedModel
+from core.evaluation.metrics import PredictionScores, finite_or_none, score_predictions
+from core.evaluation.report import ReportInput, write_evaluation_report
+from core.evaluation.tables import headline_intervals, interval_note, report_tables
+from core.model.ood import Captured, capture
+from core.evaluation.trust import RISK_COVERAGE_FIGURE, Evaluated, risk_coverage_figure, trust_sections, trust_tables
+
+if TYPE_CHECKING:  # core.explain.gradcam imports Captum: only when Grad-CAM runs
+    from core.explain.gradcam import Explainable, GradcamOptions
+
+log = logging.getLogger(__name__)
+
+EVALUATION_FORMAT = "lesion-sweep/evaluation"
+CONFUSION_FIGURE = "confusion_matrix.png"
+ROC_FIGURE = "roc_curves.png"
+RELIABILITY_FIGURE = "reliability_diagram.png"
+
+
+@dataclass(frozen=True)
+class EvaluatedImages:
+    """Which images of a dataset are evaluated, their labels as the model's classes, and what to call them."""
+
+    data: Dataset
+    idx: np.ndarray               # indices into data
+    labels: np.ndarray            # int64 [len(idx)], index into the model's classes
+    what: str                     # in figure titles: "test split", "all of ISIC2018"
+
+
+@dataclass(frozen=True)
+class ScoredImages:
+    """What :func:`score_images` found; :func:`write_evaluation` writes it out."""
+
+    loaded: LoadedModel
+    images: EvaluatedImages
+    pixels: np.ndarray            # uint8 [N, 3, S, S] of the evaluated images
+    clinical: ClinicalResults
+    scores: PredictionScores
+    metadata: np.ndarray | None = None  # their encoded clinical metadata (a metadata model), as predicted with
+    captured: Captured = field(default_factory=Captured)  # the single view's features and logits (core/model/ood.py)
+    stored: Mapping[str, Any] = field(default_factory=dict)  # what model.pt stores (ood, abstention, ...)
+
+
+@dataclass(frozen=True)
+class ReportPage:
+    """What a command's report.md says beyond the evaluation: its title, facts, notes, commands and config."""
+
+    title: str
+    facts: Sequence[tuple[str, str]]
+    notes: Sequence[str] = ()
+    commands: Sequence[tuple[str, str]] = ()
+    config: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationOutputs:
+    """What a command adds to the evaluation's folder."""
+
+    source: Mapping[str, Any]                           # metrics.json's "source": model file, split, data
+    page: Callable[[Mapping[str, Any]], ReportPage]     # the report's own part, from the metrics.json document
+    gradcam: GradcamOptions
+    training: Callable[[], Mapping[str, Any]] | None = None  # metrics.json's "training" (core.final_train),
+    #                                                           made just before the document, so its wall_s is all
+    figures: Sequence[tuple[str, str]] = ()             # (caption, file) already in the folder, shown first
+    coverage: float | None = None                       # the abstention rule's coverage (None: model.pt's)
+
+
+def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.ndarray, labels: np.ndarray,
+                tta: bool, encoded: np.ndarray | None, seen: Captured | None = None) -> EvaluatedSet:
+    """The raw probabilities of a model for ``pixels`` = ``data.images[idx]``.
+
+    ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well;
+    ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes (else None);
+    ``seen``: where the single view's penultimate features and logits go (core/model/ood.py), from the same pass.
+    """
+    views = (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,)
+    raw = {}
+    for view in views:
+        with capture(loaded.model, into=seen) if seen is not None and view == SINGLE_MODE else nullcontext():
+            raw[view] = loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
+    metadata = None if data.metadata is None else data.metadata.iloc[idx].reset_index(drop=True)
+    return EvaluatedSet(labels=np.asarray(labels, dtype=np.int64), groups=data.groups[idx],
+                        image_ids=data.image_ids[idx], metadata=metadata, raw=raw)
+
+
+def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[str, Any],
+                 options: ClinicalOptions) -> ScoredImages:
+    """Predict, calibrate with model.pt's ``stored`` temperatures, clinical results and the headline metrics."""
+    pixels = np.asarray(images.data.images[images.idx])
+    encoded = loaded.encode_dataset(images.data, images.idx)  # once: the prediction and Grad-CAM both take it
+    seen = Captured()
+    predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded, seen)
+    clinical = clinical_results(predicted, loaded.class_names, stored, options)
+    scores = score_predictions(images.labels, clinical.probs, loaded.class_names)
+    return ScoredImages(loaded=loaded, images=images, pixels=pixels, clinical=clinical, scores=scores,
+                        metadata=encoded, captured=seen, stored=stored)
+
+
+def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs) -> dict[str, Any]:
+    """Figures, Grad-CAM, report.md and report.html, then metrics.json (last: the folder is complete once it is
+    there); returns the metrics.json document."""
+    from core.explain.gradcam import explain_evaluation
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / filenames.EVALUATION).unlink(missing_ok=True)  # an earlier evaluation's; this one's is written last
+    figures = [*outputs.figures, *write_figures(out, scored)]
+    if outputs.gradcam.per_class > 0:
+        log.info("Grad-CAM galleries (%d examples per class)", outputs.gradcam.per_class)
+    explained = explain_evaluation(scored.loaded.model, explainable(scored), out, scored.loaded.device,
+                                   outputs.gradcam)
+    trust = trust_of(scored, outputs.coverage)
+    figures += trust_figure(out, trust, scored.images.what)
+    document = metrics_document(scored.scores, outputs.source,
+                                training=outputs.training() if outputs.training else None,
+                                gradcam=explained.document, clinical={**scored.clinical.sections, **trust})
+    page = outputs.page(document)
+    write_evaluation_report(out / filenames.REPORT, ReportInput(
+        title=page.title, facts=page.facts, metrics=scored.scores.metrics, per_class=scored.scores.per_class,
+        figures=figures, galleries=explained.galleries, config=page.config, notes=[*page.notes, *explained.notes],
+        gradcam=explained.document, intervals=headline_intervals(document), interval_note=interval_note(document),
+        tables=[*report_tables(document), *trust_tables(document)], commands=page.commands))
+    write_json(out / filenames.EVALUATION, document)
+    return document
+
+
+def write_figures(out: Path, scored: ScoredImages) -> list[tuple[str, str]]:
+    """Confusion matrix, ROC curves and the reliability diagram into ``out``; returns their (caption, file)."""
+    scores, what = scored.scores, scored.images.what
+    confusion_matrix_figure(scores.confusion, scores.class_names, out / CONFUSION_FIGURE,
+                            title=f"Confusion matrix, {what}")
+    roc_figure(scores.labels, scores.probs, scores.class_names, out / ROC_FIGURE,
+               title=f"ROC curves, {what} (one class vs the rest)")
+    with warnings.catch_warnings():  # empty bins of the diagram
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reliability_figure(scored.clinical.reliability, out / RELIABILITY_FIGURE,
+                           title=f"Reliability diagram, {what}")
+    return [("Confusion matrix", CONFUSION_FIGURE), ("ROC curves", ROC_FIGURE),
+            ("Reliability diagram (before and after calibration)", RELIABILITY_FIGURE)]
+
+
+# --- when not to trust the answer (core/evaluation/trust.py) ---------------------------------------------------
+
+def trust_of(scored: ScoredImages, coverage: float | None) -> dict[str, Any]:
+    """metrics.json's ``ood`` and ``abstention`` sections, with what model.pt stores."""
+    images = Evaluated(pixels=scored.pixels, labels=scored.scores.labels, probs=scored.clinical.probs,
+                       features=scored.captured.features, logits=scored.captured.logits, metadata=scored.metadata)
+    tta = scored.clinical.sections["prediction"]["view"] == TTA_MODE
+    return trust_sections(scored.loaded, scored.stored, images, tta, coverage)
+
+
+def trust_figure(out: Path, trust: Mapping[str, Any], what: str) -> list[tuple[str, str]]:
+    risk_coverage_figure(trust["abstention"], out / RISK_COVERAGE_FIGURE, title=f"Risk-coverage, {what}")
+    return [("Risk-coverage: the risk of the answered images against the share answered", RISK_COVERAGE_FIGURE)]
+
+
+def explainable(scored: ScoredImages) -> Explainable:
+    """The evaluated images with their labels and probabilities, and their lesion masks where the data has them:
+    what Grad-CAM explains."""
+    from core.explain.gradcam import Explainable
+
+    data, idx, scores = scored.images.data, scored.images.idx, scored.scores
+    masks = {} if data.masks is None else {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
+    return Explainable(scored.pixels, scores.labels, scores.probs, data.image_ids[idx], scores.class_names, **masks,
+                       metadata=scored.metadata)  # None for an image-only model
+
+
+def metrics_document(scores: PredictionScores, source: Mapping[str, Any], training: Mapping[str, Any] | None = None,
+                     gradcam: Mapping[str, Any] | None = None,
+                     clinical: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The metrics.json of an evaluation (one schema for core.evaluate and core.final_train).
+
+    ``source``: what was evaluated (model file, split, data); ``training``: core.final_train's account of the
+    training that made the model (absent for core.evaluate). Then the flat test_* metrics, per class figures,
+    the confusion matrix, ``gradcam``: the heat maps' method and scores (core.explain.gradcam.explain_evaluation;
+    null without Grad-CAM), then ``clinical``'s sections (core/evaluation/sections.py: prediction, bootstrap, intervals,
+    lesion_level, calibration, tta, operating_points, subgroups).
+    """
+    return {"format": EVALUATION_FORMAT, "version": 1, "status": "complete", "source": dict(source),
+            **({"training": dict(training)} if training is not None else {}),
+            **{k: finite_or_none(v) for k, v in scores.metrics.items()},
+            "n_images": int(len(scores.labels)), "class_names": list(scores.class_names),
+            "per_class": scores.per_class, "confusion_matrix": scores.confusion.tolist(),
+            "gradcam": None if gradcam is None else dict(gradcam), **dict(clinical or {})}
+
+
+def data_source(data: Dataset) -> dict[str, Any]:
+    """metrics.json's ``source.data``: the dataset an evaluation read."""
+    return {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,
+            "class_names": list(data.class_names)}

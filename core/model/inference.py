@@ -1,0 +1,128 @@
+"""Use a trained model: load a model file for inference and predict class probabilities of uint8 images.
+
+Every command that applies a model (core.evaluate, core.predict, core.final_train) goes through here,
+so images are normalised, batched and cast exactly as in training (core/training/loop.py's ``predict_split``).
+``tta=True`` averages the 8 dihedral views (core/model/tta.py); ``LoadedModel.predict`` applies the temperature
+that core.final_train stored in model.pt for that mode (core/model/calibration.py) unless ``calibrated=False``.
+A model trained with clinical metadata (core/model/fields.py) takes it encoded (``LoadedModel.encode``); without
+it every field counts as unknown, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.model.calibration import apply_temperature
+from core.config import TrainConfig
+from core.device import Placement, as_tensor, resolve_device
+from core.errors import UserError
+from core.model.forward import predict_split
+from core.model.fields import encode_dataset, encode_records
+from core.model.networks import MODEL_ADVICE, load_model_file
+from core.model.tta import N_VIEWS, DihedralMean
+
+SINGLE_MODE, TTA_MODE = "single", "tta"  # keys of the temperatures stored in model.pt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model file ready for inference."""
+
+    model: nn.Module              # on ``device``, in eval mode
+    meta: dict[str, Any]          # the file's metadata (class_names, image_size, config, epoch, ...)
+    config: TrainConfig           # the config it was trained with, ``device`` replaced by the one asked for
+    device: torch.device
+    _warned: list = field(default_factory=list, repr=False, compare=False)  # the no-metadata warning, once
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.meta["class_names"])
+
+    @property
+    def arch(self) -> str:
+        return str(self.meta.get("arch") or "resnet18")
+
+    @property
+    def metadata_spec(self) -> dict | None:
+        """The clinical-metadata encoding the model was trained with; None for an image-only model."""
+        return self.meta.get("metadata")
+
+    def encode(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Records ({"age", "sex", "site"}) encoded for :meth:`predict`; [N, 0] for an image-only model."""
+        return encode_records(records, self.metadata_spec)
+
+    def encode_dataset(self, data: Any, idx: np.ndarray) -> np.ndarray | None:
+        """The encoded metadata of ``data``'s images ``idx`` (a core.data.dataset.Dataset); None for an image-only model.
+
+        A dataset without metadata (ImageFolder) gives None, and the model then treats every field as unknown.
+        """
+        if self.metadata_spec is None:
+            return None
+        if data.metadata is None:
+            log.warning("%s has no metadata (age, sex, localization); the model was trained with them, so "
+                        "every field is treated as unknown", data.root)
+            return None
+        return encode_dataset(data, self.metadata_spec)[idx]
+
+    def temperature(self, tta: bool = False) -> float | None:
+        """The calibration temperature stored for single-view (or TTA) prediction; None when uncalibrated."""
+        stored = (self.meta.get("calibration") or {}).get("temperature") or {}
+        value = stored.get(TTA_MODE if tta else SINGLE_MODE)
+        return None if value is None else float(value)
+
+    def predict(self, images_uint8: np.ndarray | torch.Tensor, *, tta: bool = False, calibrated: bool = True,
+                metadata: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities [N, C]; calibrated with the stored temperature where the file has one.
+
+        ``metadata``: the images' encoded metadata [N, D] (:meth:`encode`); ignored by an image-only model,
+        and for a metadata model None means every field unknown (a warning, once).
+        """
+        if self.metadata_spec is None:
+            metadata = None
+        elif metadata is None:
+            if not self._warned:
+                self._warned.append(True)
+                log.warning("the model was trained with clinical metadata (%s) but none was given: age, sex "
+                            "and site are treated as unknown", self.metadata_spec["method"])
+        elif np.shape(metadata) != (len(images_uint8), int(self.metadata_spec["width"])):
+            raise UserError(f"metadata of shape {np.shape(metadata)} for {len(images_uint8)} images; expected "
+                            f"({len(images_uint8)}, {self.metadata_spec['width']}) (LoadedModel.encode)")
+        probs = predict_probs(self.model, images_uint8, self.device, self.config.eval_batch_size,
+                              self.config.precision, tta=tta, metadata=metadata)
+        temperature = self.temperature(tta) if calibrated else None
+        return probs if temperature is None else apply_temperature(probs, temperature)
+
+
+def load_for_inference(path: str | os.PathLike, device: str = "auto", advice: str = MODEL_ADVICE) -> LoadedModel:
+    """Read a model file (model.pt, best.pt) onto ``device`` ('auto', 'cpu' or 'cuda'); ``advice``: what to do
+    when it cannot be read."""
+    model, meta = load_model_file(path, advice=advice)
+    try:
+        cfg = replace(TrainConfig.from_dict(meta.get("config") or {}), device=device)
+    except UserError as exc:
+        raise UserError(f"{path}: the model's config is not valid here ({exc})") from None
+    torch_device = resolve_device(cfg)
+    return LoadedModel(model=model.to(torch_device), meta=meta, config=cfg, device=torch_device)
+
+
+def predict_probs(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, device: str | torch.device = "cpu",
+                  batch_size: int = 256, precision: str = "auto", tta: bool = False,
+                  metadata: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities [N, C] of a model for uint8 images [N, 3, S, S] (``tta``: mean over 8 views);
+    ``metadata``: their encoded metadata [N, D] for a metadata model (None: every field unknown)."""
+    where = Placement.of(torch.device(device), precision)
+    images = as_tensor(images_uint8).to(where.device)
+    if tta:  # the 8 views of a batch run as one: keep the batch's memory as without TTA
+        model, batch_size = DihedralMean(model), max(1, batch_size // N_VIEWS)
+    meta = None if metadata is None else torch.as_tensor(np.asarray(metadata, np.float32), device=where.device)
+    probs, _ = predict_split(model.to(where.device), images, np.arange(len(images)), None, where, batch_size, meta)
+    return probs
