@@ -34,6 +34,7 @@ import numpy as np
 
 from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
 from bench.sweep_runs import mean_sd
+from core.io import atomic
 from core.errors import UserError, run_cli
 
 log = logging.getLogger(__name__)
@@ -55,25 +56,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs, cost = [], None
     try:
         for seed in args.seeds:
-            runs.append(run_seed(seed, args, source.path, root))
+            run = run_seed(seed, args, source.path, root)
+            if cost is None:   # measured once, on the first seed's model
+                cost = request_cost(root / f"seed{seed}" / "full" / "best.pt", run.pop("fitted"), args)
+            run.pop("fitted", None)
+            runs.append(run)
             print(_seed_line(runs[-1]), flush=True)
-        cost = request_cost(root / f"seed{args.seeds[0]}" / "full" / "best.pt", runs[0]["fitted"], args)
+            result = _result(argv, args, source, started, runs, cost, torch)
+            if args.out:  # after every seed: a study cut short keeps what it measured
+                atomic.write_json(args.out, result)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    for run in runs:
-        run.pop("fitted")
-    result = {"command": command_line("bench.ood_study", argv),
-              "data": {"source": source.source, "path": str(source.path)},
-              "settings": {"image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
-                           "leave_out": args.leave_out, "pretrained": "none", "batch_size": args.batch_size},
-              "machine": machine_info(torch.device("cpu")), "wall_s": round(time.time() - started, 1),
-              "summary": summarize(runs), "cost": cost, "runs": runs}
     print(table(result["summary"]))
     print(f"per-request cost of the check (1 image, {args.image_size} px, CPU, {args.threads} threads): "
           f"{cost['without_ms']:.2f} ms without, {cost['with_ms']:.2f} ms with "
           f"(+{cost['with_ms'] - cost['without_ms']:.2f} ms)")
     write_result(result, args.out)
     return 0
+
+
+def _result(argv: Sequence[str] | None, args: Any, source: Any, started: float, runs: list[dict[str, Any]],
+            cost: dict[str, Any], torch: Any) -> dict[str, Any]:
+    return {"command": command_line("bench.ood_study", argv),
+            "data": {"source": source.source, "path": str(source.path)},
+            "settings": {"image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
+                         "seeds_done": [r["seed"] for r in runs], "leave_out": args.leave_out, "pretrained": "none",
+                         "batch_size": args.batch_size},
+            "machine": machine_info(torch.device("cpu")), "wall_s": round(time.time() - started, 1),
+            "summary": summarize(runs), "cost": cost, "runs": runs}
 
 
 def _config(seed: int, args: Any) -> Any:
