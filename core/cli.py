@@ -94,3 +94,18 @@ def gradcam_options(args: argparse.Namespace) -> GradcamOptions:
 
     return GradcamOptions(per_class=args.gallery, layer=args.gradcam_layer,
                           method=args.gradcam_method or DEFAULT_METHOD)
+
+
+def add_coverage_option(parser: argparse.ArgumentParser, default: float | None = 0.9) -> None:
+    """--coverage: the share of images the abstention rule answers (core/model/abstain.py; core.final_train chooses its
+    threshold on the validation split; core.evaluate, core.predict and the server may ask for another)."""
+    parser.add_argument("--coverage", type=float, default=default, metavar="SHARE",
+                        help="abstain on the least sure images so that this share of validation images is answered "
+                             + (f"(default {default})" if default is not None else "(default: the one stored in the "
+                                                                                     "model file, 0.9 unless chosen)"))
+
+
+def coverage_of(args: argparse.Namespace) -> float | None:
+    from core.model.abstain import check_coverage
+
+    return None if args.coverage is None else check_coverage(args.coverage)

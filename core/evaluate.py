@@ -14,7 +14,9 @@ the raw model); ``--tta`` averages the 8 flips and quarter turns and reports wit
 report adds 95% bootstrap intervals over lesions, lesion-level results, ECE and Brier score before and after
 calibration, the positive class's operating points at the thresholds stored in model.pt (chosen on the
 training data's validation split, never on the images evaluated here) and results per metadata subgroup
-(core/evaluation/sections.py).
+(core/evaluation/sections.py), and when not to trust the answer: images unlike the training data and abstention
+(core/evaluation/trust.py; ``--fit-ood`` fits the check for a model file without it, core/evaluation/ood_refit.py;
+``--coverage`` asks the abstention rule for another share answered).
 
 The evaluation itself (predict, calibrate, clinical results, figures, Grad-CAM, report, metrics.json) is
 core/evaluation/pipeline.py, shared with core.final_train; this module is the command and what it evaluates.
@@ -30,14 +32,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from core import filenames
-from core.cli import (add_device_option, add_evaluation_options, add_gallery_options, add_threads_option,
-                      apply_threads, clinical_options, gradcam_options)
+from core.cli import (add_coverage_option, add_device_option, add_evaluation_options, add_gallery_options,
+                      add_threads_option, apply_threads, clinical_options, coverage_of, gradcam_options)
 from core.data.dataset import SplitOptions, load_dataset
 from core.errors import UserError, run_cli
 from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images, write_evaluation
 from core.model.inference import LoadedModel, load_for_inference
 from core.evaluation.metrics import headline, map_labels
 from core.model.networks import check_gradcam_layer
+from core.evaluation.ood_refit import fit_for_file, splits_for_fit
 from core.evaluation.operating_points import positive_index
 from core.io.state_files import check_output_dir
 
@@ -50,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_threads(args.threads)
     options = clinical_options(args)
     loaded = load_for_inference(args.checkpoint, args.device)
+    if args.fit_ood:  # the run's splits.csv: its val split is what the statistics are fitted on
+        args.splits = splits_for_fit(args.checkpoint, args.splits)
     positive_index(loaded.class_names, options.positive_class)  # a class the model lacks fails before any work
     if args.gallery > 0:
         check_gradcam_layer(loaded.arch, args.gradcam_layer)   # so does a Grad-CAM layer its arch lacks
@@ -57,10 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = images.data
     log.info("evaluating %s on %d images of %s (%s split%s)", args.checkpoint, len(images.idx), data.root,
              args.split, ", with TTA" if args.tta else "")
-    scored = score_images(loaded, images, loaded.meta, options)
+    stored = fit_for_file(loaded, data, args.data, out, args.coverage) if args.fit_ood else loaded.meta
+    scored = score_images(loaded, images, stored, options)
     source = {"model": str(Path(args.checkpoint).resolve()), "split": args.split, "data": data_source(data)}
     document = write_evaluation(out, scored, EvaluationOutputs(
-        source=source, gradcam=gradcam_options(args), page=lambda doc: _page(args, loaded, images, source)))
+        source=source, gradcam=gradcam_options(args), page=lambda doc: _page(args, loaded, images, source),
+        coverage=coverage_of(args)))
     print(headline(document))
     print(f"report: {out / filenames.REPORT}")
     return 0
@@ -83,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     add_gallery_options(parser)
     add_threads_option(parser)
     add_evaluation_options(parser)
+    add_coverage_option(parser, default=None)
+    parser.add_argument("--fit-ood", action="store_true",
+                        help="fit the out-of-distribution check and the abstention rule on the validation split of "
+                             "the run's splits.csv (--splits, else the one beside the model file), for a model file "
+                             "without them; writes the model file with them into --out (core/evaluation/ood_refit.py)")
     return parser
 
 
@@ -112,7 +124,9 @@ def _page(args: argparse.Namespace, loaded: LoadedModel, images: EvaluatedImages
                ("data", f"`{data.root}` ({data.layout} layout, fingerprint `{data.fingerprint[:12]}`)"),
                ("evaluated", f"{len(idx)} images ({args.split} split)"),
                ("classes matched by name", ", ".join(sorted({data.class_names[i] for i in
-                                                               np.unique(data.labels[idx])})))],
+                                                               np.unique(data.labels[idx])}))),
+               *([("out-of-distribution check", f"fitted here on the validation split of `{args.splits}` "
+                   f"(--fit-ood); the model file with it: `{Path(args.out) / 'model.pt'}`")] if args.fit_ood else [])],
         config=meta.get("config"))
 
 

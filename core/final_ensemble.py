@@ -32,6 +32,9 @@ from core.model.ensemble import EnsembleModel, ensemble_document, ensemble_from_
 from core.evaluation.pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
                                       predict_set, score_images, write_evaluation)
 from core.io.state_files import reading
+from core.model.abstain import DEFAULT_COVERAGE
+from core.model.checked_prediction import fit_checks
+from core.model.ood import Captured
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ class FinalEnsemble:
 
 
 def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: ScoredImages,
-                     options: ClinicalOptions, progress: bool = True) -> FinalEnsemble | None:
+                     options: ClinicalOptions, progress: bool = True,
+                     coverage: float = DEFAULT_COVERAGE) -> FinalEnsemble | None:
     """Build, calibrate and score the sweep's ensemble; None when the sweep chose none (or the best run alone)."""
     path = best.folder / filenames.ENSEMBLE_CHOICE
     if not path.is_file():
@@ -72,7 +76,7 @@ def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: Sc
     members = [(m.trial_id, m.checkpoint, m.weight) for m in choice.members]
     log.info("building the ensemble of %d sweep runs (%s)", len(members), path)
     model, document, scored = calibrated_ensemble(members, {"ensemble": _record(choice)}, path, best, cfg, data,
-                                                  options, progress)
+                                                  options, progress, coverage)
     data = scored.images.data
     test_idx = data.indices("test")
     if not np.array_equal(data.image_ids[test_idx], single.images.data.image_ids[single.images.idx]):
@@ -84,7 +88,7 @@ def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: Sc
 
 def calibrated_ensemble(members: list[tuple[str, Any, float]], extra: Mapping[str, Any], path: Path, best: BestFile,
                         cfg: TrainConfig, data: Dataset, options: ClinicalOptions, progress: bool = False,
-                        ) -> tuple[EnsembleModel, dict[str, Any], ScoredImages]:
+                        coverage: float = DEFAULT_COVERAGE) -> tuple[EnsembleModel, dict[str, Any], ScoredImages]:
     """An ensemble of the model files ``members`` ((name, file, weight)), its temperature and operating points
     fitted on the averaged validation probabilities, scored once on the test split; ``path``: the file that
     named the members (in errors). Returns the model, the ensemble file's contents and the test scores."""
@@ -97,9 +101,14 @@ def calibrated_ensemble(members: list[tuple[str, Any, float]], extra: Mapping[st
             data = load_for_config(best.data_path, replace(cfg, image_size=size), splits_file=best.splits_file,
                                    progress=progress)
     val_idx = data.indices("val")
+    seen, disagreement = Captured(), {}
     val = predict_set(model, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True,
-                      encoded=model.encode_dataset(data, val_idx))
+                      encoded=model.encode_dataset(data, val_idx), seen=seen, disagreement=disagreement)
     fitted = fit_on_val(val, data.class_names, options.positive_class)
+    # the out-of-distribution check (on the first member's features) and the abstention rule, whose confidence
+    # also weighs the members' disagreement: from the same pass (core/model/checked_prediction.py)
+    fitted.update(fit_checks(val.labels, dict(val.raw), fitted["calibration"]["temperature"], seen.features,
+                             seen.logits, data.class_names, coverage, disagreement))
     document.update(fitted)
     model = replace(model, meta={**model.meta, **fitted})
     test_idx = data.indices("test")

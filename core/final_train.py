@@ -11,10 +11,13 @@ config's own ``epochs``): a config tuned for short runs is not retrained for a l
 
 Before the test split is touched, the chosen model is calibrated on the validation split: a temperature
 for single-view and one for TTA prediction, and the thresholds of the positive class's operating points
-(``--positive-class``, default mel), all stored in model.pt for core.evaluate and core.predict. With
+(``--positive-class``, default mel), the out-of-distribution check (core/model/ood.py) and the abstention rule for
+``--coverage`` (core/model/abstain.py), all stored in model.pt for core.evaluate and core.predict. With
 ``--train-on-val`` nothing is held out, so nothing is fitted (never on training images). The test report
 adds 95% bootstrap intervals over lesions, lesion-level results, calibration before and after, TTA against
-no TTA (``--tta``), the operating points and results per metadata subgroup (core/evaluation/sections.py).
+no TTA (``--tta``), the operating points and results per metadata subgroup (core/evaluation/sections.py), and when not to
+trust the answer: far-out and shifted images against each out-of-distribution score, and the risk-coverage
+curve (core/evaluation/trust.py, ``risk_coverage.png``).
 
 Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py:
 ``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
@@ -48,8 +51,10 @@ import pandas as pd
 from core import filenames
 from core.io.atomic import remove_stale_temps, write_json
 from core.best_file import SPLITS_ADVICE, BestFile, check_data, read_best
-from core.cli import (add_evaluation_options, add_gallery_options, add_threads_option, apply_threads,
-                      clinical_options)
+from core.cli import (add_coverage_option, add_evaluation_options, add_gallery_options, add_threads_option,
+                      apply_threads, clinical_options, coverage_of)
+from core.model.abstain import DEFAULT_COVERAGE
+from core.model.checked_prediction import fit_checks
 from core.evaluation.sections import ClinicalOptions, fit_on_val, not_fitted
 from core.config import TrainConfig
 from core.data.dataset import Dataset, load_for_config
@@ -59,6 +64,7 @@ from core.evaluation.figures import curves_figure
 from core.model.inference import LoadedModel, load_for_inference
 from core.evaluation.metrics import headline
 from core.model.networks import check_gradcam_layer, save_model_file
+from core.model.ood import Captured
 from core.evaluation.operating_points import positive_index
 from core.progress import progress_bar
 from core.evaluation.report import show_in_parent_page
@@ -96,6 +102,7 @@ class FinalOptions:
     gradcam_layer: str | None = None     # None: chosen by image size (core.explain.gradcam.choose_layer)
     gradcam_method: str | None = None    # None: core.explain.gradcam.DEFAULT_METHOD
     evaluation: ClinicalOptions = ClinicalOptions()   # TTA, calibration, positive class, bootstrap
+    coverage: float = DEFAULT_COVERAGE   # share of validation images the abstention rule answers (core/model/abstain.py)
 
     def gradcam(self) -> GradcamOptions:
         """The Grad-CAM fields as a core.explain.gradcam.GradcamOptions."""
@@ -150,7 +157,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     history, chosen_epoch = _train_or_reuse(cfg, data, out, train_splits, options)
     run = FinalRun(best, cfg, data, out, train_splits, history, chosen_epoch, started)
     loaded = load_for_inference(out / filenames.BEST_CHECKPOINT, cfg.device, advice=FINAL_ADVICE)
-    fitted = _fit_on_val(loaded, data, options.train_on_val, options.evaluation.positive_class)
+    fitted = _fit_on_val(loaded, data, options.train_on_val, options.evaluation.positive_class, options.coverage)
     fitted["boxes"] = _fit_boxes(loaded, data, train_splits, options)
     log.info("evaluating epoch %d on the %d test images%s", chosen_epoch, len(test_idx),
              " (with and without TTA)" if options.evaluation.tta else "")
@@ -159,7 +166,7 @@ def final_train(best_path: str | Path, options: FinalOptions = FinalOptions()) -
     # --- the sweep's ensemble (ensemble.json), side by side with the single model: core/final_ensemble.py ---
     from core.final_ensemble import ensemble_page, prepare_ensemble, write_ensemble
 
-    ensemble = prepare_ensemble(best, cfg, data, scored, options.evaluation, options.progress)
+    ensemble = prepare_ensemble(best, cfg, data, scored, options.evaluation, options.progress, options.coverage)
     document = _write_outputs(run, scored, fitted, options, ensemble.notes() if ensemble else [])
     if ensemble is not None:
         log.info("writing the ensemble's evaluation into %s", out / filenames.ENSEMBLE_DIR)
@@ -200,7 +207,7 @@ def _training_section(run: FinalRun, device: str) -> Callable[[], dict[str, Any]
 
 
 def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
-                positive_class: str | None) -> dict[str, Any]:
+                positive_class: str | None, coverage: float = DEFAULT_COVERAGE) -> dict[str, Any]:
     """Calibration temperatures and operating thresholds chosen on the validation split (stored in model.pt)."""
     val_idx = data.indices("val")
     if train_on_val or len(val_idx) == 0:
@@ -210,9 +217,15 @@ def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
         return not_fitted(reason)
     log.info("calibrating on the %d validation images (single view and TTA) and choosing operating thresholds",
              len(val_idx))
+    seen = Captured()
     val = predict_set(loaded, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True,
-                      encoded=loaded.encode_dataset(data, val_idx))
-    return fit_on_val(val, data.class_names, positive_class)
+                      encoded=loaded.encode_dataset(data, val_idx), seen=seen)
+    fitted = fit_on_val(val, data.class_names, positive_class)
+    # the out-of-distribution statistics and the abstention rule, from the same pass (core/model/checked_prediction.py)
+    log.info("fitting the out-of-distribution check and the abstention rule (%.0f%% coverage) on the validation "
+             "split", 100 * coverage)
+    return {**fitted, **fit_checks(val.labels, dict(val.raw), fitted["calibration"]["temperature"], seen.features,
+                                   seen.logits, data.class_names, coverage)}
 
 
 # --- lesion boxes (core/evaluation/localisation.py): the Grad-CAM box's threshold chosen on val, the centre prior from train ---
@@ -391,12 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_gallery_options(parser)
     add_threads_option(parser)
     add_evaluation_options(parser)
+    add_coverage_option(parser)
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     options = FinalOptions(
         epochs=args.epochs, overrides=tuple(args.overrides), out_dir=args.out, train_on_val=args.train_on_val,
         resume=not args.no_resume, gallery_per_class=args.gallery, gradcam_layer=args.gradcam_layer,
-        gradcam_method=args.gradcam_method, evaluation=clinical_options(args))
+        gradcam_method=args.gradcam_method, evaluation=clinical_options(args), coverage=coverage_of(args))
     if is_uri(args.best):
         from core.final_storage import final_train_in_bucket
 

@@ -16,6 +16,11 @@ the share of the map inside the lesion and whether its peak is (core/explain/mas
 ``--json`` gives each image's lesion box (``box``: ``pixels`` of the image file as shown, x0, y0, x1, y1, and
 ``fractions`` of its sides): the box head's (a model trained with ``box_loss_weight`` > 0), else, with
 ``--gradcam``, the Grad-CAM map's (core/explain/cam_boxes.py, at the threshold stored in model.pt); else null.
+Each image is also checked (core/model/checked_prediction.py): ``ood`` says whether it looks like the training images
+(the out-of-distribution score and threshold fitted on the validation split, from the same forward pass) and
+``abstain`` whether the model answers (``--coverage``: the share of validation images answered, default the
+model file's, 90%); the table's notes name the images not answered and why. A model file without the statistics
+says "no out-of-distribution check in this model file".
 
 This module is the command: reading the images, the table and the JSON it prints; the model is used through
 core/model/inference.py, Grad-CAM through core/explain/gradcam.py.
@@ -34,7 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
-from core.cli import add_device_option, add_gradcam_options, add_prediction_options
+from core.model.checked_prediction import predict_checked
+from core.cli import add_coverage_option, add_device_option, add_gradcam_options, add_prediction_options, coverage_of
 from core.errors import UserError, run_cli
 from core.model.box_head import capture_boxes, view_boxes
 from core.explain.mask_scores import masks_summary_line, score_one_map
@@ -70,6 +76,15 @@ def predictions_json(paths: Sequence[str], probs: np.ndarray, class_names: Seque
             for path, p in zip(paths, probs)]
 
 
+def check_lines(paths: Sequence[str], checked: Sequence[dict]) -> str:
+    """Under the table: each image the model abstains on, and why; or that the model file has no check."""
+    lines = [f"{path}: not answered: {check['abstain']['detail']}" for path, check in zip(paths, checked)
+             if check["abstain"]["abstained"]]
+    if checked and checked[0]["ood"]["in_distribution"] is None:
+        lines.append(checked[0]["ood"]["note"])
+    return "\n".join(lines) if lines else "every image answered (like the training images, confident enough)"
+
+
 def overlay_names(paths: Sequence[str]) -> list[str]:
     """``<stem>_gradcam.png`` per image; images of the same name from different folders get a number."""
     names: list[str] = []
@@ -98,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
     metadata = encoded_metadata(loaded, record, len(images))
     with capture_boxes(loaded.model) as got:  # the box head's boxes, from the same forward pass
-        probs = loaded.predict(images, tta=args.tta, calibrated=not args.no_calibration, metadata=metadata)
+        probs, checked = predict_checked(loaded, images, tta=args.tta, calibrated=not args.no_calibration,
+                                         metadata=metadata, coverage=coverage_of(args))
     boxes = view_boxes(got, args.tta)
     temperature = loaded.temperature(args.tta)
     log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
@@ -106,13 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              "not calibrated: the model file holds no temperature" if temperature is None else
              f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
     rows = predictions_json(args.images, probs, list(loaded.class_names))
-    # --- an ensemble file (core/model/ensemble.py): each image's disagreement between the members ---
-    if hasattr(loaded, "disagreement"):
-        from core.model.ensemble import describe_disagreement
-
-        for row, value in zip(rows, loaded.disagreement(images, tta=args.tta, metadata=metadata)):
-            row["disagreement"] = {"mutual_information": float(value), "words": describe_disagreement(float(value))}
-    # --- end of the ensemble's part ---
+    for row, check in zip(rows, checked):   # "ood", "abstain" and an ensemble's "disagreement" (core/model/checked_prediction.py)
+        row.update(check)
     sizes = [upright_size(path) for path in args.images]
     for row, size, box in zip(rows, sizes, [None] * len(rows) if boxes is None else boxes):
         row["box"] = box_answer(box, *size, "box head")
@@ -121,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(args.images, probs, list(loaded.class_names)))
+        print(check_lines(args.images, checked))
         for row in rows:  # an ensemble's members' disagreement, one line per image
             if "disagreement" in row:
                 print(f"{row['image']}: {row['disagreement']['words']}")
@@ -144,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     add_gradcam_options(parser)
     add_device_option(parser)
     add_prediction_options(parser)
+    add_coverage_option(parser, default=None)
     add_metadata_options(parser)
     return parser
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from core.cli import apply_threads
+from core.cli import add_coverage_option, apply_threads, coverage_of
 from core.errors import UserError, run_cli
 from serve.app import DEFAULT_MODEL_NAME, MAX_BODY_BYTES
 from serve.service import ServeOptions
@@ -43,6 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's, one per core); 1 can be faster on a busy machine")
     parser.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body")
+    add_coverage_option(parser, default=None)
     ray = parser.add_argument_group("Ray Serve (--ray)")
     ray.add_argument("--ray", action="store_true", help="run the same app through Ray Serve")
     ray.add_argument("--replicas", type=int, default=1)
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     apply_threads(args.threads)
     options = ServeOptions(device=args.device, backend=args.backend, max_batch=args.max_batch,
-                           max_wait_ms=args.batch_wait_ms)
+                           max_wait_ms=args.batch_wait_ms, coverage=coverage_of(args))
     settings = {"api_key": args.api_key, "model_name": args.model_name, "max_body": int(args.max_body_mb * 2**20)}
     if args.ray:
         from serve.ray_app import run_on_ray

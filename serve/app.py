@@ -118,7 +118,8 @@ def _add_routes(app: FastAPI) -> None:
     async def predict(request: Request, file: UploadFile = File(..., description="a dermoscopic image"),
                       tta: bool = Form(False), explain: bool = Form(False), age: str | None = Form(None),
                       sex: str | None = Form(None), site: str | None = Form(None)) -> dict[str, Any]:
-        """Calibrated class probabilities, operating-point verdicts and (explain=true) Guided Grad-CAM of one image."""
+        """Calibrated class probabilities, operating-point verdicts, whether the image looks like the training
+        images ("ood") and whether the model answers ("abstain"), and (explain=true) Guided Grad-CAM of one image."""
         started = time.perf_counter()
         service: ModelService = request.app.state.service
         name = display_name(file.filename)
@@ -128,15 +129,12 @@ def _add_routes(app: FastAPI) -> None:
         image = await run_in_threadpool(decode_upload, data, name, service.image_size)
         decoded = time.perf_counter()
         encoded = service.encode(record)
-        probs, disagreement, boxes = await service.predict(image[None], tta, encoded)
-        probs = probs[0]
+        checked = await service.checked(image[None], tta, encoded)
+        probs, boxes = checked.probs[0], checked.boxes
         predicted = time.perf_counter()
         body = prediction_body(service, probs, tta, name, record)
-        if disagreement is not None:  # an ensemble file: its members' disagreement (core/model/ensemble.py)
-            from core.model.ensemble import describe_disagreement
-
-            body["disagreement"] = {"mutual_information": float(disagreement[0]),
-                                    "words": describe_disagreement(float(disagreement[0]))}
+        # "ood", "abstain" and an ensemble's members' "disagreement" (core/model/checked_prediction.py)
+        body.update(checked.checks[0])
         if explain:
             body["explain"] = await run_in_threadpool(service.explain, image, int(probs.argmax()), encoded)
         body.update(lesion_box(data, None if boxes is None else boxes[0], body.get("explain")))

@@ -7,7 +7,9 @@
     POST /v2/models/<name>/infer      {"inputs": [{"name": "image", "datatype": "UINT8",
                                         "shape": [N, 3, S, S], "data": [...]}], "parameters": {"tta": false}}
                                       -> {"outputs": [{"name": "probabilities", "datatype": "FP32",
-                                          "shape": [N, C], "data": [...]}], "parameters": {"classes": [...]}}
+                                          "shape": [N, C], "data": [...]}], "parameters": {"classes": [...],
+                                          "ood": [{"score", "threshold", "in_distribution", ...} per image],
+                                          "abstain": [{"abstained", "reason", ...} per image]}}
 
 A model trained with the box head (config key ``box_loss_weight``) adds the outputs ``box_pixels`` (x0, y0, x1, y1
 in pixels of the S x S input) and ``box_fractions`` (the same as fractions of its sides), FP32 [N, 4].
@@ -70,13 +72,17 @@ def kserve_router() -> APIRouter:
         except ValueError:
             raise BadInput(400, "the body is not JSON (send an Open Inference Protocol request)") from None
         images, tta = parse_infer(body, service.image_size)
-        probs, _, boxes = await service.predict(images, tta)
+        checked = await service.checked(images, tta)
+        probs, boxes = checked.probs, checked.boxes
         response = {"model_name": name, "model_version": "1",
                     "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(probs.shape),
                                  "data": probs.astype(np.float32).ravel().tolist()},
                                 *box_outputs(boxes, service.image_size)],
                     "parameters": {"classes": list(service.class_names), "tta": tta,
-                                   "temperature": service.temperature(tta)}}
+                                   "temperature": service.temperature(tta),
+                                   # per image, as on /predict (core/model/checked_prediction.py)
+                                   "ood": [c["ood"] for c in checked.checks],
+                                   "abstain": [c["abstain"] for c in checked.checks]}}
         if isinstance(body.get("id"), str):
             response["id"] = body["id"]
         return response

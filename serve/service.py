@@ -28,6 +28,7 @@ import numpy as np
 
 from core.errors import UserError
 from core.model.box_head import box_head_of, capture_boxes, view_boxes
+from core.model.checked_prediction import predict_checked
 from core.model.inference import LoadedModel, load_for_inference
 from serve.batcher import MicroBatcher
 from serve.facts import model_facts
@@ -47,6 +48,7 @@ class ServeOptions:
     max_batch: int = 32          # most images the batcher runs as one forward pass
     max_wait_ms: float = 0.0     # how long the batcher waits for more requests after the first (0: never)
     max_queue: int = 256         # requests waiting for the model beyond which new ones get 503
+    coverage: float | None = None  # the abstention rule's share answered (None: the model file's, core/model/abstain.py)
 
 
 class ModelService:
@@ -54,6 +56,7 @@ class ModelService:
 
     def __init__(self, loaded: LoadedModel, path: str | Path, options: ServeOptions = ServeOptions()) -> None:
         self.loaded, self.path, self.options = loaded, Path(path), options
+        self.coverage = options.coverage
         self.class_names = loaded.class_names
         self.image_size = int(loaded.meta["image_size"])
         self.metadata_spec: Mapping[str, Any] | None = loaded.meta.get("metadata")
@@ -83,30 +86,25 @@ class ModelService:
     def batcher_alive(self) -> bool:
         return self.batcher.alive
 
-    def _predict_batch(self, images: np.ndarray, tta: bool, metadata: np.ndarray | None) -> np.ndarray:
-        """Probabilities [N, C], and for a model with a box head its boxes beside them: [N, C + 4] (the batcher
-        hands each request its rows; :meth:`predict` splits them)."""
+    def _predict_batch(self, images: np.ndarray, tta: bool, metadata: np.ndarray | None) -> CheckedBatch:
+        """Probabilities, each image's checks (an ensemble's with its members' disagreement) and a box head's
+        boxes, from one forward pass; the batcher hands each request its rows."""
         if self.onnx is not None and not tta and metadata is None:
-            return self.onnx.predict(images, self.loaded.temperature(False))
-        if self.is_ensemble:  # one batch through every member; the members' disagreement as a last column
-            detail = self.loaded.predict_detail(images, tta=tta, metadata=metadata)  # type: ignore[attr-defined]
-            return np.concatenate([detail.probs, detail.disagreement[:, None]], axis=1)
-        with capture_boxes(self.loaded.model) as got:   # a box head's boxes (4 more columns), same forward pass
-            probs = self.loaded.predict(images, tta=tta, metadata=metadata)
-        boxes = view_boxes(got, tta)
-        return probs if boxes is None else np.concatenate([probs, boxes.astype(probs.dtype)], 1)
+            out = self.onnx.predict(images, self.loaded.temperature(False))
+            classes = len(self.class_names)   # a box head's boxes are 4 more columns
+            probs, boxes = out[:, :classes], (out[:, classes:] if out.shape[1] > classes else None)
+            return CheckedBatch(probs, onnx_checks(self.loaded.meta, probs, self.coverage), boxes)
+        if self.is_ensemble:   # one batch through every member; no box (each member's head would add its own)
+            probs, checks = predict_checked(self.loaded, images, tta=tta, metadata=metadata, coverage=self.coverage)
+            return CheckedBatch(probs, checks)
+        with capture_boxes(self.loaded.model) as got:   # a box head's boxes, same forward pass
+            probs, checks = predict_checked(self.loaded, images, tta=tta, metadata=metadata, coverage=self.coverage)
+        return CheckedBatch(probs, checks, view_boxes(got, tta))
 
     @property
     def is_ensemble(self) -> bool:
         """An ensemble file (core/model/ensemble.py): its answers carry the members' disagreement."""
         return hasattr(self.loaded, "predict_detail")
-
-    async def probabilities_and_disagreement(
-            self, images: np.ndarray, tta: bool = False,
-            metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`probabilities` and, for an ensemble, the members' disagreement per image [N] (else None)."""
-        probs, disagreement, _ = await self.predict(images, tta, metadata)
-        return probs, disagreement
 
     def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
         """The model's encoding of one validated record; None for an image-only model (fields ignored)."""
@@ -117,17 +115,12 @@ class ModelService:
     async def probabilities(self, images: np.ndarray, tta: bool = False,
                             metadata: np.ndarray | None = None) -> np.ndarray:
         """Calibrated probabilities [N, C] of uint8 images [N, 3, S, S], batched with concurrent requests."""
-        return (await self.probabilities_and_disagreement(images, tta, metadata))[0]
+        return (await self.checked(images, tta, metadata)).probs
 
-    async def predict(self, images: np.ndarray, tta: bool = False, metadata: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """``(probabilities [N, C], an ensemble's disagreement [N] or None, the box head's boxes [N, 4] as
-        fractions or None without a head)``, from one pass."""
-        out = await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
-        classes = len(self.class_names)
-        if self.is_ensemble:
-            return out[:, :classes], out[:, classes], None
-        return out[:, :classes], None, (out[:, classes:] if out.shape[1] > classes else None)
+    async def checked(self, images: np.ndarray, tta: bool = False,
+                      metadata: np.ndarray | None = None) -> CheckedBatch:
+        """The probabilities and each image's checks (``ood``, ``abstain``: core/model/checked_prediction.py)."""
+        return await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
 
     def verdicts(self, probs: np.ndarray, tta: bool) -> dict[str, Any]:
         return operating_verdicts(self.loaded.meta.get("operating_points"), self.class_names, probs, tta)
@@ -150,6 +143,35 @@ class ModelService:
                 "target": self.class_names[target],
                 "heatmap_png": _png_base64((np.clip(heat, 0, 1) * 255).astype(np.uint8)),
                 "overlay_png": _png_base64(overlay(image, heat)), "ms": 1000 * (time.perf_counter() - started)}
+
+
+# --- when not to trust the answer: each image's checks travel with its probabilities through the batcher -------
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """Probabilities [N, C], each image's ``{"ood", "abstain"}`` (an ensemble's also ``"disagreement"``) and a box
+    head's boxes [N, 4] as fractions (None without a head); sliced by the batcher per request."""
+
+    probs: np.ndarray
+    checks: list
+    boxes: np.ndarray | None = None
+
+    def __getitem__(self, rows: slice) -> "CheckedBatch":
+        return CheckedBatch(self.probs[rows], self.checks[rows], None if self.boxes is None else self.boxes[rows])
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+
+def onnx_checks(meta: Mapping[str, Any], probs: np.ndarray, coverage: float | None) -> list[dict[str, Any]]:
+    """ONNX Runtime gives probabilities only: no out-of-distribution score; the abstention rule still applies."""
+    from core.model import abstain
+
+    note = "not checked: --backend onnx gives probabilities only (serve with --backend torch for the check)"
+    unknown = [{"score": None, "threshold": None, "in_distribution": None, "method": None, "note": note}
+               for _ in range(len(probs))]
+    decided = abstain.decide(meta.get("abstention"), probs, "single", unknown, coverage)
+    return [{"ood": o, "abstain": a} for o, a in zip(unknown, decided)]
 
 
 def _png_base64(pixels: np.ndarray) -> str:

@@ -23,8 +23,10 @@ TEMPERATURE = 1.7   # far from 1, so that a test can tell calibrated from raw pr
 
 
 def write_model(path: Path, image_size: int = 32, seed: int = 0, calibrated: bool = True,
-                metadata: str = "none", pretrained: str = "none", box_head: bool = False) -> Path:
-    """A ResNet-18 with random weights, saved as core.final_train saves model.pt (temperature, mel thresholds);
+                metadata: str = "none", pretrained: str = "none", box_head: bool = False,
+                checks: bool = True) -> Path:
+    """A ResNet-18 with random weights, saved as core.final_train saves model.pt (temperature, mel thresholds,
+    with ``checks`` the out-of-distribution statistics and abstention rule fitted on :func:`lesion_like` images);
     ``metadata``: the clinical-metadata fusion (config key ``metadata``); ``pretrained``: what the config
     records as the initial weights (the weights stay random); ``box_head``: with a lesion box head."""
     torch.manual_seed(seed)
@@ -39,9 +41,39 @@ def write_model(path: Path, image_size: int = 32, seed: int = 0, calibrated: boo
     if calibrated:
         extra["calibration"] = {"fitted_on": "val", "n_images": 50,
                                 "temperature": {"single": TEMPERATURE, "tta": TEMPERATURE + 0.1}}
+    if checks:
+        extra.update(fitted_checks(model, image_size, TEMPERATURE if calibrated else None))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model_file(path, model, HAM_CLASSES, config, extra)
     return path
+
+
+def lesion_like(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 [n, 3, S, S]: a dark brown ellipse on smooth skin-coloured ground, a little noise: the "training
+    images" the fixture's out-of-distribution statistics are fitted on."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    images = []
+    for _ in range(n):
+        skin = rng.uniform([190, 130, 110], [230, 170, 150])
+        lesion = rng.uniform([70, 40, 25], [120, 80, 60])
+        cy, cx, ry, rx = rng.uniform(0.35, 0.65, 2).tolist() + rng.uniform(0.15, 0.3, 2).tolist()
+        inside = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+        pixels = np.where(inside[..., None], lesion, skin) + rng.normal(0, 6, (size, size, 3))
+        images.append(np.clip(pixels, 0, 255).astype(np.uint8).transpose(2, 0, 1))
+    return np.stack(images)
+
+
+def fitted_checks(model: torch.nn.Module, image_size: int, temperature: float | None, n: int = 70) -> dict:
+    """model.pt's ``ood`` and ``abstention`` fitted on ``n`` lesion_like images with labels 0..6 in turn."""
+    from core.model.checked_prediction import fit_checks
+    from core.model.inference import predict_probs
+    from core.model.ood import capture
+
+    images, labels = lesion_like(n, image_size, seed=99), np.arange(n) % len(HAM_CLASSES)
+    with capture(model) as seen:
+        raw = predict_probs(model.eval(), images)
+    return fit_checks(labels, {"single": raw}, {"single": temperature}, seen.features, seen.logits, HAM_CLASSES)
 
 
 def image_bytes(size: tuple[int, int] = (60, 45), seed: int = 0, fmt: str = "JPEG") -> bytes:

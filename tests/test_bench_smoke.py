@@ -248,3 +248,19 @@ def test_box_study_targets_met_or_missed() -> None:
     one_seed = box_study.targets(box_study.summarize([runs[0], runs[3]]))
     assert one_seed[f"{head}: balanced accuracy not lower than without the head"]["met"] is None
     assert "| no head | gradcam |" in box_study.table(box_study.summarize(runs))
+
+
+# bench/ood_study.py: per set, the mean over seeds and the best score by FPR@95; abstention's gain per seed.
+def test_ood_study_summary_names_the_best_score_and_the_gain() -> None:
+    from bench.ood_study import ROWS, SCORES, summarize, table
+
+    def run(seed: int, fpr: float) -> dict:
+        scores = {row: {s: {"auroc": 0.9, "fpr_at_95": fpr * (i + 1)} for i, s in enumerate(SCORES)} for row in ROWS}
+        return {"seed": seed, "counts": {row: 10 for row in ROWS}, "scores": scores, "aurc": 0.2,
+                "balanced_accuracy": {"all": 0.40, "surest_90": 0.40 + 0.01 * (seed + 1)}, "rule": {"coverage": 0.9}}
+
+    summary = summarize([run(0, 0.02), run(1, 0.04)])
+    assert summary["rows"]["far_out"]["best"] == "mahalanobis"
+    assert summary["rows"]["far_out"]["energy"]["fpr_at_95"]["mean"] == pytest.approx(0.09)
+    assert summary["abstention"]["gain_at_90"]["per_seed"] == pytest.approx([0.01, 0.02])
+    assert "| far_out | 10 |" in table(summary) and "+0.015" in table(summary)

@@ -173,6 +173,9 @@ def test_final_train_builds_the_ensemble_beside_the_single_model(sweep: Path, fi
     assert [m["name"] for m in ens.meta["members"]] == ["t1", "t2"] and ens.weights.tolist() == pytest.approx([2 / 3, 1 / 3])
     assert ens.temperature(False) is not None and ens.meta["operating_points"]["positive_class"] == "mel"
     assert ens.metadata_spec is not None   # t2's clinical fields
+    # the check (on the first member's features) and the abstention rule, weighing the disagreement, fitted on val
+    assert ens.meta["ood"]["thresholds"]["mahalanobis"] > 0 and ens.meta["abstention"]["chosen_on"] == "val"
+    assert ens.meta["abstention"]["disagreement_weight"] in (0.0, 0.25, 0.5, 1.0, 2.0)
     ensemble_metrics = json.loads((out / "ensemble" / "metrics.json").read_text())
     single_metrics = json.loads((out / "metrics.json").read_text())
     assert ensemble_metrics["n_images"] == single_metrics["n_images"] > 0
@@ -205,6 +208,8 @@ def test_evaluate_and_predict_take_the_ensemble_file(sweep: Path, final, tmp_pat
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 and all(r["disagreement"]["mutual_information"] >= 0 for r in rows)
     assert "members" in rows[0]["disagreement"]["words"] and len(list((tmp_path / "cams").glob("*.png"))) == 2
+    assert all(r["ood"]["in_distribution"] is not None and "abstained" in r["abstain"] for r in rows)
+    assert evaluated["ood"]["far_out"] and evaluated["abstention"]["rule"]["coverage"] > 0
 
 
 def test_the_server_answers_with_the_members_disagreement(final) -> None:
@@ -222,6 +227,7 @@ def test_the_server_answers_with_the_members_disagreement(final) -> None:
         assert sum(body["probabilities"].values()) == pytest.approx(1.0) and body["metadata"]["used"] is True
         assert body["disagreement"]["mutual_information"] >= 0 and "members" in body["disagreement"]["words"]
         assert body["explain"]["overlay_png"]
+        assert body["ood"]["method"] == "mahalanobis" and isinstance(body["abstain"]["abstained"], bool)
         info = client.get("/info").json()
         assert [m["name"] for m in info["ensemble"]] == ["t1", "t2"] and info["test"]["balanced_accuracy"] is not None
     finally:

@@ -168,7 +168,7 @@ def test_predict_table_and_bad_images(setup: dict[str, Path], tmp_path: Path, ca
     assert main([str(setup["model"]), str(image)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["image", "prediction", "conf"] and table[2].startswith(str(image))
-    assert len(table) == 3
+    assert len(table) == 4 and table[3].startswith("no out-of-distribution check in this model file")
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(image.read_bytes()[:200])  # a truncated JPEG
@@ -178,6 +178,42 @@ def test_predict_table_and_bad_images(setup: dict[str, Path], tmp_path: Path, ca
     with pytest.raises(UserError, match="missing.png"):
         main([str(setup["model"]), str(tmp_path / "missing.png")])
     assert overlay_names(["a/x.jpg", "b/x.png", "y.jpg"]) == ["x_gradcam.png", "x-2_gradcam.png", "y_gradcam.png"]
+
+
+def test_an_older_model_file_without_the_check_and_fit_ood(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
+    from core.data.dataset import load_dataset
+    from core.evaluate import main as evaluate
+    from core.predict import main as predict
+    from core.data.splits import write_splits
+
+    image = str(sorted(setup["data"].rglob("*.jpg"))[0])
+    assert predict([str(setup["model"]), image, "--json"]) == 0   # no statistics: it works and says so
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["ood"]["in_distribution"] is None and "no out-of-distribution check" in row["ood"]["note"]
+    assert row["abstain"] == {**row["abstain"], "abstained": False, "reason": None, "threshold": None}
+    evaluate([str(setup["model"]), "--data", str(setup["data"]), "--out", str(tmp_path / "plain"), "--gallery", "0",
+              "--bootstrap", "0"])
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert plain["ood"]["skipped"].startswith("no out-of-distribution check in this model file")
+    assert plain["abstention"]["rule"]["skipped"] and plain["abstention"]["at"]["1.00"]["n"] == plain["n_images"]
+
+    err = _cli(evaluate, [str(setup["model"]), "--data", str(setup["data"]), "--out", str(tmp_path / "o"),
+                          "--fit-ood"], capsys)
+    assert "--fit-ood" in err and "splits.csv" in err
+    write_splits(load_dataset(setup["data"], SIZE, progress=False), tmp_path / "splits.csv")
+    out = tmp_path / "fitted"
+    assert evaluate([str(setup["model"]), "--data", str(setup["data"]), "--out", str(out), "--gallery", "0",
+                     "--bootstrap", "0", "--fit-ood", "--splits", str(tmp_path / "splits.csv")]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ood"]["fitted_on"] == "val" and metrics["ood"]["far_out"]["synthetic"]["n"] == 32
+    assert metrics["abstention"]["rule"]["coverage_asked"] == 0.9
+    stored = torch.load(out / "model.pt", weights_only=True)   # the given file is left as it was
+    assert "ood" in stored and "ood" not in torch.load(setup["model"], weights_only=True)
+    capsys.readouterr()
+    assert predict([str(out / "model.pt"), image, "--json", "--coverage", "0.5"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["ood"]["threshold"] == pytest.approx(stored["ood"]["thresholds"]["mahalanobis"])
+    assert isinstance(row["ood"]["in_distribution"], bool) and row["abstain"]["coverage"] == 0.5
 
 
 def test_help_of_both_commands(capsys) -> None:

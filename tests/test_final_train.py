@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -134,6 +135,20 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
     for title in ("## Image level and lesion level", "## Calibration (TTA)", "## Test-time augmentation",
                   "## Operating points: mel vs the rest", "## Subgroup: sex"):
         assert title in report, title
+    # When not to trust the answer: the statistics fitted on val in model.pt, both sections, the figure.
+    assert set(payload["ood"]["thresholds"]) == {"mahalanobis", "max_softmax", "energy"}
+    assert payload["ood"]["fitted_on"] == "val" and payload["abstention"]["coverage"] == 0.9
+    ood = metrics["ood"]
+    assert ood["far_out"]["natural_photos"]["n"] >= 50 and ood["far_out"]["synthetic"]["n"] == 32
+    assert set(ood["shifted_lesions"]) == {"blur", "jpeg_q10", "colour_cast", "rotated"}
+    assert all(0 <= row["auroc"] <= 1 and 0 <= row["fpr_at_95"] <= 1
+               for group in [*ood["far_out"].values(), *ood["shifted_lesions"].values()]
+               for row in group["scores"].values())
+    coverage = metrics["abstention"]
+    assert coverage["at"]["1.00"]["balanced_accuracy"] == pytest.approx(metrics["test_balanced_accuracy"])
+    assert coverage["at"]["0.80"]["n"] == math.ceil(0.8 * n_test) and 0 <= coverage["aurc"] <= 1
+    assert "## Images unlike the training data" in report and "## Abstention: answering only the surest" in report
+    assert "](risk_coverage.png)" in report and _is_png(out / "risk_coverage.png")[0] > 300
     page = (out / "report.html").read_text()  # the same Grad-CAM scores as report.md, as an HTML table
     assert "GuidedGradCam" in page and "<strong>layer4</strong>" in page and "centred Gaussian" in page
     assert page.count("<table>") >= 4 and "| mel |" not in page

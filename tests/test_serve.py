@@ -476,3 +476,31 @@ def test_batcher_groups_queued_jobs_and_survives_a_failing_batch() -> None:
         assert batcher.submit(np.full((1, 1, 1, 1), 5)).result(10).tolist() == [[5.0, 5.0]] and batcher.alive
     finally:
         batcher.close()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_answers_say_whether_the_image_is_like_the_training_images_and_whether_to_answer(
+        client: TestClient, service: ModelService) -> None:
+    from tests.serve_fixtures import lesion_like
+
+    like = lesion_like(1, SIZE, seed=99)[0]   # one of the images the fixture's statistics were fitted on
+    body = post_image(client, _png(like), name="lesion.png", kind="image/png").json()
+    stored = service.loaded.meta["ood"]
+    assert body["ood"] == {**body["ood"], "in_distribution": True, "method": "mahalanobis",
+                           "threshold": pytest.approx(stored["thresholds"]["mahalanobis"])}
+    assert body["ood"]["score"] <= body["ood"]["threshold"]
+    assert set(body["abstain"]) >= {"abstained", "reason"} and body["abstain"]["reason"] in (None, "low_confidence")
+    flat = np.zeros((3, SIZE, SIZE), np.uint8) + np.array([30, 60, 200], np.uint8)[:, None, None]  # a blue square
+    body = post_image(client, _png(flat), name="blue.png", kind="image/png").json()
+    assert body["ood"]["in_distribution"] is False and body["ood"]["score"] > body["ood"]["threshold"]
+    assert body["abstain"]["abstained"] is True and body["abstain"]["reason"] == "out_of_distribution"
+    images = np.stack([like, flat])
+    answer = client.post(f"/v2/models/{NAME}/infer", json={"inputs": [{
+        "name": "image", "datatype": "UINT8", "shape": list(images.shape), "data": images.ravel().tolist()}]}).json()
+    assert [o["in_distribution"] for o in answer["parameters"]["ood"]] == [True, False]
+    assert [a["reason"] for a in answer["parameters"]["abstain"]][1] == "out_of_distribution"

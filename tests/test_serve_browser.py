@@ -65,6 +65,41 @@ def test_upload_shows_bars_verdicts_and_overlay_without_script_errors(server: st
         assert browser.errors == []
 
 
+def _trust_state(browser: Browser, url: str, image: Path) -> tuple[str, str]:
+    """Upload ``image`` to the page at ``url``; the answer's trust state and the banner's text."""
+    browser.open(url + "/")
+    browser.wait_for("document.body.dataset.ready")
+    browser.pick_file("#file", image)
+    assert browser.wait_for("['done', 'error'].includes(document.body.dataset.state) && "
+                            "document.body.dataset.state") == "done"
+    return (browser.evaluate("document.body.dataset.trust"),
+            browser.evaluate("document.getElementById('trust').hidden ? '' : document.getElementById('trust').textContent"))
+
+
+def test_banners_when_the_image_is_unlike_the_training_images_or_the_model_abstains(
+        server: str, module_tmp: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tests.serve_fixtures import lesion_like
+
+    blue, like = tmp_path / "blue.png", tmp_path / "lesion.png"
+    Image.new("RGB", (200, 150), (30, 60, 200)).save(blue)   # not a lesion at all
+    Image.fromarray(lesion_like(1, 48, seed=99)[0].transpose(1, 2, 0)).save(like)  # like the fitted images
+    unsure = ModelService.load(module_tmp / "model.pt", ServeOptions(device="cpu", coverage=0.05))  # answers 5%
+    with Browser(BROWSER) as browser, running_server(create_app(unsure)) as strict:
+        browser.call("Page.addScriptToEvaluateOnNewDocument", source="window.prompt = () => 'k3y';")
+        state, text = _trust_state(browser, server, blue)
+        assert state == "ood" and "the probabilities below are not meaningful for this image" in text
+        assert "dermoscopic" in text and browser.evaluate("document.getElementById('bars').className") == "greyed"
+        state, text = _trust_state(browser, server, like)
+        assert state in ("answered", "abstained") and "not meaningful" not in text
+        state, text = _trust_state(browser, strict, like)
+        assert state == "abstained" and "too unsure" in text and "not meaningful" not in text
+        assert browser.evaluate("document.getElementById('bars').className") == "greyed"
+        assert browser.evaluate("document.getElementById('page-errors').textContent") == "" and browser.errors == []
+    unsure.close()
+
+
 def test_a_bad_file_shows_the_servers_error(server: str, tmp_path: Path) -> None:
     bad = tmp_path / "notes.jpg"
     bad.write_bytes(b"not an image at all")

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -37,6 +38,8 @@ from core.evaluation.metrics import PredictionScores, score_predictions
 from core.metric_names import finite_or_none
 from core.evaluation.report import ReportInput, write_evaluation_report
 from core.evaluation.tables import headline_intervals, interval_note, report_tables
+from core.model.ood import Captured, capture
+from core.evaluation.trust import RISK_COVERAGE_FIGURE, Evaluated, risk_coverage_figure, trust_sections, trust_tables
 
 if TYPE_CHECKING:  # core.explain.gradcam imports Captum: only when Grad-CAM runs
     from core.explain.gradcam import Explainable, GradcamOptions
@@ -70,6 +73,9 @@ class ScoredImages:
     metadata: np.ndarray | None = None  # their encoded clinical metadata (a metadata model), as predicted with
     boxes: np.ndarray | None = None     # the box head's boxes [N, 4] (fractions), None without a head
     box_fit: Mapping[str, Any] | None = None  # model.pt's "boxes" (Grad-CAM fraction, centre prior; core/evaluation/localisation.py)
+    captured: Captured = field(default_factory=Captured)  # the single view's features and logits (core/model/ood.py)
+    stored: Mapping[str, Any] = field(default_factory=dict)  # what model.pt stores (ood, abstention, ...)
+    disagreement: Mapping[str, np.ndarray] = field(default_factory=dict)  # an ensemble's, per view (else empty)
 
 
 @dataclass(frozen=True)
@@ -93,19 +99,28 @@ class EvaluationOutputs:
     training: Callable[[], Mapping[str, Any]] | None = None  # metrics.json's "training" (core.final_train),
     #                                                           made just before the document, so its wall_s is all
     figures: Sequence[tuple[str, str]] = ()             # (caption, file) already in the folder, shown first
+    coverage: float | None = None                       # the abstention rule's coverage (None: model.pt's)
 
 
 def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.ndarray, labels: np.ndarray,
-                tta: bool, encoded: np.ndarray | None) -> EvaluatedSet:
+                tta: bool, encoded: np.ndarray | None, seen: Captured | None = None,
+                disagreement: dict[str, np.ndarray] | None = None) -> EvaluatedSet:
     """The raw probabilities of a model for ``pixels`` = ``data.images[idx]``.
 
     ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well (after the
     single view); ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes
-    (else None).
+    (else None); ``seen``: where the single view's penultimate features and logits go (core/model/ood.py), from
+    the same pass; ``disagreement``: where an ensemble's members' disagreement per view goes (same pass).
     """
     views = (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,)
-    raw = {view: loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
-           for view in views}
+    raw = {}
+    for view in views:
+        with capture(loaded.model, into=seen) if seen is not None and view == SINGLE_MODE else nullcontext():
+            if disagreement is not None and hasattr(loaded, "predict_detail"):   # an ensemble file
+                found = loaded.predict_detail(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
+                raw[view], disagreement[view] = found.probs, found.disagreement
+            else:
+                raw[view] = loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
     metadata = None if data.metadata is None else data.metadata.iloc[idx].reset_index(drop=True)
     return EvaluatedSet(labels=np.asarray(labels, dtype=np.int64), groups=data.groups[idx],
                         image_ids=data.image_ids[idx], metadata=metadata, raw=raw)
@@ -116,14 +131,17 @@ def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[s
     """Predict, calibrate with model.pt's ``stored`` temperatures, clinical results and the headline metrics."""
     pixels = np.asarray(images.data.images[images.idx])
     encoded = loaded.encode_dataset(images.data, images.idx)  # once: the prediction and Grad-CAM both take it
+    seen, disagreement = Captured(), {}
     with capture_boxes(loaded.model) as got:   # a box head's boxes, from the prediction's own pass
-        predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded)
+        predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded, seen,
+                                disagreement)
     # the single view runs first: its boxes are the first len(idx) rows (the TTA passes' views follow)
     boxes = torch.cat(got)[:len(images.idx)].float().cpu().numpy() if got else None
     clinical = clinical_results(predicted, loaded.class_names, stored, options)
     scores = score_predictions(images.labels, clinical.probs, loaded.class_names)
     return ScoredImages(loaded=loaded, images=images, pixels=pixels, clinical=clinical, scores=scores,
-                        metadata=encoded, boxes=boxes, box_fit=stored.get("boxes"))
+                        metadata=encoded, boxes=boxes, box_fit=stored.get("boxes"), captured=seen, stored=stored,
+                        disagreement=disagreement)
 
 
 def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs) -> dict[str, Any]:
@@ -141,16 +159,19 @@ def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs
     localised = localise(out, scored, explained.masked_maps)
     if localised is not None:
         figures.append(("Boxes: the lesion masks' and the predicted ones", localisation.FIGURE))
+    trust = trust_of(scored, outputs.coverage)
+    figures += trust_figure(out, trust, scored.images.what)
     document = metrics_document(scored.scores, outputs.source,
                                 training=outputs.training() if outputs.training else None,
-                                gradcam=explained.document, clinical=scored.clinical.sections)
+                                gradcam=explained.document, clinical={**scored.clinical.sections, **trust})
     document["localisation"] = localised
     page = outputs.page(document)
     write_evaluation_report(out / filenames.REPORT, ReportInput(
         title=page.title, facts=page.facts, metrics=scored.scores.metrics, per_class=scored.scores.per_class,
         figures=figures, galleries=explained.galleries, config=page.config, notes=[*page.notes, *explained.notes],
         gradcam=explained.document, intervals=headline_intervals(document), interval_note=interval_note(document),
-        tables=[*report_tables(document), *filter(None, [localisation.localisation_table(localised)])],
+        tables=[*report_tables(document), *trust_tables(document),
+                *filter(None, [localisation.localisation_table(localised)])],
         commands=page.commands))
     write_json(out / filenames.EVALUATION, document)
     return document
@@ -194,6 +215,22 @@ def localise(out: Path, scored: ScoredImages, maps: np.ndarray | None) -> dict[s
     localisation.box_figure(scored.pixels[shown], np.asarray(data.masks[idx[shown]]), drawn, titles,
                             out / localisation.FIGURE)
     return section
+
+
+# --- when not to trust the answer (core/evaluation/trust.py) ---------------------------------------------------
+
+def trust_of(scored: ScoredImages, coverage: float | None) -> dict[str, Any]:
+    """metrics.json's ``ood`` and ``abstention`` sections, with what model.pt stores."""
+    tta = scored.clinical.sections["prediction"]["view"] == TTA_MODE
+    images = Evaluated(pixels=scored.pixels, labels=scored.scores.labels, probs=scored.clinical.probs,
+                       features=scored.captured.features, logits=scored.captured.logits, metadata=scored.metadata,
+                       disagreement=scored.disagreement.get(TTA_MODE if tta else SINGLE_MODE))
+    return trust_sections(scored.loaded, scored.stored, images, tta, coverage)
+
+
+def trust_figure(out: Path, trust: Mapping[str, Any], what: str) -> list[tuple[str, str]]:
+    risk_coverage_figure(trust["abstention"], out / RISK_COVERAGE_FIGURE, title=f"Risk-coverage, {what}")
+    return [("Risk-coverage: the risk of the answered images against the share answered", RISK_COVERAGE_FIGURE)]
 
 
 def explainable(scored: ScoredImages) -> Explainable:
