@@ -114,7 +114,7 @@ def evaluate_sweep(folder: Path, args: Any, train: bool = True) -> dict[str, Any
 
     from core import filenames
     from core.best_file import read_best
-    from core.evaluation.sections import ClinicalOptions
+    from core.evaluation.sections import SectionOptions
     from core.data.dataset import load_for_config
     from core.evaluation.ensemble_compare import compare
     from core.ensemble_file import read_ensemble_choice
@@ -124,7 +124,7 @@ def evaluate_sweep(folder: Path, args: Any, train: bool = True) -> dict[str, Any
     from sweep.ensemble import full_length_runs, greedy_select, read_val_probs
 
     began = time.time()
-    options = ClinicalOptions(resamples=args.resamples)
+    options = SectionOptions(resamples=args.resamples)
     if train:
         final_train(folder / filenames.BEST_TRIAL, FinalOptions(gallery_per_class=0, progress=False,
                                                                 evaluation=options))
@@ -155,14 +155,14 @@ def evaluate_sweep(folder: Path, args: Any, train: bool = True) -> dict[str, Any
             probs[kind], members[kind] = probs["single"], [f"(only {len(files)} run)"]
             continue
         _, _, scored = calibrated_ensemble(files, {}, folder / filenames.TRIALS_CSV, best, best.config, data, options)
-        probs[kind], members[kind] = scored.clinical.probs, ids
+        probs[kind], members[kind] = scored.results.probs, ids
     kept = [read_val_probs(folder / filenames.TRIALS_DIR / t) for t in full]
     by_nll = greedy_select([k["probs"] for k in kept], kept[0]["labels"], "val_loss", args.ensemble_size)
     picked = [(full[i], folder / filenames.TRIALS_DIR / full[i] / filenames.BEST_CHECKPOINT, float(by_nll.counts[i]))
               for i in np.flatnonzero(by_nll.counts)]
     if len(picked) > 1:
         _, _, scored = calibrated_ensemble(picked, {}, folder / filenames.TRIALS_CSV, best, best.config, data, options)
-        probs["greedy-nll"] = scored.clinical.probs
+        probs["greedy-nll"] = scored.results.probs
     else:
         probs["greedy-nll"] = probs["single"]
     members["greedy-nll"] = [f"{t} x{int(c)}" for t, _, c in picked]

@@ -1,4 +1,4 @@
-"""Do other backbones, clinical metadata or mixup/CutMix beat ResNet-18? Paired runs on lesion-grouped splits.
+"""Do other backbones, clinical fields or mixup/CutMix beat ResNet-18? Paired runs on lesion-grouped splits.
 
     python -m bench.model_study --out model_study.json      # HAM10000 copy, 64 px, 10 epochs, 3 seeds
 

@@ -11,7 +11,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from core.evaluation.bootstrap import DEFAULT_RESAMPLES
-from core.evaluation.sections import ClinicalOptions
+from core.evaluation.sections import SectionOptions
 from core.config import DEVICES
 from core.errors import UserError
 from core.model.networks import ALL_GRADCAM_LAYERS
@@ -81,10 +81,10 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
                         help="seed of the bootstrap's resamples (default 0)")
 
 
-def clinical_options(args: argparse.Namespace) -> ClinicalOptions:
+def section_options(args: argparse.Namespace) -> SectionOptions:
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap {args.bootstrap}: the number of resamples must be >= 0")
-    return ClinicalOptions(tta=args.tta, calibrated=not args.no_calibration, positive_class=args.positive_class,
+    return SectionOptions(tta=args.tta, calibrated=not args.no_calibration, positive_class=args.positive_class,
                            resamples=args.bootstrap, seed=args.bootstrap_seed)
 
 

@@ -18,7 +18,7 @@ training data's validation split, never on the images evaluated here) and result
 (core/evaluation/trust.py; ``--fit-ood`` fits the check for a model file without it, core/evaluation/ood_refit.py;
 ``--coverage`` asks the abstention rule for another share answered).
 
-The evaluation itself (predict, calibrate, clinical results, figures, Grad-CAM, report, metrics.json) is
+The evaluation itself (predict, calibrate, evaluation sections, figures, Grad-CAM, report, metrics.json) is
 core/evaluation/pipeline.py, shared with core.final_train; this module is the command and what it evaluates.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from core import filenames
 from core.cli import (add_coverage_option, add_device_option, add_evaluation_options, add_gallery_options,
-                      add_threads_option, apply_threads, clinical_options, coverage_of, gradcam_options)
+                      add_threads_option, apply_threads, section_options, coverage_of, gradcam_options)
 from core.data.dataset import SplitOptions, load_dataset
 from core.errors import UserError, run_cli
 from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images, write_evaluation
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = check_output_dir(args.out, "--out")
     apply_threads(args.threads)
-    options = clinical_options(args)
+    options = section_options(args)
     loaded = load_for_inference(args.checkpoint, args.device)
     if args.fit_ood:  # the run's splits.csv: its val split is what the statistics are fitted on
         args.splits = splits_for_fit(args.checkpoint, args.splits)

@@ -23,7 +23,7 @@ import numpy as np
 from core import filenames
 from core.io.atomic import save_torch, write_json
 from core.best_file import SPLITS_ADVICE, BestFile
-from core.evaluation.sections import ClinicalOptions, fit_on_val
+from core.evaluation.sections import SectionOptions, fit_on_val
 from core.config import TrainConfig
 from core.data.dataset import Dataset, load_for_config
 from core.evaluation.ensemble_compare import compare, comparison_table
@@ -63,7 +63,7 @@ class FinalEnsemble:
 
 
 def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: ScoredImages,
-                     options: ClinicalOptions, progress: bool = True,
+                     options: SectionOptions, progress: bool = True,
                      coverage: float = DEFAULT_COVERAGE) -> FinalEnsemble | None:
     """Build, calibrate and score the sweep's ensemble; None when the sweep chose none (or the best run alone)."""
     path = best.folder / filenames.ENSEMBLE_CHOICE
@@ -81,13 +81,13 @@ def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: Sc
     test_idx = data.indices("test")
     if not np.array_equal(data.image_ids[test_idx], single.images.data.image_ids[single.images.idx]):
         raise AssertionError("the ensemble's test images differ from the single model's")
-    comparison = compare(single.scores.labels, data.groups[test_idx], single.clinical.probs, scored.clinical.probs,
+    comparison = compare(single.scores.labels, data.groups[test_idx], single.results.probs, scored.results.probs,
                          resamples=options.resamples, seed=options.seed)
     return FinalEnsemble(choice, model, document, scored, comparison)
 
 
 def calibrated_ensemble(members: list[tuple[str, Any, float]], extra: Mapping[str, Any], path: Path, best: BestFile,
-                        cfg: TrainConfig, data: Dataset, options: ClinicalOptions, progress: bool = False,
+                        cfg: TrainConfig, data: Dataset, options: SectionOptions, progress: bool = False,
                         coverage: float = DEFAULT_COVERAGE) -> tuple[EnsembleModel, dict[str, Any], ScoredImages]:
     """An ensemble of the model files ``members`` ((name, file, weight)), its temperature and operating points
     fitted on the averaged validation probabilities, scored once on the test split; ``path``: the file that

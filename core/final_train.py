@@ -52,10 +52,10 @@ from core import filenames
 from core.io.atomic import remove_stale_temps, write_json
 from core.best_file import SPLITS_ADVICE, BestFile, check_data, read_best
 from core.cli import (add_coverage_option, add_evaluation_options, add_gallery_options, add_threads_option,
-                      apply_threads, clinical_options, coverage_of)
+                      apply_threads, section_options, coverage_of)
 from core.model.abstain import DEFAULT_COVERAGE
 from core.model.checked_prediction import fit_checks
-from core.evaluation.sections import ClinicalOptions, fit_on_val, not_fitted
+from core.evaluation.sections import SectionOptions, fit_on_val, not_fitted
 from core.config import TrainConfig
 from core.data.dataset import Dataset, load_for_config
 from core.errors import UserError, run_cli
@@ -101,7 +101,7 @@ class FinalOptions:
     progress: bool = True
     gradcam_layer: str | None = None     # None: chosen by image size (core.explain.gradcam.choose_layer)
     gradcam_method: str | None = None    # None: core.explain.gradcam.DEFAULT_METHOD
-    evaluation: ClinicalOptions = ClinicalOptions()   # TTA, calibration, positive class, bootstrap
+    evaluation: SectionOptions = SectionOptions()   # TTA, calibration, positive class, bootstrap
     coverage: float = DEFAULT_COVERAGE   # share of validation images the abstention rule answers (core/model/abstain.py)
 
     def gradcam(self) -> GradcamOptions:
@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = FinalOptions(
         epochs=args.epochs, overrides=tuple(args.overrides), out_dir=args.out, train_on_val=args.train_on_val,
         resume=not args.no_resume, gallery_per_class=args.gallery, gradcam_layer=args.gradcam_layer,
-        gradcam_method=args.gradcam_method, evaluation=clinical_options(args), coverage=coverage_of(args))
+        gradcam_method=args.gradcam_method, evaluation=section_options(args), coverage=coverage_of(args))
     if is_uri(args.best):
         from core.final_storage import final_train_in_bucket
 

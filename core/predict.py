@@ -25,7 +25,7 @@ says "no out-of-distribution check in this model file".
 This module is the command: reading the images, the table and the JSON it prints; the model is used through
 core/model/inference.py, Grad-CAM through core/explain/gradcam.py.
 
-A model trained with clinical metadata (config key ``metadata``) takes ``--age``, ``--sex`` and ``--site``
+A model trained with clinical fields (config key ``metadata``) takes ``--age``, ``--sex`` and ``--site``
 (the same for every image given); a field left out counts as unknown (all of them: with a warning).
 """
 
@@ -182,7 +182,7 @@ def encoded_metadata(loaded: LoadedModel, record: dict | None, n: int) -> np.nda
     """The record encoded for each of ``n`` images; None for an image-only model (the record ignored)."""
     if record is None or loaded.metadata_spec is None:
         if record is not None:
-            log.warning("the model was trained without clinical metadata: --age/--sex/--site are ignored")
+            log.warning("the model was trained without clinical fields: --age/--sex/--site are ignored")
         return None
     return loaded.encode([record] * n)
 

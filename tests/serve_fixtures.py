@@ -27,7 +27,7 @@ def write_model(path: Path, image_size: int = 32, seed: int = 0, calibrated: boo
                 checks: bool = True) -> Path:
     """A ResNet-18 with random weights, saved as core.final_train saves model.pt (temperature, mel thresholds,
     with ``checks`` the out-of-distribution statistics and abstention rule fitted on :func:`lesion_like` images);
-    ``metadata``: the clinical-metadata fusion (config key ``metadata``); ``pretrained``: what the config
+    ``metadata``: the clinical-field fusion (config key ``metadata``); ``pretrained``: what the config
     records as the initial weights (the weights stay random); ``box_head``: with a lesion box head."""
     torch.manual_seed(seed)
     model = build_model(len(HAM_CLASSES), "none", metadata=make_spec(metadata), box_head=box_head)

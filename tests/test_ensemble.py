@@ -158,11 +158,11 @@ def sweep(module_tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def final(sweep: Path):
-    from core.evaluation.sections import ClinicalOptions
+    from core.evaluation.sections import SectionOptions
     from core.final_train import FinalOptions, final_train
 
     return final_train(sweep / "best.json", FinalOptions(gallery_per_class=0, progress=False,
-                                                         evaluation=ClinicalOptions(resamples=50)))
+                                                         evaluation=SectionOptions(resamples=50)))
 
 
 def test_final_train_builds_the_ensemble_beside_the_single_model(sweep: Path, final) -> None:

@@ -60,11 +60,11 @@ def sweep(module_tmp: Path) -> Path:
 def final(sweep: Path):
     from core.final_train import FinalOptions, final_train
 
-    from core.evaluation.sections import ClinicalOptions
+    from core.evaluation.sections import SectionOptions
 
     return final_train(sweep / "best.json", FinalOptions(epochs=FINAL_EPOCHS, overrides=("lr=3e-3",),
                                                          gallery_per_class=1, progress=False,
-                                                         evaluation=ClinicalOptions(tta=True, resamples=200)))
+                                                         evaluation=SectionOptions(tta=True, resamples=200)))
 
 
 def _is_png(path: Path) -> tuple[int, int]:

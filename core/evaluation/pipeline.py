@@ -1,5 +1,5 @@
 """One evaluation of a model on labelled images, the pipeline core.final_train and core.evaluate both run:
-predict, calibrate, clinical results, metrics, figures, Grad-CAM, lesion boxes (core/evaluation/localisation.py),
+predict, calibrate, evaluation sections, metrics, figures, Grad-CAM, lesion boxes (core/evaluation/localisation.py),
 report.md/report.html and metrics.json.
 
 A library, not a command. Two steps, so that core.final_train can store what the first found in model.pt
@@ -30,7 +30,7 @@ from core.io.atomic import write_json
 from core.evaluation import localisation
 from core.model.box_head import capture_boxes
 from core.explain.cam_boxes import cam_boxes
-from core.evaluation.sections import ClinicalOptions, ClinicalResults, EvaluatedSet, clinical_results
+from core.evaluation.sections import SectionOptions, SectionResults, EvaluatedSet, section_results
 from core.data.dataset import Dataset
 from core.evaluation.figures import confusion_matrix_figure, reliability_figure, roc_figure
 from core.model.inference import SINGLE_MODE, TTA_MODE, LoadedModel
@@ -68,9 +68,9 @@ class ScoredImages:
     loaded: LoadedModel
     images: EvaluatedImages
     pixels: np.ndarray            # uint8 [N, 3, S, S] of the evaluated images
-    clinical: ClinicalResults
+    results: SectionResults
     scores: PredictionScores
-    metadata: np.ndarray | None = None  # their encoded clinical metadata (a metadata model), as predicted with
+    metadata: np.ndarray | None = None  # their encoded clinical fields (a metadata model), as predicted with
     boxes: np.ndarray | None = None     # the box head's boxes [N, 4] (fractions), None without a head
     box_fit: Mapping[str, Any] | None = None  # model.pt's "boxes" (Grad-CAM fraction, centre prior; core/evaluation/localisation.py)
     captured: Captured = field(default_factory=Captured)  # the single view's features and logits (core/model/ood.py)
@@ -108,7 +108,7 @@ def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.
     """The raw probabilities of a model for ``pixels`` = ``data.images[idx]``.
 
     ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well (after the
-    single view); ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical metadata a metadata model takes
+    single view); ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical fields a metadata model takes
     (else None); ``seen``: where the single view's penultimate features and logits go (core/model/ood.py), from
     the same pass; ``disagreement``: where an ensemble's members' disagreement per view goes (same pass).
     """
@@ -127,8 +127,8 @@ def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.
 
 
 def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[str, Any],
-                 options: ClinicalOptions) -> ScoredImages:
-    """Predict, calibrate with model.pt's ``stored`` temperatures, clinical results and the headline metrics."""
+                 options: SectionOptions) -> ScoredImages:
+    """Predict, calibrate with model.pt's ``stored`` temperatures, the evaluation sections and the headline metrics."""
     pixels = np.asarray(images.data.images[images.idx])
     encoded = loaded.encode_dataset(images.data, images.idx)  # once: the prediction and Grad-CAM both take it
     seen, disagreement = Captured(), {}
@@ -137,9 +137,9 @@ def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[s
                                 disagreement)
     # the single view runs first: its boxes are the first len(idx) rows (the TTA passes' views follow)
     boxes = torch.cat(got)[:len(images.idx)].float().cpu().numpy() if got else None
-    clinical = clinical_results(predicted, loaded.class_names, stored, options)
-    scores = score_predictions(images.labels, clinical.probs, loaded.class_names)
-    return ScoredImages(loaded=loaded, images=images, pixels=pixels, clinical=clinical, scores=scores,
+    results = section_results(predicted, loaded.class_names, stored, options)
+    scores = score_predictions(images.labels, results.probs, loaded.class_names)
+    return ScoredImages(loaded=loaded, images=images, pixels=pixels, results=results, scores=scores,
                         metadata=encoded, boxes=boxes, box_fit=stored.get("boxes"), captured=seen, stored=stored,
                         disagreement=disagreement)
 
@@ -163,7 +163,7 @@ def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs
     figures += trust_figure(out, trust, scored.images.what)
     document = metrics_document(scored.scores, outputs.source,
                                 training=outputs.training() if outputs.training else None,
-                                gradcam=explained.document, clinical={**scored.clinical.sections, **trust})
+                                gradcam=explained.document, sections={**scored.results.sections, **trust})
     document["localisation"] = localised
     page = outputs.page(document)
     write_evaluation_report(out / filenames.REPORT, ReportInput(
@@ -186,7 +186,7 @@ def write_figures(out: Path, scored: ScoredImages) -> list[tuple[str, str]]:
                title=f"ROC curves, {what} (one class vs the rest)")
     with warnings.catch_warnings():  # empty bins of the diagram
         warnings.simplefilter("ignore", RuntimeWarning)
-        reliability_figure(scored.clinical.reliability, out / RELIABILITY_FIGURE,
+        reliability_figure(scored.results.reliability, out / RELIABILITY_FIGURE,
                            title=f"Reliability diagram, {what}")
     return [("Confusion matrix", CONFUSION_FIGURE), ("ROC curves", ROC_FIGURE),
             ("Reliability diagram (before and after calibration)", RELIABILITY_FIGURE)]
@@ -221,8 +221,8 @@ def localise(out: Path, scored: ScoredImages, maps: np.ndarray | None) -> dict[s
 
 def trust_of(scored: ScoredImages, coverage: float | None) -> dict[str, Any]:
     """metrics.json's ``ood`` and ``abstention`` sections, with what model.pt stores."""
-    tta = scored.clinical.sections["prediction"]["view"] == TTA_MODE
-    images = Evaluated(pixels=scored.pixels, labels=scored.scores.labels, probs=scored.clinical.probs,
+    tta = scored.results.sections["prediction"]["view"] == TTA_MODE
+    images = Evaluated(pixels=scored.pixels, labels=scored.scores.labels, probs=scored.results.probs,
                        features=scored.captured.features, logits=scored.captured.logits, metadata=scored.metadata,
                        disagreement=scored.disagreement.get(TTA_MODE if tta else SINGLE_MODE))
     return trust_sections(scored.loaded, scored.stored, images, tta, coverage)
@@ -246,13 +246,13 @@ def explainable(scored: ScoredImages) -> Explainable:
 
 def metrics_document(scores: PredictionScores, source: Mapping[str, Any], training: Mapping[str, Any] | None = None,
                      gradcam: Mapping[str, Any] | None = None,
-                     clinical: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     sections: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The metrics.json of an evaluation (one schema for core.evaluate and core.final_train).
 
     ``source``: what was evaluated (model file, split, data); ``training``: core.final_train's account of the
     training that made the model (absent for core.evaluate). Then the flat test_* metrics, per class figures,
     the confusion matrix, ``gradcam``: the heat maps' method and scores (core.explain.gradcam.explain_evaluation;
-    null without Grad-CAM), then ``clinical``'s sections (core/evaluation/sections.py: prediction, bootstrap, intervals,
+    null without Grad-CAM), then the ``sections`` (core/evaluation/sections.py: prediction, bootstrap, intervals,
     lesion_level, calibration, tta, operating_points, subgroups).
     """
     return {"format": EVALUATION_FORMAT, "version": 1, "status": "complete", "source": dict(source),
@@ -260,7 +260,7 @@ def metrics_document(scores: PredictionScores, source: Mapping[str, Any], traini
             **{k: finite_or_none(v) for k, v in scores.metrics.items()},
             "n_images": int(len(scores.labels)), "class_names": list(scores.class_names),
             "per_class": scores.per_class, "confusion_matrix": scores.confusion.tolist(),
-            "gradcam": None if gradcam is None else dict(gradcam), **dict(clinical or {})}
+            "gradcam": None if gradcam is None else dict(gradcam), **dict(sections or {})}
 
 
 def data_source(data: Dataset) -> dict[str, Any]:

@@ -6,7 +6,7 @@ report's tables of these sections are core/evaluation/tables.py, the reliability
 - ``fit_on_val`` (core.final_train only): the calibration temperatures (core/model/calibration.py) and the
   operating thresholds of the positive class (core/evaluation/operating_points.py), chosen on the validation split
   and stored in model.pt. Never on test, never on training images (``not_fitted`` says why not).
-- ``clinical_results``: on the evaluated images (the test split, or an external set), with what model.pt
+- ``section_results``: on the evaluated images (the test split, or an external set), with what model.pt
   stores; returns the probabilities the headline metrics use and the metrics.json sections.
 
 Prediction modes: a view (``single``, or ``tta``: core/model/tta.py) and calibrated or raw; the headline uses
@@ -34,7 +34,7 @@ INTERVAL_KEYS = ("test_balanced_accuracy", "test_accuracy", "test_auc")
 
 
 @dataclass(frozen=True)
-class ClinicalOptions:
+class SectionOptions:
     """How to predict and what to add (the commands' --tta, --no-calibration, --positive-class, --bootstrap)."""
 
     tta: bool = False
@@ -56,8 +56,8 @@ class EvaluatedSet:
 
 
 @dataclass(frozen=True)
-class ClinicalResults:
-    """What :func:`clinical_results` found: the headline probabilities, the sections, the reliability panels."""
+class SectionResults:
+    """What :func:`section_results` found: the headline probabilities, the sections, the reliability panels."""
 
     probs: np.ndarray                     # what the headline metrics use
     sections: dict[str, Any]              # metrics.json sections (JSON-ready: no NaN)
@@ -104,8 +104,8 @@ def not_fitted(reason: str) -> dict[str, Any]:
 
 # --- on the evaluated images --------------------------------------------------------------------------------
 
-def clinical_results(data: EvaluatedSet, class_names: Sequence[str], stored: Mapping[str, Any],
-                        options: ClinicalOptions) -> ClinicalResults:
+def section_results(data: EvaluatedSet, class_names: Sequence[str], stored: Mapping[str, Any],
+                        options: SectionOptions) -> SectionResults:
     """The headline probabilities and every section, using model.pt's ``stored`` temperatures and thresholds."""
     positive = positive_index(class_names, options.positive_class)  # a bad name fails before any work
     view = TTA_MODE if options.tta else SINGLE_MODE
@@ -139,7 +139,7 @@ def clinical_results(data: EvaluatedSet, class_names: Sequence[str], stored: Map
     panels = [("before calibration", data.labels, data.raw[view])]
     if view in calibrated:
         panels.append((f"after (T = {temperatures[view]:.2f})", data.labels, calibrated[view]))
-    return ClinicalResults(probs=probs, sections=_json_ready(sections), reliability=panels)
+    return SectionResults(probs=probs, sections=_json_ready(sections), reliability=panels)
 
 
 def _intervals(boot: LesionBootstrap, labels: np.ndarray, probs: np.ndarray,
@@ -153,7 +153,7 @@ def _intervals(boot: LesionBootstrap, labels: np.ndarray, probs: np.ndarray,
 
 
 def _lesion_level(data: EvaluatedSet, probs: np.ndarray, class_names: Sequence[str],
-                  options: ClinicalOptions) -> dict[str, Any] | None:
+                  options: SectionOptions) -> dict[str, Any] | None:
     if not has_lesion_ids(data.groups, data.image_ids):
         return None
     lesions = by_lesion(data.groups, data.labels, probs)

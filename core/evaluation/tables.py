@@ -1,4 +1,4 @@
-"""The report's tables of an evaluation's clinical sections (core/evaluation/sections.py computes them), read back from
+"""The report's tables of an evaluation's sections (core/evaluation/sections.py computes them), read back from
 the metrics.json document, so that report.md, report.html and the file never disagree.
 
 Not a command: core/evaluation/pipeline.py passes :func:`report_tables`, :func:`headline_intervals` and

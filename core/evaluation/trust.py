@@ -49,7 +49,7 @@ class Evaluated:
     probs: np.ndarray             # the headline probabilities [N, C]
     features: np.ndarray          # the single view's penultimate features [N, D] (core/model/ood.py capture)
     logits: np.ndarray            # its raw logits [N, C]
-    metadata: np.ndarray | None = None    # their encoded clinical metadata (a metadata model)
+    metadata: np.ndarray | None = None    # their encoded clinical fields (a metadata model)
     disagreement: np.ndarray | None = None  # an ensemble's members' disagreement [N] (core/model/abstain.py)
 
 

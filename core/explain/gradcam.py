@@ -97,7 +97,7 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
     ``layer``: the stage to look at; None chooses by image size and the model's arch (:func:`choose_layer`).
     ``method``: "gradcam" (LayerGradCam, bilinearly upsampled) or "guided" (GuidedGradCam: guided
     backpropagation times the nearest-upsampled Grad-CAM, absolute values summed over the colours).
-    ``metadata``: the images' encoded clinical metadata [N, D] for a metadata model (None: every field
+    ``metadata``: the images' encoded clinical fields [N, D] for a metadata model (None: every field
     unknown); an image-only model ignores it.
     """
     from captum.attr import GuidedGradCam
@@ -277,7 +277,7 @@ class Explainable:
     class_names: Sequence[str]
     masks: np.ndarray | None = None    # (N, H, W) lesion masks, where ``has_mask``; None: no masks
     has_mask: np.ndarray | None = None
-    metadata: np.ndarray | None = None  # (N, D) the encoded clinical metadata a metadata model predicted with
+    metadata: np.ndarray | None = None  # (N, D) the encoded clinical fields a metadata model predicted with
 
     def metadata_of(self, indices: Sequence[int]) -> np.ndarray | None:
         return None if self.metadata is None else np.asarray(self.metadata)[list(indices)]

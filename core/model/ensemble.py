@@ -8,7 +8,7 @@ core/model/inference.py's ``load_for_inference`` returns an :class:`EnsembleMode
   image size (images are given at the ensemble's size, the largest member's, and resized for a smaller member)
   and clinical fields; TTA is each member's own (core/model/tta.py), and the ensemble's temperature (fitted on the
   averaged validation probabilities) calibrates the mean;
-- clinical metadata is the members' encodings side by side (``encode``), each member reading its own columns;
+- clinical fields is the members' encodings side by side (``encode``), each member reading its own columns;
 - :meth:`EnsembleModel.disagreement` is the members' disagreement: the weighted mutual information between
   member and prediction, H(mean p) - mean H(p_k), in nats (0: all members agree; at most log of the member count);
 - ``model`` is an :class:`EnsembleNet`, which core/explain/gradcam.py explains as the weighted mean of its members'
@@ -98,7 +98,7 @@ class EnsembleModel:
 
     @property
     def metadata_spec(self) -> dict | None:
-        """None when no member takes clinical metadata; else the members' encodings side by side."""
+        """None when no member takes clinical fields; else the members' encodings side by side."""
         return self.meta.get("metadata")
 
     def encode(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:

@@ -4,7 +4,7 @@ Every command that applies a model (core.evaluate, core.predict, core.final_trai
 so images are normalised, batched and cast exactly as in training (core/training/loop.py's ``predict_split``).
 ``tta=True`` averages the 8 dihedral views (core/model/tta.py); ``LoadedModel.predict`` applies the temperature
 that core.final_train stored in model.pt for that mode (core/model/calibration.py) unless ``calibrated=False``.
-A model trained with clinical metadata (core/model/fields.py) takes it encoded (``LoadedModel.encode``); without
+A model trained with clinical fields (core/model/fields.py) takes it encoded (``LoadedModel.encode``); without
 it every field counts as unknown, with a warning.
 """
 
@@ -54,7 +54,7 @@ class LoadedModel:
 
     @property
     def metadata_spec(self) -> dict | None:
-        """The clinical-metadata encoding the model was trained with; None for an image-only model."""
+        """The clinical-field encoding the model was trained with; None for an image-only model."""
         return self.meta.get("metadata")
 
     def encode(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -90,7 +90,7 @@ class LoadedModel:
         elif metadata is None:
             if not self._warned:
                 self._warned.append(True)
-                log.warning("the model was trained with clinical metadata (%s) but none was given: age, sex "
+                log.warning("the model was trained with clinical fields (%s) but none was given: age, sex "
                             "and site are treated as unknown", self.metadata_spec["method"])
         elif np.shape(metadata) != (len(images_uint8), int(self.metadata_spec["width"])):
             raise UserError(f"metadata of shape {np.shape(metadata)} for {len(images_uint8)} images; expected "

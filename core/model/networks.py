@@ -1,4 +1,4 @@
-"""The backbones (torchvision's), their new heads, optional clinical-metadata fusion, and the model file.
+"""The backbones (torchvision's), their new heads, optional clinical-field fusion, and the model file.
 
 ``arch`` (core/config.py ARCHS) picks a torchvision classifier; its last linear layer is replaced by one for
 the dataset's classes. ImageNet weights come through torchvision's weights API, which looks in the torch hub
@@ -80,7 +80,7 @@ def build_model(num_classes: int, pretrained: str, arch: str = DEFAULT_ARCH,
 
 
 class MetadataNet(nn.Module):
-    """A backbone (its head the identity) fused with an MLP of the encoded clinical metadata."""
+    """A backbone (its head the identity) fused with an MLP of the encoded clinical fields."""
 
     def __init__(self, backbone: nn.Module, features: int, spec: dict[str, Any], num_classes: int,
                  arch: str) -> None:
