@@ -82,7 +82,7 @@ def run_one(weight: float, seed: int, args: Any, data_path: Path, root: Path) ->
     from core.config import TrainConfig
     from core.data.dataset import load_for_config
     from core.explain.gradcam import CAPTUM_NAMES, DEFAULT_METHOD, gradcam_maps
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
     from core.data.lesion_boxes import mask_boxes
     from core.evaluation.localisation import centre_prior, fit_boxes, localisation_section
     from core.evaluation.metrics import classification_metrics

@@ -120,7 +120,7 @@ def evaluate_sweep(folder: Path, args: Any, train: bool = True) -> dict[str, Any
     from core.ensemble_file import read_ensemble_choice
     from core.final_ensemble import calibrated_ensemble
     from core.final_train import FinalOptions, final_train
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
     from sweep.ensemble import full_length_runs, greedy_select, read_val_probs
 
     began = time.time()

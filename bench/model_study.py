@@ -106,7 +106,7 @@ def run_variant(variant: str, seed: int, args: Any, data_path: Path, root: Path)
     from core.evaluation.bootstrap import LesionBootstrap
     from core.config import TrainConfig
     from core.data.dataset import load_for_config
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
     from core.evaluation.metrics import classification_metrics
     from core.train import RunOptions, train
 

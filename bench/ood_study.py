@@ -138,7 +138,7 @@ def _train_and_fit(cfg: Any, data: Any, out: Path) -> tuple[Any, dict[str, Any],
     from core.model import ood
     from core.model.calibration import apply_temperature, fit_temperature
     from core.model.checked_prediction import fit_checks
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
     from core.evaluation.trust import Evaluated
     from core.train import RunOptions, train
 
@@ -173,7 +173,7 @@ def _without_class(data: Any, left: int) -> Any:
 def request_cost(model_path: Path, fitted: dict[str, Any], args: Any) -> dict[str, Any]:
     """Median ms of a 1-image prediction without and with the captured features and the checks."""
     from core.model.checked_prediction import predict_checked
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
 
     loaded = load_for_inference(model_path, "cpu")
     loaded.meta.update(fitted)

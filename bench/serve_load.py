@@ -95,7 +95,7 @@ def jpeg(seed: int, size: tuple[int, int] = (200, 150)) -> bytes:
 def baseline_app(model_path: str) -> Any:
     """What a user writes first: load the model, decode the upload, call the model, per request."""
     from core.data.image_cache import decode_image
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
 
     loaded = load_for_inference(model_path, "cpu")
     size = int(loaded.meta["image_size"])
@@ -273,7 +273,7 @@ async def soak(url: str, pid: int, model: Path, count: int, clients: int = 8) ->
     import httpx
 
     from core.data.image_cache import decode_image
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
 
     loaded = load_for_inference(model, "cpu")
     size = int(loaded.meta["image_size"])

@@ -56,7 +56,7 @@ def sweep_run(settings: Any, resume: bool = False) -> dict[str, Any]:
 
 def score_model(path: str | Path, data: Any) -> dict[str, Any]:
     """A model file on ``data``'s test split, with the epoch it was saved at and that epoch's val score."""
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
     from core.evaluation.metrics import classification_metrics
 
     test = data.indices("test")

@@ -37,7 +37,8 @@ from core.cli import (add_coverage_option, add_device_option, add_evaluation_opt
 from core.data.dataset import SplitOptions, load_dataset
 from core.errors import UserError, run_cli
 from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, data_source, score_images, write_evaluation
-from core.model.inference import LoadedModel, load_for_inference
+from core.model.inference import LoadedModel
+from core.model.loading import load_for_inference
 from core.evaluation.metrics import headline, map_labels
 from core.model.networks import check_gradcam_layer
 from core.evaluation.ood_refit import fit_for_file, splits_for_fit

@@ -61,7 +61,8 @@ from core.data.dataset import Dataset, load_for_config
 from core.errors import UserError, run_cli
 from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source, predict_set, score_images, write_evaluation
 from core.evaluation.figures import curves_figure
-from core.model.inference import LoadedModel, load_for_inference
+from core.model.inference import LoadedModel
+from core.model.loading import load_for_inference
 from core.evaluation.metrics import headline
 from core.model.networks import check_gradcam_layer, save_model_file
 from core.model.ood import Captured

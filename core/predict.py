@@ -46,7 +46,8 @@ from core.model.box_head import capture_boxes, view_boxes
 from core.explain.mask_scores import masks_summary_line, score_one_map
 from core.data.lesion_boxes import box_answer, upright_size
 from core.data.image_cache import decode_image
-from core.model.inference import LoadedModel, load_for_inference
+from core.model.inference import LoadedModel
+from core.model.loading import load_for_inference
 from core.data.masks import read_masks
 from core.model.fields import SEXES, SITES, validate_record
 from core.model.networks import check_gradcam_layer

@@ -56,7 +56,7 @@ def run_on_ray(model_path: str, options: ServeOptions, settings: dict[str, Any],
     import ray
     from ray import serve
 
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
 
     load_for_inference(model_path, "cpu")  # a bad model file fails here, in one line, before Ray starts
     # without --address, a Ray of our own: a plain ray.init() would join whatever `ray start` last recorded

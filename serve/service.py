@@ -29,7 +29,8 @@ import numpy as np
 from core.errors import UserError
 from core.model.box_head import box_head_of, capture_boxes, view_boxes
 from core.model.checked_prediction import predict_checked
-from core.model.inference import LoadedModel, load_for_inference
+from core.model.inference import LoadedModel
+from core.model.loading import load_for_inference
 from serve.batcher import MicroBatcher
 from serve.facts import model_facts
 from serve.verdicts import operating_verdicts

@@ -71,7 +71,7 @@ def members(module_tmp: Path) -> dict[str, Path]:
 def test_ensemble_file_round_trips_and_averages_its_members(members: dict[str, Path]) -> None:
     from core.model.calibration import apply_temperature
     from core.model.ensemble import EnsembleModel, resized
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
 
     ens = load_for_inference(members["ensemble"], "cpu")
     assert isinstance(ens, EnsembleModel) and ens.class_names == CLASSES and ens.meta["image_size"] == 32
@@ -166,7 +166,7 @@ def final(sweep: Path):
 
 
 def test_final_train_builds_the_ensemble_beside_the_single_model(sweep: Path, final) -> None:
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
 
     out = final.out_dir
     ens = load_for_inference(out / "ensemble.pt", "cpu")

@@ -282,7 +282,7 @@ def test_evaluate_applies_the_stored_temperature_and_thresholds(setup, calibrate
     from core.model.calibration import apply_temperature, negative_log_likelihood
     from core.data.dataset import load_dataset
     from core.evaluate import main
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
 
     data = load_dataset(setup["data"], SIZE, progress=False)
     raw = load_for_inference(calibrated_model, "cpu").predict(data.images, calibrated=False)
@@ -325,7 +325,7 @@ def test_evaluate_with_tta_reports_both(setup, calibrated_model: Path, tmp_path:
 def test_predict_with_tta_and_without_calibration(setup, calibrated_model: Path, capsys) -> None:
     from core.model.calibration import apply_temperature
     from core.data.image_cache import decode_image
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
     from core.predict import main
 
     image = sorted(setup["data"].rglob("*.jpg"))[0]

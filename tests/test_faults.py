@@ -271,13 +271,13 @@ def tmpfs(where: Path, options: str) -> Iterator[Path]:
 def no_work(monkeypatch) -> None:
     """Reading a dataset or a model fails the test: an output place is checked before either."""
     import core.data.dataset
-    import core.model.inference
+    import core.model.loading
 
     def work(*args, **kwargs):
         raise AssertionError("work started before the output place was checked")
 
     for module, name in ((core.data.dataset, "load_for_config"), (core.data.dataset, "load_dataset"),
-                         (core.model.inference, "load_for_inference")):
+                         (core.model.loading, "load_for_inference")):
         monkeypatch.setattr(module, name, work)
 
 

@@ -178,7 +178,7 @@ def test_boxes_are_scored_against_the_masks_with_what_val_and_train_chose(sweep:
 def test_calibration_and_thresholds_come_from_val_and_are_stored_in_the_model(sweep: Path, final) -> None:
     from core.model.calibration import apply_temperature, fit_temperature
     from core.data.dataset import SplitOptions, load_dataset
-    from core.model.inference import load_for_inference
+    from core.model.loading import load_for_inference
     from core.evaluation.operating_points import choose_thresholds
 
     loaded = load_for_inference(final.out_dir / "model.pt", "cpu")

@@ -12,7 +12,7 @@ from core.config import TrainConfig
 from core.data.dataset import SplitOptions, load_dataset
 from core.data.demo_data import generate_demo
 from core.errors import UserError, run_cli
-from core.model.inference import load_for_inference
+from core.model.loading import load_for_inference
 from core.model.fields import FIELDS, SEXES, SITES, drop_fields, encode_dataset, encode_records, make_spec, table_records, unknown_rows, validate_record
 from core.model.networks import build_model
 from core.train import RunOptions, train

@@ -12,7 +12,8 @@ from core.data.dataset import SplitOptions, load_dataset
 from core.data.demo_data import generate_demo
 from core.errors import UserError
 from core.explain.gradcam import choose_layer, gradcam_maps
-from core.model.inference import load_for_inference, predict_probs
+from core.model.inference import predict_probs
+from core.model.loading import load_for_inference
 from core.model.networks import build_model, gradcam_layer, load_model_file, save_model_file
 
 

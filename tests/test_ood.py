@@ -15,7 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from core.model import abstain, ood
 from core.model.checked_prediction import predict_checked
-from core.model.inference import load_for_inference, predict_probs
+from core.model.inference import predict_probs
+from core.model.loading import load_for_inference
 from core.evaluation.trust import risk_coverage
 from core.evaluation.ood_sets import SHIFTS, natural_photos, shifted, synthetic
 from tests.serve_fixtures import lesion_like, write_model

@@ -2,7 +2,7 @@
 
 core.final_train writes it from the members a sweep chose (core/ensemble_file.py, core/final_ensemble.py);
 ``core.evaluate``, ``core.predict`` and ``python -m serve`` take it where they take a model.pt, because
-core/model/inference.py's ``load_for_inference`` returns an :class:`EnsembleModel` for it, with LoadedModel's interface:
+core/model/loading.py's ``load_for_inference`` returns an :class:`EnsembleModel` for it, with LoadedModel's interface:
 
 - probabilities are the weighted mean of the members' raw probabilities, each member at its own architecture,
   image size (images are given at the ensemble's size, the largest member's, and resized for a smaller member)
@@ -214,7 +214,7 @@ def _member_payload(name: str, source: str | os.PathLike, advice: str) -> dict[s
 
 
 def ensemble_from_payload(payload: Mapping[str, Any], path: str | os.PathLike, device: str = "auto") -> EnsembleModel:
-    """An ensemble file's contents (read by core.model.inference.load_for_inference) ready for inference."""
+    """An ensemble file's contents (read by core.model.loading.load_for_inference) ready for inference."""
     if payload.get("version") != ENSEMBLE_VERSION or not isinstance(payload.get("members"), list) \
             or not payload["members"]:
         raise UserError(f"{path}: unsupported ensemble file (version {payload.get('version')!r}, or no members)")
@@ -244,7 +244,7 @@ def ensemble_from_payload(payload: Mapping[str, Any], path: str | os.PathLike, d
 
 
 def load_ensemble(path: str | os.PathLike, device: str = "auto") -> EnsembleModel:
-    """Read an ensemble file (``core.model.inference.load_for_inference`` reads either kind)."""
+    """Read an ensemble file (``core.model.loading.load_for_inference`` reads either kind)."""
     payload = read_model_payload(path)
     if not is_ensemble_payload(payload):
         raise UserError(f"{path}: not an ensemble file (format '{ENSEMBLE_FORMAT}')")

@@ -25,7 +25,6 @@ from core.device import Placement, as_tensor, resolve_device
 from core.errors import UserError
 from core.model.forward import predict_split
 from core.model.fields import encode_dataset, encode_records
-from core.model.networks import MODEL_ADVICE, model_from_payload, read_model_payload
 from core.model.tta import N_VIEWS, DihedralMean
 
 SINGLE_MODE, TTA_MODE = "single", "tta"  # keys of the temperatures stored in model.pt
@@ -99,17 +98,6 @@ class LoadedModel:
                               self.config.precision, tta=tta, metadata=metadata)
         temperature = self.temperature(tta) if calibrated else None
         return probs if temperature is None else apply_temperature(probs, temperature)
-
-
-def load_for_inference(path: str | os.PathLike, device: str = "auto", advice: str = MODEL_ADVICE) -> LoadedModel:
-    """Read a model file (model.pt, best.pt) onto ``device`` ('auto', 'cpu' or 'cuda'); ``advice``: what to do
-    when it cannot be read."""
-    payload = read_model_payload(path, advice)
-    if is_ensemble_payload(payload):  # an ensemble file (core/model/ensemble.py): the same interface
-        from core.model.ensemble import ensemble_from_payload
-
-        return ensemble_from_payload(payload, path, device)  # type: ignore[return-value]
-    return loaded_from(*model_from_payload(payload, path), path, device)
 
 
 def loaded_from(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike, device: str) -> LoadedModel:
