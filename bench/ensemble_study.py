@@ -118,7 +118,7 @@ def evaluate_sweep(folder: Path, args: Any, train: bool = True) -> dict[str, Any
     from core.data.dataset import load_for_config
     from core.evaluation.ensemble_compare import compare
     from core.ensemble_file import read_ensemble_choice
-    from core.final_ensemble import calibrated_ensemble
+    from core.final_ensemble import EnsembleFit, calibrated_ensemble
     from core.final_train import FinalOptions, final_train
     from core.model.loading import load_for_inference
     from sweep.ensemble import full_length_runs, greedy_select, read_val_probs
@@ -154,14 +154,16 @@ def evaluate_sweep(folder: Path, args: Any, train: bool = True) -> dict[str, Any
         if len(files) < 2:
             probs[kind], members[kind] = probs["single"], [f"(only {len(files)} run)"]
             continue
-        _, _, scored = calibrated_ensemble(files, {}, folder / filenames.TRIALS_CSV, best, best.config, data, options)
+        _, _, scored = calibrated_ensemble(files, {}, folder / filenames.TRIALS_CSV, best, best.config, data,
+                                          EnsembleFit(options))
         probs[kind], members[kind] = scored.results.probs, ids
     kept = [read_val_probs(folder / filenames.TRIALS_DIR / t) for t in full]
     by_nll = greedy_select([k["probs"] for k in kept], kept[0]["labels"], "val_loss", args.ensemble_size)
     picked = [(full[i], folder / filenames.TRIALS_DIR / full[i] / filenames.BEST_CHECKPOINT, float(by_nll.counts[i]))
               for i in np.flatnonzero(by_nll.counts)]
     if len(picked) > 1:
-        _, _, scored = calibrated_ensemble(picked, {}, folder / filenames.TRIALS_CSV, best, best.config, data, options)
+        _, _, scored = calibrated_ensemble(picked, {}, folder / filenames.TRIALS_CSV, best, best.config, data,
+                                          EnsembleFit(options))
         probs["greedy-nll"] = scored.results.probs
     else:
         probs["greedy-nll"] = probs["single"]

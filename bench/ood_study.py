@@ -148,8 +148,7 @@ def _train_and_fit(cfg: Any, data: Any, out: Path) -> tuple[Any, dict[str, Any],
     with ood.capture(loaded.model) as seen:
         raw = loaded.predict(np.asarray(data.images[val]), calibrated=False)
     temperature = fit_temperature(data.labels[val], raw)
-    fitted = fit_checks(data.labels[val], {"single": raw}, {"single": temperature}, seen.features, seen.logits,
-                        data.class_names)
+    fitted = fit_checks(data.labels[val], {"single": raw}, {"single": temperature}, seen, data.class_names)
     loaded.meta["calibration"] = {"fitted_on": "val", "temperature": {"single": temperature}}
     loaded.meta.update(fitted)
     pixels = np.asarray(data.images[test])

@@ -67,16 +67,25 @@ class EnsembleChoice:
         return len(self.members) > 1
 
 
+@dataclass(frozen=True)
+class GreedyOutcome:
+    """How the greedy selection went: each step's ``{"added": trial_id, "value"}`` (the first: the best single
+    run), why it stopped, and the ensemble's validation score."""
+
+    steps: Sequence[Mapping[str, Any]]
+    stopped: str
+    value: float
+
+
 def choice_document(metric: str, mode: str, max_size: int, n_val: int, candidates: Sequence[Mapping[str, Any]],
-                    members: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]], stopped: str,
-                    ensemble_value: float) -> dict[str, Any]:
-    """The ensemble.json document (schema above); ``candidates`` best first, ``steps[0]`` the best single run."""
-    first = steps[0]
+                    members: Sequence[Mapping[str, Any]], outcome: GreedyOutcome) -> dict[str, Any]:
+    """The ensemble.json document (schema above); ``candidates`` best first."""
+    first = outcome.steps[0]
     return {"format": CHOICE_FORMAT, "version": CHOICE_VERSION, "metric": {"name": metric, "mode": mode},
             "max_size": int(max_size), "n_val_images": int(n_val), "candidates": [dict(c) for c in candidates],
-            "members": [dict(m) for m in members], "steps": [dict(s) for s in steps], "stopped": stopped,
-            "best_single": {"trial_id": first["added"], "value": float(first["value"])},
-            "ensemble_value": float(ensemble_value),
+            "members": [dict(m) for m in members], "steps": [dict(s) for s in outcome.steps],
+            "stopped": outcome.stopped, "best_single": {"trial_id": first["added"], "value": float(first["value"])},
+            "ensemble_value": float(outcome.value),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -23,18 +23,16 @@ import numpy as np
 from core import filenames
 from core.io.atomic import save_torch, write_json
 from core.best_file import SPLITS_ADVICE, BestFile
-from core.evaluation.sections import SectionOptions, fit_on_val
+from core.evaluation.sections import SectionOptions
 from core.config import TrainConfig
 from core.data.dataset import Dataset, load_for_config
 from core.evaluation.ensemble_compare import compare, comparison_table
 from core.ensemble_file import EnsembleChoice, read_ensemble_choice
 from core.model.ensemble import EnsembleModel, ensemble_document, ensemble_from_payload
 from core.evaluation.pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
-                                      predict_set, score_images, write_evaluation)
+                                      fit_on_validation, score_images, write_evaluation)
 from core.io.state_files import reading
 from core.model.abstain import DEFAULT_COVERAGE
-from core.model.checked_prediction import fit_checks
-from core.model.ood import Captured
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,7 @@ def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: Sc
     members = [(m.trial_id, m.checkpoint, m.weight) for m in choice.members]
     log.info("building the ensemble of %d sweep runs (%s)", len(members), path)
     model, document, scored = calibrated_ensemble(members, {"ensemble": _record(choice)}, path, best, cfg, data,
-                                                  options, progress, coverage)
+                                                  EnsembleFit(options, coverage, progress))
     data = scored.images.data
     test_idx = data.indices("test")
     if not np.array_equal(data.image_ids[test_idx], single.images.data.image_ids[single.images.idx]):
@@ -86,9 +84,19 @@ def prepare_ensemble(best: BestFile, cfg: TrainConfig, data: Dataset, single: Sc
     return FinalEnsemble(choice, model, document, scored, comparison)
 
 
+@dataclass(frozen=True)
+class EnsembleFit:
+    """How an ensemble is fitted and scored: the evaluation's options, the abstention rule's coverage, and whether
+    reading the data shows progress."""
+
+    options: SectionOptions
+    coverage: float = DEFAULT_COVERAGE
+    progress: bool = False
+
+
 def calibrated_ensemble(members: list[tuple[str, Any, float]], extra: Mapping[str, Any], path: Path, best: BestFile,
-                        cfg: TrainConfig, data: Dataset, options: SectionOptions, progress: bool = False,
-                        coverage: float = DEFAULT_COVERAGE) -> tuple[EnsembleModel, dict[str, Any], ScoredImages]:
+                        cfg: TrainConfig, data: Dataset, fit: EnsembleFit,
+                        ) -> tuple[EnsembleModel, dict[str, Any], ScoredImages]:
     """An ensemble of the model files ``members`` ((name, file, weight)), its temperature and operating points
     fitted on the averaged validation probabilities, scored once on the test split; ``path``: the file that
     named the members (in errors). Returns the model, the ensemble file's contents and the test scores."""
@@ -99,21 +107,15 @@ def calibrated_ensemble(members: list[tuple[str, Any, float]], extra: Mapping[st
     if size != cfg.image_size:  # the members' largest size; the single model's data is at its own
         with reading(best.splits_file, SPLITS_ADVICE):
             data = load_for_config(best.data_path, replace(cfg, image_size=size), splits_file=best.splits_file,
-                                   progress=progress)
-    val_idx = data.indices("val")
-    seen, disagreement = Captured(), {}
-    val = predict_set(model, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True,
-                      encoded=model.encode_dataset(data, val_idx), seen=seen, disagreement=disagreement)
-    fitted = fit_on_val(val, data.class_names, options.positive_class)
-    # the out-of-distribution check (on the first member's features) and the abstention rule, whose confidence
-    # also weighs the members' disagreement: from the same pass (core/model/checked_prediction.py)
-    fitted.update(fit_checks(val.labels, dict(val.raw), fitted["calibration"]["temperature"], seen.features,
-                             seen.logits, data.class_names, coverage, disagreement))
+                                   progress=fit.progress)
+    # temperatures, operating points, the out-of-distribution check (on the first member's features) and the
+    # abstention rule, whose confidence also weighs the members' disagreement: one pass over the val split
+    fitted = fit_on_validation(model, data, fit.options.positive_class, fit.coverage)
     document.update(fitted)
     model = replace(model, meta={**model.meta, **fitted})
     test_idx = data.indices("test")
     scored = score_images(model, EvaluatedImages(data, test_idx, data.labels[test_idx], "test split"), fitted,
-                          options)
+                          fit.options)
     return model, document, scored
 
 

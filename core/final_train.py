@@ -54,18 +54,17 @@ from core.best_file import SPLITS_ADVICE, BestFile, check_data, read_best
 from core.cli import (add_coverage_option, add_evaluation_options, add_gallery_options, add_threads_option,
                       apply_threads, section_options, coverage_of)
 from core.model.abstain import DEFAULT_COVERAGE
-from core.model.checked_prediction import fit_checks
-from core.evaluation.sections import SectionOptions, fit_on_val, not_fitted
+from core.evaluation.sections import SectionOptions, not_fitted
 from core.config import TrainConfig
 from core.data.dataset import Dataset, load_for_config
 from core.errors import UserError, run_cli
-from core.evaluation.pipeline import EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source, predict_set, score_images, write_evaluation
+from core.evaluation.pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
+                                      fit_on_validation, score_images, write_evaluation)
 from core.evaluation.figures import curves_figure
 from core.model.inference import LoadedModel
 from core.model.loading import load_for_inference
 from core.evaluation.metrics import headline
 from core.model.networks import check_gradcam_layer, save_model_file
-from core.model.ood import Captured
 from core.evaluation.operating_points import positive_index
 from core.progress import progress_bar
 from core.evaluation.report import show_in_parent_page
@@ -218,15 +217,7 @@ def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
         return not_fitted(reason)
     log.info("calibrating on the %d validation images (single view and TTA) and choosing operating thresholds",
              len(val_idx))
-    seen = Captured()
-    val = predict_set(loaded, np.asarray(data.images[val_idx]), data, val_idx, data.labels[val_idx], tta=True,
-                      encoded=loaded.encode_dataset(data, val_idx), seen=seen)
-    fitted = fit_on_val(val, data.class_names, positive_class)
-    # the out-of-distribution statistics and the abstention rule, from the same pass (core/model/checked_prediction.py)
-    log.info("fitting the out-of-distribution check and the abstention rule (%.0f%% coverage) on the validation "
-             "split", 100 * coverage)
-    return {**fitted, **fit_checks(val.labels, dict(val.raw), fitted["calibration"]["temperature"], seen.features,
-                                   seen.logits, data.class_names, coverage)}
+    return fit_on_validation(loaded, data, positive_class, coverage)
 
 
 # --- lesion boxes (core/evaluation/localisation.py): the Grad-CAM box's threshold chosen on val, the centre prior from train ---

@@ -24,8 +24,7 @@ OPEN_FORMAT = "{desc}: {n_fmt} {unit} after {elapsed}, {rate_fmt}{postfix}"   # 
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
-                 unit: str = "it", enabled: bool = True, leave: bool = True, stream: TextIO | None = None,
-                 every_s: float = LINE_EVERY_S) -> tqdm:
+                 unit: str = "it", enabled: bool = True, leave: bool = True, stream: TextIO | None = None) -> tqdm:
     """A tqdm bar on a terminal, else a :class:`LoggedProgress`; a disabled bar where ``enabled`` is false."""
     from tqdm.autonotebook import tqdm as notebook_tqdm  # tqdm's own class outside a notebook (imports IPython)
 
@@ -35,7 +34,7 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, total: int | None = N
     if _is_terminal(stream) or notebook_tqdm is not tqdm:  # in a notebook: its widget, no carriage returns
         return notebook_tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
                              file=stream)
-    return LoggedProgress(iterable, total=total, desc=desc, unit=unit, every_s=every_s)
+    return LoggedProgress(iterable, total=total, desc=desc, unit=unit)
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from core import filenames
-from core.ensemble_file import choice_document, write_ensemble_choice
+from core.ensemble_file import GreedyOutcome, choice_document, write_ensemble_choice
 from core.evaluation.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,8 @@ def choose_ensemble(sweep_dir: Path, frame: Any, metric: str, mode: str, epochs:
                 "checkpoint": f"{filenames.TRIALS_DIR}/{runs[i]['trial_id']}/{filenames.BEST_CHECKPOINT}"}
                for i in sorted(np.flatnonzero(selection.counts), key=lambda i: -selection.counts[i])]
     steps = [{"added": runs[i]["trial_id"], "value": v} for i, v in selection.steps]
-    document = choice_document(metric, mode, max_size, len(labels), candidates, members, steps, selection.stopped,
-                               selection.value)
+    document = choice_document(metric, mode, max_size, len(labels), candidates, members,
+                               GreedyOutcome(steps, selection.stopped, selection.value))
     write_ensemble_choice(path, document)
     return document
 

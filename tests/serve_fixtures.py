@@ -73,7 +73,7 @@ def fitted_checks(model: torch.nn.Module, image_size: int, temperature: float | 
     images, labels = lesion_like(n, image_size, seed=99), np.arange(n) % len(HAM_CLASSES)
     with capture(model) as seen:
         raw = predict_probs(model.eval(), images)
-    return fit_checks(labels, {"single": raw}, {"single": temperature}, seen.features, seen.logits, HAM_CLASSES)
+    return fit_checks(labels, {"single": raw}, {"single": temperature}, seen, HAM_CLASSES)
 
 
 def image_bytes(size: tuple[int, int] = (60, 45), seed: int = 0, fmt: str = "JPEG") -> bytes:

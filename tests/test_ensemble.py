@@ -123,7 +123,7 @@ def sweep(module_tmp: Path) -> Path:
 
     from core.data.dataset import load_for_config
     from core.data.demo_data import generate_demo
-    from core.ensemble_file import choice_document, write_ensemble_choice
+    from core.ensemble_file import GreedyOutcome, choice_document, write_ensemble_choice
     from core.train import RunOptions, train
 
     root = generate_demo(module_tmp / "data", n_lesions=24, image_size=32, seed=2)
@@ -151,8 +151,8 @@ def sweep(module_tmp: Path) -> Path:
     write_ensemble_choice(folder / "ensemble.json", choice_document(
         "val_balanced_accuracy", "max", 5, len(data.indices("val")),
         [{"trial_id": "t1", "role": "search", "value": 0.2}, {"trial_id": "t2", "role": "search", "value": 0.1}],
-        members, [{"added": "t1", "value": 0.2}, {"added": "t2", "value": 0.25}, {"added": "t1", "value": 0.3}],
-        "reached --ensemble-size picks", 0.3))
+        members, GreedyOutcome([{"added": "t1", "value": 0.2}, {"added": "t2", "value": 0.25},
+                                {"added": "t1", "value": 0.3}], "reached --ensemble-size picks", 0.3)))
     return folder
 
 

@@ -49,8 +49,8 @@ def fit_for_file(loaded: LoadedModel, data: Any, source: str, out: Path,
              len(val))
     with ood.capture(loaded.model) as seen:
         raw = loaded.predict(np.asarray(data.images[val]), calibrated=False, metadata=loaded.encode_dataset(data, val))
-    fitted = fit_checks(labels, {SINGLE_MODE: raw}, {SINGLE_MODE: loaded.temperature(False)}, seen.features,
-                        seen.logits, loaded.class_names, DEFAULT_COVERAGE if coverage is None else coverage)
+    fitted = fit_checks(labels, {SINGLE_MODE: raw}, {SINGLE_MODE: loaded.temperature(False)}, seen,
+                        loaded.class_names, DEFAULT_COVERAGE if coverage is None else coverage)
     meta = {**loaded.meta, **fitted}
     kept = {k: v for k, v in meta.items() if k not in ("format", "version", "arch", "class_names", "config",
                                                        "image_size", "metadata")}

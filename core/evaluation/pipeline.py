@@ -30,7 +30,7 @@ from core.io.atomic import write_json
 from core.evaluation import localisation
 from core.model.box_head import capture_boxes
 from core.explain.cam_boxes import cam_boxes
-from core.evaluation.sections import SectionOptions, SectionResults, EvaluatedSet, section_results
+from core.evaluation.sections import SectionOptions, SectionResults, EvaluatedSet, fit_on_val, section_results
 from core.data.dataset import Dataset
 from core.evaluation.figures import confusion_matrix_figure, reliability_figure, roc_figure
 from core.model.inference import SINGLE_MODE, TTA_MODE, LoadedModel
@@ -38,6 +38,8 @@ from core.evaluation.metrics import PredictionScores, score_predictions
 from core.metric_names import finite_or_none
 from core.evaluation.report import ReportInput, write_evaluation_report
 from core.evaluation.tables import headline_intervals, interval_note, report_tables
+from core.model.abstain import DEFAULT_COVERAGE
+from core.model.checked_prediction import fit_checks
 from core.model.ood import Captured, capture
 from core.evaluation.trust import RISK_COVERAGE_FIGURE, Evaluated, risk_coverage_figure, trust_sections, trust_tables
 
@@ -102,28 +104,52 @@ class EvaluationOutputs:
     coverage: float | None = None                       # the abstention rule's coverage (None: model.pt's)
 
 
-def predict_set(loaded: LoadedModel, pixels: np.ndarray, data: Dataset, idx: np.ndarray, labels: np.ndarray,
-                tta: bool, encoded: np.ndarray | None, seen: Captured | None = None,
-                disagreement: dict[str, np.ndarray] | None = None) -> EvaluatedSet:
-    """The raw probabilities of a model for ``pixels`` = ``data.images[idx]``.
+@dataclass
+class SamePass:
+    """What a prediction's own forward pass also gives: the single view's penultimate features and logits
+    (core/model/ood.py) and, for an ensemble file, its members' disagreement per view."""
 
-    ``labels``: theirs, as indices into the model's classes; ``tta``: predict the TTA view as well (after the
-    single view); ``encoded``: ``loaded.encode_dataset(data, idx)``, the clinical fields a metadata model takes
-    (else None); ``seen``: where the single view's penultimate features and logits go (core/model/ood.py), from
-    the same pass; ``disagreement``: where an ensemble's members' disagreement per view goes (same pass).
+    captured: Captured = field(default_factory=Captured)
+    disagreement: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def predict_set(loaded: LoadedModel, images: EvaluatedImages, pixels: np.ndarray, tta: bool,
+                encoded: np.ndarray | None, seen: SamePass | None = None) -> EvaluatedSet:
+    """The raw probabilities of a model for ``pixels`` = ``images.data.images[images.idx]``.
+
+    ``tta``: predict the TTA view as well (after the single view); ``encoded``:
+    ``loaded.encode_dataset(data, idx)``, the clinical fields a metadata model takes (else None); ``seen``: where
+    what the same pass also gives goes.
     """
-    views = (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,)
+    data, idx = images.data, images.idx
     raw = {}
-    for view in views:
-        with capture(loaded.model, into=seen) if seen is not None and view == SINGLE_MODE else nullcontext():
-            if disagreement is not None and hasattr(loaded, "predict_detail"):   # an ensemble file
+    for view in (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,):
+        single = seen is not None and view == SINGLE_MODE
+        with capture(loaded.model, into=seen.captured) if single else nullcontext():
+            if seen is not None and hasattr(loaded, "predict_detail"):   # an ensemble file
                 found = loaded.predict_detail(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
-                raw[view], disagreement[view] = found.probs, found.disagreement
+                raw[view], seen.disagreement[view] = found.probs, found.disagreement
             else:
                 raw[view] = loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
     metadata = None if data.metadata is None else data.metadata.iloc[idx].reset_index(drop=True)
-    return EvaluatedSet(labels=np.asarray(labels, dtype=np.int64), groups=data.groups[idx],
+    return EvaluatedSet(labels=np.asarray(images.labels, dtype=np.int64), groups=data.groups[idx],
                         image_ids=data.image_ids[idx], metadata=metadata, raw=raw)
+
+
+def fit_on_validation(loaded: LoadedModel, data: Dataset, positive_class: str | None,
+                      coverage: float = DEFAULT_COVERAGE) -> dict[str, Any]:
+    """What a model file stores, fitted on the validation split in one pass (single view and TTA): temperatures and
+    operating points (core/evaluation/sections.py), the out-of-distribution check and the abstention rule
+    (core/model/checked_prediction.py; an ensemble's weighs its members' disagreement)."""
+    val_idx = data.indices("val")
+    seen = SamePass()
+    val = predict_set(loaded, EvaluatedImages(data, val_idx, data.labels[val_idx], "validation split"),
+                      np.asarray(data.images[val_idx]), True, loaded.encode_dataset(data, val_idx), seen)
+    fitted = fit_on_val(val, data.class_names, positive_class)
+    log.info("fitting the out-of-distribution check and the abstention rule (%.0f%% coverage) on the validation "
+             "split", 100 * coverage)
+    return {**fitted, **fit_checks(val.labels, dict(val.raw), fitted["calibration"]["temperature"], seen.captured,
+                                   data.class_names, coverage, seen.disagreement or None)}
 
 
 def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[str, Any],
@@ -131,17 +157,16 @@ def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[s
     """Predict, calibrate with model.pt's ``stored`` temperatures, the evaluation sections and the headline metrics."""
     pixels = np.asarray(images.data.images[images.idx])
     encoded = loaded.encode_dataset(images.data, images.idx)  # once: the prediction and Grad-CAM both take it
-    seen, disagreement = Captured(), {}
+    seen = SamePass()
     with capture_boxes(loaded.model) as got:   # a box head's boxes, from the prediction's own pass
-        predicted = predict_set(loaded, pixels, images.data, images.idx, images.labels, options.tta, encoded, seen,
-                                disagreement)
+        predicted = predict_set(loaded, images, pixels, options.tta, encoded, seen)
     # the single view runs first: its boxes are the first len(idx) rows (the TTA passes' views follow)
     boxes = torch.cat(got)[:len(images.idx)].float().cpu().numpy() if got else None
     results = section_results(predicted, loaded.class_names, stored, options)
     scores = score_predictions(images.labels, results.probs, loaded.class_names)
     return ScoredImages(loaded=loaded, images=images, pixels=pixels, results=results, scores=scores,
-                        metadata=encoded, boxes=boxes, box_fit=stored.get("boxes"), captured=seen, stored=stored,
-                        disagreement=disagreement)
+                        metadata=encoded, boxes=boxes, box_fit=stored.get("boxes"), captured=seen.captured,
+                        stored=stored, disagreement=seen.disagreement)
 
 
 def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs) -> dict[str, Any]:

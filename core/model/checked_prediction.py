@@ -52,16 +52,16 @@ def checks(meta: dict[str, Any], probs: np.ndarray, features: np.ndarray, logits
 
 
 def fit_checks(labels: np.ndarray, raw: dict[str, np.ndarray], temperatures: dict[str, float | None],
-               features: np.ndarray, logits: np.ndarray, class_names: list[str] | tuple[str, ...],
+               seen: ood.Captured, class_names: list[str] | tuple[str, ...],
                coverage: float = abstain.DEFAULT_COVERAGE,
                disagreement: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """model.pt's ``ood`` and ``abstention``, fitted on the validation images: their ``labels``, raw probabilities
-    per view, the fitted ``temperatures``, and the single view's captured ``features`` and ``logits``;
+    per view, the fitted ``temperatures``, and the single view's features and logits ``seen`` (core/model/ood.py);
     ``disagreement``: an ensemble's members' disagreement per view, whose weight in the confidence is chosen on
     the same images (core/model/abstain.py ``choose_weight``)."""
     calibrated = {view: probs if not temperatures.get(view) else apply_temperature(probs, temperatures[view])
                   for view, probs in raw.items()}
     weight = None if not disagreement else abstain.choose_weight(calibrated[SINGLE_MODE], labels,
                                                                  disagreement[SINGLE_MODE])
-    return {"ood": ood.fit(features, logits, labels, class_names),
+    return {"ood": ood.fit(seen.features, seen.logits, labels, class_names),
             "abstention": abstain.fit(calibrated, coverage, disagreement, weight)}
