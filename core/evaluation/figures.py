@@ -22,14 +22,6 @@ from core.io.atomic import save_figure  # noqa: E402
 from core.metric_names import label  # noqa: E402
 from core.model.calibration import ECE_BINS, expected_calibration_error, reliability_bins  # noqa: E402
 
-DPI = 120
-
-
-def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
-    try:
-        save_figure(fig, path, dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
 
 
 def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
@@ -59,7 +51,7 @@ def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str], p
         if fmt != "d":
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"{title} ({int(confusion.sum())} images)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 _CURVE_PANELS = (
@@ -89,7 +81,7 @@ def curves_figure(history: Sequence[Mapping[str, float]], path: str | os.PathLik
         ax.legend(fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def roc_figure(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
@@ -116,7 +108,7 @@ def roc_figure(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title + (f"\nno curve (class absent): {', '.join(skipped)}" if skipped else ""), fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def reliability_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | os.PathLike,
@@ -149,4 +141,4 @@ def reliability_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], pat
         bottom.set_xlabel("confidence (top-class probability)")
         bottom.set_ylabel("images")
     fig.suptitle(f"{title} ({len(panels[0][1])} images, {ECE_BINS} bins)")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -132,7 +132,7 @@ def box_figure(images: np.ndarray, masks: np.ndarray, boxes: Mapping[str, np.nda
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from core.io.atomic import atomic_path
+    from core.io.atomic import save_figure
 
     n = min(len(images), FIGURE_IMAGES)
     cols = min(n, 4) or 1
@@ -155,9 +155,7 @@ def box_figure(images: np.ndarray, masks: np.ndarray, boxes: Mapping[str, np.nda
                        for kind in ("truth", *boxes))
     fig.suptitle(f"Boxes on {n} evaluated images ({legend})", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches=None)
 
 
 def _num(value: float | None) -> str:

@@ -187,10 +187,7 @@ def risk_coverage_figure(section: Mapping[str, Any], path: str | os.PathLike, ti
     ax.set_xlim(0, 1)
     ax.set_title(title)
     ax.legend()
-    try:
-        save_figure(fig, path, dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def trust_tables(document: Mapping[str, Any]) -> list[Table]:

@@ -19,14 +19,6 @@ import numpy as np  # noqa: E402
 
 from core.io.atomic import save_figure  # noqa: E402
 
-DPI = 120
-
-
-def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
-    try:
-        save_figure(fig, path, dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
 
 
 @dataclass(frozen=True)
@@ -70,7 +62,7 @@ def gradcam_gallery_figure(class_name: str, items: Sequence[GalleryItem], path: 
     outlined = "; white line: the lesion mask" if any(item.mask is not None for item in items) else ""
     fig.suptitle(f"Grad-CAM, true class {class_name}: {len(items)} examples, {mistakes}\n"
                  f"top: image; below: heat map of the predicted class (red = most evidence){outlined}", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _short(text: str, width: int = 22) -> str:

@@ -69,8 +69,18 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, handle)
 
 
+FIGURE_DPI = 120   # every figure the project writes
+
+
 def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
-    """Save a matplotlib figure atomically (the format comes from ``path``'s suffix)."""
+    """Save a matplotlib figure atomically (the format comes from ``path``'s suffix; ``FIGURE_DPI``, trimmed to its
+    content, unless ``kwargs`` say otherwise), then close it: pyplot keeps every figure open until it is closed."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **{"dpi": FIGURE_DPI, "bbox_inches": "tight",
+                                                                          **kwargs})
+    finally:
+        plt.close(fig)
