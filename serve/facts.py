@@ -73,12 +73,12 @@ def _test_figures(path: Path) -> dict[str, Any] | None:
             "split_sizes": training.get("split_sizes"), "epochs_run": training.get("epochs_run")}
 
 
-def _name(path: Any) -> str | None:
+def _name(path: object) -> str | None:
     """The last part of a recorded path (a data set's folder name): what a visitor needs, not where it lies."""
     return Path(str(path)).name or None if path else None
 
 
-def _initial_weights(pretrained: Any) -> Any:
+def _initial_weights(pretrained: object) -> object:
     """config.pretrained as shown: 'imagenet' and 'none' as they are, a state_dict file by its name only."""
     if pretrained in (None, "imagenet", "none"):
         return pretrained
