@@ -150,7 +150,7 @@ def _metric(obj: Mapping[str, Any], where: str) -> tuple[str, float, str]:
     return name, float(value), mode
 
 
-def _trial_epochs(value: Any, where: str) -> int | None:
+def _trial_epochs(value: object, where: str) -> int | None:
     """The optional ``trial_epochs.budget``: the trial length the config was tuned at."""
     if value is None:
         return None
@@ -179,7 +179,7 @@ def _field(obj: Mapping[str, Any], key: str, where: str, prefix: str = "") -> An
     return obj[key]
 
 
-def _expect(value: Any, kind: type | tuple[type, ...], where: str, name: str) -> Any:
+def _expect(value: object, kind: type | tuple[type, ...], where: str, name: str) -> Any:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         wanted = " or ".join({dict: "an object", str: "a string", int: "a number", float: "a number"}[k]
@@ -188,7 +188,7 @@ def _expect(value: Any, kind: type | tuple[type, ...], where: str, name: str) ->
     return value
 
 
-def _brief(value: Any) -> str:
+def _brief(value: object) -> str:
     text = json.dumps(value) if not isinstance(value, (set, bytes)) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from core.evaluation.pipeline import (EvaluatedImages, EvaluationOutputs, Report
                                       fit_on_validation, score_images, write_evaluation)
 from core.io.state_files import reading
 from core.model.abstain import DEFAULT_COVERAGE
+
+if TYPE_CHECKING:  # core.explain.gradcam imports Captum: only when Grad-CAM runs
+    from core.explain.gradcam import GradcamOptions
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ def calibrated_ensemble(members: list[tuple[str, Any, float]], extra: Mapping[st
     return model, document, scored
 
 
-def write_ensemble(out: Path, ensemble: FinalEnsemble, gradcam: Any,
+def write_ensemble(out: Path, ensemble: FinalEnsemble, gradcam: GradcamOptions,
                    page: Callable[[Mapping[str, Any]], ReportPage]) -> dict[str, Any]:
     """ensemble.pt, the comparison, then the ensemble's evaluation folder; returns its metrics.json document."""
     save_torch({**ensemble.document, "metrics": ensemble.scored.scores.metrics}, out / filenames.ENSEMBLE_MODEL)

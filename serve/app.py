@@ -12,7 +12,7 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -29,6 +29,9 @@ from serve.kserve import kserve_router
 from serve.metrics import ServeMetrics
 from serve.service import ModelService
 from serve.uploads import BadInput, check_part_type, decode_upload, display_name
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +147,7 @@ def _add_routes(app: FastAPI) -> None:
 
 
 # --- the lesion box (core/model/box_head.py, core/explain/cam_boxes.py): in pixels of the uploaded image and in fractions ---
-def lesion_box(data: bytes, head: Any, explain: dict[str, Any] | None) -> dict[str, Any]:
+def lesion_box(data: bytes, head: np.ndarray | None, explain: dict[str, Any] | None) -> dict[str, Any]:
     """/predict's ``box``: the box head's, else (with explain) the Grad-CAM map's, else null; the Grad-CAM box also
     in ``explain.box``. The upload decoded already, so its size is readable."""
     width, height = upright_size(io.BytesIO(data))
@@ -161,7 +164,7 @@ def _record(age: str | None, sex: str | None, site: str | None) -> dict[str, Any
         raise BadInput(422, str(exc)) from None
 
 
-def prediction_body(service: ModelService, probs: Any, tta: bool, name: str,
+def prediction_body(service: ModelService, probs: np.ndarray, tta: bool, name: str,
                     record: dict[str, Any]) -> dict[str, Any]:
     """/predict's answer for one image's calibrated probabilities."""
     top = int(probs.argmax())

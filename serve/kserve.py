@@ -107,7 +107,7 @@ def _service(request: Request, name: str) -> Any:
     return request.app.state.service
 
 
-def parse_infer(body: Any, size: int) -> tuple[np.ndarray, bool]:
+def parse_infer(body: object, size: int) -> tuple[np.ndarray, bool]:
     """(uint8 images [N,3,S,S], tta) of an inference request; BadInput naming what does not fit."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
         raise BadInput(400, "the request has no 'inputs' list")

@@ -12,6 +12,7 @@ import argparse
 import logging
 import signal
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from serve.service import ServeOptions
@@ -47,7 +48,7 @@ def build_application(model_path: str | Path, options: ServeOptions, settings: d
     return deployment.bind(str(Path(model_path).resolve()), options, settings)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 

@@ -8,13 +8,16 @@ with target 0.90 is the threshold chosen for sensitivity 0.90.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WANTED = {"specificity_at_sensitivity": "sensitivity", "sensitivity_at_specificity": "specificity"}
 
 
-def operating_verdicts(stored: Mapping[str, Any] | None, class_names: tuple[str, ...], probs: Any,
-                       tta: bool) -> dict[str, Any]:
+def operating_verdicts(stored: Mapping[str, Any] | None, class_names: tuple[str, ...],
+                       probs: np.ndarray | Sequence[float], tta: bool) -> dict[str, Any]:
     """{"positive_class", "probability", "mode", "points": [{..., "above", "text"}]} or {"skipped": why}."""
     if not stored:
         return {"skipped": "the model file holds no operating points"}

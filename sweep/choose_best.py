@@ -7,7 +7,6 @@ when none did), or, after a confirmation stage, the confirmed config with the be
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 

@@ -19,13 +19,16 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from core import filenames
 from core.ensemble_file import GreedyOutcome, choice_document, write_ensemble_choice
 from core.evaluation.metrics import classification_metrics
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def greedy_select(probs: Sequence[np.ndarray], labels: np.ndarray, metric: str, 
     return Selection(counts=counts, steps=tuple(steps), stopped=stopped, values=alone)
 
 
-def full_length_runs(frame: Any, epochs: int) -> list[dict[str, Any]]:
+def full_length_runs(frame: pd.DataFrame, epochs: int) -> list[dict[str, Any]]:
     """The trials table's runs that trained every epoch (search trials not stopped early, confirmation runs)."""
     rows = frame[(frame["status"] == "completed") & (frame["epochs_run"] == epochs)]
     return [{"trial_id": str(r.trial_id), "role": str(r.role)} for r in rows.itertuples()]
@@ -104,8 +107,8 @@ def read_val_probs(run_dir: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def choose_ensemble(sweep_dir: Path, frame: Any, metric: str, mode: str, epochs: int, max_size: int,
-                    echo: Any = print) -> dict[str, Any] | None:
+def choose_ensemble(sweep_dir: Path, frame: pd.DataFrame, metric: str, mode: str, epochs: int, max_size: int,
+                    echo: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Choose the ensemble over the sweep's full-length runs and write ensemble.json; None (and no file) when
     the ensemble is off (``max_size`` 1) or fewer than two runs have validation probabilities."""
     path = sweep_dir / filenames.ENSEMBLE_CHOICE

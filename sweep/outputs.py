@@ -166,7 +166,7 @@ def _best_lines(best: Mapping[str, Any] | None, metric: str, param_names: Sequen
     return lines + [f"  {key} = {_fmt(best['params'][key])}" for key in param_names if key in best["params"]]
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
@@ -26,6 +26,12 @@ from sweep.outputs import (EXPERIMENTS, best_of, epoch_history, read_trial, read
                             write_trials_csv)
 from sweep.confirm import CONFIRMS_KEY
 from sweep.trainable import NODE_FILE, FailedBefore
+
+if TYPE_CHECKING:
+    from ray.tune import Result
+    from ray.tune.experiment import Trial
+
+    from sweep.storage import SweepStorage
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +53,21 @@ class TrialRecorder(tune.Callback):
     """
 
     def __init__(self, sweep_dir: Path, param_names: Sequence[str], terms: TrialTerms, role: str = "search",
-                 remote: Any = None):
+                 remote: SweepStorage | None = None):
         self.sweep_dir = Path(sweep_dir)
-        self.remote = remote              # sweep.storage.SweepStorage of a sweep in a bucket, else None
+        self.remote = remote              # a sweep in a bucket, else None
         self.param_names = tuple(param_names)
         self.metric, self.mode, self.max_epochs = terms.metric, terms.mode, terms.max_epochs
         self.base_seed, self.role = terms.base_seed, role
 
     # --- Tune callback hooks (run in the driver) --------------------------------------------------
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: object) -> None:
         self.started(trial.trial_id, trial.config)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: object) -> None:
         self.finished(trial.trial_id, trial.config, trial.last_result, error=None)
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: object) -> None:
         self.finished(trial.trial_id, trial.config, trial.last_result, error=error_message(_trial_error(trial)))
 
     # --- the records -------------------------------------------------------------------------------
@@ -128,7 +134,7 @@ class TrialRecorder(tune.Callback):
         for copy in ray_copies.glob(f"checkpoint_*/{filenames.LAST_CHECKPOINT}"):
             copy.unlink(missing_ok=True)
 
-    def reconcile(self, results: Any) -> Any:
+    def reconcile(self, results: Iterable[Result]) -> Any:
         """Record trials whose end the callbacks missed (a driver killed at the wrong moment); the table."""
         known = set()
         for result in results:
@@ -160,7 +166,7 @@ def json_values(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.item() if hasattr(v, "item") and callable(v.item) else v for k, v in params.items()}
 
 
-def error_message(error: Any) -> str:
+def error_message(error: BaseException | str | None) -> str:
     """One line naming the exception a trial raised (Ray wraps it in a RayTaskError)."""
     if error is None:
         return "unknown error"
@@ -173,7 +179,7 @@ def error_message(error: Any) -> str:
     return _one_line(f"{type(cause).__name__}: {cause}")
 
 
-def _trial_error(trial: Any) -> Any:
+def _trial_error(trial: Trial) -> BaseException | str | None:
     """The exception of a failed trial, from the files Ray has just written on this node."""
     from ray import cloudpickle
 

@@ -36,7 +36,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -50,6 +50,9 @@ from sweep.ensemble_page import ensemble_section
 from sweep.outputs import duration_text, read_trials, trials_frame
 from sweep.settings import SETTINGS_FILE, SPACE_COPY, SweepSettings, flag, metric_mode, read_settings_file
 from sweep.space import parse_space
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +491,7 @@ def _no_final_report(sweep: SweepFolder) -> str:
     final = sweep.folder / FINAL_DIR
     command = f"python -m core.final_train {sweep.folder / BEST_TRIAL}"
     if (final / filenames.REPORT).is_file():
-        return f'<p>The final model\'s report: <a href="final/report.md">final/report.md</a>.</p>'
+        return '<p>The final model\'s report: <a href="final/report.md">final/report.md</a>.</p>'
     if final.is_dir():
         return (f"<p>A final training is in <code>final/</code> but has not finished; its report appears here when "
                 f"it does (<code>{html.escape(command)}</code> resumes it).</p>")
@@ -648,7 +651,7 @@ def _rounded(values: pd.Series) -> list[float]:
     return [round(float(v), 5) for v in values]  # 5 digits: the page's size, not the curve, changes
 
 
-def _plot(fig: Any, key: str) -> str:
+def _plot(fig: go.Figure, key: str) -> str:
     import plotly.io as pio
 
     fig.update_layout(template="plotly_white", autosize=True, margin={"t": 40, "b": 50})  # no title: the h2 says it
@@ -669,7 +672,7 @@ def _trial_link(trial_id: str) -> str:
     return f'<a href="trials/{html.escape(trial_id)}/">{html.escape(trial_id)}</a>'
 
 
-def _cell(value: Any, digits: int = 4) -> str:
+def _cell(value: object, digits: int = 4) -> str:
     number = finite_or_none(value)
     if number is not None:
         shown = f"{number:.{digits}f}" if not float(number).is_integer() or digits == 1 else f"{int(number)}"
@@ -680,22 +683,22 @@ def _cell(value: Any, digits: int = 4) -> str:
     return f'<td data-v="{html.escape(text)}">{html.escape(text) if text else "-"}</td>'
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value)
 
 
-def _num(value: Any) -> str:
+def _num(value: object) -> str:
     number = finite_or_none(value)
     return "n/a" if number is None else f"{number:.4f}"
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _json_html(value: Any) -> str:
+def _json_html(value: object) -> str:
     """best.json's extra entries (e.g. confirmation statistics) as nested tables, whatever their shape."""
     if isinstance(value, Mapping):
         return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_json_html(v)}</td></tr>"
@@ -710,7 +713,7 @@ def _json_html(value: Any) -> str:
     return html.escape("-" if value is None else _fmt(value))
 
 
-def _timestamp(text: Any) -> float | None:
+def _timestamp(text: object) -> float | None:
     try:
         return datetime.fromisoformat(str(text)).timestamp()
     except (TypeError, ValueError):

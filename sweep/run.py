@@ -49,8 +49,15 @@ from sweep.settings import (DEFAULT_SPACE, SEARCH_OPTIONS, SETTINGS_FILE, SPACE_
 from sweep.space import SearchSpace, parse_space
 from sweep.state_check import check_resumable
 
-if TYPE_CHECKING:  # both import Ray or Optuna: only when a sweep runs
+if TYPE_CHECKING:  # these import Ray, Optuna or the storage layer: only when a sweep runs
+    import optuna
+    from ray import tune
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import Searcher
+
     from sweep.recorder import TrialRecorder
+    from sweep.storage import SweepStorage
     from sweep.warm_start import WarmStart
 
 log = logging.getLogger(__name__)
@@ -77,7 +84,7 @@ class SweepRun:
     resources: Any                    # sweep.resources.Resources
     trainable: Any                    # the Ray Tune trainable, data and resources attached
     echo: Echo
-    remote: Any = None                # sweep.storage.SweepStorage with --storage, else None
+    remote: SweepStorage | None = None   # with --storage, else None
 
     @property
     def folder(self) -> Path:
@@ -118,7 +125,7 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False, address: str | N
             ray.shutdown()
 
 
-def _remote(settings: SweepSettings, resume: bool) -> Any:
+def _remote(settings: SweepSettings, resume: bool) -> SweepStorage | None:
     """With --storage: the bucket is checked before any work (and --resume fetches the sweep's files)."""
     if not settings.storage:
         return None
@@ -168,7 +175,7 @@ def _run(sweep: SweepRun, data: dict[str, str], resume: bool, warm: WarmStart | 
 
 
 def _prepare(settings: SweepSettings, space: SearchSpace, space_text: str, base: TrainConfig, resume: bool,
-             echo: Echo, remote: Any) -> tuple[SweepRun, dict[str, str]]:
+             echo: Echo, remote: SweepStorage | None) -> tuple[SweepRun, dict[str, str]]:
     """Plan the resources, load the data (once, for every trial), save the settings and split; the trainable."""
     from ray import tune
 
@@ -307,8 +314,8 @@ def _signal_handlers_kept() -> Iterator[None]:
                 signal.signal(number, handler)
 
 
-def _tuner(sweep: SweepRun, name: str, search_alg: Any, scheduler: Any, samples: int,
-           recorder: TrialRecorder) -> Any:
+def _tuner(sweep: SweepRun, name: str, search_alg: Searcher, scheduler: TrialScheduler | None, samples: int,
+           recorder: TrialRecorder) -> tune.Tuner:
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -326,7 +333,7 @@ def _tuner(sweep: SweepRun, name: str, search_alg: Any, scheduler: Any, samples:
                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1))
 
 
-def _trial_dirname(trial: Any) -> str:
+def _trial_dirname(trial: Trial) -> str:
     return trial.trial_id
 
 
@@ -366,7 +373,7 @@ def _ensemble(sweep: SweepRun, frame: pd.DataFrame) -> dict[str, Any] | None:
                            settings.ensemble_size, sweep.echo)
 
 
-def _study_lines(study: Any) -> list[str]:
+def _study_lines(study: optuna.Study) -> list[str]:
     from sweep import searcher
 
     counts = searcher.state_counts(study)

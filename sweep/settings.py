@@ -30,7 +30,7 @@ SAMPLERS = ("tpe", "random")
 _ARG_TYPES = {"int": int, "float": float, "str": str}
 
 
-def _option(help: str, *, default: Any = None, shown: str | None = None, metavar: str | None = None,
+def _option(help: str, *, default: object = None, shown: str | None = None, metavar: str | None = None,
             choices: tuple[str, ...] | None = None, searched: bool = True, required: bool = False) -> Any:
     """A setting and its ``python -m sweep.run`` option: ``help`` (the default is added to it: ``shown``, else the
     value), ``metavar``, ``choices``; ``searched``: the setting defines what the sweep searches (--resume keeps

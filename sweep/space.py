@@ -13,13 +13,16 @@ import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import yaml
 
 from core.config import TrainConfig, field_type, parse_value
 from core.errors import UserError, run_cli
 from sweep.schedule import Asha, expected_budget
+
+if TYPE_CHECKING:
+    import optuna
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "categorical")
 # Fixed for a whole sweep: the dataset is decoded (image_size) and split (fractions, seed) once, before
@@ -72,7 +75,7 @@ class Param:
         """Whether this parameter is sampled, given the values sampled before it."""
         return all(parent in values and values[parent] in allowed for parent, allowed in self.when)
 
-    def suggest(self, trial: Any) -> Any:
+    def suggest(self, trial: optuna.trial.Trial) -> Any:
         """Draw a value from an ``optuna.trial.Trial`` (define-by-run)."""
         if self.dist == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
@@ -94,7 +97,7 @@ class Param:
         return d.FloatDistribution(float(self.low), float(self.high), log=self.dist == "loguniform",
                                    step=None if self.step is None else float(self.step))
 
-    def contains(self, value: Any) -> bool:
+    def contains(self, value: object) -> bool:
         """Whether ``value`` is one this parameter can take (a choice, or in range and on the step grid)."""
         if self.dist == "categorical":
             return any(type(value) is type(c) and value == c for c in self.choices)
@@ -139,7 +142,7 @@ class SearchSpace:
         """The config keys the space searches (a key with ranges per case once)."""
         return tuple(dict.fromkeys(p.key for p in self.params))
 
-    def sample(self, trial: Any) -> dict[str, Any]:
+    def sample(self, trial: optuna.trial.Trial) -> dict[str, Any]:
         """Define-by-run for OptunaSearch: the sampled values of the active parameters."""
         values: dict[str, Any] = {}
         for param in self.params:
@@ -219,7 +222,7 @@ def parse_space(text: str, source: str = "<space>") -> SearchSpace:
     return space
 
 
-def _parse_base(raw: Any, source: str) -> dict[str, Any]:
+def _parse_base(raw: object, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: 'base' must be a mapping of config key -> value")
     values = {str(k): _coerce(str(k), v, source, "base") for k, v in raw.items()}
@@ -230,7 +233,7 @@ def _parse_base(raw: Any, source: str) -> dict[str, Any]:
     return values
 
 
-def _parse_param(name: str, spec: Any, source: str, earlier: Mapping[str, Param]) -> Param:
+def _parse_param(name: str, spec: object, source: str, earlier: Mapping[str, Param]) -> Param:
     where, key, label = f"{source}: parameter '{name}'", *(name.split(CASE_MARK, 1) + [None])[:2]
     if label is not None and not (label.replace("_", "").replace("-", "").isalnum() and label.isascii()):
         raise UserError(f"{where}: after '{CASE_MARK}' give a label of letters, digits, '_' or '-' "
@@ -306,7 +309,7 @@ def _check_cases(params: Sequence[Param], source: str) -> None:
                                 f"{{arch: [convnext_tiny]}})")
 
 
-def _parse_when(raw: Any, where: str, earlier: Mapping[str, Param]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+def _parse_when(raw: object, where: str, earlier: Mapping[str, Param]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     if raw is None:
         return ()
     if not isinstance(raw, dict) or not raw:
@@ -329,7 +332,7 @@ def _parse_when(raw: Any, where: str, earlier: Mapping[str, Param]) -> tuple[tup
     return tuple(conditions)
 
 
-def _parse_start_points(raw: Any, params: Sequence[Param], base: Mapping[str, Any],
+def _parse_start_points(raw: object, params: Sequence[Param], base: Mapping[str, Any],
                         source: str) -> tuple[dict[str, Any], ...]:
     """``start_points:``: configs to evaluate first; each a mapping of searched keys, or ``defaults``."""
     if raw is None:
@@ -372,7 +375,7 @@ def _check_point(values: Mapping[str, Any], params: Sequence[Param], where: str)
                                 f"but the point has {parent}={values[parent]!r}")
 
 
-def _parse_asha(raw: Any, source: str) -> dict[str, Any]:
+def _parse_asha(raw: object, source: str) -> dict[str, Any]:
     """``asha: {grace_period: N, reduction_factor: F}``: the early-stopping rungs this space is meant for."""
     if raw is None:
         return {}
@@ -392,7 +395,7 @@ def _parse_asha(raw: Any, source: str) -> dict[str, Any]:
     return out
 
 
-def _coerce(key: str, value: Any, source: str, what: str) -> Any:
+def _coerce(key: str, value: object, source: str, what: str) -> Any:
     """YAML reads ``1e-4`` as a string: give numeric keys their numbers, leave the rest to the config."""
     try:
         kind = field_type(key)
@@ -405,7 +408,7 @@ def _coerce(key: str, value: Any, source: str, what: str) -> Any:
     return value
 
 
-def _number(value: Any, where: str) -> float | int:
+def _number(value: object, where: str) -> float | int:
     if isinstance(value, str):
         try:
             value = float(value)

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core.config import IMAGE_SIZES, TEST_FRACTION, VAL_FRACTION, check_fractions, image_size_ok
+from core.config import IMAGE_SIZES, TEST_FRACTION, VAL_FRACTION, TrainConfig, check_fractions, image_size_ok
 from core.data.demo_data import GENERATOR, generate_demo
 from core.errors import UserError
 from core.data.image_cache import decode_image, load_images
@@ -137,7 +137,7 @@ def load_dataset(path: str | Path | None, image_size: int, splits: SplitOptions 
     return data
 
 
-def load_for_config(path: str | Path | None, cfg: Any, splits_file: str | Path | None = None,
+def load_for_config(path: str | Path | None, cfg: TrainConfig, splits_file: str | Path | None = None,
                     **kw: Any) -> Dataset:
     """:func:`load_dataset` with the image size and split settings of a TrainConfig."""
     return load_dataset(path, cfg.image_size, SplitOptions.of_config(cfg, splits_file), **kw)

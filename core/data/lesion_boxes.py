@@ -8,7 +8,8 @@ localisation scores (core/evaluation/localisation.py).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def pixel_box(box: Sequence[float], width: int, height: int) -> list[float]:
     return [round(x0 * width, 1), round(y0 * height, 1), round(x1 * width, 1), round(y1 * height, 1)]
 
 
-def upright_size(source: Any) -> tuple[int, int]:
+def upright_size(source: str | os.PathLike[str] | BinaryIO) -> tuple[int, int]:
     """``(width, height)`` of an image file (a path or a file object) as it is shown: turned by its EXIF
     orientation, as core.data.image_cache.decode_image turns it before squashing it to the model's square."""
     from PIL import Image

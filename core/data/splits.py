@@ -21,12 +21,12 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from core.io.atomic import write_text
-from core.config import TEST_FRACTION, VAL_FRACTION, check_fractions
+from core.config import TEST_FRACTION, VAL_FRACTION, TrainConfig, check_fractions
 from core.errors import UserError
 
 if TYPE_CHECKING:
@@ -48,8 +48,8 @@ class SplitOptions:
     splits_file: str | Path | None = None
 
     @classmethod
-    def of_config(cls, cfg: Any, splits_file: str | Path | None = None) -> "SplitOptions":
-        """The split settings of a TrainConfig (or anything with val_fraction, test_fraction, split_seed)."""
+    def of_config(cls, cfg: TrainConfig, splits_file: str | Path | None = None) -> "SplitOptions":
+        """The split settings of a TrainConfig."""
         return cls(cfg.val_fraction, cfg.test_fraction, cfg.split_seed, splits_file)
 
 
@@ -109,7 +109,22 @@ def split_listing(listing: "Listing", val_fraction: float, test_fraction: float,
     return split
 
 
-def write_splits(data: Any, path: str | Path) -> None:
+class SplitTable(Protocol):
+    """What write_splits reads of a core.data.dataset.Dataset (a Protocol: that module imports this one)."""
+
+    @property
+    def class_names(self) -> tuple[str, ...]: ...
+    @property
+    def labels(self) -> np.ndarray: ...
+    @property
+    def image_ids(self) -> np.ndarray: ...
+    @property
+    def groups(self) -> np.ndarray: ...
+    @property
+    def split(self) -> np.ndarray: ...
+
+
+def write_splits(data: SplitTable, path: str | Path) -> None:
     """Write ``splits.csv`` (image_id,label,group,split; label as class name) of a Dataset, atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from core.errors import UserError
 from core.model.inference import SINGLE_MODE, LoadedModel
 from core.evaluation.metrics import map_labels
 from core.model.networks import save_model_file
+
+if TYPE_CHECKING:
+    from core.data.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def splits_for_fit(checkpoint: str | Path, splits: str | None) -> str:
     return str(beside)
 
 
-def fit_for_file(loaded: LoadedModel, data: Any, source: str, out: Path,
+def fit_for_file(loaded: LoadedModel, data: Dataset, source: str, out: Path,
                  coverage: float | None = None) -> dict[str, Any]:
     """Fit on ``data``'s val split; write ``out``/model.pt with the statistics; returns them (``ood``,
     ``abstention``) merged over the model file's own metadata."""

@@ -220,7 +220,7 @@ def _operating_points(data: EvaluatedSet, probs: np.ndarray, positive: int | Non
     return section
 
 
-def _json_ready(value: Any) -> Any:
+def _json_ready(value: object) -> Any:
     """NaN -> None (JSON has no NaN), numpy scalars -> Python, recursively."""
     if isinstance(value, dict):
         return {str(k): _json_ready(v) for k, v in value.items()}

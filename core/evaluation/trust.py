@@ -60,7 +60,7 @@ def trust_sections(loaded: LoadedModel, stored: Mapping[str, Any], images: Evalu
             "abstention": abstention_results(images, stored.get("abstention"), tta, coverage)}
 
 
-def ood_results(loaded: LoadedModel, stored: Any, images: Evaluated) -> dict[str, Any]:
+def ood_results(loaded: LoadedModel, stored: Mapping[str, Any] | None, images: Evaluated) -> dict[str, Any]:
     if not ood.is_fitted(stored):
         return {"skipped": f"{ood.NO_CHECK} ({ood.FIT_ADVICE})"}
     inside = ood.all_scores(stored, images.features, images.logits)
@@ -147,7 +147,8 @@ def risk_coverage(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
                       "balanced_accuracy": [_balanced_accuracy(labels[k], probs[k]) for k in kept]}}
 
 
-def abstention_results(images: Evaluated, stored: Any, tta: bool, coverage: float | None) -> dict[str, Any]:
+def abstention_results(images: Evaluated, stored: Mapping[str, Any] | None, tta: bool,
+                       coverage: float | None) -> dict[str, Any]:
     section = risk_coverage(images.labels, images.probs)
     view = TTA_MODE if tta else SINGLE_MODE
     limit = abstain.threshold(stored, view, coverage)

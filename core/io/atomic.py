@@ -13,9 +13,12 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from core.io.state_files import writing
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @contextmanager
@@ -56,11 +59,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
 
 
-def save_torch(obj: Any, path: str | os.PathLike) -> None:
+def save_torch(obj: object, path: str | os.PathLike) -> None:
     import torch
 
     # Through a file object we close: a failed write (a full disk) frees its space at once, whatever still
@@ -72,7 +75,7 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
 FIGURE_DPI = 120   # every figure the project writes
 
 
-def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike, **kwargs: Any) -> None:
     """Save a matplotlib figure atomically (the format comes from ``path``'s suffix; ``FIGURE_DPI``, trimmed to its
     content, unless ``kwargs`` say otherwise), then close it: pyplot keeps every figure open until it is closed."""
     import matplotlib.pyplot as plt

@@ -28,16 +28,19 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from core.errors import DISK_FULL, UserError
+
+if TYPE_CHECKING:
+    import torch
 
 _NOT_WRITABLE = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                  errno.EPERM: "not permitted", errno.ENOTDIR: "part of its path is a file, not a folder",
                  errno.EEXIST: "a file has its folder's name", errno.EISDIR: "a folder of that name is in the way"}
 
 
-def load_torch(path: str | os.PathLike, advice: str, map_location: Any = "cpu") -> Any:
+def load_torch(path: str | os.PathLike, advice: str, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``; a damaged or unreadable file is a UserError with ``advice``."""
     import torch
 

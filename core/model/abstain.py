@@ -15,7 +15,7 @@ server's ``--coverage``) without the validation images. An image the out-of-dist
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -72,13 +72,13 @@ def choose_weight(probs: np.ndarray, labels: np.ndarray, disagreement: np.ndarra
     return min(WEIGHTS, key=aurc) if len(wrong) else 0.0
 
 
-def threshold_from(quantiles: Any, coverage: float) -> float:
+def threshold_from(quantiles: Sequence[float] | np.ndarray, coverage: float) -> float:
     """The confidence that a share ``coverage`` of the images clears (the (1 - coverage) quantile)."""
     q = np.asarray(quantiles, dtype=np.float64)
     return float(np.interp(1 - coverage, np.linspace(0, 1, len(q)), q))
 
 
-def threshold(stored: Any, view: str, coverage: float | None = None) -> float | None:
+def threshold(stored: Mapping[str, Any] | None, view: str, coverage: float | None = None) -> float | None:
     """The stored rule's threshold for ``view`` at ``coverage`` (None: the stored coverage); None without a rule."""
     if not isinstance(stored, Mapping) or view not in (stored.get("views") or {}):
         return None
@@ -86,7 +86,7 @@ def threshold(stored: Any, view: str, coverage: float | None = None) -> float | 
     return chosen["threshold"] if coverage is None else threshold_from(chosen["quantiles"], coverage)
 
 
-def decide(stored: Any, probs: np.ndarray, view: str, ood: list[dict[str, Any]] | None = None,
+def decide(stored: Mapping[str, Any] | None, probs: np.ndarray, view: str, ood: list[dict[str, Any]] | None = None,
            coverage: float | None = None, disagreement: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Each image's ``{"abstained", "reason", "detail", "confidence", "threshold", "coverage"}``.
 

@@ -41,7 +41,7 @@ from core.config import TrainConfig
 from core.device import resolve_device
 from core.errors import UserError
 from core.model.inference import ENSEMBLE_FORMAT, LoadedModel, is_ensemble_payload, loaded_from, stored_temperature
-from core.model.fields import encode_dataset, encode_records
+from core.model.fields import MetadataSource, encode_dataset, encode_records
 from core.model.networks import MODEL_ADVICE, arch_of, model_from_payload, read_model_payload
 
 ENSEMBLE_VERSION = 1
@@ -104,7 +104,7 @@ class EnsembleModel:
     def encode(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         return np.concatenate([encode_records(records, m.metadata_spec) for m in self.members], axis=1)
 
-    def encode_dataset(self, data: Any, idx: np.ndarray) -> np.ndarray | None:
+    def encode_dataset(self, data: MetadataSource, idx: np.ndarray) -> np.ndarray | None:
         if self.metadata_spec is None or data.metadata is None:
             return None if self.metadata_spec is None else self.members[0].encode_dataset(data, idx)
         return np.concatenate([np.zeros((len(idx), 0), np.float32) if m.metadata_spec is None

@@ -17,12 +17,15 @@ patient or acquisition (lesion or image ids). ``metadata_dropout`` sets fields t
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from core.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FIELDS = ("age", "sex", "site")
 SEXES = ("female", "male")
@@ -49,12 +52,25 @@ def make_spec(method: str) -> dict[str, Any] | None:
             "width": 2 + len(SEXES) + len(SITES)}
 
 
-def _unknown(value: Any) -> bool:
+class MetadataSource(Protocol):
+    """What encode_dataset reads of a core.data.dataset.Dataset (a Protocol: core/model stands below core/data)."""
+
+    @property
+    def metadata(self) -> pd.DataFrame | None: ...
+    @property
+    def image_ids(self) -> np.ndarray: ...
+    @property
+    def root(self) -> str: ...
+    @property
+    def layout(self) -> str: ...
+
+
+def _unknown(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or \
         (isinstance(value, str) and value.strip().lower() in UNKNOWN)
 
 
-def _age(value: Any) -> float | None:
+def _age(value: object) -> float | None:
     if _unknown(value):
         return None
     try:
@@ -66,7 +82,7 @@ def _age(value: Any) -> float | None:
     return age
 
 
-def _choice(field: str, value: Any, allowed: Sequence[str], aliases: Mapping[str, str | None]) -> str | None:
+def _choice(field: str, value: object, allowed: Sequence[str], aliases: Mapping[str, str | None]) -> str | None:
     if _unknown(value):
         return None
     text = str(value).strip().lower()
@@ -110,7 +126,7 @@ def unknown_rows(n: int, spec: Mapping[str, Any]) -> np.ndarray:
     return encode_records([{}] * n, spec)
 
 
-def table_records(table: Any, image_ids: Sequence[str], source: str) -> list[dict[str, Any]]:
+def table_records(table: pd.DataFrame | None, image_ids: Sequence[str], source: str) -> list[dict[str, Any]]:
     """Records of a dataset's label table (pandas, row i = image i), each field validated.
 
     A missing column, or a value that cannot be read (named with its image), is a UserError.
@@ -135,7 +151,7 @@ def table_records(table: Any, image_ids: Sequence[str], source: str) -> list[dic
     return records
 
 
-def encode_dataset(data: Any, spec: Mapping[str, Any]) -> np.ndarray:
+def encode_dataset(data: MetadataSource, spec: Mapping[str, Any]) -> np.ndarray:
     """float32 [N, width] of a core.data.dataset.Dataset's images; a layout without metadata is a UserError."""
     if data.metadata is None:
         raise UserError(f"{data.root}: the {data.layout} layout carries no metadata (age, sex, localization), "

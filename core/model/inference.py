@@ -24,7 +24,7 @@ from core.config import DEFAULT_ARCH, TrainConfig
 from core.device import Placement, as_tensor, resolve_device
 from core.errors import UserError
 from core.model.forward import predict_split
-from core.model.fields import encode_dataset, encode_records
+from core.model.fields import MetadataSource, encode_dataset, encode_records
 from core.model.tta import N_VIEWS, DihedralMean
 
 SINGLE_MODE, TTA_MODE = "single", "tta"  # keys of the temperatures stored in model.pt
@@ -60,7 +60,7 @@ class LoadedModel:
         """Records ({"age", "sex", "site"}) encoded for :meth:`predict`; [N, 0] for an image-only model."""
         return encode_records(records, self.metadata_spec)
 
-    def encode_dataset(self, data: Any, idx: np.ndarray) -> np.ndarray | None:
+    def encode_dataset(self, data: MetadataSource, idx: np.ndarray) -> np.ndarray | None:
         """The encoded metadata of ``data``'s images ``idx`` (a core.data.dataset.Dataset); None for an image-only model.
 
         A dataset without metadata (ImageFolder) gives None, and the model then treats every field as unknown.
@@ -117,7 +117,7 @@ def stored_temperature(meta: Mapping[str, Any], tta: bool) -> float | None:
     return None if value is None else float(value)
 
 
-def is_ensemble_payload(payload: Any) -> bool:
+def is_ensemble_payload(payload: object) -> bool:
     return isinstance(payload, Mapping) and payload.get("format") == ENSEMBLE_FORMAT
 
 

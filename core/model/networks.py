@@ -123,7 +123,7 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.backbone if isinstance(model, MetadataNet) else model
 
 
-def _head_slot(model: nn.Module, arch: str) -> tuple[nn.Module, Any]:
+def _head_slot(model: nn.Module, arch: str) -> tuple[nn.Module, str | int]:
     *path, key = HEADS[arch]
     parent = model
     for step in path:
@@ -131,11 +131,11 @@ def _head_slot(model: nn.Module, arch: str) -> tuple[nn.Module, Any]:
     return parent, key
 
 
-def _get(parent: nn.Module, key: Any) -> nn.Module:
+def _get(parent: nn.Module, key: str | int) -> nn.Module:
     return parent[key] if isinstance(key, int) else getattr(parent, key)
 
 
-def _set(parent: nn.Module, key: Any, module: nn.Module) -> None:
+def _set(parent: nn.Module, key: str | int, module: nn.Module) -> None:
     if isinstance(key, int):
         parent[key] = module
     else:
@@ -268,7 +268,7 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model_from_payload(_torch_load(path, advice), path, device)
 
 
-def model_from_payload(payload: Any, path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def model_from_payload(payload: object, path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The model and metadata of a model file's contents (:func:`load_model_file`); ``path``: what to call it in
     an error (an ensemble file's member: core/model/ensemble.py)."""
     if not isinstance(payload, Mapping) or payload.get("format") != MODEL_FORMAT:

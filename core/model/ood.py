@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from torch import nn
 
 from core.model.networks import HEADS, MetadataNet, arch_of
 from core.model.ensemble import EnsembleNet
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 SCORES = ("mahalanobis", "max_softmax", "energy")
 DECIDING = "mahalanobis"          # the score whose threshold decides "in_distribution"
@@ -157,11 +160,11 @@ def _out_of_fold(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return scores
 
 
-def is_fitted(stored: Any) -> bool:
+def is_fitted(stored: Mapping[str, Any] | None) -> bool:
     return isinstance(stored, Mapping) and "means" in stored and "thresholds" in stored
 
 
-def check(stored: Any, features: np.ndarray, logits: np.ndarray) -> list[dict[str, Any]]:
+def check(stored: Mapping[str, Any] | None, features: np.ndarray, logits: np.ndarray) -> list[dict[str, Any]]:
     """Each image's ``{"score", "threshold", "in_distribution", "method"}`` by the deciding score; without
     fitted statistics ``{"score": None, ..., "in_distribution": None, "note": NO_CHECK}``."""
     if not is_fitted(stored):
@@ -174,5 +177,5 @@ def check(stored: Any, features: np.ndarray, logits: np.ndarray) -> list[dict[st
             for v in values]
 
 
-def _as_array(value: Any) -> np.ndarray:
+def _as_array(value: torch.Tensor | npt.ArrayLike) -> np.ndarray:
     return value.numpy().astype(np.float64) if isinstance(value, torch.Tensor) else np.asarray(value, np.float64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from core.model.forward import forward
 from core.config import TrainConfig
 from core.device import Placement, gather_batch
 from core.model.fields import drop_fields
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Optimisation:
 
 
 def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cfg: TrainConfig,
-                    generator: torch.Generator, progress: Any = None) -> dict[str, float]:
+                    generator: torch.Generator, progress: tqdm | None = None) -> dict[str, float]:
     """One epoch of steps over ``train_idx[order]``; returns train_loss, train_accuracy and its speed."""
     where = batches.placement
     opt.model.train()

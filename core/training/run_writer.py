@@ -30,6 +30,11 @@ from core.data.splits import write_splits
 from core.io.state_files import load_torch, reading, writing
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch.optim.lr_scheduler import LRScheduler
+    from torch.optim.swa_utils import AveragedModel
+
     from core.data.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,8 @@ class RunWriter:
         self._saved_at = time.monotonic()
         self._tb: Any = None
 
-    def restore(self, model: nn.Module, optimizer: Any, scheduler: Any, ema: Any) -> int:
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                ema: AveragedModel | None) -> int:
         """Load ``last.pt`` into the training state when resuming; returns the epoch to continue after."""
         path = self.out / filenames.LAST_CHECKPOINT
         if self.resume and path.is_file():
@@ -100,7 +106,7 @@ class RunWriter:
         self.first_step_at = self.first_step_at or time.time()
 
     def epoch_done(self, metrics: dict[str, float], evaluated: nn.Module, training_state: dict[str, Any],
-                   val_probs: Any = None) -> None:
+                   val_probs: np.ndarray | None = None) -> None:
         """Record an epoch: ``evaluated`` is the (uncompiled) model its val metrics are of (the EMA if any);
         ``val_probs``: its validation probabilities [N, C], kept beside best.pt for a sweep's ensemble."""
         epoch = int(metrics["epoch"])
