@@ -60,6 +60,9 @@ class _OneLineStorageFaults(logging.Filter):
         return True
 
 
+ONE_LINE_STORAGE_FAULTS = _OneLineStorageFaults()
+
+
 def _noted(method: Callable[..., Any]) -> Callable[..., Any]:
     """Keep the first StorageError of a driver-side copy in ``self.failure`` (see :meth:`noting_failure`)."""
     @functools.wraps(method)
@@ -84,9 +87,10 @@ class SweepStorage:
     def noting_failure(self) -> Iterator[None]:
         """Around a Tune run: a storage failure in a callback (Ray Tune re-raises it as a TuneError holding a
         traceback) ends it as one line saying how to go on."""
-        quiet = _OneLineStorageFaults()
+        # For the rest of the process, not only this run: Ray also builds its storage folders outside the run
+        # (a Tuner's set-up, the confirmation stage's), and logs a fault there with a traceback too.
         for name in RAY_STORAGE_LOGS:
-            logging.getLogger(name).addFilter(quiet)
+            logging.getLogger(name).addFilter(ONE_LINE_STORAGE_FAULTS)   # addFilter adds it once
         try:
             yield
         except Exception:
@@ -95,9 +99,6 @@ class SweepStorage:
             raise StorageError(f"{self.failure}; the sweep stopped: once the storage is back, python -m sweep.run "
                                f"--resume --name {self.uri.rsplit('/', 1)[-1]} --storage "
                                f"{self.uri.rsplit('/', 1)[0]} continues it") from None
-        finally:
-            for name in RAY_STORAGE_LOGS:
-                logging.getLogger(name).removeFilter(quiet)
 
     @classmethod
     def open(cls, uri: str, endpoint: str | None, name: str) -> "SweepStorage":

@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
 import core.data.dataset
-from core.data.dataset import demo_data
+from core.data import demo_data
 from core.data.dataset import SplitOptions, load_dataset
 from core.data.demo_data import class_counts, generate_demo
 from core.errors import UserError

@@ -145,7 +145,7 @@ def test_bad_masks_are_one_line_errors_naming_the_file(ham_template, tmp_path, p
         _load(root, tmp_path)
     assert str(mask.name) in str(info.value) and "\n" not in str(info.value)
     if problem == "size":  # as a user meets it: one line, exit status 2
-        result = subprocess.run([sys.executable, "-m", "core.data.dataset", "--data", str(root), "--image-size", "16",
+        result = subprocess.run([sys.executable, "-m", "core.data", "--data", str(root), "--image-size", "16",
                                  "--cache-dir", str(tmp_path / "c2")], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(f"error: {mask}")
         assert "Traceback" not in result.stderr

@@ -46,7 +46,7 @@ def progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_in_a_file_a_line_at_most_every_30_s_and_one_at_the_end(clock: FakeClock,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="core.progress"):  # whatever an earlier test set on "core"
         bar = progress_bar(total=100, desc="epoch 1/2", unit="step", stream=io.StringIO())
         assert isinstance(bar, LoggedProgress)
         for _ in range(100):
@@ -61,7 +61,7 @@ def test_in_a_file_a_line_at_most_every_30_s_and_one_at_the_end(clock: FakeClock
 
 
 def test_a_short_step_in_a_file_adds_no_line(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="core.progress"):  # whatever an earlier test set on "core"
         for _ in progress_bar(range(50), desc="decoding", unit="img", stream=io.StringIO()):
             clock.now += 0.5
     assert progress_lines(caplog) == []
@@ -69,7 +69,7 @@ def test_a_short_step_in_a_file_adds_no_line(clock: FakeClock, caplog: pytest.Lo
 
 def test_on_a_terminal_the_bar_and_disabled_nothing(caplog: pytest.LogCaptureFixture) -> None:
     terminal = Terminal()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="core.progress"):  # whatever an earlier test set on "core"
         with progress_bar(total=3, desc="epoch 1/1", unit="step", stream=terminal) as bar:
             bar.update(3)
         with progress_bar(total=3, desc="off", enabled=False) as bar:
