@@ -22,6 +22,7 @@ there, else generated data.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
+from bench.common import command_line, machine_info, study_data, study_parser, write_result
 from bench.model_study import verdict
 from bench.sweep_runs import cell, mean_sd
 from core.io import atomic
@@ -48,12 +49,7 @@ TARGETS = {"mean_iou": 0.80, "iou_0.5": 0.95, "iou_0.7": 0.75}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    source = bench_data(args.data, demo_lesions=args.demo_lesions, demo_image_size=args.image_size)
-    print(f"data: {source.source} ({source.path}); {args.image_size} px, {args.epochs} epochs, seeds {args.seeds}, "
-          f"box_loss_weight 0 and {', '.join(f'{w:g}' for w in args.weights)}", flush=True)
+    source = study_data(args, f"box_loss_weight 0 and {', '.join(f'{w:g}' for w in args.weights)}")
     root = Path(args.runs).resolve() if args.runs else Path(tempfile.mkdtemp(prefix="bench-boxes-"))
     started = time.time()
     runs: list[dict[str, Any]] = []
@@ -224,11 +220,8 @@ def _run_line(run: dict[str, Any]) -> str:
             f"{run['cam_fraction']:.2f}; trained {run['train_s']:.0f} s, scored {run['score_s']:.0f} s")
 
 
-def _parse_args(argv: Sequence[str] | None) -> Any:
-    parser = bench_parser("bench.box_study", __doc__)
-    parser.add_argument("--image-size", type=int, default=64, help="training and test image side (default 64)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of every run (default 3)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split and training seeds")
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = study_parser("bench.box_study", __doc__, epochs=3)
     parser.add_argument("--weights", type=float, nargs="+", default=[1.0],
                         help="box_loss_weight of the runs with the head, one run each (default 1)")
     parser.add_argument("--batch-size", type=int, default=64)

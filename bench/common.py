@@ -44,6 +44,16 @@ def bench_parser(module: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def study_parser(module: str, doc: str, epochs: int) -> argparse.ArgumentParser:
+    """A seeded study's parser (bench.box_study, bench.model_study, bench.ood_study): :func:`bench_parser`'s flags,
+    the image size, the epochs of every run and the seeds."""
+    parser = bench_parser(module, doc)
+    parser.add_argument("--image-size", type=int, default=64, help="training and test image side (default 64)")
+    parser.add_argument("--epochs", type=int, default=epochs, help=f"epochs of every run (default {epochs})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split and training seeds")
+    return parser
+
+
 def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The command that produced a result, as a user would type it."""
     return " ".join([Path(sys.executable).name, "-m", module, *(sys.argv[1:] if argv is None else argv)])
@@ -80,6 +90,24 @@ def bench_data(path: str | None, *, demo_lesions: int, demo_image_size: int) -> 
                  demo_image_size, root)
         generate_demo(root, n_lesions=demo_lesions, image_size=demo_image_size)
     return BenchData(root, "generated")
+
+
+def study_data(args: argparse.Namespace, what: str) -> BenchData:
+    """A seeded study's start: torch's CPU threads (``--threads``), its data (``--data``: the HAM10000 copy, else
+    generated demo data at ``--image-size``), and a first line saying what it runs (``what``: the study's own)."""
+    torch.set_num_threads(args.threads)
+    source = bench_data(args.data, demo_lesions=args.demo_lesions, demo_image_size=args.image_size)
+    print(f"data: {source.source} ({source.path}); {args.image_size} px, {args.epochs} epochs, seeds {args.seeds}, "
+          f"{what}", flush=True)
+    return source
+
+
+def result_header(module: str, argv: Sequence[str] | None, started: float, source: BenchData,
+                  device: str = "cpu") -> dict[str, object]:
+    """The first keys of a benchmark's JSON result: which, how it was run, when, how long, where, on what data."""
+    return {"benchmark": module.rsplit(".", 1)[-1], "command": command_line(module, argv),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 1),
+            "machine": machine_info(torch.device(device)), "data": {"source": source.source, "path": str(source.path)}}
 
 
 def machine_info(device: torch.device) -> dict[str, object]:

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
+from bench.common import bench_data, bench_parser, result_header, write_result
 from bench.sweep_runs import METRIC, stop_ray, sweep_run
 from core.errors import run_cli
 
@@ -61,9 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_ray()
         if not args.results:
             shutil.rmtree(results_root, ignore_errors=True)
-    result = {"benchmark": "ensemble_study", "command": command_line(__spec__.name, argv),
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 1),
-              "machine": machine_info(torch.device("cpu")), "data": {"source": source.source, "path": str(source.path)},
+    result = {**result_header(__spec__.name, argv, started, source),
               "settings": {k: getattr(args, k) for k in ("seeds", "trials", "epochs", "image_size", "confirm_top",
                                                          "confirm_seeds", "ensemble_size", "cpus_per_trial")},
               "sweeps": sweeps}

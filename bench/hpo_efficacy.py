@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
+from bench.common import bench_data, bench_parser, result_header, write_result
 from bench.sweep_runs import METRIC, cell, checkpoint_scores, mean_sd, stop_ray, sweep_run, trial_cap
 from core.errors import run_cli
 
@@ -63,9 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_ray()
         if not args.results:
             shutil.rmtree(results_root, ignore_errors=True)
-    result = {"benchmark": "hpo_efficacy", "command": command_line(__spec__.name, argv),
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 1),
-              "machine": machine_info(torch.device("cpu")), "data": {"source": source.source, "path": str(source.path)},
+    result = {**result_header(__spec__.name, argv, started, source),
               "settings": {"space": args.space, "epochs": args.epochs, "budget": args.budget, "seeds": args.seeds,
                            "confirm_top": args.confirm_top, "confirm_seeds": args.confirm_seeds,
                            "cpus_per_trial": args.cpus_per_trial, "plans": plans},

@@ -25,6 +25,7 @@ temporary folder, removed). Runs on ``../shared/data/ham10000-200x150`` when it 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
+from bench.common import command_line, machine_info, study_data, study_parser, write_result
 from bench.sweep_runs import cell, mean_sd
 from core.io import atomic
 from core.config import IMAGE_SIZES, image_size_ok
@@ -63,12 +64,7 @@ METRICS = ("test_balanced_accuracy", "test_auc")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    source = bench_data(args.data, demo_lesions=args.demo_lesions, demo_image_size=args.image_size)
-    print(f"data: {source.source} ({source.path}); {args.image_size} px, {args.epochs} epochs, seeds {args.seeds}, "
-          f"variants {', '.join(args.variants)}", flush=True)
+    source = study_data(args, f"variants {', '.join(args.variants)}")
     root = Path(args.runs).resolve() if args.runs else Path(tempfile.mkdtemp(prefix="bench-models-"))
     started = time.time()
     runs: list[dict[str, Any]] = []
@@ -185,11 +181,8 @@ def _run_line(run: dict[str, Any]) -> str:
             f"{run['train_images_per_s']:.0f} train images/s")
 
 
-def _parse_args(argv: Sequence[str] | None) -> Any:
-    parser = bench_parser("bench.model_study", __doc__)
-    parser.add_argument("--image-size", type=int, default=64, help="training and test image side (default 64)")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs of every run (default 10)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split and training seeds")
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = study_parser("bench.model_study", __doc__, epochs=10)
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=tuple(VARIANTS),
                         help=f"what to train (default: {' '.join(DEFAULT_VARIANTS)}); resnet18 is always first")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -21,6 +21,7 @@ Runs on ``../shared/data/ham10000-200x150`` when it is there, else generated dat
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import shutil
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
+from bench.common import BenchData, result_header, study_data, study_parser, write_result
 from bench.sweep_runs import mean_sd
 from core.io import atomic
 from core.errors import UserError, run_cli
@@ -45,12 +46,7 @@ ROWS = ("natural_photos", "synthetic", "far_out", "blur", "jpeg_q10", "colour_ca
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    source = bench_data(args.data, demo_lesions=args.demo_lesions, demo_image_size=args.image_size)
-    print(f"data: {source.source} ({source.path}); {args.image_size} px, {args.epochs} epochs, seeds {args.seeds}, "
-          f"near-out class {args.leave_out}", flush=True)
+    source = study_data(args, f"near-out class {args.leave_out}")
     root = Path(tempfile.mkdtemp(prefix="bench-ood-"))
     started = time.time()
     runs, cost = [], None
@@ -62,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.pop("fitted", None)
             runs.append(run)
             print(_seed_line(runs[-1]), flush=True)
-            result = _result(argv, args, source, started, runs, cost, torch)
+            result = _result(argv, args, source, started, runs, cost)
             if args.out:  # after every seed: a study cut short keeps what it measured
                 atomic.write_json(args.out, result)
     finally:
@@ -75,14 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _result(argv: Sequence[str] | None, args: Any, source: Any, started: float, runs: list[dict[str, Any]],
-            cost: dict[str, Any], torch: Any) -> dict[str, Any]:
-    return {"command": command_line("bench.ood_study", argv),
-            "data": {"source": source.source, "path": str(source.path)},
+def _result(argv: Sequence[str] | None, args: argparse.Namespace, source: BenchData, started: float,
+            runs: list[dict[str, Any]], cost: dict[str, Any] | None) -> dict[str, Any]:
+    return {**result_header("bench.ood_study", argv, started, source),
             "settings": {"image_size": args.image_size, "epochs": args.epochs, "seeds": args.seeds,
                          "seeds_done": [r["seed"] for r in runs], "leave_out": args.leave_out, "pretrained": "none",
                          "batch_size": args.batch_size},
-            "machine": machine_info(torch.device("cpu")), "wall_s": round(time.time() - started, 1),
             "summary": summarize(runs), "cost": cost, "runs": runs}
 
 
@@ -238,11 +232,8 @@ def _seed_line(run: dict[str, Any]) -> str:
               f"{run['balanced_accuracy']['surest_90']:.3f}")
 
 
-def _parse_args(argv: Sequence[str] | None) -> Any:
-    parser = bench_parser("bench.ood_study", __doc__)
-    parser.add_argument("--image-size", type=int, default=64, help="training and test image side (default 64)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of every run (default 3)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split and training seeds")
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = study_parser("bench.ood_study", __doc__, epochs=3)
     parser.add_argument("--leave-out", default="df", help="the near-out class, left out of training (default df)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=200, help="1-image predictions timed for the cost")
