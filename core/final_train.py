@@ -208,7 +208,8 @@ def _training_section(run: FinalRun, device: str) -> Callable[[], dict[str, Any]
 
 def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
                 positive_class: str | None, coverage: float = DEFAULT_COVERAGE) -> dict[str, Any]:
-    """Calibration temperatures and operating thresholds chosen on the validation split (stored in model.pt)."""
+    """What model.pt stores, fitted on the validation split (core/evaluation/pipeline.py fit_on_validation); the
+    reason where nothing can be."""
     val_idx = data.indices("val")
     if train_on_val or len(val_idx) == 0:
         reason = ("trained on train+val, so no split is held out to fit on (never fitted on training images)"

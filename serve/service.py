@@ -29,6 +29,7 @@ import numpy as np
 from core.errors import UserError
 from core.model.box_head import box_head_of, capture_boxes, view_boxes
 from core.model.checked_prediction import predict_checked
+from core.model.ensemble import EnsembleModel
 from core.model.inference import LoadedModel
 from core.model.loading import load_for_inference
 from serve.batcher import MicroBatcher
@@ -95,17 +96,15 @@ class ModelService:
             classes = len(self.class_names)   # a box head's boxes are 4 more columns
             probs, boxes = out[:, :classes], (out[:, classes:] if out.shape[1] > classes else None)
             return CheckedBatch(probs, onnx_checks(self.loaded.meta, probs, self.coverage), boxes)
-        if self.is_ensemble:   # one batch through every member; no box (each member's head would add its own)
-            probs, checks = predict_checked(self.loaded, images, tta=tta, metadata=metadata, coverage=self.coverage)
-            return CheckedBatch(probs, checks)
-        with capture_boxes(self.loaded.model) as got:   # a box head's boxes, same forward pass
+        # a box head's boxes, same forward pass (an ensemble has no head of its own: none)
+        with capture_boxes(self.loaded.model) as got:
             probs, checks = predict_checked(self.loaded, images, tta=tta, metadata=metadata, coverage=self.coverage)
         return CheckedBatch(probs, checks, view_boxes(got, tta))
 
     @property
     def is_ensemble(self) -> bool:
         """An ensemble file (core/model/ensemble.py): its answers carry the members' disagreement."""
-        return hasattr(self.loaded, "predict_detail")
+        return isinstance(self.loaded, EnsembleModel)
 
     def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
         """The model's encoding of one validated record; None for an image-only model (fields ignored)."""

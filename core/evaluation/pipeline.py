@@ -33,6 +33,7 @@ from core.explain.cam_boxes import cam_boxes
 from core.evaluation.sections import SectionOptions, SectionResults, EvaluatedSet, fit_on_val, section_results
 from core.data.dataset import Dataset
 from core.evaluation.figures import confusion_matrix_figure, reliability_figure, roc_figure
+from core.model.ensemble import EnsembleModel
 from core.model.inference import SINGLE_MODE, TTA_MODE, LoadedModel
 from core.evaluation.metrics import PredictionScores, score_predictions
 from core.metric_names import finite_or_none
@@ -74,7 +75,6 @@ class ScoredImages:
     scores: PredictionScores
     metadata: np.ndarray | None = None  # their encoded clinical fields (a metadata model), as predicted with
     boxes: np.ndarray | None = None     # the box head's boxes [N, 4] (fractions), None without a head
-    box_fit: Mapping[str, Any] | None = None  # model.pt's "boxes" (Grad-CAM fraction, centre prior; core/evaluation/localisation.py)
     captured: Captured = field(default_factory=Captured)  # the single view's features and logits (core/model/ood.py)
     stored: Mapping[str, Any] = field(default_factory=dict)  # what model.pt stores (ood, abstention, ...)
     disagreement: Mapping[str, np.ndarray] = field(default_factory=dict)  # an ensemble's, per view (else empty)
@@ -126,7 +126,7 @@ def predict_set(loaded: LoadedModel, images: EvaluatedImages, pixels: np.ndarray
     for view in (SINGLE_MODE, TTA_MODE) if tta else (SINGLE_MODE,):
         single = seen is not None and view == SINGLE_MODE
         with capture(loaded.model, into=seen.captured) if single else nullcontext():
-            if seen is not None and hasattr(loaded, "predict_detail"):   # an ensemble file
+            if seen is not None and isinstance(loaded, EnsembleModel):   # its disagreement from the same pass
                 found = loaded.predict_detail(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
                 raw[view], seen.disagreement[view] = found.probs, found.disagreement
             else:
@@ -165,7 +165,7 @@ def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[s
     results = section_results(predicted, loaded.class_names, stored, options)
     scores = score_predictions(images.labels, results.probs, loaded.class_names)
     return ScoredImages(loaded=loaded, images=images, pixels=pixels, results=results, scores=scores,
-                        metadata=encoded, boxes=boxes, box_fit=stored.get("boxes"), captured=seen.captured,
+                        metadata=encoded, boxes=boxes, captured=seen.captured,
                         stored=stored, disagreement=seen.disagreement)
 
 
@@ -226,7 +226,8 @@ def localise(out: Path, scored: ScoredImages, maps: np.ndarray | None) -> dict[s
     rows = np.flatnonzero(np.asarray(data.has_mask)[idx])
     masks = np.asarray(data.masks[idx[rows]])
     head = None if scored.boxes is None else scored.boxes[rows]
-    section = localisation.localisation_section(masks, head, maps, scored.box_fit)
+    # model.pt's "boxes": the Grad-CAM fraction and the centre prior (core/evaluation/localisation.py)
+    section = localisation.localisation_section(masks, head, maps, scored.stored.get("boxes"))
     if section is None:
         return None
     shown = rows[np.linspace(0, len(rows) - 1, min(len(rows), localisation.FIGURE_IMAGES)).astype(int)]

@@ -133,12 +133,10 @@ def risk_coverage(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """The risk-coverage curve (the surest answered first), AURC and the balanced accuracy at COVERAGES."""
     labels = np.asarray(labels)
     order = np.argsort(-np.asarray(probs).max(1), kind="stable")
-    correct = (np.asarray(probs).argmax(1) == labels)[order]
     n = len(labels)
-    error = 1 - np.cumsum(correct) / np.arange(1, n + 1)
     grid = np.round(np.arange(0.1, 1.0001, 0.02), 4)
     kept = [order[:max(1, math.ceil(c * n))] for c in grid]
-    return {"aurc": float(error.mean()), "n_images": int(n),
+    return {"aurc": abstain.aurc(np.asarray(probs).max(1), np.asarray(probs).argmax(1) != labels), "n_images": int(n),
             "at": {f"{c:.2f}": {"balanced_accuracy": _balanced_accuracy(labels[k], probs[k]),
                                 "accuracy": float(np.mean(probs[k].argmax(1) == labels[k])), "n": int(len(k))}
                    for c in COVERAGES for k in [order[:max(1, math.ceil(c * n))]]},

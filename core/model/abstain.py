@@ -63,13 +63,15 @@ WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)   # the disagreement weights tried (mutual 
 def choose_weight(probs: np.ndarray, labels: np.ndarray, disagreement: np.ndarray) -> float:
     """The disagreement weight (of :data:`WEIGHTS`) whose confidence ranks the validation images best: the lowest
     area under the risk-coverage curve (AURC, the error of the answered images over every coverage)."""
-    wrong = (np.asarray(probs).argmax(1) != np.asarray(labels)).astype(np.float64)
+    wrong = np.asarray(probs).argmax(1) != np.asarray(labels)
+    return min(WEIGHTS, key=lambda w: aurc(confidence(probs, disagreement, w), wrong)) if len(wrong) else 0.0
 
-    def aurc(weight: float) -> float:
-        order = np.argsort(-confidence(probs, disagreement, weight), kind="stable")
-        return float(np.mean(np.cumsum(wrong[order]) / np.arange(1, len(order) + 1)))
 
-    return min(WEIGHTS, key=aurc) if len(wrong) else 0.0
+def aurc(conf: np.ndarray, wrong: np.ndarray) -> float:
+    """The area under the risk-coverage curve: the error rate of the surest k images (ties in the given order),
+    averaged over every k."""
+    order = np.argsort(-np.asarray(conf), kind="stable")
+    return float(np.mean(np.cumsum(np.asarray(wrong, dtype=np.float64)[order]) / np.arange(1, len(order) + 1)))
 
 
 def threshold_from(quantiles: Sequence[float] | np.ndarray, coverage: float) -> float:

@@ -14,31 +14,31 @@ import numpy as np
 
 from core.model import abstain, ood
 from core.model.calibration import apply_temperature
-from core.model.ensemble import describe_disagreement
+from core.model.ensemble import EnsembleModel, describe_disagreement
 from core.model.inference import SINGLE_MODE, TTA_MODE, LoadedModel
 from core.model.tta import N_VIEWS
 
 
-def predict_checked(loaded: LoadedModel, images_uint8: np.ndarray, *, tta: bool = False, calibrated: bool = True,
-                    metadata: np.ndarray | None = None, coverage: float | None = None,
-                    disagreement: np.ndarray | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Probabilities [N, C] (as ``loaded.predict``) and per image ``{"ood": ..., "abstain": ...}``.
+def predict_checked(loaded: LoadedModel | EnsembleModel, images_uint8: np.ndarray, *, tta: bool = False,
+                    calibrated: bool = True, metadata: np.ndarray | None = None,
+                    coverage: float | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Probabilities [N, C] (as ``loaded.predict``) and per image ``{"ood": ..., "abstain": ...}``; an ensemble
+    file's also ``"disagreement"`` (its members', from the same pass, with its reading in words), which its
+    abstention rule weighs (core/model/abstain.py).
 
     ``coverage``: the share of validation images the abstention rule answers (None: the stored one, 90% by
-    default); ``disagreement``: an ensemble's per-image members' disagreement (core/model/abstain.py), which an
-    ensemble file gives from the same pass (then each image's answer carries it too, with its reading in words).
+    default).
     """
-    detail = getattr(loaded, "predict_detail", None)   # an ensemble (core/model/ensemble.py): one pass gives both
+    disagreement = None
     with ood.capture(loaded.model, views=N_VIEWS if tta else 1) as seen:
-        if detail is None:
-            probs = loaded.predict(images_uint8, tta=tta, calibrated=calibrated, metadata=metadata)
+        if isinstance(loaded, EnsembleModel):
+            found = loaded.predict_detail(images_uint8, tta=tta, calibrated=calibrated, metadata=metadata)
+            probs, disagreement = found.probs, found.disagreement
         else:
-            found = detail(images_uint8, tta=tta, calibrated=calibrated, metadata=metadata)
-            probs, disagreement = found.probs, found.disagreement if disagreement is None else disagreement
+            probs = loaded.predict(images_uint8, tta=tta, calibrated=calibrated, metadata=metadata)
     checked = checks(loaded.meta, probs, seen.features, seen.logits, tta, coverage, disagreement)
-    if detail is not None:
-        for row, value in zip(checked, disagreement):
-            row["disagreement"] = {"mutual_information": float(value), "words": describe_disagreement(float(value))}
+    for row, value in zip(checked, [] if disagreement is None else disagreement):
+        row["disagreement"] = {"mutual_information": float(value), "words": describe_disagreement(float(value))}
     return probs, checked
 
 

@@ -9,7 +9,7 @@ core/model/loading.py's ``load_for_inference`` returns an :class:`EnsembleModel`
   and clinical fields; TTA is each member's own (core/model/tta.py), and the ensemble's temperature (fitted on the
   averaged validation probabilities) calibrates the mean;
 - clinical fields is the members' encodings side by side (``encode``), each member reading its own columns;
-- :meth:`EnsembleModel.disagreement` is the members' disagreement: the weighted mutual information between
+- :meth:`EnsembleModel.predict_detail`'s ``disagreement`` is the members' disagreement: the weighted mutual information between
   member and prediction, H(mean p) - mean H(p_k), in nats (0: all members agree; at most log of the member count);
 - ``model`` is an :class:`EnsembleNet`, which core/explain/gradcam.py explains as the weighted mean of its members'
   maps.
@@ -117,11 +117,6 @@ class EnsembleModel:
                 metadata: np.ndarray | None = None) -> np.ndarray:
         """Probabilities [N, C]: the weighted mean of the members', then the ensemble's temperature."""
         return self.predict_detail(images_uint8, tta=tta, calibrated=calibrated, metadata=metadata).probs
-
-    def disagreement(self, images_uint8: np.ndarray | torch.Tensor, *, tta: bool = False,
-                     metadata: np.ndarray | None = None) -> np.ndarray:
-        """The members' disagreement per image [N] (mutual information, nats; see the module docstring)."""
-        return self.predict_detail(images_uint8, tta=tta, calibrated=False, metadata=metadata).disagreement
 
     def predict_detail(self, images_uint8: np.ndarray | torch.Tensor, *, tta: bool = False, calibrated: bool = True,
                        metadata: np.ndarray | None = None) -> EnsemblePrediction:
