@@ -215,9 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     data_cache: dict[int, object] = {}
     for model_path in args.model:
-        model, meta = _load(model_path)
-        cfg = meta.get("config") or {}
-        size = int(meta["image_size"])
+        model, header = _load(model_path)
+        cfg = header.get("config") or {}
+        size = int(header["image_size"])
         if size not in data_cache:
             splits = SplitOptions(cfg.get("val_fraction", 0.15), cfg.get("test_fraction", 0.15),
                                   cfg.get("split_seed", 0), args.splits)

@@ -114,7 +114,7 @@ def run_variant(variant: str, seed: int, args: Any, data_path: Path, root: Path)
     result = train(cfg, data, out, options=RunOptions(progress=False, tensorboard=False))
     loaded = load_for_inference(out / "best.pt", args.device)
     test = data.indices("test")
-    probs = loaded.predict(np.asarray(data.images[test]), metadata=loaded.encode_dataset(data, test),
+    probs = loaded.predict(np.asarray(data.images[test]), clinical=loaded.encode_dataset(data, test),
                            calibrated=False)
     scores = classification_metrics(data.labels[test], probs, "test_")
     boot = LesionBootstrap.draw(data.groups[test], n_resamples=args.bootstrap, seed=seed)

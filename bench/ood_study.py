@@ -143,8 +143,8 @@ def _train_and_fit(cfg: Any, data: Any, out: Path) -> tuple[Any, dict[str, Any],
         raw = loaded.predict(np.asarray(data.images[val]), calibrated=False)
     temperature = fit_temperature(data.labels[val], raw)
     fitted = fit_checks(data.labels[val], {"single": raw}, {"single": temperature}, seen, data.class_names)
-    loaded.meta["calibration"] = {"fitted_on": "val", "temperature": {"single": temperature}}
-    loaded.meta.update(fitted)
+    loaded.header["calibration"] = {"fitted_on": "val", "temperature": {"single": temperature}}
+    loaded.header.update(fitted)
     pixels = np.asarray(data.images[test])
     with ood.capture(loaded.model) as seen:
         raw = loaded.predict(pixels, calibrated=False)
@@ -169,7 +169,7 @@ def request_cost(model_path: Path, fitted: dict[str, Any], args: Any) -> dict[st
     from core.model.loading import load_for_inference
 
     loaded = load_for_inference(model_path, "cpu")
-    loaded.meta.update(fitted)
+    loaded.header.update(fitted)
     image = np.random.default_rng(0).integers(0, 256, (1, 3, args.image_size, args.image_size), dtype=np.uint8)
     timings: dict[str, list[float]] = {"without": [], "with": []}
     for _ in range(args.repeats):  # interleaved, so that drift of the shared machine hits both alike

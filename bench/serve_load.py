@@ -98,7 +98,7 @@ def baseline_app(model_path: str) -> Any:
     from core.model.loading import load_for_inference
 
     loaded = load_for_inference(model_path, "cpu")
-    size = int(loaded.meta["image_size"])
+    size = int(loaded.header["image_size"])
     app = FastAPI()
 
     @app.get("/ready")
@@ -276,7 +276,7 @@ async def soak(url: str, pid: int, model: Path, count: int, clients: int = 8) ->
     from core.model.loading import load_for_inference
 
     loaded = load_for_inference(model, "cpu")
-    size = int(loaded.meta["image_size"])
+    size = int(loaded.header["image_size"])
     images = [jpeg(1000 + i) for i in range(16)]
     expected = loaded.predict(np.stack([decode_image(io.BytesIO(b), size) for b in images]))
     bad = bad_requests(size)

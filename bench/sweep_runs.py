@@ -62,7 +62,7 @@ def score_model(path: str | Path, data: Any) -> dict[str, Any]:
     test = data.indices("test")
     model = load_for_inference(path, device="cpu")
     scores = classification_metrics(data.labels[test], model.predict(np.asarray(data.images[test])), "test_")
-    return {"model": str(path), "epoch": model.meta["epoch"], "val": model.meta["metrics"][METRIC], **scores}
+    return {"model": str(path), "epoch": model.header["epoch"], "val": model.header["metrics"][METRIC], **scores}
 
 
 def checkpoint_scores(folders: Sequence[str], data: Any) -> dict[str, Any]:

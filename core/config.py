@@ -119,11 +119,11 @@ class TrainConfig:
                      "one for the dataset's classes; the model file records it.", default=DEFAULT_ARCH)
     pretrained: str = _doc("Initial weights: 'imagenet' (torchvision's IMAGENET1K_V1 weights of the arch via the "
                            "torch hub cache), 'none', or a path to a state_dict file.", default="imagenet")
-    metadata: str = _doc("Clinical metadata beside the image: 'none', 'concat' (age, sex and site through a small "
+    metadata: str = _doc("How the clinical fields enter the model: 'none', 'concat' (age, sex and site through a small "
                          "MLP, concatenated to the pooled image features before the classifier) or 'film' (the "
                          "MLP scales and shifts each pooled feature); needs a dataset with age, sex and "
                          "localization columns (HAM10000, ISIC 2018 with its metadata CSV).", default="none")
-    metadata_dropout: float = _doc("In training, each metadata field of each image is set to unknown with this "
+    metadata_dropout: float = _doc("In training, each clinical field of each image is set to unknown with this "
                                    "probability, so that the model also works when a field is not known.",
                                    default=0.0)
     box_loss_weight: float = _doc("A box head beside the classifier, on the pooled image features, learns where the "

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = images.data
     log.info("evaluating %s on %d images of %s (%s split%s)", args.checkpoint, len(images.idx), data.root,
              args.split, ", with TTA" if args.tta else "")
-    stored = fit_for_file(loaded, data, args.data, out, args.coverage) if args.fit_ood else loaded.meta
+    stored = fit_for_file(loaded, data, args.data, out, args.coverage) if args.fit_ood else loaded.header
     scored = score_images(loaded, images, stored, options)
     source = {"model": str(Path(args.checkpoint).resolve()), "split": args.split, "data": data_source(data)}
     document = write_evaluation(out, scored, EvaluationOutputs(
@@ -117,18 +117,18 @@ def _images(args: argparse.Namespace, loaded: LoadedModel) -> EvaluatedImages:
 
 def _page(args: argparse.Namespace, loaded: LoadedModel, images: EvaluatedImages,
           source: Mapping[str, Any]) -> ReportPage:
-    meta, data, idx = loaded.meta, images.data, images.idx
+    header, data, idx = loaded.header, images.data, images.idx
     return ReportPage(
         title=f"Evaluation of {Path(args.checkpoint).name} on {Path(data.root).name}",
-        facts=[("model", f"`{source['model']}` (epoch {meta.get('epoch', '?')}, {len(loaded.class_names)} classes, "
-                         f"{meta['image_size']} px)"),
+        facts=[("model", f"`{source['model']}` (epoch {header.get('epoch', '?')}, {len(loaded.class_names)} classes, "
+                         f"{header['image_size']} px)"),
                ("data", f"`{data.root}` ({data.layout} layout, fingerprint `{data.fingerprint[:12]}`)"),
                ("evaluated", f"{len(idx)} images ({args.split} split)"),
                ("classes matched by name", ", ".join(sorted({data.class_names[i] for i in
                                                                np.unique(data.labels[idx])}))),
                *([("out-of-distribution check", f"fitted here on the validation split of `{args.splits}` "
                    f"(--fit-ood); the model file with it: `{Path(args.out) / 'model.pt'}`")] if args.fit_ood else [])],
-        config=meta.get("config"))
+        config=header.get("config"))
 
 
 if __name__ == "__main__":

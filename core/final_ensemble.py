@@ -115,7 +115,7 @@ def calibrated_ensemble(members: list[tuple[str, Any, float]], extra: Mapping[st
     # abstention rule, whose confidence also weighs the members' disagreement: one pass over the val split
     fitted = fit_on_validation(model, data, fit.options.positive_class, fit.coverage)
     document.update(fitted)
-    model = replace(model, meta={**model.meta, **fitted})
+    model = replace(model, header={**model.header, **fitted})
     test_idx = data.indices("test")
     scored = score_images(model, EvaluatedImages(data, test_idx, data.labels[test_idx], "test split"), fitted,
                           fit.options)

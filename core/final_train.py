@@ -242,10 +242,10 @@ def _fit_boxes(loaded: LoadedModel, data: Dataset, train_splits: tuple[str, ...]
     from core.data.lesion_boxes import mask_boxes
 
     images, encoded = np.asarray(data.images[rows]), loaded.encode_dataset(data, rows)
-    predicted = loaded.predict(images, metadata=encoded).argmax(1).tolist()
+    predicted = loaded.predict(images, clinical=encoded).argmax(1).tolist()
     log.info("choosing the Grad-CAM box's threshold on the %d validation images with a lesion mask", len(rows))
     maps = gradcam_maps(loaded.model, images, predicted, loaded.device, layer=gradcam.layer, method=gradcam.method,
-                        metadata=encoded)
+                        clinical=encoded)
     truth, nonempty = mask_boxes(np.asarray(data.masks[rows]))
     keep = nonempty.numpy()
     return fit_boxes(maps[keep], truth.numpy()[keep], prior, CAPTUM_NAMES[gradcam.method])

@@ -100,7 +100,7 @@ def overlay_names(paths: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    record = metadata_record(args)  # a bad value fails before any work
+    record = clinical_record(args)  # a bad value fails before any work
     if args.gradcam:
         check_output_dir(args.gradcam, "--gradcam")
     if args.masks and not args.gradcam:
@@ -108,14 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = load_for_inference(args.checkpoint, args.device)
     if args.gradcam:
         check_gradcam_layer(loaded.arch, args.gradcam_layer)  # a layer the model's arch lacks fails before any work
-    size = int(loaded.meta["image_size"])
+    size = int(loaded.header["image_size"])
     # Every image is read before any work, so a bad one fails the command at once, by name.
     images = np.stack([decode_image(path, size) for path in args.images])
     masks = read_masks(args.images, args.masks, size) if args.masks else [None] * len(images)
-    metadata = encoded_metadata(loaded, record, len(images))
+    clinical = encoded_clinical(loaded, record, len(images))
     with capture_boxes(loaded.model) as got:  # the box head's boxes, from the same forward pass
         probs, checked = predict_checked(loaded, images, tta=args.tta, calibrated=not args.no_calibration,
-                                         metadata=metadata, coverage=coverage_of(args))
+                                         clinical=clinical, coverage=coverage_of(args))
     boxes = view_boxes(got, args.tta)
     temperature = loaded.temperature(args.tta)
     log.info("probabilities %s%s", "with TTA (8 views), " if args.tta else "",
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = [upright_size(path) for path in args.images]
     for row, size, box in zip(rows, sizes, [None] * len(rows) if boxes is None else boxes):
         row["box"] = box_answer(box, *size, "box head")
-    scores = _overlays(args, loaded, (images, metadata), probs, masks, rows, sizes) if args.gradcam else None
+    scores = _overlays(args, loaded, (images, clinical), probs, masks, rows, sizes) if args.gradcam else None
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -158,17 +158,17 @@ def _parser() -> argparse.ArgumentParser:
     add_device_option(parser)
     add_prediction_options(parser)
     add_coverage_option(parser, default=None)
-    add_metadata_options(parser)
+    add_clinical_options(parser)
     return parser
 
 
-def add_metadata_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--age", help="patient's age in years (a model trained with metadata; else ignored)")
+def add_clinical_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--age", help="patient's age in years (a model trained with clinical fields; else ignored)")
     parser.add_argument("--sex", help=f"patient's sex: {', '.join(SEXES)} or unknown")
     parser.add_argument("--site", help=f"anatomical site: {', '.join(SITES)} or unknown")
 
 
-def metadata_record(args: argparse.Namespace) -> dict | None:
+def clinical_record(args: argparse.Namespace) -> dict | None:
     """The checked --age/--sex/--site; None when none was given."""
     given = {"age": args.age, "sex": args.sex, "site": args.site}
     if all(value is None for value in given.values()):
@@ -179,9 +179,9 @@ def metadata_record(args: argparse.Namespace) -> dict | None:
         raise UserError(f"--{str(exc).split(chr(39))[1]}: {exc}") from None
 
 
-def encoded_metadata(loaded: LoadedModel, record: dict | None, n: int) -> np.ndarray | None:
+def encoded_clinical(loaded: LoadedModel, record: dict | None, n: int) -> np.ndarray | None:
     """The record encoded for each of ``n`` images; None for an image-only model (the record ignored)."""
-    if record is None or loaded.metadata_spec is None:
+    if record is None or loaded.fusion is None:
         if record is not None:
             log.warning("the model was trained without clinical fields: --age/--sex/--site are ignored")
         return None
@@ -193,14 +193,14 @@ def _overlays(args: argparse.Namespace, loaded: LoadedModel, inputs: tuple[np.nd
               sizes: Sequence[tuple[int, int]]) -> str | None:
     """Each image's overlay of the predicted class's map into --gradcam, noted in its row with the map's box (in
     pixels of the image; also the row's ``box`` where the model has no box head); with --masks, the line that
-    scores the maps against the masks. ``inputs``: the images and the metadata they were predicted with."""
+    scores the maps against the masks. ``inputs``: the images and the clinical fields they were predicted with."""
     from core.explain.cam_boxes import cam_boxes, stored_fraction
     from core.explain.gradcam import DEFAULT_METHOD, gradcam_maps, save_overlay
 
-    out, (images, metadata) = Path(args.gradcam), inputs
+    out, (images, clinical) = Path(args.gradcam), inputs
     maps = gradcam_maps(loaded.model, images, [int(p.argmax()) for p in probs], loaded.device,
-                        layer=args.gradcam_layer, method=args.gradcam_method or DEFAULT_METHOD, metadata=metadata)
-    boxes = cam_boxes(maps, stored_fraction(loaded.meta))
+                        layer=args.gradcam_layer, method=args.gradcam_method or DEFAULT_METHOD, clinical=clinical)
+    boxes = cam_boxes(maps, stored_fraction(loaded.header))
     for image, heat, name, mask, row, box, size in zip(images, maps, overlay_names(args.images), masks, rows, boxes,
                                                        sizes):
         save_overlay(image, heat, out / name, mask=mask)

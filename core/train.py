@@ -89,7 +89,7 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
     batches = _batches(cfg, data, options.train_splits, device)
     val_idx = data.indices("val")
 
-    model = build_model(len(data.class_names), cfg.pretrained, cfg.arch, batches.metadata_spec,
+    model = build_model(len(data.class_names), cfg.pretrained, cfg.arch, batches.fusion,
                         box_head=batches.masks is not None)
     model = model.to(device, memory_format=batches.placement.memory_format)
     optimizer = make_optimizer(model, cfg)
@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, data: "Dataset", out_dir: str | os.PathLike, on_epoc
                 raise TrainingDiverged(f"training diverged: the training loss is {train_stats['train_loss']} in "
                                        f"epoch {epoch} (lr={cfg.lr}); lower the learning rate")
             val_probs, val_loss = predict_split(evaluated, batches.images, val_idx, batches.labels,
-                                                batches.placement, cfg.eval_batch_size, batches.metadata)
+                                                batches.placement, cfg.eval_batch_size, batches.clinical)
             metrics = {"epoch": float(epoch), "lr": float(scheduler.get_last_lr()[0]), **train_stats,
                        **classification_metrics(data.labels[val_idx], val_probs, "val_", val_loss)}
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_bacc=f"{metrics['val_balanced_accuracy']:.3f}")
@@ -142,14 +142,14 @@ def _batches(cfg: TrainConfig, data: "Dataset", train_splits: tuple[str, ...], d
         raise UserError(f"{data.root}: the split has {len(train_idx)} training and {n_val} validation "
                         f"images; both must be non-empty (more data or other val_fraction/test_fraction)")
     spec = make_spec(cfg.metadata)
-    metadata = None if spec is None else torch.as_tensor(encode_dataset(data, spec), device=device)
+    clinical = None if spec is None else torch.as_tensor(encode_dataset(data, spec), device=device)
     images, labels = dataset_to_device(data, device)
     batch_size = min(cfg.batch_size, len(train_idx))
     masks, has_mask = box_masks(cfg, data, device)
     return Batches(images=images, labels=labels, train_idx=torch.as_tensor(train_idx, device=device),
                    batch_size=batch_size, steps_per_epoch=len(train_idx) // batch_size,
-                   placement=Placement.of(device, cfg.precision, cfg.channels_last), metadata=metadata,
-                   metadata_spec=spec, masks=masks, has_mask=has_mask)
+                   placement=Placement.of(device, cfg.precision, cfg.channels_last), clinical=clinical,
+                   fusion=spec, masks=masks, has_mask=has_mask)
 
 
 def box_masks(cfg: TrainConfig, data: "Dataset", device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:

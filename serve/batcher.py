@@ -2,7 +2,7 @@
 
 One worker thread owns the forward passes (so the event loop never runs the model). It takes the first
 waiting job, then every job already queued (up to ``max_batch`` images, waiting at most ``max_wait_s``
-for more), and runs each group of compatible jobs (same TTA flag, with or without metadata) as one
+for more), and runs each group of compatible jobs (same TTA flag, with or without clinical fields) as one
 call. A lone request is not delayed: with ``max_wait_s`` 0 it runs at once, and batches form only
 while the model is busy, which is when they help.
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# (images uint8 [N,3,S,S], tta, encoded metadata [N,D] or None) -> probabilities [N,C]
+# (images uint8 [N,3,S,S], tta, encoded clinical fields [N,D] or None) -> probabilities [N,C]
 PredictFn = Callable[[np.ndarray, bool, "np.ndarray | None"], np.ndarray]
 
 
@@ -33,12 +33,12 @@ class Busy(Exception):
 class _Job:
     images: np.ndarray
     tta: bool
-    metadata: np.ndarray | None
+    clinical: np.ndarray | None
     future: Future = field(default_factory=Future)
 
     @property
     def key(self) -> tuple[bool, bool]:
-        return self.tta, self.metadata is not None
+        return self.tta, self.clinical is not None
 
 
 class MicroBatcher:
@@ -53,10 +53,10 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, images: np.ndarray, tta: bool = False, metadata: np.ndarray | None = None) -> Future:
+    def submit(self, images: np.ndarray, tta: bool = False, clinical: np.ndarray | None = None) -> Future:
         """Queue images [N,3,S,S]; the future gives their probabilities [N,C] (or the exception). Busy when
         ``max_queue`` jobs already wait."""
-        job = _Job(images, tta, metadata)
+        job = _Job(images, tta, clinical)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -107,9 +107,9 @@ class MicroBatcher:
         if not jobs:
             return
         images = np.concatenate([job.images for job in jobs])
-        metadata = None if jobs[0].metadata is None else np.concatenate([job.metadata for job in jobs])
+        clinical = None if jobs[0].clinical is None else np.concatenate([job.clinical for job in jobs])
         try:
-            probs = self._predict(images, jobs[0].tta, metadata)
+            probs = self._predict(images, jobs[0].tta, clinical)
         except BaseException as exc:  # handed to every waiting request; the worker keeps serving
             for job in jobs:
                 job.future.set_exception(exc)

@@ -1,4 +1,4 @@
-"""What the page and /v2/models/<name> say about the model: from model.pt's metadata and metrics.json beside it.
+"""What the page and /v2/models/<name> say about the model: from model.pt's header and metrics.json beside it.
 
 model.pt (core.final_train) holds the classes, image size, config, chosen epoch, calibration and operating
 points; metrics.json (its test evaluation, when it is beside the model) says on what data it was trained
@@ -24,9 +24,9 @@ from core.evaluation.evaluation_file import path_name, read_evaluation_figures
 log = logging.getLogger(__name__)
 
 
-def model_facts(path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+def model_facts(path: str | Path, stored: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON-ready summary of the model: file, arch, classes, training, calibration and test figures."""
-    path, header = Path(path), header_of(meta)
+    path, header = Path(path), header_of(stored)
     facts: dict[str, Any] = {
         "file": path.name,
         "written": dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

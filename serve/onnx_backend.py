@@ -55,7 +55,7 @@ class OnnxProbabilities:
         import onnxruntime
 
         started = time.perf_counter()
-        size = int(loaded.meta["image_size"])   # type: ignore[attr-defined]
+        size = int(loaded.header["image_size"])   # type: ignore[attr-defined]
         model = _Probabilities(loaded.model).to("cpu").eval()   # type: ignore[attr-defined]
         example = torch.zeros((2, 3, size, size), dtype=torch.uint8)
         batch = torch.export.Dim("batch", min=1, max=4096)

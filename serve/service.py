@@ -60,10 +60,10 @@ class ModelService:
         self.loaded, self.path, self.options = loaded, Path(path), options
         self.coverage = options.coverage
         self.class_names = loaded.class_names
-        self.image_size = int(loaded.meta["image_size"])
-        self.metadata_spec: Mapping[str, Any] | None = loaded.meta.get("metadata")
+        self.image_size = int(loaded.header["image_size"])
+        self.fusion: Mapping[str, Any] | None = loaded.fusion
         self.has_box_head = box_head_of(loaded.model) is not None
-        self.facts = {**model_facts(path, loaded.meta), "backend": options.backend, "device": str(loaded.device)}
+        self.facts = {**model_facts(path, loaded.header), "backend": options.backend, "device": str(loaded.device)}
         self.onnx = None
         if options.backend == "onnx" and self.is_ensemble:
             raise UserError(f"{path}: an ensemble file; --backend onnx serves a single model (use --backend torch)")
@@ -88,17 +88,17 @@ class ModelService:
     def batcher_alive(self) -> bool:
         return self.batcher.alive
 
-    def _predict_batch(self, images: np.ndarray, tta: bool, metadata: np.ndarray | None) -> CheckedBatch:
+    def _predict_batch(self, images: np.ndarray, tta: bool, clinical: np.ndarray | None) -> CheckedBatch:
         """Probabilities, each image's checks (an ensemble's with its members' disagreement) and a box head's
         boxes, from one forward pass; the batcher hands each request its rows."""
-        if self.onnx is not None and not tta and metadata is None:
+        if self.onnx is not None and not tta and clinical is None:
             out = self.onnx.predict(images, self.loaded.temperature(False))
             classes = len(self.class_names)   # a box head's boxes are 4 more columns
             probs, boxes = out[:, :classes], (out[:, classes:] if out.shape[1] > classes else None)
-            return CheckedBatch(probs, onnx_checks(self.loaded.meta, probs, self.coverage), boxes)
+            return CheckedBatch(probs, onnx_checks(self.loaded.header, probs, self.coverage), boxes)
         # a box head's boxes, same forward pass (an ensemble has no head of its own: none)
         with capture_boxes(self.loaded.model) as got:
-            probs, checks = predict_checked(self.loaded, images, tta=tta, metadata=metadata, coverage=self.coverage)
+            probs, checks = predict_checked(self.loaded, images, tta=tta, clinical=clinical, coverage=self.coverage)
         return CheckedBatch(probs, checks, view_boxes(got, tta))
 
     @property
@@ -108,28 +108,28 @@ class ModelService:
 
     def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
         """The model's encoding of one validated record; None for an image-only model (fields ignored)."""
-        if self.metadata_spec is None or record is None:
+        if self.fusion is None or record is None:
             return None
         return self.loaded.encode([record])
 
     async def probabilities(self, images: np.ndarray, tta: bool = False,
-                            metadata: np.ndarray | None = None) -> np.ndarray:
+                            clinical: np.ndarray | None = None) -> np.ndarray:
         """Calibrated probabilities [N, C] of uint8 images [N, 3, S, S], batched with concurrent requests."""
-        return (await self.checked(images, tta, metadata)).probs
+        return (await self.checked(images, tta, clinical)).probs
 
     async def checked(self, images: np.ndarray, tta: bool = False,
-                      metadata: np.ndarray | None = None) -> CheckedBatch:
+                      clinical: np.ndarray | None = None) -> CheckedBatch:
         """The probabilities and each image's checks (``ood``, ``abstain``: core/model/checked_prediction.py)."""
-        return await asyncio.wrap_future(self.batcher.submit(images, tta, metadata))
+        return await asyncio.wrap_future(self.batcher.submit(images, tta, clinical))
 
     def verdicts(self, probs: np.ndarray, tta: bool) -> dict[str, Any]:
-        return operating_verdicts(self.loaded.meta.get("operating_points"), self.class_names, probs, tta)
+        return operating_verdicts(self.loaded.header.get("operating_points"), self.class_names, probs, tta)
 
     def temperature(self, tta: bool) -> float | None:
         return self.loaded.temperature(tta)
 
-    def explain(self, image: np.ndarray, target: int, metadata: np.ndarray | None = None) -> dict[str, Any]:
-        """Guided Grad-CAM of class ``target`` for one uint8 image [3,S,S] (with its encoded metadata [1, D], as
+    def explain(self, image: np.ndarray, target: int, clinical: np.ndarray | None = None) -> dict[str, Any]:
+        """Guided Grad-CAM of class ``target`` for one uint8 image [3,S,S] (with its encoded clinical fields [1, D], as
         predicted): heat map and overlay as base64 PNGs."""
         from core.explain.cam_boxes import cam_boxes, stored_fraction
         from core.explain.gradcam import DEFAULT_METHOD, CAPTUM_NAMES, choose_layer, gradcam_maps, overlay
@@ -137,8 +137,8 @@ class ModelService:
         started = time.perf_counter()
         with self._explain_lock:
             heat = gradcam_maps(self._explainer, image[None], [target], self.loaded.device, method=DEFAULT_METHOD,
-                                metadata=metadata)[0]
-        return {"method": CAPTUM_NAMES[DEFAULT_METHOD], "box": cam_boxes(heat[None], stored_fraction(self.loaded.meta))[0],
+                                clinical=clinical)[0]
+        return {"method": CAPTUM_NAMES[DEFAULT_METHOD], "box": cam_boxes(heat[None], stored_fraction(self.loaded.header))[0],
                 "layer": choose_layer(self.image_size, DEFAULT_METHOD, self.loaded.arch),
                 "target": self.class_names[target],
                 "heatmap_png": _png_base64((np.clip(heat, 0, 1) * 255).astype(np.uint8)),
@@ -163,14 +163,14 @@ class CheckedBatch:
         return len(self.probs)
 
 
-def onnx_checks(meta: Mapping[str, Any], probs: np.ndarray, coverage: float | None) -> list[dict[str, Any]]:
+def onnx_checks(header: Mapping[str, Any], probs: np.ndarray, coverage: float | None) -> list[dict[str, Any]]:
     """ONNX Runtime gives probabilities only: no out-of-distribution score; the abstention rule still applies."""
     from core.model import abstain
 
     note = "not checked: --backend onnx gives probabilities only (serve with --backend torch for the check)"
     unknown = [{"score": None, "threshold": None, "in_distribution": None, "method": None, "note": note}
                for _ in range(len(probs))]
-    decided = abstain.decide(meta.get("abstention"), probs, "single", unknown, coverage)
+    decided = abstain.decide(header.get("abstention"), probs, "single", unknown, coverage)
     return [{"ood": o, "abstain": a} for o, a in zip(unknown, decided)]
 
 

@@ -206,12 +206,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`SweepSettings` field, its help ending in the default. Searched settings default to
     None here, so that --resume can tell which were given."""
     for f in dataclasses.fields(SweepSettings):
-        meta = f.metadata
-        default = f"(default: {meta['shown']})" if meta["shown"] else f"(default {f.default})"
+        info = f.metadata
+        default = f"(default: {info['shown']})" if info["shown"] else f"(default {f.default})"
         kind = _ARG_TYPES[str(f.type).split(" ")[0].split("[")[0]] if f.name != "overrides" else str
         extra: dict[str, Any] = {"action": "append"} if f.name == "overrides" else {"type": kind}
-        if meta["choices"]:
-            extra["choices"] = meta["choices"]
-        text = meta["help"] if f.name == "name" else f"{meta['help']} {default}"  # name's help says its default
-        parser.add_argument(flag(f.name), dest=f.name, metavar=meta["metavar"], help=text,
-                            default=None if meta["searched"] or f.name == "name" else f.default, **extra)
+        if info["choices"]:
+            extra["choices"] = info["choices"]
+        text = info["help"] if f.name == "name" else f"{info['help']} {default}"  # name's help says its default
+        parser.add_argument(flag(f.name), dest=f.name, metavar=info["metavar"], help=text,
+                            default=None if info["searched"] or f.name == "name" else f.default, **extra)

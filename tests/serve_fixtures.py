@@ -30,7 +30,7 @@ def write_model(path: Path, image_size: int = 32, seed: int = 0, calibrated: boo
     ``metadata``: the clinical-field fusion (config key ``metadata``); ``pretrained``: what the config
     records as the initial weights (the weights stay random); ``box_head``: with a lesion box head."""
     torch.manual_seed(seed)
-    model = build_model(len(HAM_CLASSES), "none", metadata=make_spec(metadata), box_head=box_head)
+    model = build_model(len(HAM_CLASSES), "none", fusion=make_spec(metadata), box_head=box_head)
     config = TrainConfig(image_size=image_size, pretrained=pretrained, device="cpu", metadata=metadata).to_dict()
     points = [{"kind": kind, "target": target, "threshold": 0.05 + 0.1 * i, "sensitivity": 0.9, "specificity": 0.5}
               for i, (kind, target) in enumerate((k, t) for k in KINDS for t in TARGETS)]

@@ -131,13 +131,13 @@ def test_the_head_trains_and_its_model_file_round_trips(trained: dict) -> None:
     assert box_head_of(fresh) is None
 
 
-def test_a_metadata_model_and_every_arch_family_have_the_head() -> None:
+def test_a_model_with_clinical_fields_and_every_arch_family_have_the_head() -> None:
     from core.model.fields import make_spec
     from core.model.networks import build_model
 
     x = torch.zeros(2, 3, S, S)
-    for arch, metadata in (("resnet18", "film"), ("mobilenet_v3_large", None), ("convnext_tiny", None)):
-        model = build_model(3, "none", arch, make_spec(metadata) if metadata else None, box_head=True).eval()
+    for arch, fusion in (("resnet18", "film"), ("mobilenet_v3_large", None), ("convnext_tiny", None)):
+        model = build_model(3, "none", arch, make_spec(fusion) if fusion else None, box_head=True).eval()
         with capture_boxes(model) as got:
             assert model(x).shape == (2, 3)
         assert got[0].shape == (2, 4)

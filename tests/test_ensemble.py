@@ -58,7 +58,7 @@ def members(module_tmp: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     save_model_file(module_tmp / "a.pt", build_model(7, "none"), CLASSES,
                     TrainConfig(image_size=32, pretrained="none").to_dict(), {"epoch": 2})
-    save_model_file(module_tmp / "b.pt", build_model(7, "none", metadata=make_spec("concat")), CLASSES,
+    save_model_file(module_tmp / "b.pt", build_model(7, "none", fusion=make_spec("concat")), CLASSES,
                     TrainConfig(image_size=24, pretrained="none", metadata="concat").to_dict(), {"epoch": 3})
     from core.model.ensemble import save_ensemble_file
 
@@ -74,18 +74,18 @@ def test_ensemble_file_round_trips_and_averages_its_members(members: dict[str, P
     from core.model.loading import load_for_inference
 
     ens = load_for_inference(members["ensemble"], "cpu")
-    assert isinstance(ens, EnsembleModel) and ens.class_names == CLASSES and ens.meta["image_size"] == 32
-    assert ens.weights.tolist() == pytest.approx([0.75, 0.25]) and ens.metadata_spec["width"] == 18
+    assert isinstance(ens, EnsembleModel) and ens.class_names == CLASSES and ens.header["image_size"] == 32
+    assert ens.weights.tolist() == pytest.approx([0.75, 0.25]) and ens.fusion["width"] == 18
     a, b = load_for_inference(members["a"], "cpu"), load_for_inference(members["b"], "cpu")
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
-    meta = ens.encode([{"age": 50, "sex": "male", "site": "back"}] * 3)
-    assert meta.shape == (3, 18)   # a takes no columns, b its 18
-    raw = ens.predict(images, calibrated=False, metadata=meta)
+    clinical = ens.encode([{"age": 50, "sex": "male", "site": "back"}] * 3)
+    assert clinical.shape == (3, 18)   # a takes no columns, b its 18
+    raw = ens.predict(images, calibrated=False, clinical=clinical)
     expected = 0.75 * a.predict(images, calibrated=False) + 0.25 * b.predict(resized(images, 24), calibrated=False,
-                                                                              metadata=meta)
+                                                                              clinical=clinical)
     np.testing.assert_allclose(raw, expected, atol=1e-6)
-    np.testing.assert_allclose(ens.predict(images, metadata=meta), apply_temperature(expected, 1.5), atol=1e-6)
-    detail = ens.predict_detail(images, metadata=meta)
+    np.testing.assert_allclose(ens.predict(images, clinical=clinical), apply_temperature(expected, 1.5), atol=1e-6)
+    detail = ens.predict_detail(images, clinical=clinical)
     assert detail.member_probs.shape == (2, 3, 7) and detail.disagreement.shape == (3,)
     assert (detail.disagreement >= 0).all() and detail.disagreement.max() < np.log(2) + 1e-9
     same = ens.predict_detail(images[:1].repeat(2, 0), tta=True)
@@ -170,12 +170,12 @@ def test_final_train_builds_the_ensemble_beside_the_single_model(sweep: Path, fi
 
     out = final.out_dir
     ens = load_for_inference(out / "ensemble.pt", "cpu")
-    assert [m["name"] for m in ens.meta["members"]] == ["t1", "t2"] and ens.weights.tolist() == pytest.approx([2 / 3, 1 / 3])
-    assert ens.temperature(False) is not None and ens.meta["operating_points"]["positive_class"] == "mel"
-    assert ens.metadata_spec is not None   # t2's clinical fields
+    assert [m["name"] for m in ens.header["members"]] == ["t1", "t2"] and ens.weights.tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert ens.temperature(False) is not None and ens.header["operating_points"]["positive_class"] == "mel"
+    assert ens.fusion is not None   # t2's clinical fields
     # the check (on the first member's features) and the abstention rule, weighing the disagreement, fitted on val
-    assert ens.meta["ood"]["thresholds"]["mahalanobis"] > 0 and ens.meta["abstention"]["chosen_on"] == "val"
-    assert ens.meta["abstention"]["disagreement_weight"] in (0.0, 0.25, 0.5, 1.0, 2.0)
+    assert ens.header["ood"]["thresholds"]["mahalanobis"] > 0 and ens.header["abstention"]["chosen_on"] == "val"
+    assert ens.header["abstention"]["disagreement_weight"] in (0.0, 0.25, 0.5, 1.0, 2.0)
     ensemble_metrics = json.loads((out / "ensemble" / "metrics.json").read_text())
     single_metrics = json.loads((out / "metrics.json").read_text())
     assert ensemble_metrics["n_images"] == single_metrics["n_images"] > 0

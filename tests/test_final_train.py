@@ -186,14 +186,14 @@ def test_calibration_and_thresholds_come_from_val_and_are_stored_in_the_model(sw
                         progress=False)
     val = data.indices("val")
     mel = data.labels[val] == data.class_names.index("mel")
-    stored = loaded.meta["calibration"]
+    stored = loaded.header["calibration"]
     assert stored["fitted_on"] == "val" and stored["n_images"] == len(val)
     for tta, view in ((False, "single"), (True, "tta")):
         raw = loaded.predict(data.images[val], tta=tta, calibrated=False)
         assert stored["temperature"][view] == pytest.approx(fit_temperature(data.labels[val], raw), rel=1e-4)
         calibrated = apply_temperature(raw, stored["temperature"][view])
         np.testing.assert_allclose(loaded.predict(data.images[val], tta=tta), calibrated, atol=1e-9)
-        points = loaded.meta["operating_points"]["modes"][f"{view}/calibrated"]["points"]
+        points = loaded.header["operating_points"]["modes"][f"{view}/calibrated"]["points"]
         chosen = choose_thresholds(mel, calibrated[:, data.class_names.index("mel")])
         assert [p["threshold"] for p in points] == pytest.approx([p["threshold"] for p in chosen])
 
@@ -208,7 +208,7 @@ def test_calibration_and_thresholds_come_from_val_and_are_stored_in_the_model(sw
     # The test report applies the val thresholds and says what they gave on val.
     operating = metrics["operating_points"]
     assert operating["mode"] == "tta/calibrated" and operating["chosen_on"] == "val"
-    stored_points = loaded.meta["operating_points"]["modes"]["tta/calibrated"]["points"]
+    stored_points = loaded.header["operating_points"]["modes"]["tta/calibrated"]["points"]
     assert [p["threshold"] for p in operating["points"]] == [p["threshold"] for p in stored_points]
     assert [p["val_sensitivity"] for p in operating["points"]] == [p["sensitivity"] for p in stored_points]
     # TTA against no TTA, lesion level, intervals, subgroups.
@@ -230,8 +230,8 @@ def test_gradcam_of_the_trained_model_is_image_sized_and_not_constant(sweep: Pat
     from core.model.networks import load_model_file
     from core.model.inference import predict_probs
 
-    model, meta = load_model_file(final.out_dir / "model.pt")
-    data = load_dataset(read_best(sweep / "best.json").data_path, meta["image_size"],
+    model, header = load_model_file(final.out_dir / "model.pt")
+    data = load_dataset(read_best(sweep / "best.json").data_path, header["image_size"],
                         SplitOptions(splits_file=sweep / "splits.csv"), progress=False)
     images = data.images[data.indices("test")][:6]
     pred = predict_probs(model, images).argmax(1)
@@ -255,8 +255,8 @@ def test_train_on_val_keeps_the_last_epoch(sweep: Path, tmp_path: Path) -> None:
     assert "trained on train+val" in result.metrics["calibration"]["skipped"]
     assert "after" not in result.metrics["calibration"] and "points" not in result.metrics["operating_points"]
     assert result.metrics["prediction"]["calibrated"] is False
-    meta = torch.load(tmp_path / "trainval" / "model.pt", weights_only=True)
-    assert "skipped" in meta["calibration"] and "temperature" not in meta["calibration"]
+    header = torch.load(tmp_path / "trainval" / "model.pt", weights_only=True)
+    assert "skipped" in header["calibration"] and "temperature" not in header["calibration"]
     assert "Not calibrated: trained on train+val" in (tmp_path / "trainval" / "report.md").read_text()
     # A second run in the same folder evaluates the finished training again instead of training more.
     again = final_train(sweep / "best.json", options)

@@ -65,8 +65,8 @@ def test_model_file_round_trip(tmp_path):
     save_model_file(path, model, ("a", "b", "c"), cfg.to_dict(), {"epoch": 2, "metrics": {"val_accuracy": 0.5}})
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "lesion-sweep/model" and raw["class_names"] == ["a", "b", "c"]
-    loaded, meta = load_model_file(path)
-    assert not loaded.training and meta["epoch"] == 2 and meta["image_size"] == 32
+    loaded, header = load_model_file(path)
+    assert not loaded.training and header["epoch"] == 2 and header["image_size"] == 32
     torch.testing.assert_close(loaded.fc.weight, model.fc.weight)
     assert gradcam_layer(loaded) is loaded.layer4
 

@@ -61,7 +61,7 @@ def test_arch_trains_two_steps_round_trips_and_explains(arch: str, tiny, tmp_pat
     raw = torch.load(tmp_path / "model.pt", weights_only=True)
     assert raw["arch"] == arch and raw["metadata"] is None
     loaded = load_for_inference(tmp_path / "model.pt", "cpu")
-    assert loaded.arch == arch and loaded.metadata_spec is None
+    assert loaded.arch == arch and loaded.fusion is None
     val = tiny.indices("val")
     probs = loaded.predict(tiny.images[val], calibrated=False)
     np.testing.assert_allclose(probs, predict_probs(model.eval(), tiny.images[val]), atol=1e-6)  # same weights
@@ -120,8 +120,8 @@ def test_a_file_without_arch_is_a_resnet18_and_an_unknown_arch_is_refused(tmp_pa
     payload = torch.load(path, weights_only=True)
     del payload["arch"], payload["metadata"]
     torch.save(payload, path)
-    loaded, meta = load_model_file(path)
-    assert meta["arch"] == "resnet18" and meta["metadata"] is None
+    loaded, header = load_model_file(path)
+    assert header["arch"] == "resnet18" and header["metadata"] is None
     payload["arch"] = "alexnet"
     torch.save(payload, path)
     with pytest.raises(UserError, match="arch 'alexnet'"):

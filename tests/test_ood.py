@@ -35,10 +35,10 @@ def test_the_score_separates_lesion_like_images_from_far_out_ones(loaded) -> Non
     for name, images in (("in", lesion_like(40, SIZE, seed=5)), ("far", far)):  # "in": new, like the fitted
         with ood.capture(loaded.model) as seen:
             loaded.predict(images)
-        scores[name] = ood.all_scores(loaded.meta["ood"], seen.features, seen.logits)["mahalanobis"]
+        scores[name] = ood.all_scores(loaded.header["ood"], seen.features, seen.logits)["mahalanobis"]
     auroc = roc_auc_score(np.r_[np.zeros(40), np.ones(len(far))], np.r_[scores["in"], scores["far"]])
     assert auroc > 0.95
-    threshold = loaded.meta["ood"]["thresholds"]["mahalanobis"]
+    threshold = loaded.header["ood"]["thresholds"]["mahalanobis"]
     assert np.mean(scores["in"] <= threshold) >= 0.8 and np.mean(scores["far"] > threshold) >= 0.8
 
 
@@ -47,7 +47,7 @@ def test_thresholds_are_stored_read_back_and_used(loaded, module_tmp: Path) -> N
     stored = payload["ood"]
     assert set(stored["thresholds"]) == set(ood.SCORES) and stored["fitted_on"] == "val"
     assert stored["means"].shape == (7, stored["feature_dim"]) and stored["precision"].shape == (512, 512)
-    assert loaded.meta["ood"]["thresholds"] == stored["thresholds"]
+    assert loaded.header["ood"]["thresholds"] == stored["thresholds"]
     assert payload["abstention"]["coverage"] == 0.9 and len(payload["abstention"]["views"]["single"]["quantiles"]) == 201
     images = lesion_like(3, SIZE, seed=7)
     probs, checks = predict_checked(loaded, images)

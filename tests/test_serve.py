@@ -123,7 +123,7 @@ def test_explain_returns_heat_map_and_overlay_pngs(client: TestClient) -> None:
     assert heat.mode == "L" and over.mode == "RGB" and heat.size == over.size and min(over.size) >= 224
 
 
-def test_metadata_fields_validated_and_ignored_by_an_image_only_model(client: TestClient) -> None:
+def test_clinical_fields_validated_and_ignored_by_an_image_only_model(client: TestClient) -> None:
     body = post_image(client, image_bytes(), age="45", sex="Female", site="lower extremity").json()
     assert body["metadata"]["given"] == {"age": 45.0, "sex": "female", "site": "lower extremity"}
     assert body["metadata"]["used"] is False and "ignored" in body["metadata"]["note"]
@@ -135,7 +135,7 @@ def test_metadata_fields_validated_and_ignored_by_an_image_only_model(client: Te
 
 
 
-def test_a_metadata_model_uses_the_fields_as_core_inference_does(module_tmp: Path, monkeypatch) -> None:
+def test_a_model_with_clinical_fields_uses_the_fields_as_core_inference_does(module_tmp: Path, monkeypatch) -> None:
     import core.explain.gradcam
 
     path = write_model(module_tmp / "meta" / "model.pt", image_size=SIZE, metadata="concat", seed=1)
@@ -147,13 +147,13 @@ def test_a_metadata_model_uses_the_fields_as_core_inference_does(module_tmp: Pat
         assert body["metadata"]["used"] is True and "note" not in body["metadata"]
         record = {"age": 60.0, "sex": "male", "site": "back"}
         expected = service.loaded.predict(decode_image(io.BytesIO(data), SIZE)[None],
-                                          metadata=service.loaded.encode([record]))[0]
+                                          clinical=service.loaded.encode([record]))[0]
         got = np.array([body["probabilities"][c] for c in body["classes"]])
         np.testing.assert_allclose(got, expected, atol=1e-5)
         unknown = post_image(client, data).json()
         assert unknown["probabilities"] != body["probabilities"]  # the fields reach the model
         given, maps = [], core.explain.gradcam.gradcam_maps  # and Grad-CAM explains the model as it predicted, with them
-        monkeypatch.setattr(core.explain.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["metadata"]) or maps(*a, **k))
+        monkeypatch.setattr(core.explain.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["clinical"]) or maps(*a, **k))
         explained = post_image(client, data, age="60", sex="male", site="back", explain="true").json()
         assert explained["explain"]["overlay_png"] and explained["explain"]["layer"] == "layer4"
         np.testing.assert_array_equal(given[0], service.loaded.encode([record]))
@@ -388,7 +388,7 @@ def test_onnx_backend_gives_torchs_probabilities(model_file: Path, service: Mode
         onnx.close()
 
 
-def test_onnx_backend_for_a_metadata_model_answers_as_torch_with_and_without_fields(module_tmp: Path) -> None:
+def test_onnx_backend_for_a_model_with_clinical_fields_answers_as_torch_with_and_without_fields(module_tmp: Path) -> None:
     """No fields: the ONNX graph (exported with every field unknown); fields: torch with them. Both as core does."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     path = write_model(module_tmp / "meta-onnx" / "model.pt", image_size=SIZE, metadata="concat", seed=2,
@@ -401,7 +401,7 @@ def test_onnx_backend_for_a_metadata_model_answers_as_torch_with_and_without_fie
             record = {"age": None, "sex": None, "site": None, **fields}
             encoded = onnx.loaded.encode([validate_record(record)]) if fields else None
             with capture_boxes(onnx.loaded.model) as boxes:
-                expected = onnx.loaded.predict(image, metadata=encoded)[0]
+                expected = onnx.loaded.predict(image, clinical=encoded)[0]
             body = post_image(client, data, **fields).json()
             assert np.allclose([body["probabilities"][c] for c in body["classes"]], expected, atol=1e-4), fields
             assert np.allclose(body["box"]["fractions"], boxes[0][0].numpy(), atol=1e-4), fields
@@ -452,7 +452,7 @@ def test_batcher_groups_queued_jobs_and_survives_a_failing_batch() -> None:
     calls: list[tuple[int, bool]] = []
     entered, release = threading.Event(), threading.Event()
 
-    def predict(images: np.ndarray, tta: bool, metadata: object) -> np.ndarray:
+    def predict(images: np.ndarray, tta: bool, clinical: object) -> np.ndarray:
         entered.set()
         release.wait(10)
         calls.append((len(images), tta))
@@ -490,7 +490,7 @@ def test_answers_say_whether_the_image_is_like_the_training_images_and_whether_t
 
     like = lesion_like(1, SIZE, seed=99)[0]   # one of the images the fixture's statistics were fitted on
     body = post_image(client, _png(like), name="lesion.png", kind="image/png").json()
-    stored = service.loaded.meta["ood"]
+    stored = service.loaded.header["ood"]
     assert body["ood"] == {**body["ood"], "in_distribution": True, "method": "mahalanobis",
                            "threshold": pytest.approx(stored["thresholds"]["mahalanobis"])}
     assert body["ood"]["score"] <= body["ood"]["threshold"]

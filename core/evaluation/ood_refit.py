@@ -43,7 +43,7 @@ def splits_for_fit(checkpoint: str | Path, splits: str | None) -> str:
 def fit_for_file(loaded: LoadedModel, data: Dataset, source: str, out: Path,
                  coverage: float | None = None) -> dict[str, Any]:
     """Fit on ``data``'s val split; write ``out``/model.pt with the statistics; returns them (``ood``,
-    ``abstention``) merged over the model file's own metadata."""
+    ``abstention``) merged over the model file's own header."""
     val = data.indices("val")
     if len(val) == 0:
         raise UserError(f"{source}: its split has no validation images to fit the out-of-distribution check on")
@@ -51,13 +51,13 @@ def fit_for_file(loaded: LoadedModel, data: Dataset, source: str, out: Path,
     log.info("--fit-ood: fitting the out-of-distribution check and the abstention rule on %d validation images",
              len(val))
     with ood.capture(loaded.model) as seen:
-        raw = loaded.predict(np.asarray(data.images[val]), calibrated=False, metadata=loaded.encode_dataset(data, val))
+        raw = loaded.predict(np.asarray(data.images[val]), calibrated=False, clinical=loaded.encode_dataset(data, val))
     fitted = fit_checks(labels, {SINGLE_MODE: raw}, {SINGLE_MODE: loaded.temperature(False)}, seen,
                         loaded.class_names, DEFAULT_COVERAGE if coverage is None else coverage)
-    meta = {**loaded.meta, **fitted}
-    kept = {k: v for k, v in meta.items() if k not in ("format", "version", "arch", "class_names", "config",
+    header = {**loaded.header, **fitted}
+    kept = {k: v for k, v in header.items() if k not in ("format", "version", "arch", "class_names", "config",
                                                        "image_size", "metadata")}
     out.mkdir(parents=True, exist_ok=True)
-    save_model_file(out / filenames.MODEL, loaded.model, loaded.class_names, loaded.meta.get("config") or {}, kept)
+    save_model_file(out / filenames.MODEL, loaded.model, loaded.class_names, loaded.header.get("config") or {}, kept)
     log.info("--fit-ood: the model file with them: %s", out / filenames.MODEL)
-    return meta
+    return header

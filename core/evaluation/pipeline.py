@@ -73,7 +73,7 @@ class ScoredImages:
     pixels: np.ndarray            # uint8 [N, 3, S, S] of the evaluated images
     results: SectionResults
     scores: PredictionScores
-    metadata: np.ndarray | None = None  # their encoded clinical fields (a metadata model), as predicted with
+    clinical: np.ndarray | None = None  # their encoded clinical fields (a model with clinical fields), as predicted with
     boxes: np.ndarray | None = None     # the box head's boxes [N, 4] (fractions), None without a head
     captured: Captured = field(default_factory=Captured)  # the single view's features and logits (core/model/ood.py)
     stored: Mapping[str, Any] = field(default_factory=dict)  # what model.pt stores (ood, abstention, ...)
@@ -118,7 +118,7 @@ def predict_set(loaded: LoadedModel, images: EvaluatedImages, pixels: np.ndarray
     """The raw probabilities of a model for ``pixels`` = ``images.data.images[images.idx]``.
 
     ``tta``: predict the TTA view as well (after the single view); ``encoded``:
-    ``loaded.encode_dataset(data, idx)``, the clinical fields a metadata model takes (else None); ``seen``: where
+    ``loaded.encode_dataset(data, idx)``, the clinical fields a model with clinical fields takes (else None); ``seen``: where
     what the same pass also gives goes.
     """
     data, idx = images.data, images.idx
@@ -127,10 +127,10 @@ def predict_set(loaded: LoadedModel, images: EvaluatedImages, pixels: np.ndarray
         single = seen is not None and view == SINGLE_MODE
         with capture(loaded.model, into=seen.captured) if single else nullcontext():
             if seen is not None and isinstance(loaded, EnsembleModel):   # its disagreement from the same pass
-                found = loaded.predict_detail(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
+                found = loaded.predict_detail(pixels, tta=view == TTA_MODE, calibrated=False, clinical=encoded)
                 raw[view], seen.disagreement[view] = found.probs, found.disagreement
             else:
-                raw[view] = loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, metadata=encoded)
+                raw[view] = loaded.predict(pixels, tta=view == TTA_MODE, calibrated=False, clinical=encoded)
     metadata = None if data.metadata is None else data.metadata.iloc[idx].reset_index(drop=True)
     return EvaluatedSet(labels=np.asarray(images.labels, dtype=np.int64), groups=data.groups[idx],
                         image_ids=data.image_ids[idx], metadata=metadata, raw=raw)
@@ -165,7 +165,7 @@ def score_images(loaded: LoadedModel, images: EvaluatedImages, stored: Mapping[s
     results = section_results(predicted, loaded.class_names, stored, options)
     scores = score_predictions(images.labels, results.probs, loaded.class_names)
     return ScoredImages(loaded=loaded, images=images, pixels=pixels, results=results, scores=scores,
-                        metadata=encoded, boxes=boxes, captured=seen.captured,
+                        clinical=encoded, boxes=boxes, captured=seen.captured,
                         stored=stored, disagreement=seen.disagreement)
 
 
@@ -249,7 +249,7 @@ def trust_of(scored: ScoredImages, coverage: float | None) -> dict[str, Any]:
     """metrics.json's ``ood`` and ``abstention`` sections, with what model.pt stores."""
     tta = scored.results.sections["prediction"]["view"] == TTA_MODE
     images = Evaluated(pixels=scored.pixels, labels=scored.scores.labels, probs=scored.results.probs,
-                       features=scored.captured.features, logits=scored.captured.logits, metadata=scored.metadata,
+                       features=scored.captured.features, logits=scored.captured.logits, clinical=scored.clinical,
                        disagreement=scored.disagreement.get(TTA_MODE if tta else SINGLE_MODE))
     return trust_sections(scored.loaded, scored.stored, images, tta, coverage)
 
@@ -267,7 +267,7 @@ def explainable(scored: ScoredImages) -> Explainable:
     data, idx, scores = scored.images.data, scored.images.idx, scored.scores
     masks = {} if data.masks is None else {"masks": np.asarray(data.masks[idx]), "has_mask": data.has_mask[idx]}
     return Explainable(scored.pixels, scores.labels, scores.probs, data.image_ids[idx], scores.class_names, **masks,
-                       metadata=scored.metadata)  # None for an image-only model
+                       clinical=scored.clinical)  # None for an image-only model
 
 
 def metrics_document(scores: PredictionScores, source: Mapping[str, Any], training: Mapping[str, Any] | None = None,

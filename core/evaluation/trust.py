@@ -49,7 +49,7 @@ class Evaluated:
     probs: np.ndarray             # the headline probabilities [N, C]
     features: np.ndarray          # the single view's penultimate features [N, D] (core/model/ood.py capture)
     logits: np.ndarray            # its raw logits [N, C]
-    metadata: np.ndarray | None = None    # their encoded clinical fields (a metadata model)
+    clinical: np.ndarray | None = None    # their encoded clinical fields (a model with clinical fields)
     disagreement: np.ndarray | None = None  # an ensemble's members' disagreement [N] (core/model/abstain.py)
 
 
@@ -64,7 +64,7 @@ def ood_results(loaded: LoadedModel, stored: Mapping[str, Any] | None, images: E
     if not ood.is_fitted(stored):
         return {"skipped": f"{ood.NO_CHECK} ({ood.FIT_ADVICE})"}
     inside = ood.all_scores(stored, images.features, images.logits)
-    size = int(loaded.meta["image_size"])
+    size = int(loaded.header["image_size"])
     photos, _ = natural_photos(size)
     made, _ = synthetic(size)
     far = {"natural_photos": predicted_scores(loaded, stored, photos, None)[1],
@@ -80,8 +80,8 @@ def ood_results(loaded: LoadedModel, stored: Mapping[str, Any] | None, images: E
     keep = slice(0, min(len(images.pixels), MAX_SHIFTED))
     section["shifted_lesions"] = {}
     for shift in SHIFTS:
-        meta = None if images.metadata is None else images.metadata[keep]
-        probs, scores = predicted_scores(loaded, stored, shifted(images.pixels[keep], shift), meta)
+        clinical = None if images.clinical is None else images.clinical[keep]
+        probs, scores = predicted_scores(loaded, stored, shifted(images.pixels[keep], shift), clinical)
         section["shifted_lesions"][shift] = {
             **compare({k: v[keep] for k, v in inside.items()}, scores, stored),
             "balanced_accuracy": _balanced_accuracy(images.labels[keep], probs),
@@ -93,9 +93,9 @@ def ood_results(loaded: LoadedModel, stored: Mapping[str, Any] | None, images: E
 
 
 def predicted_scores(loaded: LoadedModel, stored: Mapping[str, Any], pixels: np.ndarray,
-            metadata: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            clinical: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     with ood.capture(loaded.model) as seen:
-        probs = loaded.predict(pixels, metadata=metadata)
+        probs = loaded.predict(pixels, clinical=clinical)
     return probs, ood.all_scores(stored, seen.features, seen.logits)
 
 

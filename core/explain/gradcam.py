@@ -14,8 +14,8 @@ Two methods (``--gradcam-method``):
 
 The layer follows the model's arch (core/model/networks.py ``gradcam_layers``): a ResNet's residual stages
 (layer2..layer4, chosen as above); EfficientNet, MobileNetV3 and ConvNeXt their last feature stage
-(``features[-1]``); RegNet its ``trunk_output``. A metadata model (core/model/networks.py ``MetadataNet``) is explained
-with each image's own encoded metadata (``metadata=``, Captum's ``additional_forward_args``): the map is of the
+(``features[-1]``); RegNet its ``trunk_output``. A model with clinical fields (core/model/networks.py ``FusionNet``) is explained
+with each image's own encoded clinical fields (``clinical=``, Captum's ``additional_forward_args``): the map is of the
 image branch, but the class it explains and the weights Grad-CAM gives the channels are those of the model as it
 predicted, age, sex and site included (left out: every field unknown, as ``LoadedModel.predict`` does).
 
@@ -44,7 +44,7 @@ from torch import nn
 from core.config import DEFAULT_ARCH
 from core.model.forward import normalize
 from core.explain.gallery import GalleryItem, gradcam_gallery_figure
-from core.model.networks import GRADCAM_LAYERS, STAGE_STRIDES, arch_of, gradcam_layer, gradcam_layers, metadata_spec_of
+from core.model.networks import GRADCAM_LAYERS, STAGE_STRIDES, arch_of, gradcam_layer, gradcam_layers, fusion_of
 
 log = logging.getLogger(__name__)
 
@@ -91,29 +91,29 @@ def stage_side(image_size: int, layer: str) -> int:
 
 def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targets: Sequence[int],
                  device: str | torch.device = "cpu", layer: str | None = None, method: str = DEFAULT_METHOD,
-                 metadata: np.ndarray | None = None) -> np.ndarray:
+                 clinical: np.ndarray | None = None) -> np.ndarray:
     """Heat maps [N, H, W] in [0, 1] (each scaled by its maximum) for class ``targets[i]`` of image ``i``.
 
     ``layer``: the stage to look at; None chooses by image size and the model's arch (:func:`choose_layer`).
     ``method``: "gradcam" (LayerGradCam, bilinearly upsampled) or "guided" (GuidedGradCam: guided
     backpropagation times the nearest-upsampled Grad-CAM, absolute values summed over the colours).
-    ``metadata``: the images' encoded clinical fields [N, D] for a metadata model (None: every field
+    ``clinical``: the images' encoded clinical fields [N, D] for a model with clinical fields (None: every field
     unknown); an image-only model ignores it.
     """
     from captum.attr import GuidedGradCam
 
     if hasattr(model, "parts"):  # an ensemble (core/model/ensemble.py EnsembleNet): its members' maps, averaged
-        return ensemble_maps(model, images_uint8, targets, device, layer, method, metadata)
+        return ensemble_maps(model, images_uint8, targets, device, layer, method, clinical)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     device = torch.device(device)
     images = torch.as_tensor(np.asarray(images_uint8)) if not isinstance(images_uint8, torch.Tensor) else images_uint8
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
-    if metadata_spec_of(model) is None:
-        metadata = None
-    elif metadata is not None and len(metadata) != len(images):
-        raise ValueError(f"{len(images)} images but {len(metadata)} metadata rows")
+    if fusion_of(model) is None:
+        clinical = None
+    elif clinical is not None and len(clinical) != len(images):
+        raise ValueError(f"{len(images)} images but {len(clinical)} clinical-field rows")
     model = model.to(device).eval()
     stage = gradcam_layer(model, layer or choose_layer(int(images.shape[-1]), method, arch_of(model)))
     cam = LayerGradCam(model, stage) if method == "gradcam" else GuidedGradCam(model, stage)
@@ -125,8 +125,8 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
         for start in range(0, len(images), BATCH_SIZE):
             x = normalize(images[start:start + BATCH_SIZE].to(device)).requires_grad_()
             target = torch.as_tensor(list(targets[start:start + BATCH_SIZE]), dtype=torch.long, device=device)
-            extra = None if metadata is None else \
-                (torch.as_tensor(np.asarray(metadata[start:start + BATCH_SIZE]), dtype=torch.float32, device=device),)
+            extra = None if clinical is None else \
+                (torch.as_tensor(np.asarray(clinical[start:start + BATCH_SIZE]), dtype=torch.float32, device=device),)
             if method == "guided":
                 heat = cam.attribute(x, target=target, additional_forward_args=extra).detach().abs().sum(1)
             else:
@@ -144,8 +144,8 @@ def gradcam_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targ
 
 def ensemble_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, targets: Sequence[int],
                   device: str | torch.device = "cpu", layer: str | None = None, method: str = DEFAULT_METHOD,
-                  metadata: np.ndarray | None = None) -> np.ndarray:
-    """An ensemble's maps: the weighted mean of its members' (each at its own image size and metadata columns,
+                  clinical: np.ndarray | None = None) -> np.ndarray:
+    """An ensemble's maps: the weighted mean of its members' (each at its own image size and clinical columns,
     brought back to the images' size), scaled by its maximum as :func:`gradcam_maps`'s are. ``layer`` applies to
     the members whose arch has it; the others take their default."""
     from core.model.ensemble import resized
@@ -155,7 +155,7 @@ def ensemble_maps(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, tar
     for member, weight, side, cols in model.parts():
         own = layer if layer in gradcam_layers(arch_of(member)) else None
         heat = gradcam_maps(member, resized(images_uint8, side), targets, device, own, method,
-                            None if metadata is None else np.asarray(metadata)[:, cols])
+                            None if clinical is None else np.asarray(clinical)[:, cols])
         if heat.shape[-2:] != size:
             heat = torch.nn.functional.interpolate(torch.as_tensor(heat)[:, None], size=size, mode="bilinear",
                                                    align_corners=False)[:, 0].numpy()
@@ -277,10 +277,10 @@ class Explainable:
     class_names: Sequence[str]
     masks: np.ndarray | None = None    # (N, H, W) lesion masks, where ``has_mask``; None: no masks
     has_mask: np.ndarray | None = None
-    metadata: np.ndarray | None = None  # (N, D) the encoded clinical fields a metadata model predicted with
+    clinical: np.ndarray | None = None  # (N, D) the encoded clinical fields a model with clinical fields predicted with
 
-    def metadata_of(self, indices: Sequence[int]) -> np.ndarray | None:
-        return None if self.metadata is None else np.asarray(self.metadata)[list(indices)]
+    def clinical_of(self, indices: Sequence[int]) -> np.ndarray | None:
+        return None if self.clinical is None else np.asarray(self.clinical)[list(indices)]
 
     @property
     def masked(self) -> np.ndarray:
@@ -323,7 +323,7 @@ def write_galleries(model: nn.Module, ev: Explainable, out_dir: str | os.PathLik
     if missing:
         maps.update(zip(missing, gradcam_maps(model, ev.images_uint8[missing], [int(pred[i]) for i in missing], device,
                                               layer=options.layer, method=options.method,
-                                              metadata=ev.metadata_of(missing))))
+                                              clinical=ev.clinical_of(missing))))
     galleries: dict[str, str] = {}
     for c, indices in chosen.items():
         if not indices:
@@ -380,7 +380,7 @@ def explain_evaluation(model: nn.Module, ev: Explainable, out_dir: str | os.Path
     pred = ev.probs.argmax(1)
     log.info("%s on %s: %d images (%d with a lesion mask)", CAPTUM_NAMES[method], layer, len(needed), len(scored))
     made = gradcam_maps(model, ev.images_uint8[needed], pred[needed].tolist(), device, layer=layer, method=method,
-                        metadata=ev.metadata_of(needed))
+                        clinical=ev.clinical_of(needed))
     maps = dict(zip(needed, made))
     galleries = write_galleries(model, ev, out_dir, device, dataclasses.replace(options, layer=layer), maps=maps)
     basis = scored if len(scored) else np.array(shown, dtype=np.int64)

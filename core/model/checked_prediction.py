@@ -20,7 +20,7 @@ from core.model.tta import N_VIEWS
 
 
 def predict_checked(loaded: LoadedModel | EnsembleModel, images_uint8: np.ndarray, *, tta: bool = False,
-                    calibrated: bool = True, metadata: np.ndarray | None = None,
+                    calibrated: bool = True, clinical: np.ndarray | None = None,
                     coverage: float | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Probabilities [N, C] (as ``loaded.predict``) and per image ``{"ood": ..., "abstain": ...}``; an ensemble
     file's also ``"disagreement"`` (its members', from the same pass, with its reading in words), which its
@@ -32,21 +32,21 @@ def predict_checked(loaded: LoadedModel | EnsembleModel, images_uint8: np.ndarra
     disagreement = None
     with ood.capture(loaded.model, views=N_VIEWS if tta else 1) as seen:
         if isinstance(loaded, EnsembleModel):
-            found = loaded.predict_detail(images_uint8, tta=tta, calibrated=calibrated, metadata=metadata)
+            found = loaded.predict_detail(images_uint8, tta=tta, calibrated=calibrated, clinical=clinical)
             probs, disagreement = found.probs, found.disagreement
         else:
-            probs = loaded.predict(images_uint8, tta=tta, calibrated=calibrated, metadata=metadata)
-    checked = checks(loaded.meta, probs, seen.features, seen.logits, tta, coverage, disagreement)
+            probs = loaded.predict(images_uint8, tta=tta, calibrated=calibrated, clinical=clinical)
+    checked = checks(loaded.header, probs, seen.features, seen.logits, tta, coverage, disagreement)
     for row, value in zip(checked, [] if disagreement is None else disagreement):
         row["disagreement"] = {"mutual_information": float(value), "words": describe_disagreement(float(value))}
     return probs, checked
 
 
-def checks(meta: dict[str, Any], probs: np.ndarray, features: np.ndarray, logits: np.ndarray, tta: bool,
+def checks(header: dict[str, Any], probs: np.ndarray, features: np.ndarray, logits: np.ndarray, tta: bool,
            coverage: float | None = None, disagreement: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """The checks of images already predicted: ``meta`` the model file's, ``features``/``logits`` captured."""
-    found = ood.check(meta.get("ood"), features, logits)
-    decided = abstain.decide(meta.get("abstention"), probs, TTA_MODE if tta else SINGLE_MODE, found, coverage,
+    """The checks of images already predicted: ``header`` the model file's, ``features``/``logits`` captured."""
+    found = ood.check(header.get("ood"), features, logits)
+    decided = abstain.decide(header.get("abstention"), probs, TTA_MODE if tta else SINGLE_MODE, found, coverage,
                              disagreement)
     return [{"ood": o, "abstain": a} for o, a in zip(found, decided)]
 

@@ -66,7 +66,7 @@ class EnsembleNet(nn.Module):
         self.lesion_arch = arch_of(members[0])   # the Grad-CAM layer is chosen as for the first member
 
     def parts(self) -> list[tuple[nn.Module, float, int, slice]]:
-        """(member, weight, image size, its columns of the ensemble's metadata) of each member."""
+        """(member, weight, image size, its columns of the ensemble's encoded clinical fields) of each member."""
         starts = np.cumsum([0, *self.widths])
         return [(m, w, s, slice(int(a), int(b))) for m, w, s, a, b in
                 zip(self.members, self.weights, self.sizes, starts[:-1], starts[1:])]
@@ -78,7 +78,7 @@ class EnsembleModel:
 
     members: tuple[LoadedModel, ...]
     weights: np.ndarray           # [M], summing to 1
-    meta: dict[str, Any]          # the file's contents without the members' weights
+    header: dict[str, Any]        # the file's contents without the members' weights
     config: TrainConfig
     device: torch.device
     model: EnsembleNet
@@ -86,7 +86,7 @@ class EnsembleModel:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return tuple(self.meta["class_names"])
+        return tuple(self.header["class_names"])
 
     @property
     def arch(self) -> str:
@@ -94,39 +94,39 @@ class EnsembleModel:
 
     @property
     def widths(self) -> list[int]:
-        return [0 if m.metadata_spec is None else int(m.metadata_spec["width"]) for m in self.members]
+        return [0 if m.fusion is None else int(m.fusion["width"]) for m in self.members]
 
     @property
-    def metadata_spec(self) -> dict | None:
+    def fusion(self) -> dict | None:
         """None when no member takes clinical fields; else the members' encodings side by side."""
-        return self.meta.get("metadata")
+        return self.header.get("metadata")
 
     def encode(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        return np.concatenate([encode_records(records, m.metadata_spec) for m in self.members], axis=1)
+        return np.concatenate([encode_records(records, m.fusion) for m in self.members], axis=1)
 
     def encode_dataset(self, data: MetadataSource, idx: np.ndarray) -> np.ndarray | None:
-        if self.metadata_spec is None or data.metadata is None:
-            return None if self.metadata_spec is None else self.members[0].encode_dataset(data, idx)
-        return np.concatenate([np.zeros((len(idx), 0), np.float32) if m.metadata_spec is None
-                               else encode_dataset(data, m.metadata_spec)[idx] for m in self.members], axis=1)
+        if self.fusion is None or data.metadata is None:
+            return None if self.fusion is None else self.members[0].encode_dataset(data, idx)
+        return np.concatenate([np.zeros((len(idx), 0), np.float32) if m.fusion is None
+                               else encode_dataset(data, m.fusion)[idx] for m in self.members], axis=1)
 
     def temperature(self, tta: bool = False) -> float | None:
-        return stored_temperature(self.meta, tta)
+        return stored_temperature(self.header, tta)
 
     def predict(self, images_uint8: np.ndarray | torch.Tensor, *, tta: bool = False, calibrated: bool = True,
-                metadata: np.ndarray | None = None) -> np.ndarray:
+                clinical: np.ndarray | None = None) -> np.ndarray:
         """Probabilities [N, C]: the weighted mean of the members', then the ensemble's temperature."""
-        return self.predict_detail(images_uint8, tta=tta, calibrated=calibrated, metadata=metadata).probs
+        return self.predict_detail(images_uint8, tta=tta, calibrated=calibrated, clinical=clinical).probs
 
     def predict_detail(self, images_uint8: np.ndarray | torch.Tensor, *, tta: bool = False, calibrated: bool = True,
-                       metadata: np.ndarray | None = None) -> EnsemblePrediction:
-        if self.metadata_spec is not None and metadata is not None \
-                and np.shape(metadata) != (len(images_uint8), int(self.metadata_spec["width"])):
-            raise UserError(f"metadata of shape {np.shape(metadata)} for {len(images_uint8)} images; expected "
-                            f"({len(images_uint8)}, {self.metadata_spec['width']}) (EnsembleModel.encode)")
+                       clinical: np.ndarray | None = None) -> EnsemblePrediction:
+        if self.fusion is not None and clinical is not None \
+                and np.shape(clinical) != (len(images_uint8), int(self.fusion["width"])):
+            raise UserError(f"clinical fields of shape {np.shape(clinical)} for {len(images_uint8)} images; expected "
+                            f"({len(images_uint8)}, {self.fusion['width']}) (EnsembleModel.encode)")
         member_probs = np.stack([
-            member.predict(resized(images_uint8, int(member.meta["image_size"])), tta=tta, calibrated=False,
-                           metadata=None if metadata is None or member.metadata_spec is None else metadata[:, cols])
+            member.predict(resized(images_uint8, int(member.header["image_size"])), tta=tta, calibrated=False,
+                           clinical=None if clinical is None or member.fusion is None else clinical[:, cols])
             for member, (_, _, _, cols) in zip(self.members, self.model.parts())])
         mean = np.tensordot(self.weights, member_probs, axes=1)
         temperature = self.temperature(tta) if calibrated else None
@@ -222,19 +222,19 @@ def ensemble_from_payload(payload: Mapping[str, Any], path: str | os.PathLike, d
         members.append(loaded_from(*model_from_payload(entry.get("model"), label), label, device))
     weights = np.array([float(e["weight"]) for e in payload["members"]])
     weights = weights / weights.sum()
-    meta = {k: v for k, v in payload.items() if k != "members"}
-    meta["members"] = [{k: v for k, v in e.items() if k != "model"} for e in payload["members"]]
-    widths = [0 if m.metadata_spec is None else int(m.metadata_spec["width"]) for m in members]
-    meta["metadata"] = None if not any(widths) else {
-        "method": "ensemble", "width": int(sum(widths)), "members": [m.metadata_spec for m in members]}
-    meta["arch"] = members[0].arch
+    header = {k: v for k, v in payload.items() if k != "members"}
+    header["members"] = [{k: v for k, v in e.items() if k != "model"} for e in payload["members"]]
+    widths = [0 if m.fusion is None else int(m.fusion["width"]) for m in members]
+    header["metadata"] = None if not any(widths) else {
+        "method": "ensemble", "width": int(sum(widths)), "members": [m.fusion for m in members]}
+    header["arch"] = members[0].arch
     try:
         cfg = replace(TrainConfig.from_dict(payload.get("config") or {}), device=device)
     except UserError as exc:
         raise UserError(f"{path}: the ensemble's config is not valid here ({exc})") from None
     torch_device = resolve_device(cfg)
-    net = EnsembleNet([m.model for m in members], weights, [int(m.meta["image_size"]) for m in members], widths)
-    return EnsembleModel(members=tuple(members), weights=weights, meta=meta, config=cfg, device=torch_device,
+    net = EnsembleNet([m.model for m in members], weights, [int(m.header["image_size"]) for m in members], widths)
+    return EnsembleModel(members=tuple(members), weights=weights, header=header, config=cfg, device=torch_device,
                          model=net.to(torch_device).eval())
 
 

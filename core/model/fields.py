@@ -1,4 +1,4 @@
-"""Clinical metadata as model input: age, sex and anatomical site, validated and encoded as numbers.
+"""Clinical fields as model input: age, sex and anatomical site, validated and encoded as numbers.
 
 The encoding (its *spec*, stored in the model file so the file is read the same way later):
 
@@ -76,9 +76,9 @@ def _age(value: object) -> float | None:
     try:
         age = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"metadata field 'age' = {value!r}: not a number (years, or empty for unknown)") from None
+        raise UserError(f"clinical field 'age' = {value!r}: not a number (years, or empty for unknown)") from None
     if isinstance(value, bool) or not AGE_RANGE[0] <= age <= AGE_RANGE[1]:
-        raise UserError(f"metadata field 'age' = {value!r}: out of range [{AGE_RANGE[0]:g}, {AGE_RANGE[1]:g}]")
+        raise UserError(f"clinical field 'age' = {value!r}: out of range [{AGE_RANGE[0]:g}, {AGE_RANGE[1]:g}]")
     return age
 
 
@@ -89,7 +89,7 @@ def _choice(field: str, value: object, allowed: Sequence[str], aliases: Mapping[
     if text in aliases:
         return aliases[text]
     if text not in allowed:
-        raise UserError(f"metadata field '{field}' = {value!r}: not one of {', '.join(allowed)} (or unknown)")
+        raise UserError(f"clinical field '{field}' = {value!r}: not one of {', '.join(allowed)} (or unknown)")
     return text
 
 
@@ -97,7 +97,7 @@ def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """The record with each field checked and normalised (None = unknown); a bad value is a UserError."""
     extra = [k for k in record if k not in FIELDS]
     if extra:
-        raise UserError(f"unknown metadata field '{extra[0]}' (expected {', '.join(FIELDS)})")
+        raise UserError(f"unknown clinical field '{extra[0]}' (expected {', '.join(FIELDS)})")
     return {"age": _age(record.get("age")), "sex": _choice("sex", record.get("sex"), SEXES, {}),
             "site": _choice("site", record.get("site"), SITES, SITE_ALIASES)}
 
@@ -160,13 +160,13 @@ def encode_dataset(data: MetadataSource, spec: Mapping[str, Any]) -> np.ndarray:
     return encode_records(table_records(data.metadata, data.image_ids, data.root), spec)
 
 
-def drop_fields(meta: torch.Tensor, spec: Mapping[str, Any], p: float, generator: torch.Generator) -> torch.Tensor:
-    """Each field of each row set to unknown with probability ``p`` (metadata dropout), on ``meta``'s device."""
+def drop_fields(clinical: torch.Tensor, spec: Mapping[str, Any], p: float, generator: torch.Generator) -> torch.Tensor:
+    """Each field of each row set to unknown with probability ``p`` (config ``metadata_dropout``), on ``clinical``'s device."""
     if p <= 0:
-        return meta
+        return clinical
     n_sex = len(spec["sexes"])
-    keep = (torch.rand(meta.shape[0], len(FIELDS), generator=generator, device=meta.device) >= p).float()
+    keep = (torch.rand(clinical.shape[0], len(FIELDS), generator=generator, device=clinical.device) >= p).float()
     age, sex, site = keep[:, :1], keep[:, 1:2], keep[:, 2:3]
-    out = torch.cat([meta[:, :1] * age, 1 - (1 - meta[:, 1:2]) * age,
-                     meta[:, 2:2 + n_sex] * sex, meta[:, 2 + n_sex:] * site], dim=1)
+    out = torch.cat([clinical[:, :1] * age, 1 - (1 - clinical[:, 1:2]) * age,
+                     clinical[:, 2:2 + n_sex] * sex, clinical[:, 2 + n_sex:] * site], dim=1)
     return out

@@ -38,17 +38,17 @@ def standardization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 
-def forward(model: nn.Module, x: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
-    """The model's logits: images only, or with the encoded metadata where there is some."""
-    return model(x) if meta is None else model(x, meta)
+def forward(model: nn.Module, x: torch.Tensor, clinical: torch.Tensor | None) -> torch.Tensor:
+    """The model's logits: images only, or with the encoded clinical fields where there is some."""
+    return model(x) if clinical is None else model(x, clinical)
 
 
 @torch.no_grad()
 def predict_split(model: nn.Module, images: torch.Tensor, idx: np.ndarray, labels: torch.Tensor | None,
-                  where: Placement, batch_size: int, metadata: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+                  where: Placement, batch_size: int, clinical: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """Softmax probabilities [N, C] (float64) of ``images[idx]`` and, with labels, the plain cross-entropy.
 
-    ``metadata``: the encoded metadata of all ``images`` (row i = image i) for a metadata model, else None.
+    ``clinical``: the encoded clinical fields of all ``images`` (row i = image i) for a model with clinical fields, else None.
     """
     model.eval()
     idx_t = torch.as_tensor(idx, device=where.device)
@@ -57,7 +57,7 @@ def predict_split(model: nn.Module, images: torch.Tensor, idx: np.ndarray, label
         batch = idx_t[start:start + batch_size]
         x = normalize(gather_batch(images, batch, where.device)).contiguous(memory_format=where.memory_format)
         with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16):
-            logits = forward(model, x, None if metadata is None else metadata[batch]).float()
+            logits = forward(model, x, None if clinical is None else clinical[batch]).float()
         if labels is not None:
             loss_sum += nn.functional.cross_entropy(logits, labels[batch], reduction="sum")
         probs.append(torch.softmax(logits, 1))

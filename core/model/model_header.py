@@ -4,7 +4,7 @@ A library, not a command. core/model/networks.py (``save_model_file``) and core/
 header; whoever describes a model (the server's facts, serve/facts.py) reads it here instead of by string keys
 of its own::
 
-    header = header_of(loaded.meta)
+    header = header_of(loaded.header)
     header.arch, header.class_names, header.image_size, header.temperature, header.members
 """
 
@@ -43,14 +43,14 @@ class ModelHeader:
         return bool(self.members)
 
 
-def header_of(meta: Mapping[str, Any]) -> ModelHeader:
-    """The header of a read model file (``LoadedModel.meta``, an ensemble's ``meta``); absent entries as None."""
-    config = meta.get("config") or {}
-    calibration = meta.get("calibration") or {}
+def header_of(header: Mapping[str, Any]) -> ModelHeader:
+    """The header of a read model file (``LoadedModel.header``, an ensemble's ``header``); absent entries as None."""
+    config = header.get("config") or {}
+    calibration = header.get("calibration") or {}
     return ModelHeader(
-        arch=meta.get("arch") or DEFAULT_ARCH, class_names=tuple(meta.get("class_names") or ()),
-        image_size=int(meta.get("image_size") or config.get("image_size") or 0),
-        epoch=meta.get("epoch"), epochs=config.get("epochs"), pretrained=config.get("pretrained"),
+        arch=header.get("arch") or DEFAULT_ARCH, class_names=tuple(header.get("class_names") or ()),
+        image_size=int(header.get("image_size") or config.get("image_size") or 0),
+        epoch=header.get("epoch"), epochs=config.get("epochs"), pretrained=config.get("pretrained"),
         temperature=calibration.get("temperature") or None, fitted_on=calibration.get("fitted_on"),
-        not_calibrated=calibration.get("skipped"), has_clinical_fields=meta.get("metadata") is not None,
-        members=tuple(Member(m.get("name"), m.get("weight")) for m in meta.get("members") or ()))
+        not_calibrated=calibration.get("skipped"), has_clinical_fields=header.get("metadata") is not None,
+        members=tuple(Member(m.get("name"), m.get("weight")) for m in header.get("members") or ()))

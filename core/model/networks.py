@@ -5,11 +5,11 @@ the dataset's classes. ImageNet weights come through torchvision's weights API, 
 cache (``$TORCH_HOME/hub/checkpoints``) before downloading. Where they cannot be had the run fails with a
 message naming the file and the folder it belongs in: it never falls back to random weights silently.
 
-With ``metadata`` (core/model/fields.py) the backbone's last linear layer becomes the identity, and
-:class:`MetadataNet` fuses its pooled features with a small MLP of the encoded age, sex and site: ``concat``
+With clinical fields (config ``metadata``, core/model/fields.py) the backbone's last linear layer becomes the identity, and
+:class:`FusionNet` fuses its pooled features with a small MLP of the encoded age, sex and site: ``concat``
 (joined before the classifier) or ``film`` (the MLP gives a per-feature scale and shift, Perez et al. 2018).
 
-The model file records ``arch`` and the metadata encoding (None: image only); :func:`load_model_file` builds
+The model file records ``arch`` and the fusion spec (under the key ``metadata``; None: image only); :func:`load_model_file` builds
 what it records, so every command loads any of them.
 """
 
@@ -46,7 +46,7 @@ HEADS = {"resnet18": ("fc",), "resnet34": ("fc",), "resnet50": ("fc",), "regnet_
 NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50",
          "efficientnet_b0": "EfficientNet-B0", "convnext_tiny": "ConvNeXt-Tiny",
          "mobilenet_v3_large": "MobileNetV3-Large", "regnet_y_800mf": "RegNetY-800MF"}
-META_HIDDEN = 32           # width of the metadata MLP: 18 inputs need little
+FUSION_HIDDEN = 32         # width of the clinical-field MLP: 18 inputs need little
 
 
 def check_arch(arch: str) -> str:
@@ -56,8 +56,8 @@ def check_arch(arch: str) -> str:
 
 
 def build_model(num_classes: int, pretrained: str, arch: str = DEFAULT_ARCH,
-                metadata: Mapping[str, Any] | None = None, box_head: bool = False) -> nn.Module:
-    """``arch`` with a ``num_classes``-way head; with a metadata spec, a :class:`MetadataNet` around it;
+                fusion: Mapping[str, Any] | None = None, box_head: bool = False) -> nn.Module:
+    """``arch`` with a ``num_classes``-way head; with a fusion spec, a :class:`FusionNet` around it;
     ``box_head``: with a core.model.box_head.BoxHead on the classifier layer's input."""
     model = get_model(check_arch(arch), weights=None)
     if pretrained == "imagenet":
@@ -66,9 +66,9 @@ def build_model(num_classes: int, pretrained: str, arch: str = DEFAULT_ARCH,
         _load_backbone_file(model, Path(pretrained), arch)
     parent, key = _head_slot(model, arch)
     features = _get(parent, key).in_features
-    if metadata is not None:
+    if fusion is not None:
         _set(parent, key, nn.Identity())
-        net = MetadataNet(model, features, dict(metadata), num_classes, arch)
+        net = FusionNet(model, features, dict(fusion), num_classes, arch)
         if box_head:
             setattr(net, BOX_HEAD, BoxHead(features, ("backbone", *HEADS[arch])))
         return net
@@ -79,30 +79,30 @@ def build_model(num_classes: int, pretrained: str, arch: str = DEFAULT_ARCH,
     return model
 
 
-class MetadataNet(nn.Module):
+class FusionNet(nn.Module):
     """A backbone (its head the identity) fused with an MLP of the encoded clinical fields."""
 
     def __init__(self, backbone: nn.Module, features: int, spec: dict[str, Any], num_classes: int,
                  arch: str) -> None:
         super().__init__()
         self.backbone, self.spec, self.lesion_arch = backbone, spec, arch
-        self.meta_mlp = nn.Sequential(nn.Linear(int(spec["width"]), META_HIDDEN), nn.ReLU(),
-                                      nn.Linear(META_HIDDEN, META_HIDDEN), nn.ReLU())
+        self.meta_mlp = nn.Sequential(nn.Linear(int(spec["width"]), FUSION_HIDDEN), nn.ReLU(),
+                                      nn.Linear(FUSION_HIDDEN, FUSION_HIDDEN), nn.ReLU())
         if spec["method"] == "film":
-            self.film = nn.Linear(META_HIDDEN, 2 * features)
+            self.film = nn.Linear(FUSION_HIDDEN, 2 * features)
             nn.init.zeros_(self.film.weight)  # starts as the identity: scale 1, shift 0
             nn.init.zeros_(self.film.bias)
             self.head = nn.Linear(features, num_classes)
         else:
-            self.head = nn.Linear(features + META_HIDDEN, num_classes)
+            self.head = nn.Linear(features + FUSION_HIDDEN, num_classes)
         self.register_buffer("unknown", torch.from_numpy(unknown_rows(1, spec)), persistent=False)
 
-    def forward(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of images ``x`` with encoded metadata ``meta`` [B, width]; None: every field unknown."""
+    def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of images ``x`` with encoded clinical fields ``clinical`` [B, width]; None: every field unknown."""
         pooled = self.backbone(x)
-        if meta is None:
-            meta = self.unknown.expand(x.shape[0], -1)  # x.shape, not len(x): the ONNX export keeps the batch dynamic
-        m = self.meta_mlp(meta.to(pooled.dtype))
+        if clinical is None:
+            clinical = self.unknown.expand(x.shape[0], -1)  # x.shape, not len(x): the ONNX export keeps the batch dynamic
+        m = self.meta_mlp(clinical.to(pooled.dtype))
         if self.spec["method"] == "film":
             scale, shift = self.film(m).chunk(2, dim=1)
             return self.head(pooled * (1 + scale) + shift)
@@ -113,14 +113,14 @@ def arch_of(model: nn.Module) -> str:
     return getattr(_unwrap(model), "lesion_arch", DEFAULT_ARCH)
 
 
-def metadata_spec_of(model: nn.Module) -> dict[str, Any] | None:
+def fusion_of(model: nn.Module) -> dict[str, Any] | None:
     model = _unwrap(model)
-    return dict(model.spec) if isinstance(model, MetadataNet) else None
+    return dict(model.spec) if isinstance(model, FusionNet) else None
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
     model = _unwrap(model)
-    return model.backbone if isinstance(model, MetadataNet) else model
+    return model.backbone if isinstance(model, FusionNet) else model
 
 
 def _head_slot(model: nn.Module, arch: str) -> tuple[nn.Module, str | int]:
@@ -173,7 +173,7 @@ def _load_backbone_file(model: nn.Module, path: Path, arch: str) -> None:
         raise UserError(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()
              if not k.startswith(BOX_HEAD + ".")}  # a box head is made anew, as the classifier is
-    if any(k.startswith("backbone.") for k in state):  # a metadata model's file: its backbone only
+    if any(k.startswith("backbone.") for k in state):  # a fused model's file: its backbone only
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head = _head_prefix(arch)
     backbone = {k: v for k, v in state.items() if not k.startswith(head)}
@@ -248,20 +248,20 @@ def save_model_file(path: str | os.PathLike, model: nn.Module, class_names: tupl
                     config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
     """Write the model with everything needed to use it; loadable with ``weights_only=True``.
 
-    Records ``arch`` and ``metadata`` (the metadata encoding, None for an image-only model).
+    Records ``arch`` and, under the key ``metadata``, the fusion spec (None for an image-only model).
     """
     state = {k: v.detach().to("cpu") for k, v in _unwrap(model).state_dict().items()}
     payload = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "arch": arch_of(model), "state_dict": state,
                "class_names": list(class_names), "config": dict(config),
-               "image_size": int(config["image_size"]), "metadata": metadata_spec_of(model), **dict(extra or {})}
+               "image_size": int(config["image_size"]), "metadata": fusion_of(model), **dict(extra or {})}
     save_torch(payload, path)
 
 
 def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu",
                     advice: str = MODEL_ADVICE) -> tuple[nn.Module, dict]:
-    """Read a model file written by :func:`save_model_file`; returns ``(model in eval mode, metadata)``.
+    """Read a model file written by :func:`save_model_file`; returns ``(model in eval mode, header)``.
 
-    Builds the recorded ``arch`` (a file without one holds a ResNet-18) with its metadata fusion, if any.
+    Builds the recorded ``arch`` (a file without one holds a ResNet-18) with its clinical-field fusion, if any.
     A file that cannot be read is a UserError ending with ``advice`` (what the user can do about it).
     """
     path = Path(path)
@@ -269,7 +269,7 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def model_from_payload(payload: object, path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The model and metadata of a model file's contents (:func:`load_model_file`); ``path``: what to call it in
+    """The model and header of a model file's contents (:func:`load_model_file`); ``path``: what to call it in
     an error (an ensemble file's member: core/model/ensemble.py)."""
     if not isinstance(payload, Mapping) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a lesion-sweep model file (no format '{MODEL_FORMAT}')")
@@ -278,7 +278,7 @@ def model_from_payload(payload: object, path: str | os.PathLike, device: str | t
         raise UserError(f"{path}: unsupported model file version {payload.get('version')!r} / "
                         f"arch {arch!r}")
     if spec is not None and (not isinstance(spec, Mapping) or "width" not in spec or "method" not in spec):
-        raise UserError(f"{path}: unreadable metadata encoding {spec!r}")
+        raise UserError(f"{path}: unreadable fusion spec {spec!r}")
     class_names = list(payload.get("class_names") or [])
     state = payload.get("state_dict")
     boxes = isinstance(state, Mapping) and any(str(k).startswith(BOX_HEAD + ".") for k in state)
@@ -287,7 +287,7 @@ def model_from_payload(payload: object, path: str | os.PathLike, device: str | t
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: weights do not fit a {NAMES[arch]} with {len(class_names)} classes"
-                        f"{' and metadata' if spec else ''} ({str(exc).splitlines()[0]})") from None
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    meta["arch"], meta["metadata"] = arch, None if spec is None else dict(spec)
-    return model.to(device).eval(), meta
+                        f"{' and clinical fields' if spec else ''} ({str(exc).splitlines()[0]})") from None
+    header = {k: v for k, v in payload.items() if k != "state_dict"}
+    header["arch"], header["metadata"] = arch, None if spec is None else dict(spec)
+    return model.to(device).eval(), header

@@ -8,7 +8,7 @@ Three scores, each "higher = less like the training images":
 
 - ``mahalanobis`` (Lee et al., NeurIPS 2018), the one that decides: the smallest Mahalanobis distance of the
   image's penultimate features (the classifier layer's input: the pooled backbone features, fused with the
-  metadata MLP for a metadata model) to a class mean, with one covariance shared by the classes, estimated
+  clinical-field MLP for a model with clinical fields) to a class mean, with one covariance shared by the classes, estimated
   with scikit-learn's Ledoit-Wolf shrinkage (a 512-d covariance from ~1,000 validation images needs it);
 - ``max_softmax`` (Hendrycks and Gimpel, ICLR 2017): minus the top softmax probability of the raw logits;
 - ``energy`` (Liu et al., NeurIPS 2020): minus the log-sum-exp of the logits.
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.model.networks import HEADS, MetadataNet, arch_of
+from core.model.networks import HEADS, FusionNet, arch_of
 from core.model.ensemble import EnsembleNet
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def classifier_layer(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)
     if isinstance(model, EnsembleNet):   # an ensemble's check reads its first member (the sweep's best run)
         return classifier_layer(model.members[0])
-    if isinstance(model, MetadataNet):
+    if isinstance(model, FusionNet):
         return model.head
     layer = model
     for step in HEADS[arch_of(model)]:

@@ -28,11 +28,11 @@ class DihedralMean(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         views = dihedral_views(x)
         if x.is_contiguous(memory_format=torch.channels_last):
             views = views.contiguous(memory_format=torch.channels_last)  # rot90 and cat drop the layout
-        # a metadata model sees each image's metadata with each of its views
-        logits = self.model(views) if meta is None else self.model(views, meta.repeat(N_VIEWS, 1))
+        # a model with clinical fields sees each image's clinical fields with each of its views
+        logits = self.model(views) if clinical is None else self.model(views, clinical.repeat(N_VIEWS, 1))
         probs = torch.softmax(logits.float(), dim=1)
         return probs.view(N_VIEWS, len(x), -1).mean(0).clamp_min(1e-30).log()

@@ -35,8 +35,8 @@ class Batches:
     batch_size: int
     steps_per_epoch: int           # T // batch_size: the last partial batch is dropped (BatchNorm needs > 1)
     placement: Placement
-    metadata: torch.Tensor | None = None        # float32 [N, D] encoded metadata (core/model/fields.py), or None
-    metadata_spec: dict | None = None           # its encoding, for metadata dropout
+    clinical: torch.Tensor | None = None        # float32 [N, D] encoded clinical fields (core/model/fields.py), or None
+    fusion: dict | None = None                  # its encoding, for metadata_dropout
     masks: torch.Tensor | None = None           # uint8 [N, S, S] lesion masks for the box head (core/training/box_targets.py)
     has_mask: torch.Tensor | None = None        # bool [N] on the device: image i has a mask
 
@@ -72,18 +72,18 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
         else:  # the masks move with their images (core/training/box_targets.py)
             x, masks = augment_batch(images, cfg, generator, gather_batch(batches.masks, idx, where.device))
         y = batches.labels[idx]
-        meta = _train_metadata(batches, idx, cfg, generator)
+        clinical = _train_clinical(batches, idx, cfg, generator)
         mix = draw_mix(rng, cfg, x, generator) if rng is not None else None
         if mix is not None:
             if masks is not None:  # mixed as the pixels are
                 x, masks, mix = mix_with_masks(x, masks, mix, rng)
             else:
                 x, mix = apply_mix(x, mix, rng)
-            meta = None if meta is None else torch.lerp(meta[mix.perm], meta, mix.lam)
+            clinical = None if clinical is None else torch.lerp(clinical[mix.perm], clinical, mix.lam)
         if masks is not None:
             opt.boxes.clear()   # (validation passes append theirs too)
         with torch.autocast(where.device.type, dtype=torch.bfloat16, enabled=where.bf16):
-            logits = forward(opt.model, x.contiguous(memory_format=where.memory_format), meta)
+            logits = forward(opt.model, x.contiguous(memory_format=where.memory_format), clinical)
         loss = mixed_loss(opt.criterion, logits.float(), y, mix)
         if masks is not None:
             box = batch_box_loss(opt.boxes[-1], masks, batches.has_mask[idx], mix)
@@ -107,9 +107,9 @@ def train_one_epoch(opt: Optimisation, batches: Batches, order: torch.Tensor, cf
             "train_images_per_s": seen / elapsed, "train_epoch_s": elapsed}
 
 
-def _train_metadata(batches: Batches, idx: torch.Tensor, cfg: TrainConfig,
+def _train_clinical(batches: Batches, idx: torch.Tensor, cfg: TrainConfig,
                     generator: torch.Generator) -> torch.Tensor | None:
-    """The batch's encoded metadata with metadata dropout applied; None for an image-only run."""
-    if batches.metadata is None:
+    """The batch's encoded clinical fields with metadata_dropout applied; None for an image-only run."""
+    if batches.clinical is None:
         return None
-    return drop_fields(batches.metadata[idx], batches.metadata_spec, cfg.metadata_dropout, generator)
+    return drop_fields(batches.clinical[idx], batches.fusion, cfg.metadata_dropout, generator)

@@ -1,4 +1,4 @@
-"""Clinical metadata as model input: encoding (missing, unknown, out of range), the dataset's columns, the model
+"""Clinical fields (age, sex, site) as model input: encoding (missing, unknown, out of range), the dataset's columns, the model
 file's round trip, metadata dropout, and the commands that pass it (core.predict --age/--sex/--site)."""
 
 from pathlib import Path
@@ -48,7 +48,7 @@ def test_encoding_of_known_missing_and_unknown_fields() -> None:
     ({"age": "fifty"}, r"'age' = 'fifty': not a number"),
     ({"sex": "x"}, r"'sex' = 'x': not one of female, male"),
     ({"site": "elbow"}, r"'site' = 'elbow': not one of abdomen"),
-    ({"dx_type": "histo"}, r"unknown metadata field 'dx_type'"),
+    ({"dx_type": "histo"}, r"unknown clinical field 'dx_type'"),
 ])
 def test_bad_values_are_errors_naming_field_and_value(record, message) -> None:
     with pytest.raises(UserError, match=message):
@@ -59,7 +59,7 @@ def test_bad_values_are_errors_naming_field_and_value(record, message) -> None:
 
 def test_the_table_needs_each_column_and_names_the_image_of_a_bad_value() -> None:
     table = pd.DataFrame({"age": ["50.0", "abc"], "sex": ["male", "female"], "localization": ["back", "face"]})
-    with pytest.raises(UserError, match=r"data.csv: image IMG_2: metadata field 'age' = 'abc': not a number"):
+    with pytest.raises(UserError, match=r"data.csv: image IMG_2: clinical field 'age' = 'abc': not a number"):
         table_records(table, ["IMG_1", "IMG_2"], "data.csv")
     with pytest.raises(UserError, match=r"data.csv: metadata column 'sex' missing \(found: age, localization\)"):
         table_records(table.drop(columns=["sex"]), ["IMG_1", "IMG_2"], "data.csv")
@@ -68,12 +68,12 @@ def test_the_table_needs_each_column_and_names_the_image_of_a_bad_value() -> Non
 
 
 def test_metadata_dropout_at_rate_one_is_no_metadata_and_at_zero_changes_nothing() -> None:
-    meta = torch.as_tensor(encode_records([{"age": 70, "sex": "male", "site": "face"}] * 6, SPEC))
+    clinical = torch.as_tensor(encode_records([{"age": 70, "sex": "male", "site": "face"}] * 6, SPEC))
     gen = torch.Generator().manual_seed(0)
-    dropped = drop_fields(meta, SPEC, 1.0, gen)
+    dropped = drop_fields(clinical, SPEC, 1.0, gen)
     torch.testing.assert_close(dropped, torch.as_tensor(unknown_rows(6, SPEC)))
-    assert drop_fields(meta, SPEC, 0.0, gen) is meta
-    half = drop_fields(meta.repeat(200, 1), SPEC, 0.5, gen)
+    assert drop_fields(clinical, SPEC, 0.0, gen) is clinical
+    half = drop_fields(clinical.repeat(200, 1), SPEC, 0.5, gen)
     assert 0.4 < float(half[:, 1].mean()) < 0.6  # the age flag: about half the rows
     for method in ("concat", "film"):
         torch.manual_seed(1)
@@ -98,12 +98,12 @@ def trained(ham, tmp_path_factory):
     return out / "best.pt"
 
 
-def test_a_metadata_model_round_trips_through_its_file(ham, trained, caplog) -> None:
+def test_a_model_with_clinical_fields_round_trips_through_its_file(ham, trained, caplog) -> None:
     data = ham[1]
     raw = torch.load(trained, weights_only=True)
     assert raw["arch"] == "resnet18" and raw["metadata"] == make_spec("film")
     loaded = load_for_inference(trained, "cpu")
-    assert loaded.metadata_spec == make_spec("film")
+    assert loaded.fusion == make_spec("film")
     idx = data.indices("val")
     encoded = loaded.encode_dataset(data, idx)
     np.testing.assert_array_equal(encoded, encode_dataset(data, make_spec("film"))[idx])
@@ -111,15 +111,15 @@ def test_a_metadata_model_round_trips_through_its_file(ham, trained, caplog) -> 
         logits = loaded.model(torch.as_tensor(data.images[idx]).float().sub(127.5).div(64),  # any input
                               torch.as_tensor(encoded))
     assert logits.shape == (len(idx), len(data.class_names))
-    with_meta = loaded.predict(data.images[idx], metadata=encoded, calibrated=False)
-    unknown = loaded.predict(data.images[idx], metadata=unknown_rows(len(idx), loaded.metadata_spec),
+    with_meta = loaded.predict(data.images[idx], clinical=encoded, calibrated=False)
+    unknown = loaded.predict(data.images[idx], clinical=unknown_rows(len(idx), loaded.fusion),
                              calibrated=False)
     with caplog.at_level("WARNING"):
         without = loaded.predict(data.images[idx], calibrated=False)
     assert "treated as unknown" in caplog.text
     np.testing.assert_allclose(without, unknown, atol=1e-6)      # no metadata: every field unknown
     assert not np.allclose(with_meta, without, atol=1e-6)        # and the metadata does reach the model
-    tta = loaded.predict(data.images[idx], metadata=encoded, tta=True, calibrated=False)
+    tta = loaded.predict(data.images[idx], clinical=encoded, tta=True, calibrated=False)
     np.testing.assert_allclose(tta.sum(1), 1.0, atol=1e-5)
 
 
@@ -139,13 +139,13 @@ def test_predict_takes_age_sex_site_and_refuses_bad_ones(ham, trained, tmp_path,
     loaded = load_for_inference(trained, "cpu")
     pixels = np.stack([decode_image(path, SIZE) for path in images])
     expected = loaded.predict(pixels, calibrated=False,
-                              metadata=loaded.encode([{"age": 55, "sex": "female", "site": "back"}] * 2))
+                              clinical=loaded.encode([{"age": 55, "sex": "female", "site": "back"}] * 2))
     got = np.array([[row["probabilities"][c] for c in loaded.class_names] for row in rows])
     np.testing.assert_allclose(got, expected, atol=1e-6)
     with pytest.raises(SystemExit) as exit_:
         run_cli(main, [str(trained), str(images[0]), "--age", "150"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and err[-1].startswith("error: --age: metadata field 'age' = '150': out of range")
+    assert exit_.value.code == 2 and err[-1].startswith("error: --age: clinical field 'age' = '150': out of range")
 
 
 def test_a_layout_without_metadata_is_a_one_line_error(tmp_path: Path) -> None:
@@ -189,7 +189,7 @@ def test_isic_2018_with_its_metadata_csv_is_encoded(tmp_path: Path) -> None:
     np.testing.assert_array_equal(rows, expected)
 
 
-def test_gradcam_and_evaluate_work_for_a_metadata_model(ham, trained, tmp_path, caplog, monkeypatch) -> None:
+def test_gradcam_and_evaluate_work_for_a_model_with_clinical_fields(ham, trained, tmp_path, caplog, monkeypatch) -> None:
     import json
 
     import core.explain.gradcam
@@ -200,22 +200,22 @@ def test_gradcam_and_evaluate_work_for_a_metadata_model(ham, trained, tmp_path, 
     maps = gradcam_maps(loaded.model, ham[1].images[:2], [0, 1], method="gradcam")
     assert maps.shape == (2, SIZE, SIZE) and np.isfinite(maps).all()
     given = []  # the metadata the evaluation's Grad-CAM explains with: the images' own, not all unknown
-    monkeypatch.setattr(core.explain.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["metadata"]) or gradcam_maps(*a, **k))
+    monkeypatch.setattr(core.explain.gradcam, "gradcam_maps", lambda *a, **k: given.append(k["clinical"]) or gradcam_maps(*a, **k))
     with caplog.at_level("WARNING"), pytest.raises(SystemExit) as exit_:
         run_cli(main, [str(trained), "--data", str(ham[0]), "--out", str(tmp_path / "eval"), "--gallery", "1",
                        "--bootstrap", "0", "--no-calibration"])
     assert exit_.value.code in (0, None) and "treated as unknown" not in caplog.text
-    assert len(given) == 1 and given[0].shape[1] == loaded.metadata_spec["width"]
-    assert not (given[0] == unknown_rows(len(given[0]), loaded.metadata_spec)).all()
+    assert len(given) == 1 and given[0].shape[1] == loaded.fusion["width"]
+    assert not (given[0] == unknown_rows(len(given[0]), loaded.fusion)).all()
     doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     test = ham[1].indices("test")
-    probs = loaded.predict(ham[1].images[test], metadata=loaded.encode_dataset(ham[1], test), calibrated=False)
+    probs = loaded.predict(ham[1].images[test], clinical=loaded.encode_dataset(ham[1], test), calibrated=False)
     accuracy = float((probs.argmax(1) == ham[1].labels[test]).mean())
     assert doc["test_accuracy"] == pytest.approx(accuracy)
 
 
 @pytest.mark.parametrize("method", ["gradcam", "guided"])
-def test_gradcam_of_a_metadata_model_uses_each_images_metadata(method: str) -> None:
+def test_gradcam_of_a_model_with_clinical_fields_uses_each_images_own(method: str) -> None:
     """The maps are Captum's for the model as it predicted (image and metadata), not with the metadata unknown."""
     from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
 
@@ -223,13 +223,13 @@ def test_gradcam_of_a_metadata_model_uses_each_images_metadata(method: str) -> N
     from core.explain.gradcam import gradcam_maps
 
     torch.manual_seed(0)
-    model = build_model(3, "none", metadata=make_spec("film")).eval()
+    model = build_model(3, "none", fusion=make_spec("film")).eval()
     torch.nn.init.normal_(model.film.weight, std=0.5)  # FiLM starts as the identity: make the metadata matter
     images = np.random.default_rng(1).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
-    meta = encode_records([{"age": 80, "sex": "male", "site": "face"}, {"age": 5, "sex": "female", "site": "foot"}],
+    clinical = encode_records([{"age": 80, "sex": "male", "site": "face"}, {"age": 5, "sex": "female", "site": "foot"}],
                           model.spec)
-    ours = gradcam_maps(model, images, [0, 2], layer="layer3", method=method, metadata=meta)
-    x, target, extra = normalize(torch.as_tensor(images)).requires_grad_(), torch.tensor([0, 2]), (torch.as_tensor(meta),)
+    ours = gradcam_maps(model, images, [0, 2], layer="layer3", method=method, clinical=clinical)
+    x, target, extra = normalize(torch.as_tensor(images)).requires_grad_(), torch.tensor([0, 2]), (torch.as_tensor(clinical),)
     if method == "guided":
         heat = GuidedGradCam(model, model.backbone.layer3).attribute(x, target=target, additional_forward_args=extra)
         heat = heat.detach().abs().sum(1).numpy()
@@ -241,5 +241,5 @@ def test_gradcam_of_a_metadata_model_uses_each_images_metadata(method: str) -> N
     np.testing.assert_allclose(ours, heat / np.where(peak > 0, peak, 1)[:, None, None], atol=1e-5)
     unknown = gradcam_maps(model, images, [0, 2], layer="layer3", method=method)  # every field unknown
     assert np.abs(ours - unknown).max() > 1e-3
-    with pytest.raises(ValueError, match="2 images but 1 metadata rows"):
-        gradcam_maps(model, images, [0, 2], method=method, metadata=meta[:1])
+    with pytest.raises(ValueError, match="2 images but 1 clinical-field rows"):
+        gradcam_maps(model, images, [0, 2], method=method, clinical=clinical[:1])
