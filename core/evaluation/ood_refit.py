@@ -21,7 +21,7 @@ from core.model.checked_prediction import fit_checks
 from core.errors import UserError
 from core.model.inference import SINGLE_MODE, LoadedModel
 from core.evaluation.metrics import map_labels
-from core.model.networks import save_model_file
+from core.model.networks import FUSION_KEY, save_model_file
 
 if TYPE_CHECKING:
     from core.data.dataset import Dataset
@@ -56,7 +56,7 @@ def fit_for_file(loaded: LoadedModel, data: Dataset, source: str, out: Path,
                         loaded.class_names, DEFAULT_COVERAGE if coverage is None else coverage)
     header = {**loaded.header, **fitted}
     kept = {k: v for k, v in header.items() if k not in ("format", "version", "arch", "class_names", "config",
-                                                       "image_size", "metadata")}
+                                                       "image_size", FUSION_KEY)}
     out.mkdir(parents=True, exist_ok=True)
     save_model_file(out / filenames.MODEL, loaded.model, loaded.class_names, loaded.header.get("config") or {}, kept)
     log.info("--fit-ood: the model file with them: %s", out / filenames.MODEL)

@@ -73,7 +73,7 @@ class ScoredImages:
     pixels: np.ndarray            # uint8 [N, 3, S, S] of the evaluated images
     results: SectionResults
     scores: PredictionScores
-    clinical: np.ndarray | None = None  # their encoded clinical fields (a model with clinical fields), as predicted with
+    clinical: np.ndarray | None = None  # their encoded clinical fields (a fused model), as predicted with
     boxes: np.ndarray | None = None     # the box head's boxes [N, 4] (fractions), None without a head
     captured: Captured = field(default_factory=Captured)  # the single view's features and logits (core/model/ood.py)
     stored: Mapping[str, Any] = field(default_factory=dict)  # what model.pt stores (ood, abstention, ...)
@@ -118,7 +118,7 @@ def predict_set(loaded: LoadedModel, images: EvaluatedImages, pixels: np.ndarray
     """The raw probabilities of a model for ``pixels`` = ``images.data.images[images.idx]``.
 
     ``tta``: predict the TTA view as well (after the single view); ``encoded``:
-    ``loaded.encode_dataset(data, idx)``, the clinical fields a model with clinical fields takes (else None); ``seen``: where
+    ``loaded.encode_dataset(data, idx)``, the encoded clinical fields a fused model takes (else None); ``seen``: where
     what the same pass also gives goes.
     """
     data, idx = images.data, images.idx

@@ -42,7 +42,7 @@ from core.device import resolve_device
 from core.errors import UserError
 from core.model.inference import ENSEMBLE_FORMAT, LoadedModel, is_ensemble_payload, loaded_from, stored_temperature
 from core.model.fields import MetadataSource, encode_dataset, encode_records
-from core.model.networks import MODEL_ADVICE, arch_of, model_from_payload, read_model_payload
+from core.model.networks import FUSION_KEY, MODEL_ADVICE, arch_of, model_from_payload, read_model_payload
 
 ENSEMBLE_VERSION = 1
 
@@ -99,7 +99,7 @@ class EnsembleModel:
     @property
     def fusion(self) -> dict | None:
         """None when no member takes clinical fields; else the members' encodings side by side."""
-        return self.header.get("metadata")
+        return self.header.get(FUSION_KEY)
 
     def encode(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         return np.concatenate([encode_records(records, m.fusion) for m in self.members], axis=1)
@@ -225,7 +225,7 @@ def ensemble_from_payload(payload: Mapping[str, Any], path: str | os.PathLike, d
     header = {k: v for k, v in payload.items() if k != "members"}
     header["members"] = [{k: v for k, v in e.items() if k != "model"} for e in payload["members"]]
     widths = [0 if m.fusion is None else int(m.fusion["width"]) for m in members]
-    header["metadata"] = None if not any(widths) else {
+    header[FUSION_KEY] = None if not any(widths) else {
         "method": "ensemble", "width": int(sum(widths)), "members": [m.fusion for m in members]}
     header["arch"] = members[0].arch
     try:

@@ -24,6 +24,7 @@ from core.config import DEFAULT_ARCH, TrainConfig
 from core.device import Placement, as_tensor, resolve_device
 from core.errors import UserError
 from core.model.forward import predict_split
+from core.model.networks import FUSION_KEY
 from core.model.fields import MetadataSource, encode_dataset, encode_records
 from core.model.tta import N_VIEWS, DihedralMean
 
@@ -54,7 +55,7 @@ class LoadedModel:
     @property
     def fusion(self) -> dict | None:
         """The clinical-field encoding the model was trained with; None for an image-only model."""
-        return self.header.get("metadata")
+        return self.header.get(FUSION_KEY)
 
     def encode(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Records ({"age", "sex", "site"}) encoded for :meth:`predict`; [N, 0] for an image-only model."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from core.config import DEFAULT_ARCH
+from core.model.networks import FUSION_KEY
 
 
 @dataclass(frozen=True)
@@ -52,5 +53,5 @@ def header_of(header: Mapping[str, Any]) -> ModelHeader:
         image_size=int(header.get("image_size") or config.get("image_size") or 0),
         epoch=header.get("epoch"), epochs=config.get("epochs"), pretrained=config.get("pretrained"),
         temperature=calibration.get("temperature") or None, fitted_on=calibration.get("fitted_on"),
-        not_calibrated=calibration.get("skipped"), has_clinical_fields=header.get("metadata") is not None,
+        not_calibrated=calibration.get("skipped"), has_clinical_fields=header.get(FUSION_KEY) is not None,
         members=tuple(Member(m.get("name"), m.get("weight")) for m in header.get("members") or ()))

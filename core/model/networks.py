@@ -5,12 +5,12 @@ the dataset's classes. ImageNet weights come through torchvision's weights API, 
 cache (``$TORCH_HOME/hub/checkpoints``) before downloading. Where they cannot be had the run fails with a
 message naming the file and the folder it belongs in: it never falls back to random weights silently.
 
-With clinical fields (config ``metadata``, core/model/fields.py) the backbone's last linear layer becomes the identity, and
-:class:`FusionNet` fuses its pooled features with a small MLP of the encoded age, sex and site: ``concat``
+With clinical fields (config ``metadata``, core/model/fields.py) the backbone's last linear layer becomes the
+identity, and :class:`FusionNet` fuses its pooled features with a small MLP of the encoded age, sex and site: ``concat``
 (joined before the classifier) or ``film`` (the MLP gives a per-feature scale and shift, Perez et al. 2018).
 
-The model file records ``arch`` and the fusion spec (under the key ``metadata``; None: image only); :func:`load_model_file` builds
-what it records, so every command loads any of them.
+The model file records ``arch`` and the fusion spec (key ``FUSION_KEY``; None: image only); :func:`load_model_file`
+builds what it records, so every command loads any of them.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ NAMES = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-5
          "efficientnet_b0": "EfficientNet-B0", "convnext_tiny": "ConvNeXt-Tiny",
          "mobilenet_v3_large": "MobileNetV3-Large", "regnet_y_800mf": "RegNetY-800MF"}
 FUSION_HIDDEN = 32         # width of the clinical-field MLP: 18 inputs need little
+FUSION_KEY = "metadata"    # the model file's key of the fusion spec (its older name, kept so older files load)
 
 
 def check_arch(arch: str) -> str:
@@ -86,8 +87,8 @@ class FusionNet(nn.Module):
                  arch: str) -> None:
         super().__init__()
         self.backbone, self.spec, self.lesion_arch = backbone, spec, arch
-        self.meta_mlp = nn.Sequential(nn.Linear(int(spec["width"]), FUSION_HIDDEN), nn.ReLU(),
-                                      nn.Linear(FUSION_HIDDEN, FUSION_HIDDEN), nn.ReLU())
+        self.meta_mlp = nn.Sequential(  # the name is in saved weights' keys: it stays
+            nn.Linear(int(spec["width"]), FUSION_HIDDEN), nn.ReLU(), nn.Linear(FUSION_HIDDEN, FUSION_HIDDEN), nn.ReLU())
         if spec["method"] == "film":
             self.film = nn.Linear(FUSION_HIDDEN, 2 * features)
             nn.init.zeros_(self.film.weight)  # starts as the identity: scale 1, shift 0
@@ -253,7 +254,7 @@ def save_model_file(path: str | os.PathLike, model: nn.Module, class_names: tupl
     state = {k: v.detach().to("cpu") for k, v in _unwrap(model).state_dict().items()}
     payload = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "arch": arch_of(model), "state_dict": state,
                "class_names": list(class_names), "config": dict(config),
-               "image_size": int(config["image_size"]), "metadata": fusion_of(model), **dict(extra or {})}
+               "image_size": int(config["image_size"]), FUSION_KEY: fusion_of(model), **dict(extra or {})}
     save_torch(payload, path)
 
 
@@ -273,7 +274,7 @@ def model_from_payload(payload: object, path: str | os.PathLike, device: str | t
     an error (an ensemble file's member: core/model/ensemble.py)."""
     if not isinstance(payload, Mapping) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a lesion-sweep model file (no format '{MODEL_FORMAT}')")
-    arch, spec = payload.get("arch", DEFAULT_ARCH), payload.get("metadata")
+    arch, spec = payload.get("arch", DEFAULT_ARCH), payload.get(FUSION_KEY)
     if payload.get("version") != MODEL_VERSION or arch not in ARCHS:
         raise UserError(f"{path}: unsupported model file version {payload.get('version')!r} / "
                         f"arch {arch!r}")
@@ -289,5 +290,5 @@ def model_from_payload(payload: object, path: str | os.PathLike, device: str | t
         raise UserError(f"{path}: weights do not fit a {NAMES[arch]} with {len(class_names)} classes"
                         f"{' and clinical fields' if spec else ''} ({str(exc).splitlines()[0]})") from None
     header = {k: v for k, v in payload.items() if k != "state_dict"}
-    header["arch"], header["metadata"] = arch, None if spec is None else dict(spec)
+    header["arch"], header[FUSION_KEY] = arch, None if spec is None else dict(spec)
     return model.to(device).eval(), header
