@@ -60,6 +60,7 @@ from core.data.dataset import Dataset, load_for_config
 from core.errors import UserError, run_cli
 from core.evaluation.pipeline import (EvaluatedImages, EvaluationOutputs, ReportPage, ScoredImages, data_source,
                                       fit_on_validation, score_images, write_evaluation)
+from core.evaluation.evaluation_file import SweepMetric, TrainingRecord, figures_of, source_data_of, training_of
 from core.evaluation.figures import curves_figure
 from core.model.inference import LoadedModel
 from core.model.loading import load_for_inference
@@ -192,18 +193,17 @@ def _write_outputs(run: FinalRun, scored: ScoredImages, fitted: Mapping[str, Any
         figures=[("Loss and metrics per epoch", CURVES_FIGURE)]))
 
 
-def _training_section(run: FinalRun, device: str) -> Callable[[], dict[str, Any]]:
+def _training_section(run: FinalRun, device: str) -> Callable[[], TrainingRecord]:
     """metrics.json's ``training``: made when the document is, so that ``wall_s`` counts the figures too."""
     best, cfg = run.best, run.cfg
     counts = {split: int(len(run.data.indices(split))) for split in ("train", "val", "test")}
-    return lambda: {
-        "best_json": str(best.path.resolve()), "trial_id": best.trial_id,
-        "sweep_metric": {"name": best.metric_name, "value": best.metric_value, "mode": best.metric_mode},
-        "tuned_epochs": best.config.epochs, "epochs": cfg.epochs, "train_splits": list(run.train_splits),
-        "split_sizes": counts, "chosen_epoch": run.chosen_epoch,
-        "chosen_by": "last epoch" if "val" in run.train_splits else cfg.select_metric,
-        "epochs_run": len(run.history), "chosen_epoch_metrics": run.history[run.chosen_epoch - 1],
-        "device": device, "wall_s": time.perf_counter() - run.started}
+    return lambda: TrainingRecord(
+        best_json=str(best.path.resolve()), trial_id=best.trial_id,
+        sweep_metric=SweepMetric(best.metric_name, best.metric_value, best.metric_mode),
+        tuned_epochs=best.config.epochs, epochs=cfg.epochs, train_splits=run.train_splits, split_sizes=counts,
+        chosen_epoch=run.chosen_epoch, chosen_by="last epoch" if "val" in run.train_splits else cfg.select_metric,
+        epochs_run=len(run.history), chosen_epoch_metrics=run.history[run.chosen_epoch - 1], device=device,
+        wall_s=time.perf_counter() - run.started)
 
 
 def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
@@ -313,21 +313,22 @@ class EpochBar:
 def _final_page(run: FinalRun, document: Mapping[str, Any], extra_notes: Sequence[str] = ()) -> ReportPage:
     """report.md's title, facts, notes and commands, from the metrics.json document (so they never disagree)."""
     best, cfg, out = run.best, run.cfg, run.out
-    training, data = document["training"], document["source"]["data"]
-    counts, train_on_val = training["split_sizes"], "val" in training["train_splits"]
+    training, data = training_of(document), source_data_of(document)
+    assert training is not None and data is not None, "written by _write_outputs just before"
+    counts, train_on_val = training.split_sizes, training.trained_on_val
     chosen_by = "the last epoch" if train_on_val else f"best `{cfg.select_metric}`"
     facts = [
         ("source", f"`{best.path.resolve()}`, trial `{best.trial_id}` ({best.metric_name} = "
                    f"{best.metric_value:.4f} in the sweep)"),
-        ("data", f"`{data['path']}` ({data['layout']} layout, {len(data['class_names'])} classes, fingerprint "
-                 f"`{data['fingerprint'][:12]}`)"),
+        ("data", f"`{data.path}` ({data.layout} layout, {len(data.class_names)} classes, fingerprint "
+                 f"`{data.fingerprint[:12]}`)"),
         ("split", f"{counts['train']} train / {counts['val']} val / {counts['test']} test images, the sweep's "
                   f"split (`{best.splits_file.name}`), grouped by lesion"),
-        ("training", f"{training['epochs_run']} epochs on {' + '.join(training['train_splits'])} (the sweep's "
-                     f"trials ran {training['tuned_epochs']}), {cfg.image_size} px, on {training['device']}; model = "
-                     f"epoch {training['chosen_epoch']} ({chosen_by})"
+        ("training", f"{training.epochs_run} epochs on {' + '.join(training.train_splits)} (the sweep's "
+                     f"trials ran {training.tuned_epochs}), {cfg.image_size} px, on {training.device}; model = "
+                     f"epoch {training.chosen_epoch} ({chosen_by})"
                      + (f", an EMA of the weights (decay {cfg.ema_decay:g})" if cfg.ema_decay else "")),
-        ("evaluated", f"{counts['test']} test images, never seen by the sweep; took {training['wall_s'] / 60:.1f} "
+        ("evaluated", f"{counts['test']} test images, never seen by the sweep; took {training.wall_s / 60:.1f} "
                       f"min in all"),
         ("model file", "`model.pt` (load with `core.model.networks.load_model_file`)"),
     ]
@@ -413,8 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         result = final_train(args.best, options)
         report = str(result.report)
-    training = result.metrics["training"]
-    print(f"test ({result.metrics['n_images']} images, epoch {training['chosen_epoch']}): {headline(result.metrics)}")
+    training, figures = training_of(result.metrics), figures_of(result.metrics)
+    epoch = f", epoch {training.chosen_epoch}" if training else ""
+    print(f"test ({figures.n_images} images{epoch}): {headline(result.metrics)}")
     print(f"report: {report}")
     return 0
 

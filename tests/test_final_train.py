@@ -21,6 +21,7 @@ from PIL import Image
 from core.best_file import check_data, read_best
 from core.config import TrainConfig
 from core.errors import UserError, run_cli
+from core.evaluation.evaluation_file import source_data_of, training_of
 
 SIZE = 48
 FINAL_EPOCHS = 2
@@ -96,6 +97,10 @@ def test_final_training_writes_every_output(sweep: Path, final) -> None:
     training = metrics["training"]
     assert training["train_splits"] == ["train"] and training["epochs_run"] == FINAL_EPOCHS
     assert 1 <= training["chosen_epoch"] <= FINAL_EPOCHS and training["tuned_epochs"] == 1
+    # Read back through the typed readers the report page and the server use: the same figures.
+    record, source = training_of(metrics), source_data_of(metrics)
+    assert record is not None and record.to_dict() == training and not record.trained_on_val
+    assert source is not None and list(source.class_names) == metrics["class_names"] and source.layout == "demo"
 
     # The sweep's split is reused exactly, and --epochs / --set reach the config written beside the model.
     assert pd.read_csv(out / "splits.csv").equals(splits)

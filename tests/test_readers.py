@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.evaluation.evaluation_file import read_evaluation_figures
+from core.evaluation.evaluation_file import (SourceData, SweepMetric, TrainingRecord, figures_of, read_evaluation_figures,
+                                             source_data_of, training_of)
 from core.model.model_header import header_of
 
 
@@ -23,14 +24,30 @@ def test_the_header_of_a_single_model_and_of_an_ensemble() -> None:
     assert ensemble.is_ensemble and [m.name for m in ensemble.members] == ["t1", "t2"]
 
 
+TRAINING = TrainingRecord("/r/sweep/best.json", "t3", SweepMetric("val_balanced_accuracy", 0.58, "max"), 5, 5,
+                          ("train", "val"), {"train": 700, "val": 150, "test": 120}, 5, "last epoch", 5,
+                          {"val_loss": 0.9}, "cpu", 42.0)
+
+
+def test_metrics_json_sections_written_and_read_as_dataclasses() -> None:
+    document = json.loads(json.dumps({"training": TRAINING.to_dict(),
+                                      "source": {"data": SourceData("/d", "isic", "0" * 64, ("a", "b")).to_dict()}}))
+    assert training_of(document) == TRAINING and TRAINING.trained_on_val
+    assert source_data_of(document) == SourceData("/d", "isic", "0" * 64, ("a", "b"))
+    # core.evaluate's document has no training; a foreign or cut section reads as absent, not as a crash
+    partial = {"training": {"split_sizes": {"test": 1}}, "source": {"data": {"path": "/d"}}}
+    assert training_of({}) is None and training_of(partial) is None and source_data_of(partial) is None
+    assert figures_of(partial).split_sizes is None and figures_of(partial).data.name is None
+
+
 def test_metrics_json_read_back_without_the_data_path(tmp_path: Path) -> None:
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({
         "format": "lesion-sweep/evaluation", "test_balanced_accuracy": 0.61, "test_auc": 0.9, "n_images": 120,
         "intervals": {"test_balanced_accuracy": {"low": 0.55, "high": 0.67}},
-        "source": {"split": "test", "data": {"path": "/srv/secret/ham10000", "layout": "ham10000",
-                                             "class_names": list("abcdefg")}},
-        "training": {"split_sizes": {"train": 700, "val": 150, "test": 120}, "epochs_run": 5}}))
+        "source": {"split": "test", "data": SourceData("/srv/secret/ham10000", "ham10000", "f" * 64,
+                                                       tuple("abcdefg")).to_dict()},
+        "training": TRAINING.to_dict()}))
     figures = read_evaluation_figures(path)
     assert figures.balanced_accuracy == 0.61 and figures.balanced_accuracy_ci["low"] == 0.55
     assert figures.accuracy is None and figures.split == "test" and figures.epochs_run == 5

@@ -414,19 +414,23 @@ def test_onnx_backend_for_a_model_with_clinical_fields_answers_as_torch_with_and
 def test_model_facts_read_metrics_json_beside_the_model(model_file: Path, tmp_path: Path) -> None:
     import shutil
 
+    from core.evaluation.evaluation_file import SourceData, SweepMetric, TrainingRecord
     from serve.facts import model_facts
 
     copy = tmp_path / "model.pt"
     shutil.copy(model_file, copy)
+    data = SourceData("/data/HAM10000", "ham10000", "0" * 64, ("a", "b"))
+    training = TrainingRecord("/r/s/best.json", "t1", SweepMetric("val_loss", 0.9, "min"), 12, 12, ("train",),
+                              {"train": 7000, "val": 1500, "test": 1500}, 9, "val_loss", 12, {}, "cpu", 60.0)
     (tmp_path / "metrics.json").write_text(json.dumps({
-        "source": {"split": "test", "data": {"path": "/data/HAM10000", "layout": "ham10000"}},
-        "training": {"split_sizes": {"train": 7000, "val": 1500, "test": 1500}, "epochs_run": 12},
+        "source": {"split": "test", "data": data.to_dict()}, "training": training.to_dict(),
         "test_balanced_accuracy": 0.496, "test_accuracy": 0.7, "test_auc": 0.88, "n_images": 1500,
         "intervals": {"test_balanced_accuracy": [0.44, 0.55]}}))
     meta = {"class_names": ["a", "b"], "image_size": 64, "config": {"epochs": 12}, "epoch": 9}
     facts = model_facts(copy, meta)
     assert facts["test"]["balanced_accuracy"] == 0.496 and facts["test"]["balanced_accuracy_ci"] == [0.44, 0.55]
-    assert facts["test"]["data"] == {"name": "HAM10000", "layout": "ham10000", "classes": None}  # no server path
+    assert facts["test"]["data"] == {"name": "HAM10000", "layout": "ham10000", "classes": 2}  # no server path
+    assert facts["test"]["split_sizes"]["test"] == 1500 and facts["test"]["epochs_run"] == 12
     assert facts["calibration"] == {"skipped": "the model file holds no temperature"} and facts["arch"] == "resnet18"
     (tmp_path / "metrics.json").write_text("{cut sh")
     assert model_facts(copy, meta)["test"] is None  # a damaged metrics.json: no figures, still serving

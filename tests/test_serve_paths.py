@@ -30,8 +30,13 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     model = write_model(root / "final" / "model.pt", image_size=SIZE, pretrained=str(weights))
     (model.parent / "metrics.json").write_text(json.dumps({
         "source": {"split": "test", "model": str(model),
-                   "data": {"path": str(data), "layout": "ham10000", "class_names": list("abcdefg")}},
-        "training": {"split_sizes": {"train": 70, "val": 15, "test": 15}, "epochs_run": 2},
+                   "data": {"path": str(data), "layout": "ham10000", "fingerprint": "0" * 64,
+                            "class_names": list("abcdefg")}},
+        "training": {"best_json": str(root / "best.json"), "trial_id": "t1",
+                     "sweep_metric": {"name": "val_loss", "value": 0.9, "mode": "min"}, "tuned_epochs": 2,
+                     "epochs": 2, "train_splits": ["train"], "split_sizes": {"train": 70, "val": 15, "test": 15},
+                     "chosen_epoch": 2, "chosen_by": "val_loss", "epochs_run": 2, "chosen_epoch_metrics": {},
+                     "device": "cpu", "wall_s": 1.0},
         "test_balanced_accuracy": 0.4, "n_images": 15, "intervals": {"test_balanced_accuracy": [0.3, 0.5]}}))
     service = ModelService.load(model, ServeOptions(device="cpu"))
     app = create_app(service, max_body=2**20)

@@ -36,6 +36,7 @@ from core.evaluation.figures import confusion_matrix_figure, reliability_figure,
 from core.model.ensemble import EnsembleModel
 from core.model.inference import SINGLE_MODE, TTA_MODE, LoadedModel
 from core.evaluation.metrics import PredictionScores, score_predictions
+from core.evaluation.evaluation_file import SourceData, TrainingRecord
 from core.metric_names import finite_or_none
 from core.evaluation.report import ReportInput, write_evaluation_report
 from core.evaluation.tables import headline_intervals, interval_note, report_tables
@@ -98,7 +99,7 @@ class EvaluationOutputs:
     source: Mapping[str, Any]                           # metrics.json's "source": model file, split, data
     page: Callable[[Mapping[str, Any]], ReportPage]     # the report's own part, from the metrics.json document
     gradcam: GradcamOptions
-    training: Callable[[], Mapping[str, Any]] | None = None  # metrics.json's "training" (core.final_train),
+    training: Callable[[], TrainingRecord] | None = None  # metrics.json's "training" (core.final_train),
     #                                                           made just before the document, so its wall_s is all
     figures: Sequence[tuple[str, str]] = ()             # (caption, file) already in the folder, shown first
     coverage: float | None = None                       # the abstention rule's coverage (None: model.pt's)
@@ -187,7 +188,7 @@ def write_evaluation(out: Path, scored: ScoredImages, outputs: EvaluationOutputs
     trust = trust_of(scored, outputs.coverage)
     figures += trust_figure(out, trust, scored.images.what)
     document = metrics_document(scored.scores, outputs.source,
-                                training=outputs.training() if outputs.training else None,
+                                training=outputs.training().to_dict() if outputs.training else None,
                                 gradcam=explained.document, sections={**scored.results.sections, **trust})
     document["localisation"] = localised
     page = outputs.page(document)
@@ -290,6 +291,6 @@ def metrics_document(scores: PredictionScores, source: Mapping[str, Any], traini
 
 
 def data_source(data: Dataset) -> dict[str, Any]:
-    """metrics.json's ``source.data``: the dataset an evaluation read."""
-    return {"path": data.root, "layout": data.layout, "fingerprint": data.fingerprint,
-            "class_names": list(data.class_names)}
+    """metrics.json's ``source.data``: the dataset an evaluation read (read back by evaluation_file.source_data_of)."""
+    return SourceData(path=data.root, layout=data.layout, fingerprint=data.fingerprint,
+                      class_names=tuple(data.class_names)).to_dict()
