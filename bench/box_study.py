@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from bench.common import command_line, machine_info, study_data, study_parser, write_result
+from bench.common import command_line, machine_info, study_data, study_parser, write_result, work_folder
 from bench.model_study import verdict
 from bench.sweep_runs import cell, mean_sd
 from core.io import atomic
@@ -50,19 +48,15 @@ TARGETS = {"mean_iou": 0.80, "iou_0.5": 0.95, "iou_0.7": 0.75}
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     source = study_data(args, f"box_loss_weight 0 and {', '.join(f'{w:g}' for w in args.weights)}")
-    root = Path(args.runs).resolve() if args.runs else Path(tempfile.mkdtemp(prefix="bench-boxes-"))
     started = time.time()
     runs: list[dict[str, Any]] = []
-    try:
+    with work_folder(args.runs, "bench-boxes-") as root:
         for seed in args.seeds:
             for weight in (0.0, *args.weights):
                 runs.append(run_one(weight, seed, args, source.path, root))
                 print(_run_line(runs[-1]), flush=True)
                 if args.out:  # after every run: a study cut short keeps what it measured
                     atomic.write_json(args.out, _result(argv, args, source, started, runs))
-    finally:
-        if not args.runs:
-            shutil.rmtree(root, ignore_errors=True)
     result = _result(argv, args, source, started, runs)
     print(table(result["summary"]))
     print(targets_text(result["targets"]))

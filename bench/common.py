@@ -8,6 +8,7 @@ cache folder); every result says which.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -15,11 +16,12 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -63,6 +65,18 @@ def write_result(result: dict, out: str | None) -> None:
     if out:
         atomic.write_json(out, result)
         print(f"wrote {out}")
+
+
+@contextlib.contextmanager
+def work_folder(path: str | None, prefix: str) -> Iterator[Path]:
+    """``path`` (resolved; kept afterwards, for a look at the runs) or, without one, a new temporary folder that
+    goes when the block ends, however it ends."""
+    folder = Path(path).resolve() if path else Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    finally:
+        if not path:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass(frozen=True)

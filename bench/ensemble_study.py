@@ -25,16 +25,14 @@ and ECE, each with its 95% interval over lesions, and each minus the single winn
 from __future__ import annotations
 
 import logging
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from bench.common import bench_data, bench_parser, result_header, write_result
+from bench.common import bench_data, bench_parser, result_header, write_result, work_folder
 from bench.sweep_runs import METRIC, stop_ray, sweep_run
 from core.errors import run_cli
 
@@ -53,14 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {source.source} ({source.path}); {len(args.seeds)} sweep(s) of {args.trials} trials x "
           f"{args.epochs} epochs at {args.image_size} px, confirmation {args.confirm_top} x {args.confirm_seeds}, "
           f"ensemble of up to {args.ensemble_size} picks", flush=True)
-    results_root = Path(args.results).resolve() if args.results else Path(tempfile.mkdtemp(prefix="bench-ens-"))
     started = time.time()
-    try:
-        sweeps = [_one_sweep(args, source.path, seed, results_root) for seed in args.seeds]
-    finally:
-        stop_ray()
-        if not args.results:
-            shutil.rmtree(results_root, ignore_errors=True)
+    with work_folder(args.results, "bench-ens-") as results_root:
+        try:
+            sweeps = [_one_sweep(args, source.path, seed, results_root) for seed in args.seeds]
+        finally:
+            stop_ray()  # before the folder goes: Ray's workers may still write into it
     result = {**result_header(__spec__.name, argv, started, source),
               "settings": {k: getattr(args, k) for k in ("seeds", "trials", "epochs", "image_size", "confirm_top",
                                                          "confirm_seeds", "ensemble_size", "cpus_per_trial")},
@@ -228,14 +224,17 @@ def table(sweeps: Sequence[dict[str, Any]]) -> str:
                      f"balanced rule {mean(['balanced_rule', 'balanced_accuracy']):.3f} "
                      f"({mean(['balanced_rule', 'minus_single']):+.3f}), macro AUC {mean(['auc']):.3f} "
                      f"({mean(['minus_single', 'auc']):+.3f}), ECE {mean(['ece']):.3f} ({mean(['minus_single', 'ece']):+.3f})")
-    for sweep in sweeps:
-        lines.append(f"  seed {sweep['seed']}: " + "; ".join(f"{k}: {', '.join(r['members'])}" for k, r in sweep["rows"].items()))
-        val = sweep["val"]
-        if val:
-            lines.append(f"  seed {sweep['seed']}: val {METRIC} best run {val['best_single']:.3f} -> ensemble "
-                         f"{val['ensemble']:.3f} ({val['stopped']}); {sweep['full_length_runs']} full-length runs; "
-                         f"sweep {sweep['sweep_min']} min, final {sweep['final_min']} min")
-    return "\n".join(lines)
+    return "\n".join([*lines, *(line for sweep in sweeps for line in _seed_lines(sweep))])
+
+
+def _seed_lines(sweep: dict[str, Any]) -> list[str]:
+    """One sweep's members per kind and, where it chose an ensemble, its validation figures and times."""
+    head = f"  seed {sweep['seed']}: "
+    members = head + "; ".join(f"{k}: {', '.join(r['members'])}" for k, r in sweep["rows"].items())
+    val = sweep["val"]
+    return [members] + ([f"{head}val {METRIC} best run {val['best_single']:.3f} -> ensemble {val['ensemble']:.3f} "
+                         f"({val['stopped']}); {sweep['full_length_runs']} full-length runs; sweep "
+                         f"{sweep['sweep_min']} min, final {sweep['final_min']} min"] if val else [])
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, work_folder
+
 TRAIN_SETTINGS = ["--set", "image_size=32", "--set", "epochs=2", "--set", "pretrained=none",
                   "--set", "batch_size=32", "--threads", "2"]
 
@@ -142,23 +142,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, choices=("sweep", "final", "train", "places"),
                         help="run only these groups of rows")
     args = parser.parse_args(argv)
-    work = Path(args.work or tempfile.mkdtemp(prefix="fault-table-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    table = Table(Path(args.repo).resolve(), work)
     groups = set(args.only or ("sweep", "final", "train", "places"))
-    print(f"checkout {table.repo}; scratch {work}\n\n| fault | command | what happens |\n|---|---|---|", flush=True)
-    try:
-        if groups & {"sweep", "final"}:
-            sweep_and_final_rows(table, groups)
-        if "train" in groups:
-            train_rows(table)
-        if "places" in groups:
-            place_rows(table)
-    finally:
-        for mount in (work / "full", work / "readonly"):
-            unmount(mount)
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
+    with work_folder(args.work, "fault-table-") as work:
+        work.mkdir(parents=True, exist_ok=True)
+        table = Table(Path(args.repo).resolve(), work)
+        print(f"checkout {table.repo}; scratch {work}\n\n| fault | command | what happens |\n|---|---|---|",
+              flush=True)
+        try:
+            if groups & {"sweep", "final"}:
+                sweep_and_final_rows(table, groups)
+            if "train" in groups:
+                train_rows(table)
+            if "places" in groups:
+                place_rows(table)
+        finally:
+            for mount in (work / "full", work / "readonly"):
+                unmount(mount)  # before the folder goes: a mounted file system cannot be removed
     return 0
 
 

@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.common import bench_data, bench_parser, command_line, machine_info, write_result
+from bench.common import bench_data, bench_parser, command_line, machine_info, write_result, work_folder
 from bench.sweep_runs import METRIC, cell, mean_sd, score_model, stop_ray, sweep_run, trial_cap
 from core.errors import run_cli
 
@@ -77,14 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"horizon {args.ema_horizon_epochs:g} epoch(s)); plans: {plans}", flush=True)
     print(f"estimated time: {estimate / 60:.0f} min ({SWEEP_S_PER_TRIAL_EPOCH} s per trial-epoch x "
           f"{TPE_OVERSPEND} for TPE, {FINAL_S_PER_EPOCH} s per final epoch)", flush=True)
-    results_root = Path(args.results).resolve() if args.results else Path(tempfile.mkdtemp(prefix="bench-fidelity-"))
     started = time.time()
-    try:
-        runs = _run_all(args, source.path, data, plans, ema_decay, results_root)
-    finally:
-        stop_ray()
-        if not args.results:
-            shutil.rmtree(results_root, ignore_errors=True)
+    with work_folder(args.results, "bench-fidelity-") as results_root:
+        try:
+            runs = _run_all(args, source.path, data, plans, ema_decay, results_root)
+        finally:
+            stop_ray()  # before the folder goes: Ray's workers may still write into it
     summary = summarise(runs)
     result = {"benchmark": "final_fidelity", "command": command_line(__spec__.name, argv),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(time.time() - started, 1),

@@ -25,13 +25,11 @@ with every figure, the trial-epochs each method really used and each sweep's opt
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.common import bench_data, bench_parser, result_header, write_result
+from bench.common import bench_data, bench_parser, result_header, write_result, work_folder
 from bench.sweep_runs import METRIC, cell, checkpoint_scores, mean_sd, stop_ray, sweep_run, trial_cap
 from core.errors import run_cli
 
@@ -55,14 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans = budget_plans(args, space)
     print(f"data: {source.source} ({source.path}); space {args.space}; {args.epochs}-epoch trials; budget "
           f"{args.budget} trial-epochs per method; plans: {plans}", flush=True)
-    results_root = Path(args.results).resolve() if args.results else Path(tempfile.mkdtemp(prefix="bench-hpo-"))
     started = time.time()
-    try:
-        runs = _run_all(args, source.path, base, plans, results_root)
-    finally:
-        stop_ray()
-        if not args.results:
-            shutil.rmtree(results_root, ignore_errors=True)
+    with work_folder(args.results, "bench-hpo-") as results_root:
+        try:
+            runs = _run_all(args, source.path, base, plans, results_root)
+        finally:
+            stop_ray()  # before the folder goes: Ray's workers may still write into it
     result = {**result_header(__spec__.name, argv, started, source),
               "settings": {"space": args.space, "epochs": args.epochs, "budget": args.budget, "seeds": args.seeds,
                            "confirm_top": args.confirm_top, "confirm_seeds": args.confirm_seeds,

@@ -28,16 +28,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from bench.common import command_line, machine_info, study_data, study_parser, write_result
+from bench.common import command_line, machine_info, study_data, study_parser, write_result, work_folder
 from bench.sweep_runs import cell, mean_sd
 from core.io import atomic
 from core.config import IMAGE_SIZES, image_size_ok
@@ -65,11 +63,10 @@ METRICS = ("test_balanced_accuracy", "test_auc")
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     source = study_data(args, f"variants {', '.join(args.variants)}")
-    root = Path(args.runs).resolve() if args.runs else Path(tempfile.mkdtemp(prefix="bench-models-"))
     started = time.time()
     runs: list[dict[str, Any]] = []
     loads = []
-    try:
+    with work_folder(args.runs, "bench-models-") as root:
         for seed in args.seeds:
             for variant in args.variants:
                 runs.append(run_variant(variant, seed, args, source.path, root))
@@ -77,9 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(_run_line(runs[-1]), flush=True)
                 if args.out:  # so far, after every run: a study cut short keeps what it measured
                     atomic.write_json(args.out, _result(argv, args, source, started, runs, loads))
-    finally:
-        if not args.runs:
-            shutil.rmtree(root, ignore_errors=True)
     result = _result(argv, args, source, started, runs, loads)
     print(table(result["summary"]))
     write_result(result, args.out)

