@@ -178,8 +178,8 @@ def prediction_body(service: ModelService, probs: np.ndarray, tta: bool, name: s
                         "note": (f"calibrated: temperature {temperature:.3f} fitted on the validation split"
                                  if temperature is not None else "not calibrated: the model file holds no temperature")},
         "operating_points": service.verdicts(probs, tta),
-        "metadata": {"given": given, "used": service.fusion is not None and bool(given),
-                     **({} if service.fusion is not None or not given else
+        "metadata": {"given": given, "used": service.loaded.fusion is not None and bool(given),
+                     **({} if service.loaded.fusion is not None or not given else
                         {"note": "this model was trained on images only: age, sex and site are ignored"})},
         "warning": WARNING,
     }

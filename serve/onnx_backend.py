@@ -21,6 +21,7 @@ from core.model.forward import IMAGENET_MEAN, IMAGENET_STD
 from core.model.box_head import capture_boxes, view_boxes
 from core.model.calibration import apply_temperature
 from core.errors import UserError
+from core.model.inference import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,12 @@ class OnnxProbabilities:
         self.classes = classes   # the probabilities' columns (the rest: a box head's box)
 
     @classmethod
-    def export_and_check(cls, loaded: object, check_images: int = 4) -> "OnnxProbabilities":
+    def export_and_check(cls, loaded: LoadedModel, check_images: int = 4) -> "OnnxProbabilities":
         import onnxruntime
 
         started = time.perf_counter()
-        size = int(loaded.header["image_size"])   # type: ignore[attr-defined]
-        model = _Probabilities(loaded.model).to("cpu").eval()   # type: ignore[attr-defined]
+        size = loaded.image_size
+        model = _Probabilities(loaded.model).to("cpu").eval()
         example = torch.zeros((2, 3, size, size), dtype=torch.uint8)
         batch = torch.export.Dim("batch", min=1, max=4096)
         with warnings.catch_warnings(), torch.no_grad():
@@ -70,8 +71,8 @@ class OnnxProbabilities:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), options,
                                                providers=["CPUExecutionProvider"])
-        backend = cls(session, len(loaded.class_names))   # type: ignore[attr-defined]
-        loaded.model.to(loaded.device)   # type: ignore[attr-defined]  # the export ran on the CPU
+        backend = cls(session, len(loaded.class_names))
+        loaded.model.to(loaded.device)  # the export ran on the CPU
         backend.check(loaded, size, check_images)
         log.info("ONNX Runtime backend ready in %.1f s (probabilities within %g of torch's)",
                  time.perf_counter() - started, TOLERANCE)
@@ -81,8 +82,8 @@ class OnnxProbabilities:
         """Refuse to serve (UserError) where ONNX Runtime's probabilities differ from torch's by over TOLERANCE."""
         images = np.random.default_rng(0).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
         ours = self.predict(images, None)
-        with capture_boxes(loaded.model) as got:   # type: ignore[attr-defined]
-            theirs = loaded.predict(images, calibrated=False)   # type: ignore[attr-defined]
+        with capture_boxes(loaded.model) as got:
+            theirs = loaded.predict(images, calibrated=False)
         if got:
             theirs = np.concatenate([theirs, view_boxes(got)], 1)
         worst = float(np.abs(ours - theirs).max())

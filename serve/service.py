@@ -60,8 +60,7 @@ class ModelService:
         self.loaded, self.path, self.options = loaded, Path(path), options
         self.coverage = options.coverage
         self.class_names = loaded.class_names
-        self.image_size = int(loaded.header["image_size"])
-        self.fusion: Mapping[str, Any] | None = loaded.fusion
+        self.image_size = loaded.image_size
         self.has_box_head = box_head_of(loaded.model) is not None
         self.facts = {**model_facts(path, loaded.header), "backend": options.backend, "device": str(loaded.device)}
         self.onnx = None
@@ -108,7 +107,7 @@ class ModelService:
 
     def encode(self, record: Mapping[str, Any] | None) -> np.ndarray | None:
         """The model's encoding of one validated record; None for an image-only model (fields ignored)."""
-        if self.fusion is None or record is None:
+        if self.loaded.fusion is None or record is None:
             return None
         return self.loaded.encode([record])
 

@@ -64,7 +64,7 @@ def ood_results(loaded: LoadedModel, stored: Mapping[str, Any] | None, images: E
     if not ood.is_fitted(stored):
         return {"skipped": f"{ood.NO_CHECK} ({ood.FIT_ADVICE})"}
     inside = ood.all_scores(stored, images.features, images.logits)
-    size = int(loaded.header["image_size"])
+    size = loaded.image_size
     photos, _ = natural_photos(size)
     made, _ = synthetic(size)
     far = {"natural_photos": predicted_scores(loaded, stored, photos, None)[1],

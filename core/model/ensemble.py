@@ -89,6 +89,11 @@ class EnsembleModel:
         return tuple(self.header["class_names"])
 
     @property
+    def image_size(self) -> int:
+        """The side of the square images it takes (an ensemble: its largest member's)."""
+        return int(self.header["image_size"])
+
+    @property
     def arch(self) -> str:
         return self.members[0].arch
 
@@ -125,7 +130,7 @@ class EnsembleModel:
             raise UserError(f"clinical fields of shape {np.shape(clinical)} for {len(images_uint8)} images; expected "
                             f"({len(images_uint8)}, {self.fusion['width']}) (EnsembleModel.encode)")
         member_probs = np.stack([
-            member.predict(resized(images_uint8, int(member.header["image_size"])), tta=tta, calibrated=False,
+            member.predict(resized(images_uint8, member.image_size), tta=tta, calibrated=False,
                            clinical=None if clinical is None or member.fusion is None else clinical[:, cols])
             for member, (_, _, _, cols) in zip(self.members, self.model.parts())])
         mean = np.tensordot(self.weights, member_probs, axes=1)
@@ -233,7 +238,7 @@ def ensemble_from_payload(payload: Mapping[str, Any], path: str | os.PathLike, d
     except UserError as exc:
         raise UserError(f"{path}: the ensemble's config is not valid here ({exc})") from None
     torch_device = resolve_device(cfg)
-    net = EnsembleNet([m.model for m in members], weights, [int(m.header["image_size"]) for m in members], widths)
+    net = EnsembleNet([m.model for m in members], weights, [m.image_size for m in members], widths)
     return EnsembleModel(members=tuple(members), weights=weights, header=header, config=cfg, device=torch_device,
                          model=net.to(torch_device).eval())
 

@@ -49,6 +49,11 @@ class LoadedModel:
         return tuple(self.header["class_names"])
 
     @property
+    def image_size(self) -> int:
+        """The side of the square images it takes (an ensemble: its largest member's)."""
+        return int(self.header["image_size"])
+
+    @property
     def arch(self) -> str:
         return str(self.header.get("arch") or DEFAULT_ARCH)
 
