@@ -15,8 +15,8 @@ for single-view and one for TTA prediction, and the thresholds of the positive c
 ``--coverage`` (core/model/abstain.py), all stored in model.pt for core.evaluate and core.predict. With
 ``--train-on-val`` nothing is held out, so nothing is fitted (never on training images). The test report
 adds 95% bootstrap intervals over lesions, lesion-level results, calibration before and after, TTA against
-no TTA (``--tta``), the operating points and results per metadata subgroup (core/evaluation/sections.py), and when not to
-trust the answer: far-out and shifted images against each out-of-distribution score, and the risk-coverage
+no TTA (``--tta``), the operating points and results per metadata subgroup (core/evaluation/sections.py), and when not
+to trust the answer: far-out and shifted images against each out-of-distribution score, and the risk-coverage
 curve (core/evaluation/trust.py, ``risk_coverage.png``).
 
 Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py:
@@ -31,7 +31,8 @@ gains it as its final-model section). Running the command again resumes an inter
 re-evaluates a finished one. Where the sweep chose an ensemble (ensemble.json beside best.json), it is then
 built from its members' checkpoints, calibrated on val and evaluated on test beside the single model
 (core/final_ensemble.py: ``ensemble.pt``, ``ensemble/``, ``ensemble_comparison.json``). ``metrics.json`` is
-written last and removed when a run starts, so a folder holding one is complete. A damaged ``run.json`` or ``metrics.csv`` is written again from ``last.pt`` (with a
+written last and removed when a run starts, so a folder holding one is complete. A damaged ``run.json`` or
+``metrics.csv`` is written again from ``last.pt`` (with a
 warning); a damaged ``best.pt``, ``last.pt`` or ``source.json`` is a one-line error saying to train again with
 --no-resume.
 """
@@ -103,7 +104,7 @@ class FinalOptions:
     gradcam_layer: str | None = None     # None: chosen by image size (core.explain.gradcam.choose_layer)
     gradcam_method: str | None = None    # None: core.explain.gradcam.DEFAULT_METHOD
     evaluation: SectionOptions = SectionOptions()   # TTA, calibration, positive class, bootstrap
-    coverage: float = DEFAULT_COVERAGE   # share of validation images the abstention rule answers (core/model/abstain.py)
+    coverage: float = DEFAULT_COVERAGE   # share of val images the abstention rule answers (core/model/abstain.py)
 
     def gradcam(self) -> GradcamOptions:
         """The Grad-CAM fields as a core.explain.gradcam.GradcamOptions."""
@@ -221,7 +222,7 @@ def _fit_on_val(loaded: LoadedModel, data: Dataset, train_on_val: bool,
     return fit_on_validation(loaded, data, positive_class, coverage)
 
 
-# --- lesion boxes (core/evaluation/localisation.py): the Grad-CAM box's threshold chosen on val, the centre prior from train ---
+# --- lesion boxes (core/evaluation/localisation.py): the Grad-CAM box's threshold from val, the centre prior from train ---
 def _fit_boxes(loaded: LoadedModel, data: Dataset, train_splits: tuple[str, ...],
                options: FinalOptions) -> dict[str, Any] | None:
     """model.pt's ``boxes``: the mean mask box of the training images (the centre prior) and the Grad-CAM box's

@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              "not calibrated: the model file holds no temperature" if temperature is None else
              f"calibrated (temperature {temperature:.3f}, fitted on the validation split)")
     rows = predictions_json(args.images, probs, list(loaded.class_names))
-    for row, check in zip(rows, checked):   # "ood", "abstain" and an ensemble's "disagreement" (core/model/checked_prediction.py)
+    # "ood", "abstain" and an ensemble's "disagreement" (core/model/checked_prediction.py)
+    for row, check in zip(rows, checked):
         row.update(check)
     sizes = [upright_size(path) for path in args.images]
     for row, size, box in zip(rows, sizes, [None] * len(rows) if boxes is None else boxes):

@@ -50,7 +50,8 @@ class ServeOptions:
     max_batch: int = 32          # most images the batcher runs as one forward pass
     max_wait_ms: float = 0.0     # how long the batcher waits for more requests after the first (0: never)
     max_queue: int = 256         # requests waiting for the model beyond which new ones get 503
-    coverage: float | None = None  # the abstention rule's share answered (None: the model file's, core/model/abstain.py)
+    # the abstention rule's share answered (None: the model file's; core/model/abstain.py)
+    coverage: float | None = None
 
 
 class ModelService:

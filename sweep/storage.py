@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = filenames.SWEEP_SETTINGS    # a folder holding it holds a sweep
 TRIALS = filenames.TRIALS_DIR
 RAY_FOLDERS = ("ray", "ray-confirm")
-WORKER_SKIPS = (filenames.LAST_CHECKPOINT, ".checkpoint-*", ".checkpoint-*/*")   # resume state: Ray's checkpoint carries it
+# resume state: Ray's checkpoint carries it
+WORKER_SKIPS = (filenames.LAST_CHECKPOINT, ".checkpoint-*", ".checkpoint-*/*")
 # Ray's loggers that log a storage failure with its traceback: "Trial task failed", "Saving experiment state to
 # storage ... failed", "Caught exception when creating directory"
 RAY_STORAGE_LOGS = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",

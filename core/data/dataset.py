@@ -51,7 +51,7 @@ class Dataset:
     root: str                      # resolved dataset path
     layout: str                    # "ham10000" | "isic2018" | "imagefolder" | "demo"
     fingerprint: str               # hex digest of the file list (sizes, mtimes) and the label table
-    masks: np.ndarray | None = None      # uint8 [N, S, S] lesion masks (1 = lesion), None when none (core/data/masks.py)
+    masks: np.ndarray | None = None      # uint8 [N, S, S] lesion masks (1 = lesion) or None (core/data/masks.py)
     has_mask: np.ndarray | None = None   # bool [N]: image i has a mask (its row of ``masks`` is zeros otherwise)
     metadata: Any = None           # pandas DataFrame of the label table's other columns, row i = image i, or None
 

@@ -12,7 +12,8 @@ six lesions a class where the lesion count allows.
 
 The output is a HAM10000 layout (``HAM10000_metadata.csv``, ``HAM10000_images_part_1/`` and
 ``_part_2/``, and the lesion masks in ``HAM10000_segmentations_lesion_tschandl/<image_id>_segmentation.png``:
-the drawn lesion's own outline, so Grad-CAM can be scored on it) plus ``lesion-sweep-demo.json`` describing how it was made, written atomically
+the drawn lesion's own outline, so Grad-CAM can be scored on it) plus ``lesion-sweep-demo.json`` describing how it was
+made, written atomically
 (built in a temporary folder, then renamed), so it goes through the same loader as the real data.
 Same arguments, same files.
 """

@@ -6,7 +6,8 @@ core.evaluate, and their metrics.json carries ``ood`` and ``abstention``; :func:
 
 - ``ood``: for each score of core/model/ood.py (Mahalanobis, max-softmax, energy), the AUROC and the false-positive
   rate at 95% of the evaluated (in-distribution) images passing (FPR@95: the share of out-of-distribution images
-  that pass the threshold 95% of in-distribution ones stay under), against the far-out sets of core/evaluation/ood_sets.py
+  that pass the threshold 95% of in-distribution ones stay under), against the far-out sets of
+  core/evaluation/ood_sets.py
   (natural photos, synthetic images, both together) and, apart, the shifted lesions (the evaluated images
   blurred, JPEG quality 10, colour-cast, rotated), with the balanced accuracy on them; and the share of each
   set the stored (validation) threshold flags.

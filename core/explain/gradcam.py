@@ -14,13 +14,14 @@ Two methods (``--gradcam-method``):
 
 The layer follows the model's arch (core/model/networks.py ``gradcam_layers``): a ResNet's residual stages
 (layer2..layer4, chosen as above); EfficientNet, MobileNetV3 and ConvNeXt their last feature stage
-(``features[-1]``); RegNet its ``trunk_output``. A model with clinical fields (core/model/networks.py ``FusionNet``) is explained
+(``features[-1]``); RegNet its ``trunk_output``. A model with clinical fields (core/model/networks.py ``FusionNet``)
+is explained
 with each image's own encoded clinical fields (``clinical=``, Captum's ``additional_forward_args``): the map is of the
 image branch, but the class it explains and the weights Grad-CAM gives the channels are those of the model as it
 predicted, age, sex and site included (left out: every field unknown, as ``LoadedModel.predict`` does).
 
-``--gradcam-layer`` overrides the stage of either (a layer the arch lacks is an error naming those it has). Captum registers its hooks for each ``attribute``
-call and removes them when the call ends, so the model is left as it was.
+``--gradcam-layer`` overrides the stage of either (a layer the arch lacks is an error naming those it has). Captum
+registers its hooks for each ``attribute`` call and removes them when the call ends, so the model is left as it was.
 
 Where lesion masks exist (core/data/masks.py), :func:`explain_evaluation` scores the map of every
 evaluated image against its mask (core/explain/mask_scores.py) and the overlays draw the mask's outline.

@@ -161,7 +161,8 @@ def encode_dataset(data: MetadataSource, spec: Mapping[str, Any]) -> np.ndarray:
 
 
 def drop_fields(clinical: torch.Tensor, spec: Mapping[str, Any], p: float, generator: torch.Generator) -> torch.Tensor:
-    """Each field of each row set to unknown with probability ``p`` (config ``metadata_dropout``), on ``clinical``'s device."""
+    """Each field of each row set to unknown with probability ``p`` (config ``metadata_dropout``), on
+    ``clinical``'s device."""
     if p <= 0:
         return clinical
     n_sex = len(spec["sexes"])

@@ -48,7 +48,8 @@ def predict_split(model: nn.Module, images: torch.Tensor, idx: np.ndarray, label
                   where: Placement, batch_size: int, clinical: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """Softmax probabilities [N, C] (float64) of ``images[idx]`` and, with labels, the plain cross-entropy.
 
-    ``clinical``: the encoded clinical fields of all ``images`` (row i = image i) for a model with clinical fields, else None.
+    ``clinical``: the encoded clinical fields of all ``images`` (row i = image i) for a model with clinical fields,
+    else None.
     """
     model.eval()
     idx_t = torch.as_tensor(idx, device=where.device)

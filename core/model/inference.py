@@ -67,7 +67,8 @@ class LoadedModel:
         return encode_records(records, self.fusion)
 
     def encode_dataset(self, data: MetadataSource, idx: np.ndarray) -> np.ndarray | None:
-        """The encoded clinical fields of ``data``'s images ``idx`` (a core.data.dataset.Dataset); None for an image-only model.
+        """The encoded clinical fields of ``data``'s images ``idx`` (a core.data.dataset.Dataset); None for an
+        image-only model.
 
         A dataset without metadata (ImageFolder) gives None, and the model then treats every field as unknown.
         """

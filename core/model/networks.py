@@ -102,7 +102,8 @@ class FusionNet(nn.Module):
         """Logits of images ``x`` with encoded clinical fields ``clinical`` [B, width]; None: every field unknown."""
         pooled = self.backbone(x)
         if clinical is None:
-            clinical = self.unknown.expand(x.shape[0], -1)  # x.shape, not len(x): the ONNX export keeps the batch dynamic
+            # x.shape, not len(x): the ONNX export keeps the batch dynamic
+            clinical = self.unknown.expand(x.shape[0], -1)
         m = self.meta_mlp(clinical.to(pooled.dtype))
         if self.spec["method"] == "film":
             scale, shift = self.film(m).chunk(2, dim=1)

@@ -8,8 +8,8 @@ Three scores, each "higher = less like the training images":
 
 - ``mahalanobis`` (Lee et al., NeurIPS 2018), the one that decides: the smallest Mahalanobis distance of the
   image's penultimate features (the classifier layer's input: the pooled backbone features, fused with the
-  clinical-field MLP for a model with clinical fields) to a class mean, with one covariance shared by the classes, estimated
-  with scikit-learn's Ledoit-Wolf shrinkage (a 512-d covariance from ~1,000 validation images needs it);
+  clinical-field MLP for a model with clinical fields) to a class mean, with one covariance shared by the classes,
+  estimated with scikit-learn's Ledoit-Wolf shrinkage (a 512-d covariance from ~1,000 validation images needs it);
 - ``max_softmax`` (Hendrycks and Gimpel, ICLR 2017): minus the top softmax probability of the raw logits;
 - ``energy`` (Liu et al., NeurIPS 2020): minus the log-sum-exp of the logits.
 
@@ -53,7 +53,7 @@ class Captured:
     _logits: list = field(default_factory=list)
 
     def add(self, features: torch.Tensor, logits: torch.Tensor) -> None:
-        keep = len(features) // self.views             # view 0 of core/model/tta.py's dihedral_views is the image itself
+        keep = len(features) // self.views   # view 0 of core/model/tta.py's dihedral_views is the image itself
         self._features.append(features[:keep].detach().float().cpu())
         self._logits.append(logits[:keep].detach().float().cpu())
 

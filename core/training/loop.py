@@ -37,7 +37,7 @@ class Batches:
     placement: Placement
     clinical: torch.Tensor | None = None        # float32 [N, D] encoded clinical fields (core/model/fields.py), or None
     fusion: dict | None = None                  # its encoding, for metadata_dropout
-    masks: torch.Tensor | None = None           # uint8 [N, S, S] lesion masks for the box head (core/training/box_targets.py)
+    masks: torch.Tensor | None = None           # uint8 [N, S, S] lesion masks for the box head (box_targets.py)
     has_mask: torch.Tensor | None = None        # bool [N] on the device: image i has a mask
 
 
