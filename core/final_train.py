@@ -19,22 +19,20 @@ no TTA (``--tta``), the operating points and results per metadata subgroup (core
 to trust the answer: far-out and shifted images against each out-of-distribution score, and the risk-coverage
 curve (core/evaluation/trust.py, ``risk_coverage.png``).
 
-Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py:
-``config.json``, ``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the
-chosen epoch, in core.model.networks's format), ``metrics.json`` (test metrics, per class figures, confusion
-matrix; core/evaluation/pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
-``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``boxes.png`` (where
-the lesion is: core/evaluation/localisation.py; model.pt then also stores the Grad-CAM box's threshold, chosen on
-val, and the training split's mean lesion box), ``report.md``, the
-page to read first, and ``report.html`` (the same, one file with the figures inside; the sweep's own report.html
-gains it as its final-model section). Running the command again resumes an interrupted training and
-re-evaluates a finished one. Where the sweep chose an ensemble (ensemble.json beside best.json), it is then
-built from its members' checkpoints, calibrated on val and evaluated on test beside the single model
-(core/final_ensemble.py: ``ensemble.pt``, ``ensemble/``, ``ensemble_comparison.json``). ``metrics.json`` is
-written last and removed when a run starts, so a folder holding one is complete. A damaged ``run.json`` or
-``metrics.csv`` is written again from ``last.pt`` (with a
-warning); a damaged ``best.pt``, ``last.pt`` or ``source.json`` is a one-line error saying to train again with
---no-resume.
+Writes into ``--out`` (default: ``final/`` beside best.json) the training run's files (core/train.py: ``config.json``,
+``splits.csv``, ``metrics.csv``, ``run.json``, TensorBoard scalars), ``model.pt`` (the chosen epoch, in
+core.model.networks's format), ``metrics.json`` (test metrics, per class figures, confusion matrix;
+core/evaluation/pipeline.py), ``training_curves.png``, ``confusion_matrix.png``, ``roc_curves.png``,
+``reliability_diagram.png``, ``gradcam_<class>.png`` and ``gradcam/`` (each overlay alone), ``boxes.png`` (where the
+lesion is: core/evaluation/localisation.py; model.pt then also stores the Grad-CAM box's threshold, chosen on val, and
+the training split's mean lesion box), ``report.md``, the page to read first, and ``report.html`` (the same, one file
+with the figures inside; the sweep's own report.html gains it as its final-model section). Running the command again
+resumes an interrupted training and re-evaluates a finished one. Where the sweep chose an ensemble (ensemble.json
+beside best.json), it is then built from its members' checkpoints, calibrated on val and evaluated on test beside the
+single model (core/final_ensemble.py: ``ensemble.pt``, ``ensemble/``, ``ensemble_comparison.json``). ``metrics.json``
+is written last and removed when a run starts, so a folder holding one is complete. A damaged ``run.json`` or
+``metrics.csv`` is written again from ``last.pt`` (with a warning); a damaged ``best.pt``, ``last.pt`` or
+``source.json`` is a one-line error saying to train again with --no-resume.
 """
 
 from __future__ import annotations
@@ -317,7 +315,7 @@ def _final_page(run: FinalRun, document: Mapping[str, Any], extra_notes: Sequenc
     training, data = training_of(document), source_data_of(document)
     assert training is not None and data is not None, "written by _write_outputs just before"
     counts, train_on_val = training.split_sizes, training.trained_on_val
-    chosen_by = "the last epoch" if train_on_val else f"best `{cfg.select_metric}`"
+    chosen_by = "the last epoch" if train_on_val else f"best `{training.chosen_by}`"
     facts = [
         ("source", f"`{best.path.resolve()}`, trial `{best.trial_id}` ({best.metric_name} = "
                    f"{best.metric_value:.4f} in the sweep)"),

@@ -10,12 +10,11 @@ zoom and lighting changes, fresh noise and, sometimes, hairs and a dark dermosco
 mix follows HAM10000 (nv 67%, mel 11%, bkl 11%, bcc 5%, akiec 3%, vasc 1.4%, df 1.2%) with at least
 six lesions a class where the lesion count allows.
 
-The output is a HAM10000 layout (``HAM10000_metadata.csv``, ``HAM10000_images_part_1/`` and
-``_part_2/``, and the lesion masks in ``HAM10000_segmentations_lesion_tschandl/<image_id>_segmentation.png``:
-the drawn lesion's own outline, so Grad-CAM can be scored on it) plus ``lesion-sweep-demo.json`` describing how it was
-made, written atomically
-(built in a temporary folder, then renamed), so it goes through the same loader as the real data.
-Same arguments, same files.
+The output is a HAM10000 layout (``HAM10000_metadata.csv``, ``HAM10000_images_part_1/`` and ``_part_2/``, and the
+lesion masks in ``HAM10000_segmentations_lesion_tschandl/<image_id>_segmentation.png``: the drawn lesion's own
+outline, so Grad-CAM can be scored on it) plus ``lesion-sweep-demo.json`` describing how it was made, written
+atomically (built in a temporary folder, then renamed), so it goes through the same loader as the real data. Same
+arguments, same files.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """Images unlike the training data, made without downloading anything: what the out-of-distribution evaluation
 (core/evaluation/trust.py) and ``python -m bench.ood_study`` score.
 
-- ``natural_photos``: the pictures shipped with scikit-image (every PNG and JPEG in ``skimage.data.data_dir``
-  of the installed version: the cat, astronaut, coffee, rocket, coins, text, ...; those ``skimage.data`` would
-  download are not used) and scikit-learn's two sample images (``load_sample_images``), each cut to the data's 4:3
-  shape (HAM10000's 600 x 450) at
-  the centre and at four corners (70% of each side), then squashed to S x S with the bilinear resize of
-  core/data/image_cache.py, as the data is.
+- ``natural_photos``: the pictures shipped with scikit-image (every PNG and JPEG in ``skimage.data.data_dir`` of the
+  installed version: the cat, astronaut, coffee, rocket, coins, text, ...; those ``skimage.data`` would download are
+  not used) and scikit-learn's two sample images (``load_sample_images``), each cut to the data's 4:3 shape
+  (HAM10000's 600 x 450) at the centre and at four corners (70% of each side), then squashed to S x S with the
+  bilinear resize of core/data/image_cache.py, as the data is.
 - ``synthetic``: uniform and Gaussian noise, flat colours, linear gradients (seeded).
 - ``shifted``: lesion images changed as a phone or a bad upload would: blurred, JPEG quality 10, a colour
   cast, rotated by 30 degrees (black corners). Reported apart: they are lesions, but not as trained on.

@@ -13,10 +13,9 @@ Two methods (``--gradcam-method``):
   alone gives 2x2 maps at 64 px, which show the network's position bias more than the lesion.
 
 The layer follows the model's arch (core/model/networks.py ``gradcam_layers``): a ResNet's residual stages
-(layer2..layer4, chosen as above); EfficientNet, MobileNetV3 and ConvNeXt their last feature stage
-(``features[-1]``); RegNet its ``trunk_output``. A model with clinical fields (core/model/networks.py ``FusionNet``)
-is explained
-with each image's own encoded clinical fields (``clinical=``, Captum's ``additional_forward_args``): the map is of the
+(layer2..layer4, chosen as above); EfficientNet, MobileNetV3 and ConvNeXt their last feature stage (``features[-1]``);
+RegNet its ``trunk_output``. A model with clinical fields (core/model/networks.py ``FusionNet``) is explained with
+each image's own encoded clinical fields (``clinical=``, Captum's ``additional_forward_args``): the map is of the
 image branch, but the class it explains and the weights Grad-CAM gives the channels are those of the model as it
 predicted, age, sex and site included (left out: every field unknown, as ``LoadedModel.predict`` does).
 

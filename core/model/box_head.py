@@ -2,11 +2,10 @@
 
     python -m core.train --data PATH --out DIR --set box_loss_weight=1     # trains one (core/training/box_targets.py)
 
-:class:`BoxHead` is one linear layer on the input of the classifier's last linear layer: the pooled image
-features (a model with clinical fields: the backbone's pooled features, before age, sex and site are fused in;
-MobileNetV3:
-the 1280-wide hidden layer of its classifier). It gives the box as ``(cx, cy, w, h)`` fractions of the image's
-sides through a sigmoid (so every box lies in the image and starts, untrained, as its middle half), returned as
+:class:`BoxHead` is one linear layer on the input of the classifier's last linear layer: the pooled image features (a
+model with clinical fields: the backbone's pooled features, before age, sex and site are fused in; MobileNetV3: the
+1280-wide hidden layer of its classifier). It gives the box as ``(cx, cy, w, h)`` fractions of the image's sides
+through a sigmoid (so every box lies in the image and starts, untrained, as its middle half), returned as
 ``(x0, y0, x1, y1)`` fractions (torchvision's ``box_convert``).
 
 ``model(x)`` still returns the logits alone, so ONNX export, Grad-CAM and every other caller see the classifier

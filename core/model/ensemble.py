@@ -10,8 +10,8 @@ core/model/loading.py's ``load_for_inference`` returns an :class:`EnsembleModel`
   averaged validation probabilities) calibrates the mean;
 - clinical fields is the members' encodings side by side (``encode``), each member reading its own columns;
 - :meth:`EnsembleModel.predict_detail`'s ``disagreement`` is the members' disagreement: the weighted mutual
-information between
-  member and prediction, H(mean p) - mean H(p_k), in nats (0: all members agree; at most log of the member count);
+  information between member and prediction, H(mean p) - mean H(p_k), in nats (0: all members agree; at most log
+  of the member count);
 - ``model`` is an :class:`EnsembleNet`, which core/explain/gradcam.py explains as the weighted mean of its members'
   maps.
 

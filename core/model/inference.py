@@ -50,7 +50,7 @@ class LoadedModel:
 
     @property
     def image_size(self) -> int:
-        """The side of the square images it takes (an ensemble: its largest member's)."""
+        """The side of the square images it takes."""
         return int(self.header["image_size"])
 
     @property

@@ -1,11 +1,10 @@
 """Test-time augmentation: the mean softmax over the 8 flips and quarter turns of each image (the dihedral group).
 
 A dermoscopic image has no up or left, so each of the 8 views is as valid as the original; averaging
-their probabilities smooths out what the model learnt from orientation. ``DihedralMean`` wraps a model
-so that one forward pass runs all 8 views of a batch at once on the device, and returns the log of the
-mean softmax: a softmax of that is the mean itself, so core/training/loop.py's ``predict_split`` (and every command
-through core/model/inference.py) predicts with TTA unchanged. Images must be square (they are:
-core/data/image_cache.py).
+their probabilities smooths out what the model learnt from orientation. ``DihedralMean`` wraps a model so that one
+forward pass runs all 8 views of a batch at once on the device, and returns the log of the mean softmax: a softmax of
+that is the mean itself, so core/training/loop.py's ``predict_split`` (and every command through
+core/model/inference.py) predicts with TTA unchanged. Images must be square (they are: core/data/image_cache.py).
 """
 
 from __future__ import annotations
